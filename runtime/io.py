@@ -1,0 +1,221 @@
+"""Save and load pruned models: safetensors + per-layer shapes, no pickle, no remote code.
+
+A pruned folder holds `model.safetensors`, `config.json`, `secateur.json` (every layer's
+shapes) and the tokenizer. When every layer has the same shape and HF's modeling code can
+express it, config.json's global fields are the pruned ones and plain
+`AutoModelForCausalLM.from_pretrained` loads the folder. Otherwise secateur.json carries the
+sparse `per_layer_config` overrides in the format HF's heterogeneous configs use (upstream PR
+45333, NVIDIA's pruned Nemotron models), which `load_pruned` reads. It is kept out of
+config.json for now: transformers 5.24 turns such a config heterogeneous and then refuses
+global attribute reads in LlamaConfig's own validation, which breaks even AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.graph.groups import layer_shapes
+from secateur.runtime.surgery import LayerKeep, apply_keep, drop_attention, drop_mlp
+
+FORMAT_VERSION = 1
+SHAPE_KEYS = ("num_heads", "num_kv_heads", "intermediate_size", "v_head_dim")
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory exists and overwrite was not asked for."""
+
+
+def all_layer_shapes(model: nn.Module, adapter: ModelAdapter) -> list[dict[str, Any]]:
+    """Current shapes of every layer, as recorded in secateur.json."""
+    return [layer_shapes(model, adapter, i) for i in range(adapter.num_layers)]
+
+
+def _is_uniform(shapes: list[dict[str, Any]]) -> bool:
+    first = shapes[0]
+    return (
+        all(s == first for s in shapes)
+        and not first["skip_attention"]
+        and not first["skip_mlp"]
+        and (first["v_head_dim"] == first["head_dim"])
+    )
+
+
+def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+    """config.json content, whether plain HF can load it, and the sparse per-layer overrides."""
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    shapes = all_layer_shapes(model, adapter)
+    keys = adapter.hf_shape_keys()
+    plain = _is_uniform(shapes) and (
+        adapter.can_save_plain_hf() or shapes[0]["num_heads"] == adapter.num_heads
+    )
+    if "head_dim" in cfg or adapter.kv_heads_key is not None:
+        cfg["head_dim"] = adapter.head_dim
+    if plain:
+        for ours, theirs in keys.items():
+            cfg[theirs] = shapes[0][ours]
+        return cfg, True, {}
+    per_layer: dict[str, dict[str, Any]] = {}
+    for i, s in enumerate(shapes):
+        over: dict[str, Any] = {}
+        for ours, theirs in keys.items():
+            if not (s["skip_attention"] and ours in ("num_heads", "num_kv_heads")) and s[ours] != cfg.get(
+                theirs
+            ):
+                over[theirs] = s[ours]
+        if s["v_head_dim"] != s["head_dim"] and not s["skip_attention"]:
+            over["v_head_dim"] = s["v_head_dim"]
+        skip = [b for b, flag in (("attention", s["skip_attention"]), ("mlp", s["skip_mlp"])) if flag]
+        if skip:
+            over["skip"] = skip
+        if over:
+            per_layer[str(i)] = over
+    return cfg, False, per_layer
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `out_dir` only if the block succeeds."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output directory {out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _state_dict_untied(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without aliases (tied lm_head), contiguous, on CPU."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        key = v.data_ptr()
+        if key in seen and v.numel() > 0:
+            continue
+        seen.add(key)
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def write_model(model: nn.Module, adapter: ModelAdapter, folder: Path, tokenizer: Any = None) -> bool:
+    """Write weights, configs and tokenizer into `folder` (no atomicity here)."""
+    cfg, plain, per_layer = pruned_config(model, adapter)
+    save_file(_state_dict_untied(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": adapter.config.model_type,
+        "plain_hf_loadable": plain,
+        "per_layer_config": per_layer,
+        "layers": all_layer_shapes(model, adapter),
+    }
+    (folder / "secateur.json").write_text(json.dumps(meta, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return plain
+
+
+def save_pruned(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save atomically: a crash never leaves a half-written `out_dir`."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_model(model, adapter, tmp, tokenizer)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out_dir)
+
+
+def _keep_for(shape: dict[str, Any], dense: dict[str, Any]) -> LayerKeep:
+    """Keep-set that cuts a dense layer down to `shape` (first units of each kind)."""
+    lk = LayerKeep(drop_attn=bool(shape["skip_attention"]), drop_mlp=bool(shape["skip_mlp"]))
+    if not lk.drop_mlp and shape["intermediate_size"] != dense["intermediate_size"]:
+        lk.mlp = list(range(int(shape["intermediate_size"])))
+    if not lk.drop_attn:
+        n_kv, n_q = int(shape["num_kv_heads"]), int(shape["num_heads"])
+        r0 = int(dense["num_heads"]) // int(dense["num_kv_heads"])
+        if n_kv != dense["num_kv_heads"] or n_q != dense["num_heads"]:
+            lk.kv_heads = list(range(n_kv))
+            lk.q_heads = [g * r0 + j for g in range(n_kv) for j in range(n_q // n_kv)]
+    return lk
+
+
+def build_skeleton(config: Any, shapes: list[dict[str, Any]]) -> nn.Module:
+    """An empty (meta-weight) model with every layer cut to its recorded shape."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(config)
+    dense = layer_shapes(model, adapter, 0)
+    keep = {i: _keep_for(s, dense) for i, s in enumerate(shapes)}
+    apply_keep(
+        model,
+        adapter,
+        {i: LayerKeep(mlp=k.mlp, kv_heads=k.kv_heads, q_heads=k.q_heads) for i, k in keep.items()},
+    )
+    for i, k in keep.items():
+        if k.drop_attn:
+            drop_attention(model, adapter, i)
+        if k.drop_mlp:
+            drop_mlp(model, adapter, i)
+    return model
+
+
+def load_pruned(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild a pruned model from its folder: safetensors only, no pickle, no remote code."""
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    meta_file = folder / "secateur.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a Secateur output (no secateur.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    cfg = json.loads((folder / "config.json").read_text())
+    config = AutoConfig.for_model(**cfg)
+    model = build_skeleton(config, meta["layers"])
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"{folder}: weights do not match recorded shapes (missing {missing}, unexpected {unexpected})"
+        )
+    if tied:
+        model.tie_weights()
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    return model

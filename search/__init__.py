@@ -1,0 +1,1 @@
+"""secateur.search"""

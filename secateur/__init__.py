@@ -1,0 +1,25 @@
+"""Secateur: structured pruning of decoder LLMs from declarative recipes.
+
+Public API: `load_model`, `load_pruned`, `apply_keep`, `LayerKeep`, `build_graph`.
+"""
+
+from secateur.graph.adapters import adapter_for, register, supported_model_types
+from secateur.graph.build import build_graph
+from secateur.runtime.io import load_pruned, save_pruned
+from secateur.runtime.loader import load_model
+from secateur.runtime.surgery import LayerKeep, apply_keep
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerKeep",
+    "__version__",
+    "adapter_for",
+    "apply_keep",
+    "build_graph",
+    "load_model",
+    "load_pruned",
+    "register",
+    "save_pruned",
+    "supported_model_types",
+]

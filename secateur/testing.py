@@ -1,0 +1,60 @@
+"""Tiny random models of every supported family, built from configs (for tests and examples)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt")
+
+
+def tiny_config(family: str, **over: Any) -> Any:
+    """A small config of `family` with GQA (2 KV groups x 2 query heads) where the family has it."""
+    from transformers import AutoConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
+    if family == "opt":
+        cfg = dict(common, ffn_dim=96, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True)
+    else:
+        cfg = dict(
+            common,
+            intermediate_size=96,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=family in ("gemma3_text", "qwen3"),
+        )
+        if family == "qwen2":
+            cfg["attention_bias"] = True
+        if family == "gemma3_text":
+            cfg.update(
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                query_pre_attn_scalar=16,
+            )
+    cfg.update(over)
+    return AutoConfig.for_model(family, **cfg)
+
+
+def tiny_model(family: str, seed: int = 0, **over: Any) -> nn.Module:
+    """A randomly initialised tiny model in eval mode with eager attention (deterministic)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **over)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg)
+    # random-init norms/biases away from their identity values so couplings are really exercised
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()

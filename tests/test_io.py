@@ -1,0 +1,75 @@
+"""Pruned models save without pickle and load back with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from secateur.graph.adapters import adapter_for
+from secateur.runtime.io import OutputExistsError, atomic_dir, load_pruned, save_pruned
+from secateur.runtime.surgery import LayerKeep, apply_keep
+from secateur.testing import TINY_FAMILIES, tiny_model
+
+from .conftest import input_ids
+
+HETERO = {
+    0: LayerKeep(mlp=list(range(0, 96, 3)), q_heads=[1, 3]),
+    1: LayerKeep(drop_attn=True),
+    2: LayerKeep(drop_mlp=True, kv_heads=[0]),
+}
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids()).logits
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_heterogeneous_round_trip(family: str, tmp_path) -> None:
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    keep = dict(HETERO)
+    if family == "opt":
+        keep[0] = LayerKeep(mlp=list(range(0, 96, 3)), kv_heads=[1, 3])
+    apply_keep(model, adapter, keep)
+    ref = _logits(model)
+    out = save_pruned(model, adapter, tmp_path / "out")
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())
+    meta = json.loads((out / "secateur.json").read_text())
+    assert meta["per_layer_config"]["1"]["skip"] == ["attention"]
+    assert meta["plain_hf_loadable"] is False
+    loaded = load_pruned(out)
+    loaded.config._attn_implementation = "eager"
+    torch.testing.assert_close(_logits(loaded), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "mistral", "qwen2"])
+def test_uniform_prune_loads_with_plain_transformers(family: str, tmp_path) -> None:
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    apply_keep(model, adapter, {i: LayerKeep(mlp=list(range(40)), q_heads=[0, 2]) for i in range(3)})
+    ref = _logits(model)
+    save_pruned(model, adapter, tmp_path / "o")
+    meta = json.loads((tmp_path / "o" / "secateur.json").read_text())
+    assert meta["plain_hf_loadable"] is True
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "o", attn_implementation="eager").eval()
+    assert plain.config.intermediate_size == 40 and plain.config.num_attention_heads == 2
+    torch.testing.assert_close(_logits(plain), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_existing_output_is_refused_and_crash_leaves_nothing(tmp_path) -> None:
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    save_pruned(model, adapter, tmp_path / "o")
+    with pytest.raises(OutputExistsError, match="exists"):
+        save_pruned(model, adapter, tmp_path / "o")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "crash") as tmp:
+            (tmp / "half.bin").write_text("x")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    save_pruned(model, adapter, tmp_path / "o", overwrite=True)
+    assert (tmp_path / "o" / "model.safetensors").is_file()

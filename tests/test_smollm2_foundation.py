@@ -1,0 +1,48 @@
+"""Integration: the real SmolLM2-135M graph, and a pruned save/load round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from secateur.graph.build import build_graph, summarize
+from secateur.runtime.io import load_pruned, save_pruned
+from secateur.runtime.surgery import LayerKeep, apply_keep
+
+pytestmark = pytest.mark.integration
+
+
+def test_smollm2_graph(smollm2) -> None:
+    s = summarize(build_graph(smollm2.model, smollm2.adapter), smollm2.model)
+    assert s["model_type"] == "llama" and s["num_layers"] == 30
+    kinds = s["kinds"]
+    assert set(kinds["mlp_channel"]["units_per_layer"].values()) == {1536}
+    assert set(kinds["kv_group"]["units_per_layer"].values()) == {3}
+    assert set(kinds["q_head"]["units_per_layer"].values()) == {9}
+    assert kinds["mlp_channel"]["params_per_unit"]["0"] == 3 * 576
+    # a KV group: its k and v rows, three query heads' rows and their o_proj columns
+    assert kinds["kv_group"]["params_per_unit"]["0"] == (2 * 64 + 2 * 3 * 64) * 576
+    assert kinds["residual"]["units_per_layer"]["all"] == 576
+    assert s["total_params"] == 134_515_008
+
+
+def test_smollm2_pruned_round_trip(smollm2, tmp_path) -> None:
+    model = copy.deepcopy(smollm2.model)
+    keep = {
+        3: LayerKeep(mlp=list(range(0, 1536, 2)), q_heads=[0, 1, 3, 4, 6, 7]),
+        7: LayerKeep(kv_heads=[0, 2]),
+        29: LayerKeep(drop_mlp=True),
+    }
+    apply_keep(model, smollm2.adapter, keep)
+    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = save_pruned(model, smollm2.adapter, tmp_path / "p", tokenizer=smollm2.tokenizer)
+    loaded = load_pruned(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("hello").input_ids == smollm2.tokenizer("hello").input_ids
