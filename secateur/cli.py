@@ -40,6 +40,106 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from secateur.api import prune
+
+    if (args.recipe is None) == (args.lock is None):
+        raise CliError("give either a RECIPE or --lock LOCK")
+    out = prune(
+        args.recipe,
+        output=args.output,
+        overwrite=args.overwrite,
+        overrides=args.set or (),
+        lock_path=args.lock,
+        progress=not args.quiet,
+    )
+    print(format_summary(out.report))
+    if out.reproduced is not None:
+        print(
+            f"lock reproduced: {'bit-identical weights' if out.reproduced else 'weights DIFFER from the lock'}"
+        )
+    print(f"saved to {out.output}")
+    return 0 if out.reproduced in (None, True) else 1
+
+
+def format_summary(report: dict) -> str:
+    """Dense vs pruned: parameters, perplexity, speed."""
+    d, p = report["size"]["dense"], report["size"]["pruned"]
+    rows = [
+        ("parameters", f"{d['params']:,}", f"{p['params']:,}", f"{p['params'] / d['params']:.3f}x"),
+        (
+            "decoder linear params",
+            f"{d['decoder_linear_params']:,}",
+            f"{p['decoder_linear_params']:,}",
+            f"{p['decoder_linear_params'] / d['decoder_linear_params']:.3f}x",
+        ),
+        (
+            "FLOPs/token (ctx 512)",
+            f"{d['flops_per_token']:,}",
+            f"{p['flops_per_token']:,}",
+            f"{p['flops_per_token'] / d['flops_per_token']:.3f}x",
+        ),
+    ]
+    for k, v in report.get("perplexity", {}).get("dense", {}).items():
+        pv = report["perplexity"]["pruned"][k]
+        rows.append((f"perplexity {k}", f"{v:.2f}", f"{pv:.2f}", f"{pv / v:.3f}x"))
+    sp = report.get("speed")
+    if sp:
+        for key, label in (("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s")):
+            rows.append(
+                (
+                    label,
+                    f"{sp['dense'][key]:.1f}",
+                    f"{sp['pruned'][key]:.1f}",
+                    f"{sp['pruned'][key] / sp['dense'][key]:.2f}x",
+                )
+            )
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{w}}  {'dense':>16}  {'pruned':>16}  {'ratio':>8}"]
+    lines += [f"{a:<{w}}  {b:>16}  {c:>16}  {r:>8}" for a, b, c, r in rows]
+    return "\n".join(lines)
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    import yaml
+
+    from secateur.recipe.load import dump_recipe, load_recipe, recipe_json_schema, validate_file
+
+    if args.action == "schema":
+        print(json.dumps(recipe_json_schema(), indent=2))
+        return 0
+    if args.recipe is None:
+        raise CliError(f"recipe {args.action}: RECIPE is required")
+    if args.action == "validate":
+        issues = validate_file(args.recipe, args.set or ())
+        for issue in issues:
+            print(issue, file=sys.stderr)
+        if issues:
+            print(f"{len(issues)} error(s) in {args.recipe}", file=sys.stderr)
+            return 1
+        print(f"{args.recipe}: valid")
+        return 0
+    recipe = load_recipe(args.recipe, args.set or ())
+    if args.action == "show":
+        print(dump_recipe(recipe), end="")
+        return 0
+    from secateur.explain import explain, format_explanation
+
+    ex = explain(recipe, args.model)
+    if args.json:
+        print(yaml.safe_dump({"plan": ex.plan.to_dict(), "totals": ex.totals}, sort_keys=False))
+    else:
+        print(format_explanation(ex))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from secateur.runtime.report import read_report
+
+    print(read_report(args.dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="secateur", description="Structured pruning of decoder LLMs from recipes."
@@ -49,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="short name (smollm2-135m), local folder, .gguf file or hub id")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=_graph)
+    pr = sub.add_parser("prune", help="prune a model with a recipe (or re-apply a lock)")
+    pr.add_argument("recipe", nargs="?", help="recipe YAML")
+    pr.add_argument("--output", "-o", help="output directory (default: the recipe's output.dir)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    pr.add_argument("--lock", help="re-apply a recipe.lock.yaml instead of a recipe")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(func=_prune)
+    rc = sub.add_parser("recipe", help="schema | validate | show | explain")
+    rc.add_argument("action", choices=["schema", "validate", "show", "explain"])
+    rc.add_argument("recipe", nargs="?")
+    rc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    rc.add_argument("--model", help="explain against another model than the recipe's")
+    rc.add_argument("--json", action="store_true", help="explain: machine-readable plan")
+    rc.set_defaults(func=_recipe)
+    rp = sub.add_parser("report", help="print the report of a pruned output")
+    rp.add_argument("dir")
+    rp.set_defaults(func=_report)
     for register in _EXTRA_PARSERS:
         register(sub)
     return p

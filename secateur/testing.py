@@ -58,3 +58,26 @@ def tiny_model(family: str, seed: int = 0, **over: Any) -> nn.Module:
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A character-level fast tokenizer over ASCII (ids = code points mod vocab), built offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(min(vocab_size, 128))}
+    vocab["<unk>"] = 0
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="\x03", pad_token="\x00"
+    )
+
+
+def save_tiny(folder: str, family: str = "llama", seed: int = 0, **over: Any) -> str:
+    """Write a tiny model + tokenizer as a local Hugging Face folder that `load_model` accepts."""
+    model = tiny_model(family, seed, **over)
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(folder)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder

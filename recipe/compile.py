@@ -1,0 +1,304 @@
+"""Compile a budget into a plan: kept units per layer and kind, against a concrete model.
+
+Uniform allocation removes the same fraction of every targeted structure in every eligible
+layer. Coarse structures (attention heads) are rounded first; the fine-grained MLP channels
+absorb the remainder so the parameter budget is met as closely as `multiple_of` allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import Group, layer_groups
+from secateur.recipe.schema import parse_table_key, select_layers
+from secateur.runtime.plan import LayerPlan, Plan
+from secateur.runtime.select import round_keep
+from secateur.runtime.speed import decoder_linear_params
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be met under the recipe's constraints."""
+
+
+@dataclass
+class BudgetSpec:
+    """What to remove and under which constraints (model-independent numbers)."""
+
+    fraction: float | None = None  # of decoder linear parameters
+    count: int | None = None
+    mlp: bool = True
+    attention: str = "none"  # none | q_head | kv_group
+    min_keep: float = 0.05
+    max_keep: float = 1.0
+    multiple_of: int = 8
+
+
+def target_params(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec) -> int:
+    """Parameters to remove, from a fraction of the decoder's linear parameters or a count."""
+    if spec.count is not None:
+        return int(spec.count)
+    if spec.fraction is None or not 0 < spec.fraction < 1:
+        raise BudgetError(f"budget.params: {spec.fraction!r} must be a fraction in (0, 1) or a count")
+    return int(round(spec.fraction * decoder_linear_params(model, adapter)))
+
+
+def _min_units(n: int, min_keep: float) -> int:
+    return max(1, math.ceil(min_keep * n))
+
+
+def _attn_params(g: dict[str, Group], attention: str, keep: int) -> int:
+    """Parameters removed from a layer's attention when `keep` units (per group for q_head) remain."""
+    if attention == "kv_group":
+        return (g["kv_group"].n_units - keep) * g["kv_group"].params_per_unit
+    r = g["q_head"].n_units // g["kv_group"].n_units
+    return (r - keep) * g["kv_group"].n_units * g["q_head"].params_per_unit
+
+
+def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: float) -> LayerPlan:
+    """A layer pinned by an allocation table to keep fraction `keep` of every targeted structure."""
+    lp = LayerPlan()
+    if spec.mlp and "mlp_channel" in g:
+        n = g["mlp_channel"].n_units
+        lp.mlp = round_keep(keep * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
+    if spec.attention != "none" and "kv_group" in g:
+        n_kv = g["kv_group"].n_units
+        n = n_kv if spec.attention == "kv_group" else g["q_head"].n_units // n_kv
+        k = min(max(int(round(keep * n)), _min_units(n, spec.min_keep)), n)
+        if spec.attention == "kv_group":
+            lp.kv_groups = k
+        else:
+            lp.q_per_group = k
+    return lp
+
+
+def allocate(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    spec: BudgetSpec,
+    layers: list[int],
+    fixed: dict[int, float] | None = None,
+    metric: str = "fasp",
+    restore: str = "least_squares",
+    damping: float = 0.01,
+) -> Plan:
+    """Pinned layers keep their table fraction; the others share the rest of the budget uniformly."""
+    fixed = fixed or {}
+    plan = Plan(metric=metric, restore=restore, damping=damping)
+    for i, keep in fixed.items():
+        g = {x.kind: x for x in layer_groups(model, adapter, i)}
+        plan.layers[i] = _fixed_layer(g, spec, keep)
+    pinned = planned_removal(model, adapter, plan)
+    free = [i for i in layers if i not in fixed]
+    goal = target_params(model, adapter, spec) - pinned
+    if not free:
+        return plan
+    if goal < 0:
+        raise BudgetError(
+            f"allocation.table: the pinned layers alone remove {pinned:,} parameters, more than budget.params allows"
+        )
+    rest_spec = BudgetSpec(
+        None, int(goal), spec.mlp, spec.attention, spec.min_keep, spec.max_keep, spec.multiple_of
+    )
+    plan.layers.update(uniform_plan(model, adapter, rest_spec, free, metric, restore, damping).layers)
+    return plan
+
+
+def uniform_plan(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    spec: BudgetSpec,
+    layers: list[int],
+    metric: str = "fasp",
+    restore: str = "least_squares",
+    damping: float = 0.01,
+) -> Plan:
+    """The same sparsity in every eligible layer, meeting the parameter budget."""
+    if not layers:
+        raise BudgetError("targets.layers: no layer is eligible for pruning")
+    if not spec.mlp and spec.attention == "none":
+        raise BudgetError("targets: nothing to prune (mlp is false and attention is none)")
+    goal = target_params(model, adapter, spec)
+    groups = {i: {g.kind: g for g in layer_groups(model, adapter, i)} for i in layers}
+    attn_total = mlp_total = 0
+    for g in groups.values():
+        if spec.attention != "none" and "kv_group" in g:
+            attn_total += g["kv_group"].params
+        if spec.mlp and "mlp_channel" in g:
+            mlp_total += g["mlp_channel"].params
+    sparsity = goal / max(attn_total + mlp_total, 1)
+    plan = Plan(metric=metric, restore=restore, damping=damping)
+    removed = 0
+    # attention first: coarse units, rounded (down when the MLP cannot absorb the difference)
+    for i, g in groups.items():
+        if spec.attention == "none" or "kv_group" not in g:
+            continue
+        n = (
+            g["kv_group"].n_units
+            if spec.attention == "kv_group"
+            else g["q_head"].n_units // g["kv_group"].n_units
+        )
+        share = sparsity if spec.mlp else goal / max(attn_total, 1)
+        k = n - (int(round(share * n)) if spec.mlp else int(math.floor(share * n + 1e-9)))
+        k = min(max(k, _min_units(n, spec.min_keep)), n)
+        if spec.max_keep < 1:
+            k = min(k, max(_min_units(n, spec.min_keep), int(math.floor(spec.max_keep * n))))
+        if spec.mlp and removed + _attn_params(g, spec.attention, k) > goal:
+            k = n - int(math.floor(sparsity * n))
+        removed += _attn_params(g, spec.attention, k)
+        lp = plan.layers.setdefault(i, LayerPlan())
+        if spec.attention == "kv_group":
+            lp.kv_groups = k
+        else:
+            lp.q_per_group = k
+    if spec.mlp:
+        eligible = [i for i, g in groups.items() if "mlp_channel" in g]
+        per_layer = (goal - removed) / max(len(eligible), 1)
+        for i in eligible:
+            grp = groups[i]["mlp_channel"]
+            n = grp.n_units
+            lo = _min_units(n, spec.min_keep)
+            want = n - per_layer / grp.params_per_unit
+            if want < lo - 0.5:
+                raise BudgetError(
+                    f"budget.params: removing {goal:,} parameters needs layer {i} to keep {want:.0f} of {n} MLP "
+                    f"channels, below budget.min_keep={spec.min_keep}; the largest feasible budget here is about "
+                    f"{feasible_fraction(model, adapter, spec, layers):.3f}"
+                )
+            k = round_keep(want, n, spec.multiple_of, lo)
+            if spec.max_keep < 1:
+                k = min(k, round_keep(spec.max_keep * n, n, spec.multiple_of, lo))
+            plan.layers.setdefault(i, LayerPlan()).mlp = k
+    return plan
+
+
+def feasible_fraction(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, layers: list[int]) -> float:
+    """Largest fraction of decoder linear parameters removable under min_keep (for error messages)."""
+    total = 0
+    for i in layers:
+        g = {x.kind: x for x in layer_groups(model, adapter, i)}
+        if spec.mlp and "mlp_channel" in g:
+            n = g["mlp_channel"].n_units
+            total += (n - _min_units(n, spec.min_keep)) * g["mlp_channel"].params_per_unit
+        if spec.attention != "none" and "kv_group" in g:
+            n_kv = g["kv_group"].n_units
+            n = n_kv if spec.attention == "kv_group" else g["q_head"].n_units // n_kv
+            total += _attn_params(g, spec.attention, _min_units(n, spec.min_keep))
+    return total / max(decoder_linear_params(model, adapter), 1)
+
+
+def planned_removal(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> int:
+    """Parameters a plan removes, computed from group sizes without touching weights."""
+    total = 0
+    for i, lp in plan.layers.items():
+        g = {x.kind: x for x in layer_groups(model, adapter, i)}
+        if lp.mlp is not None and "mlp_channel" in g:
+            total += (g["mlp_channel"].n_units - lp.mlp) * g["mlp_channel"].params_per_unit
+        if lp.kv_groups is not None:
+            total += _attn_params(g, "kv_group", lp.kv_groups)
+        if lp.q_per_group is not None:
+            kv_kept = lp.kv_groups if lp.kv_groups is not None else g["kv_group"].n_units
+            r = g["q_head"].n_units // g["kv_group"].n_units
+            total += (r - lp.q_per_group) * kv_kept * g["q_head"].params_per_unit
+    return total
+
+
+def eligible_layers(targets: Any, num_layers: int, prefix: str) -> list[int]:
+    """Layers chosen by `targets.layers`, minus the protected ones."""
+    try:
+        chosen = select_layers(targets.layers, num_layers, prefix)
+    except ValueError as e:
+        raise BudgetError(f"targets.layers: {e}") from e
+    prot = targets.protect
+    bad = [i for i in prot.layers if i >= num_layers]
+    if bad:
+        raise BudgetError(
+            f"targets.protect.layers: layer {bad[0]} does not exist (model has {num_layers} layers)"
+        )
+    protected = set(prot.layers) | set(range(prot.first)) | set(range(num_layers - prot.last, num_layers))
+    return [i for i in chosen if i not in protected]
+
+
+def table_fractions(table: dict[str, float], num_layers: int) -> dict[int, float]:
+    """Expand `allocation.table` keys (indices, ranges, depth fractions) to per-layer keep fractions."""
+    out: dict[int, float] = {}
+    for key, keep in table.items():
+        k = parse_table_key(key)
+        if k.kind == "layers":
+            if k.hi >= num_layers:
+                raise BudgetError(
+                    f"allocation.table.{key}: layer {int(k.hi)} does not exist ({num_layers} layers)"
+                )
+            layers = range(int(k.lo), int(k.hi) + 1)
+        else:
+            depth = max(num_layers - 1, 1)
+            layers = [i for i in range(num_layers) if k.lo - 1e-9 <= i / depth <= k.hi + 1e-9]
+            if not layers:
+                layers = [int(round(k.lo * depth))]
+        for i in layers:
+            out[i] = keep
+    return out
+
+
+def budget_spec(recipe: Any, targets: Any | None = None, share: float = 1.0) -> BudgetSpec:
+    """The model-independent budget of a recipe (or of one pass, with its share of the budget)."""
+    b = recipe.budget
+    t = targets or recipe.targets
+    if b.kind != "params":
+        raise BudgetError(f"budget.{b.kind}: only budget.params is supported by the FASP compiler so far")
+    if t.attention == "v_channel":
+        raise BudgetError(
+            "targets.attention: 'v_channel' is not supported by the runtime yet; use q_head or kv_group"
+        )
+    fraction = b.params * share if isinstance(b.params, float) else None
+    count = int(b.params * share) if isinstance(b.params, int) else None
+    return BudgetSpec(fraction, count, t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
+
+
+def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, layers: list[int]) -> None:
+    """Model-dependent checks that must fail before calibration starts."""
+    for i in layers:
+        g = {x.kind: x for x in layer_groups(model, adapter, i)}
+        if spec.mlp and "mlp_channel" in g and spec.multiple_of > g["mlp_channel"].n_units:
+            raise BudgetError(
+                f"budget.multiple_of={spec.multiple_of} is larger than layer {i}'s MLP width "
+                f"({g['mlp_channel'].n_units})"
+            )
+        if spec.attention == "q_head" and "kv_group" in g and g["q_head"].n_units == g["kv_group"].n_units:
+            raise BudgetError(
+                f"targets.attention: 'q_head' needs grouped-query attention, but layer {i} has one query head per "
+                "KV head; use 'kv_group'"
+            )
+
+
+def compile_plan(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> Plan:
+    """Recipe + model -> plan (kept units per layer and kind), without calibrating."""
+    spec = budget_spec(recipe)
+    layers = eligible_layers(recipe.targets, adapter.num_layers, adapter.layers_path)
+    check_shapes(model, adapter, spec, layers)
+    fixed: dict[int, float] = {}
+    method = recipe.allocation.method
+    if method == "table":
+        fixed = {
+            i: f
+            for i, f in table_fractions(recipe.allocation.table, adapter.num_layers).items()
+            if i in layers
+        }
+    elif method not in ("uniform",):
+        raise BudgetError(
+            f"allocation.method: {method!r} is compiled by its own command (search) or not yet supported"
+        )
+    return allocate(
+        model,
+        adapter,
+        spec,
+        layers,
+        fixed,
+        recipe.importance.metric,
+        recipe.restore.method,
+        recipe.restore.damping,
+    )

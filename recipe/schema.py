@@ -1,0 +1,519 @@
+"""The recipe language, version 1: what may be pruned, under which constraints, to which budget.
+
+Every section is a strict pydantic model that rejects unknown keys, so a typo is an error and
+never a silently ignored setting. Values are checked here without a model; checks that need
+the model (layer counts, widths) belong to the compiler. Rules that span several sections
+live in one table, `STAGE_RULES`, plus the few recipe-wide checks in `Recipe._cross_checks`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from secateur.recipe.errors import FieldProblems, KeyPath
+
+SCHEMA_VERSION = 1
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionUnit = Literal["none", "kv_group", "q_head", "v_channel"]
+Metric = Literal[
+    "fasp", "magnitude", "wanda", "fluctuation", "activation_norm", "angular", "bonsai", "ppl_delta"
+]
+AllocationMethod = Literal["uniform", "table", "proportional", "search"]
+RestoreMethod = Literal["least_squares", "bias_compensation", "none"]
+PassMethod = Literal["fasp", "blockpruner", "sprint", "cfsp", "bonsai", "flap"]
+Method = Literal["fasp", "blockpruner", "sprint", "multipruner", "cfsp", "bonsai", "flap"]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]  # open interval (0, 1): a share to remove
+KeepFraction = Annotated[float, Field(gt=0, le=1)]  # (0, 1]: a share to keep
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives native types, so "128" or 1.0 for an int is a mistake to report
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# ---- layer selectors and table keys ------------------------------------------------------------
+
+_INDEX_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_NUMBER_RANGE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(?:-\s*(\d+(?:\.\d*)?)\s*)?$")
+LAYER_SELECTOR_FORMS = "an index (3), an inclusive range ('3-7'), 'all' or 're:<regex>'"
+
+
+def _check_layer_selector(value: Any) -> str | int:
+    """Validate one `targets.layers` entry; the value is kept as written."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"a layer selector is {LAYER_SELECTOR_FORMS}, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"layer index must be >= 0, got {value}")
+        return value
+    if value == "all" or value.strip().isdigit():
+        return value
+    if value.startswith("re:"):
+        pattern = value[3:]
+        if not pattern:
+            raise ValueError("empty regex after 're:'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+        return value
+    m = _INDEX_RANGE.match(value)
+    if m is None:
+        raise ValueError(f"a layer selector is {LAYER_SELECTOR_FORMS}, got {value!r}")
+    lo, hi = int(m[1]), int(m[2])
+    if lo > hi:
+        raise ValueError(f"empty layer range {value!r}: {lo} > {hi} (ranges are 'lo-hi', inclusive)")
+    return value
+
+
+LayerSelector = Annotated[str | int, BeforeValidator(_check_layer_selector)]
+
+
+def select_layers(selectors: Sequence[str | int], num_layers: int, prefix: str = "model.layers") -> list[int]:
+    """Layer indices chosen by `targets.layers`, sorted; regexes must match a whole name `{prefix}.{i}`."""
+    chosen: set[int] = set()
+    for sel in selectors:
+        if isinstance(sel, str) and sel.startswith("re:"):
+            rx = re.compile(sel[3:])
+            chosen.update(i for i in range(num_layers) if rx.fullmatch(f"{prefix}.{i}"))
+            continue
+        if sel == "all":
+            chosen.update(range(num_layers))
+            continue
+        if isinstance(sel, int) or sel.strip().isdigit():
+            lo = hi = int(sel)
+        else:
+            m = _INDEX_RANGE.match(sel)
+            if m is None:
+                raise ValueError(f"not a layer selector: {sel!r}")
+            lo, hi = int(m[1]), int(m[2])
+        if hi >= num_layers:
+            raise ValueError(f"layer selector {sel!r} is out of range for a model with {num_layers} layers")
+        chosen.update(range(lo, hi + 1))
+    return sorted(chosen)
+
+
+class TableKey(NamedTuple):
+    """A parsed `allocation.table` key: layer indices or depth fractions, both inclusive."""
+
+    kind: Literal["layers", "depth"]
+    lo: float
+    hi: float
+
+
+def parse_table_key(key: str) -> TableKey:
+    """'12' and '0-5' are layer indices; '0.5' and '0.25-0.5' (with a dot) are depth fractions in [0, 1]."""
+    m = _NUMBER_RANGE.match(key)
+    if m is None:
+        raise ValueError(
+            f"table key {key!r} is not a layer index ('12'), a range ('0-5') or a depth fraction ('0.5', '0.25-0.5')"
+        )
+    lo_s, hi_s = m[1], m[2] if m[2] is not None else m[1]
+    if "." in lo_s or "." in hi_s:
+        lo, hi = float(lo_s), float(hi_s)
+        if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
+            raise ValueError(f"depth fraction {key!r} must lie in [0, 1]")
+        kind: Literal["layers", "depth"] = "depth"
+    else:
+        lo, hi = int(lo_s), int(hi_s)
+        kind = "layers"
+    if lo > hi:
+        raise ValueError(f"empty range {key!r}: {lo_s} > {hi_s}")
+    return TableKey(kind, lo, hi)
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+
+class ModelSpec(_Section):
+    """The model to prune: short name, local folder, .gguf file or hub id. `model: NAME` is shorthand."""
+
+    id: str = Field("smollm2-135m", min_length=1)
+    dtype: Dtype = "auto"
+    device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"id": value} if isinstance(value, str) else value
+
+
+class Calibration(_Section):
+    """Calibration data: HF name, local text/jsonl (relative to the recipe) or a shared data file."""
+
+    dataset: str = Field("wikitext2", min_length=1)
+    split: str = "validation"
+    n_samples: PositiveInt = 128
+    seqlen: PositiveInt = 512
+    seed: int = 0
+    data_root: str | None = None
+
+
+class Protect(_Section):
+    """Layers never pruned: the first/last N and explicit indices."""
+
+    first: NonNegativeInt = 0
+    last: NonNegativeInt = 0
+    layers: list[NonNegativeInt] = Field(default_factory=list)
+
+
+class Targets(_Section):
+    """Which structures may be pruned, in which layers."""
+
+    mlp: bool = True
+    attention: AttentionUnit = "none"
+    sublayers: bool = False
+    blocks: bool = False
+    layers: list[LayerSelector] = Field(default_factory=lambda: ["all"], min_length=1)
+    protect: Protect = Field(default_factory=Protect)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _one_selector(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _something(self) -> Targets:
+        if not (self.mlp or self.attention != "none" or self.sublayers or self.blocks):
+            raise FieldProblems(
+                [((), "nothing to prune: mlp is false, attention is 'none', sublayers and blocks are false")]
+            )
+        return self
+
+
+def _params_budget(value: Any) -> Any:
+    """`budget.params`: a float in (0, 1) is a fraction, an int >= 1 an absolute count."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads exponent forms like 5e6 as text; write 5000000 or 0.2)"
+            except ValueError:
+                pass
+        raise ValueError(f"expected a fraction in (0, 1) or a parameter count >= 1, got {value!r}{hint}")
+    if isinstance(value, float):
+        if not (0.0 < value < 1.0) or math.isnan(value):
+            raise ValueError(
+                f"a float is the fraction of decoder linear parameters to remove and must be in (0, 1), "
+                f"got {value}; write an integer for an absolute count"
+            )
+        return value
+    if value < 1:
+        raise ValueError(f"an absolute parameter count must be >= 1, got {value}")
+    return value
+
+
+BUDGET_KINDS = ("params", "flops", "latency")
+
+
+class Budget(_Section):
+    """The goal (exactly one of params, flops, latency) and per-layer limits."""
+
+    params: Annotated[float | int | None, BeforeValidator(_params_budget)] = None
+    flops: Fraction | None = None
+    latency: Fraction | None = None
+    min_keep: KeepFraction = 0.05
+    max_keep: KeepFraction = 1.0
+    multiple_of: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> Budget:
+        problems: list[tuple[KeyPath, str]] = []
+        kinds = [k for k in BUDGET_KINDS if getattr(self, k) is not None]
+        if not kinds:
+            problems.append(((), "set exactly one of budget.params, budget.flops, budget.latency"))
+        elif len(kinds) > 1:
+            problems.append(((), f"set exactly one budget kind, got {' and '.join(kinds)}"))
+        if self.min_keep > self.max_keep:
+            problems.append(
+                (("min_keep",), f"min_keep ({self.min_keep}) must not exceed max_keep ({self.max_keep})")
+            )
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+    @property
+    def kind(self) -> Literal["params", "flops", "latency"]:
+        """Which goal is set."""
+        return next(k for k in BUDGET_KINDS if getattr(self, k) is not None)  # type: ignore[return-value]
+
+
+class BonsaiOptions(_Section):
+    """Perturbative regression (Bonsai): sub-models sampled, units dropped per sample, rounds."""
+
+    samples: PositiveInt = 64
+    drop_fraction: Fraction = 0.05
+    steps: PositiveInt = 4
+    ridge: Annotated[float, Field(ge=0)] = 1.0
+
+
+class Importance(_Section):
+    """How units are scored."""
+
+    metric: Metric = "fasp"
+    bonsai: BonsaiOptions = Field(default_factory=BonsaiOptions)
+
+    @model_validator(mode="after")
+    def _bonsai_options_used(self) -> Importance:
+        if self.metric != "bonsai" and self.bonsai != BonsaiOptions():
+            raise FieldProblems(
+                [(("bonsai",), f"options for metric 'bonsai' have no effect with metric {self.metric!r}")]
+            )
+        return self
+
+
+class SearchOptions(_Section):
+    """Optuna allocation search; `storage` is a SQLite path or any Optuna RDB URL."""
+
+    trials: PositiveInt = 100
+    objective: Literal["kl", "ppl"] = "kl"
+    storage: str | None = None
+    heldout_tokens: PositiveInt = 16384
+    seed: int = 0
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: bool = True
+
+
+class Allocation(_Section):
+    """How the budget is spread over layers."""
+
+    method: AllocationMethod = "uniform"
+    table: dict[str, KeepFraction] | None = None
+    search: SearchOptions = Field(default_factory=SearchOptions)
+
+    @field_validator("table", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `12:` as an int and `0.5:` as a float; both are valid table keys
+        if isinstance(value, dict):
+            return {k if isinstance(k, str) or isinstance(k, bool) else str(k): v for k, v in value.items()}
+        return value
+
+    @field_validator("table")
+    @classmethod
+    def _table_keys(cls, table: dict[str, float] | None) -> dict[str, float] | None:
+        if table is None:
+            return None
+        problems: list[tuple[KeyPath, str]] = []
+        if not table:
+            problems.append(((), "the table is empty"))
+        spans: list[tuple[int, int, str]] = []
+        for key in table:
+            try:
+                tk = parse_table_key(key)
+            except ValueError as e:
+                problems.append(((key,), str(e)))
+                continue
+            if tk.kind == "layers":
+                for lo, hi, other in spans:
+                    if tk.lo <= hi and lo <= tk.hi:
+                        problems.append(((key,), f"overlaps table key {other!r}"))
+                spans.append((int(tk.lo), int(tk.hi), key))
+        if problems:
+            raise FieldProblems(problems)
+        return table
+
+    @model_validator(mode="after")
+    def _method_options(self) -> Allocation:
+        problems: list[tuple[KeyPath, str]] = []
+        if self.method == "table" and self.table is None:
+            problems.append(
+                (("table",), "allocation method 'table' needs allocation.table (layer -> keep fraction)")
+            )
+        if self.method != "table" and self.table is not None:
+            problems.append((("table",), f"a table is only used by method 'table', not {self.method!r}"))
+        if self.method != "search" and self.search != SearchOptions():
+            problems.append((("search",), f"search options have no effect with method {self.method!r}"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+
+class Restore(_Section):
+    """How the consuming layer is corrected after pruning; `damping` scales the mean Gram diagonal."""
+
+    method: RestoreMethod = "least_squares"
+    damping: Annotated[float, Field(gt=0)] = 0.01
+
+
+class Pass(_Section):
+    """One stage of a multi-stage method; `share` is its part of the budget."""
+
+    name: str = Field(min_length=1)
+    targets: Targets
+    share: KeepFraction
+    importance: Importance = Field(default_factory=Importance)
+    restore: Restore = Field(default_factory=Restore)
+    method: PassMethod = "fasp"
+
+
+class PerplexitySet(_Section):
+    """A perplexity evaluation: non-overlapping windows of `seqlen` tokens."""
+
+    dataset: str = "wikitext2"
+    split: str = "test"
+    seqlen: PositiveInt = 2048
+    max_windows: PositiveInt | None = None
+
+
+class LatencyBench(_Section):
+    """Latency measurement of dense and pruned model, in the same process."""
+
+    prefill_len: PositiveInt = 512
+    decode_tokens: PositiveInt = 32
+    repeats: PositiveInt = 5
+    batch_size: PositiveInt = 1
+
+
+class Evaluate(_Section):
+    """What to measure after pruning."""
+
+    perplexity: list[PerplexitySet] = Field(default_factory=lambda: [PerplexitySet()])
+    tasks: list[str] = Field(default_factory=list)
+    limit: PositiveInt | None = None
+    latency: LatencyBench = Field(default_factory=LatencyBench)
+    enabled: bool = True
+
+
+class Output(_Section):
+    """Where the pruned model goes. The runtime never writes outside `dir`."""
+
+    dir: str | None = None
+    format: Literal["safetensors"] = "safetensors"
+
+
+# ---- cross-section rules ------------------------------------------------------------------------
+
+SUBLAYER_METHODS = frozenset({"blockpruner", "sprint"})  # remove whole residual branches or blocks
+BIAS_COMPENSATION_METHODS = frozenset({"flap"})
+BIAS_COMPENSATION_METRICS = frozenset({"fluctuation"})
+BONSAI_METRIC_METHODS = frozenset({"bonsai"})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one pruning stage does: the whole recipe when it has no passes, else each pass."""
+
+    path: KeyPath
+    method: str
+    targets: Targets
+    importance: Importance
+    restore: Restore
+
+
+@dataclass(frozen=True)
+class StageRule:
+    """A constraint on one stage: `broken(stage)` true means `message` is reported at `key`."""
+
+    key: KeyPath
+    broken: Callable[[Stage], bool]
+    message: str
+
+
+STAGE_RULES: tuple[StageRule, ...] = (
+    StageRule(
+        ("method",),
+        lambda s: s.method in SUBLAYER_METHODS and not (s.targets.sublayers or s.targets.blocks),
+        "method {method!r} removes whole sublayers or blocks, but targets.sublayers and targets.blocks "
+        "are both false; set one of them to true",
+    ),
+    StageRule(
+        ("restore", "method"),
+        lambda s: (
+            s.restore.method == "bias_compensation"
+            and s.method not in BIAS_COMPENSATION_METHODS
+            and s.importance.metric not in BIAS_COMPENSATION_METRICS
+        ),
+        "restore 'bias_compensation' needs method 'flap' or importance.metric 'fluctuation' "
+        "(got method {method!r}, metric {metric!r})",
+    ),
+    StageRule(
+        ("importance", "metric"),
+        lambda s: s.importance.metric == "bonsai" and s.method not in BONSAI_METRIC_METHODS,
+        "importance.metric 'bonsai' only works with method 'bonsai' (got method {method!r})",
+    ),
+)
+
+
+def _version(value: Any) -> Any:
+    if value != SCHEMA_VERSION or isinstance(value, bool):
+        raise ValueError(
+            f"unsupported recipe version {value!r}; this Secateur reads version {SCHEMA_VERSION}"
+        )
+    return value
+
+
+class Recipe(_Section):
+    """A pruning recipe, version 1. Only `budget` is required."""
+
+    version: Annotated[Literal[1], BeforeValidator(_version)] = 1
+    name: str | None = None
+    extends: str | list[str] | None = Field(
+        None, description="Base recipes, deep-merged first; resolved by the loader and never kept."
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibration: Calibration = Field(default_factory=Calibration)
+    targets: Targets = Field(default_factory=Targets)
+    budget: Budget
+    importance: Importance = Field(default_factory=Importance)
+    allocation: Allocation = Field(default_factory=Allocation)
+    restore: Restore = Field(default_factory=Restore)
+    method: Method = "fasp"
+    passes: list[Pass] = Field(default_factory=list)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    output: Output = Field(default_factory=Output)
+
+    def stages(self) -> list[Stage]:
+        """The stages to run: each pass, or the recipe itself when it has none."""
+        if self.passes:
+            return [
+                Stage(("passes", i), p.method, p.targets, p.importance, p.restore)
+                for i, p in enumerate(self.passes)
+            ]
+        return [Stage((), self.method, self.targets, self.importance, self.restore)]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        problems = list(self._problems())
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+    def _problems(self) -> Iterator[tuple[KeyPath, str]]:
+        if self.passes:
+            shares = [p.share for p in self.passes]
+            if abs(sum(shares) - 1.0) > 1e-6:
+                listed = " + ".join(f"{s:g}" for s in shares)
+                yield (("passes",), f"pass shares must sum to 1, got {listed} = {sum(shares):g}")
+            seen: set[str] = set()
+            for i, p in enumerate(self.passes):
+                if p.name in seen:
+                    yield (("passes", i, "name"), f"duplicate pass name {p.name!r}")
+                seen.add(p.name)
+        elif self.method == "multipruner":
+            yield (("method",), "method 'multipruner' is multi-stage: list its stages under passes")
+        for stage in self.stages():
+            fields = {"method": stage.method, "metric": stage.importance.metric}
+            for rule in STAGE_RULES:
+                if rule.broken(stage):
+                    yield (stage.path + rule.key, rule.message.format(**fields))
+        for key, keep in (self.allocation.table or {}).items():
+            if not (self.budget.min_keep <= keep <= self.budget.max_keep):
+                yield (
+                    ("allocation", "table", key),
+                    f"keep fraction {keep} is outside budget.min_keep..max_keep "
+                    f"({self.budget.min_keep}..{self.budget.max_keep})",
+                )

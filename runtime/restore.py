@@ -1,0 +1,82 @@
+"""Least-squares restoration of a consuming layer after some of its input columns are removed.
+
+Minimises ||W X - W' X_S||^2 over W': W' = W_S + W_P G_PS (G_SS + lambda I)^-1, where
+G = X^T X, S the kept and P the pruned columns, lambda = damping * mean(diag G).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Restored:
+    """The new consuming weight (kept columns only) and relative output errors."""
+
+    weight: torch.Tensor
+    err_pruned: float  # relative error of simply dropping the columns
+    err_restored: float  # relative error after restoration
+
+
+def relative_error(w: torch.Tensor, w_new_full: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(W - W') X||^2 / ||W X||^2 computed from the Gram matrix."""
+    d = w - w_new_full
+    num = ((d @ gram) * d).sum()
+    den = ((w @ gram) * w).sum().clamp_min(1e-30)
+    return float(num / den)
+
+
+def _embed(w_s: torch.Tensor, keep: torch.Tensor, n_cols: int) -> torch.Tensor:
+    full = torch.zeros(w_s.shape[0], n_cols, dtype=w_s.dtype, device=w_s.device)
+    full[:, keep] = w_s
+    return full
+
+
+def solve_damped(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+    """Solve X (A + lambda I) = B for X by Cholesky, raising damping until A is positive definite."""
+    if not torch.isfinite(a).all():
+        raise FloatingPointError("Gram matrix has NaN or inf entries")
+    mean_diag = float(a.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    lam = damping
+    for attempt in range(8):
+        chol, info = torch.linalg.cholesky_ex(a + lam * mean_diag * eye)
+        if int(info) == 0:
+            if attempt:
+                warnings.warn(f"ill-conditioned Gram matrix: damping raised to {lam:g}", stacklevel=3)
+            return torch.cholesky_solve(b.T, chol).T
+        lam *= 10
+    raise FloatingPointError("Gram matrix is not positive definite even with heavy damping")
+
+
+def restore_columns(
+    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float = 0.01, solve: bool = True
+) -> Restored:
+    """Restored kept-column weight for a consuming layer; falls back to plain slicing on failure."""
+    dev = weight.device
+    dtype64 = torch.float64 if dev.type == "cpu" else torch.float32
+    w = weight.detach().to(dtype64)
+    g = gram.to(dtype64)
+    n = w.shape[1]
+    mask = torch.ones(n, dtype=torch.bool, device=dev)
+    mask[keep] = False
+    pruned = mask.nonzero().flatten()
+    keep = keep.to(dev)
+    w_s = w[:, keep]
+    err_pruned = relative_error(w, _embed(w_s, keep, n), g) if torch.isfinite(g).all() else float("nan")
+    if not solve or pruned.numel() == 0:
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    try:
+        b = w[:, pruned] @ g[pruned][:, keep]
+        w_new = w_s + solve_damped(g[keep][:, keep], b, damping)
+    except FloatingPointError as e:
+        warnings.warn(f"restoration skipped: {e}", stacklevel=2)
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    if not torch.isfinite(w_new).all():
+        warnings.warn("restoration produced non-finite weights; keeping the unrestored slice", stacklevel=2)
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    err = relative_error(w, _embed(w_new, keep, n), g)
+    return Restored(w_new.to(weight.dtype), err_pruned, err)

@@ -1,0 +1,173 @@
+"""The sequential layer-wise pass (SparseGPT / Wanda / FASP style) that executes a plan.
+
+For each layer: run the calibration batches through it once while accumulating the
+consuming projections' input statistics, score and select units, restore the consumers by
+least squares, slice physically, then run the pruned layer to produce the next layer's
+inputs. Only one layer's calibration activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_groups, layer_shapes
+from secateur.runtime.capture import capture_inputs, run_layer
+from secateur.runtime.plan import LayerPlan, Plan
+from secateur.runtime.restore import restore_columns
+from secateur.runtime.score import unit_scores
+from secateur.runtime.select import kept_columns, top_units
+from secateur.runtime.stats import InputStats, collect_inputs
+from secateur.runtime.surgery import LayerKeep, apply_keep
+
+
+@dataclass
+class LayerLog:
+    """What happened to one layer: kept units, time, reconstruction errors of its consumers."""
+
+    layer: int
+    seconds: float
+    keep: dict
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class PruneResult:
+    """Kept indices per layer (in the numbering the layer had when pruned), logs and phase times."""
+
+    keep: dict[int, LayerKeep]
+    logs: list[LayerLog]
+    phases: dict[str, float]
+
+
+def select_layer(
+    model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan, stats: dict[str, InputStats], metric: str
+) -> LayerKeep:
+    """Score units of layer i with its statistics and keep the best ones the plan allows."""
+    groups = {g.kind: g for g in layer_groups(model, adapter, i)}
+    p = adapter.layer_prefix(i)
+    lk = LayerKeep(drop_attn=lp.drop_attn, drop_mlp=lp.drop_mlp)
+    if lp.mlp is not None and not lp.drop_mlp and lp.mlp < groups["mlp_channel"].n_units:
+        s = unit_scores(model, groups["mlp_channel"], stats.get(f"{p}.{adapter.mlp_out}"), metric)
+        lk.mlp = top_units(s, lp.mlp)
+    if lp.drop_attn or "kv_group" not in groups:
+        return lk
+    o_stats = stats.get(f"{p}.{adapter.o}")
+    kv, q = groups["kv_group"], groups["q_head"]
+    if lp.kv_groups is not None and lp.kv_groups < kv.n_units:
+        lk.kv_heads = top_units(unit_scores(model, kv, o_stats, metric), lp.kv_groups)
+    r = q.n_units // kv.n_units
+    if lp.q_per_group is not None and lp.q_per_group < r:
+        kept_kv = set(lk.kv_heads if lk.kv_heads is not None else range(kv.n_units))
+        chosen = top_units(unit_scores(model, q, o_stats, metric), lp.q_per_group, partitions=kv.n_units)
+        lk.q_heads = [h for h in chosen if h // r in kept_kv]
+    return lk
+
+
+def _kept_heads(lk: LayerKeep, n_q: int, r: int) -> list[int]:
+    heads = range(n_q) if lk.q_heads is None else lk.q_heads
+    return [h for h in heads if lk.kv_heads is None or h // r in lk.kv_heads]
+
+
+def restore_layer(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    i: int,
+    lk: LayerKeep,
+    stats: dict[str, InputStats],
+    damping: float,
+    solve: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """New consumer weights (kept columns only) for layer i, computed before slicing."""
+    p = adapter.layer_prefix(i)
+    sh = layer_shapes(model, adapter, i)
+    cols: dict[str, torch.Tensor] = {}
+    if lk.mlp is not None and not lk.drop_mlp:
+        cols[f"{p}.{adapter.mlp_out}"] = kept_columns(lk.mlp, 1)
+    if not lk.drop_attn and (lk.kv_heads is not None or lk.q_heads is not None):
+        r = int(sh["num_heads"]) // int(sh["num_kv_heads"])
+        cols[f"{p}.{adapter.o}"] = kept_columns(
+            _kept_heads(lk, int(sh["num_heads"]), r), int(sh["v_head_dim"])
+        )
+    weights, errors = {}, {}
+    for name, keep_cols in cols.items():
+        if name not in stats:  # activation-free scoring without restoration: plain slicing
+            continue
+        res = restore_columns(model.get_submodule(name).weight, stats[name].gram, keep_cols, damping, solve)
+        weights[name] = res.weight
+        errors[name.rsplit(".", 1)[-1]] = {"pruned": res.err_pruned, "restored": res.err_restored}
+    return weights, errors
+
+
+def needs_statistics(plan: Plan) -> bool:
+    """Whether the plan's scoring or restoration reads calibration statistics."""
+    return plan.metric != "magnitude" or plan.restore == "least_squares"
+
+
+def prune_sequential(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    calib_ids: torch.Tensor,
+    plan: Plan,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_layer: Callable[[LayerLog], None] | None = None,
+) -> PruneResult:
+    """Execute `plan` on `model` in place, layer by layer, with FASP scoring and restoration."""
+    phases = {"capture": 0.0, "statistics": 0.0, "scoring": 0.0, "restoration": 0.0, "forward": 0.0}
+    t0 = time.perf_counter()
+    inputs = capture_inputs(model, adapter, calib_ids, batch_size)
+    phases["capture"] = time.perf_counter() - t0
+    hidden = inputs.hidden
+    layers = adapter.layers(model)
+    logs: list[LayerLog] = []
+    keep: dict[int, LayerKeep] = {}
+    bar = tqdm(range(len(layers)), desc="pruning", unit="layer", disable=not progress)
+    for i in bar:
+        t_layer = time.perf_counter()
+        lp = plan.layers.get(i, LayerPlan())
+        errors: dict[str, dict[str, float]] = {}
+        if not lp.is_noop():
+            p = adapter.layer_prefix(i)
+            consumers = {}
+            if lp.mlp is not None and not lp.drop_mlp:
+                consumers[f"{p}.{adapter.mlp_out}"] = model.get_submodule(f"{p}.{adapter.mlp_out}")
+            if (lp.q_per_group is not None or lp.kv_groups is not None) and not lp.drop_attn:
+                consumers[f"{p}.{adapter.o}"] = model.get_submodule(f"{p}.{adapter.o}")
+            t = time.perf_counter()
+            if not needs_statistics(plan):
+                consumers = {}
+            with collect_inputs(consumers) as stats:
+                if consumers:
+                    run_layer(layers[i], hidden, inputs.kwargs[i])
+            phases["statistics"] += time.perf_counter() - t
+            t = time.perf_counter()
+            lk = select_layer(model, adapter, i, lp, stats, plan.metric)
+            phases["scoring"] += time.perf_counter() - t
+            t = time.perf_counter()
+            new_w, errors = restore_layer(
+                model, adapter, i, lk, stats, plan.damping, plan.restore == "least_squares"
+            )
+            apply_keep(model, adapter, {i: lk})
+            for name, w in new_w.items():
+                model.get_submodule(name).weight.data.copy_(w)
+            phases["restoration"] += time.perf_counter() - t
+            keep[i] = lk
+            del stats
+        t = time.perf_counter()
+        hidden = run_layer(layers[i], hidden, inputs.kwargs[i])
+        phases["forward"] += time.perf_counter() - t
+        log = LayerLog(i, time.perf_counter() - t_layer, keep[i].to_dict() if i in keep else {}, errors)
+        logs.append(log)
+        if errors:
+            bar.set_postfix({k: f"{v['pruned']:.3f}->{v['restored']:.3f}" for k, v in errors.items()})
+        if on_layer is not None:
+            on_layer(log)
+    phases["total"] = time.perf_counter() - t0
+    return PruneResult(keep, logs, phases)

@@ -1,0 +1,228 @@
+"""Honest speed: analytic FLOPs per token, and prefill/decode timings of models measured alternately.
+
+Timing every model in the same process, interleaved round by round, exposes them all to the
+same thermal state, clock boosts and background load; medians then resist stragglers. Peak
+memory is only measured on CUDA; on CPU the resident weight bytes are reported instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_shapes
+
+DECODE_PROMPT_LEN = 16
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Drop aliases (tied embeddings): same storage, offset, shape and dtype count once."""
+    seen: set[tuple] = set()
+    out: list[torch.Tensor] = []
+    for t in tensors:
+        key = (id(t),) if t.is_meta or t.numel() == 0 else (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def total_params(model: nn.Module) -> int:
+    """Parameters of the whole model, each tensor counted once (tied embeddings once)."""
+    return sum(p.numel() for p in _unique(model.parameters()))
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's unique parameters and buffers."""
+    tensors = _unique(list(model.parameters()) + list(model.buffers()))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _decoder_linears(model: nn.Module, adapter: ModelAdapter) -> list[nn.Linear]:
+    return [m for m in adapter.layers(model).modules() if isinstance(m, nn.Linear)]
+
+
+def decoder_linear_params(model: nn.Module, adapter: ModelAdapter) -> int:
+    """Weights and biases of every nn.Linear inside the decoder layers (what pruning shrinks)."""
+    return sum(p.numel() for m in _decoder_linears(model, adapter) for p in m.parameters(recurse=False))
+
+
+def _attention_span(config: object, i: int, context: int) -> int:
+    """Keys one token attends to in layer i: sliding-window layers see at most the window."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        sliding = i < len(layer_types) and layer_types[i] == "sliding_attention"
+    else:
+        sliding = bool(getattr(config, "use_sliding_window", True))
+    return min(context, int(window)) if sliding and window else context
+
+
+def flops_per_token(model: nn.Module, adapter: ModelAdapter, context: int = 512) -> int:
+    """FLOPs of one token attending to `context` positions: 2 x linear MACs (decoder + lm_head)
+    plus QK^T and AV products; removed sublayers cost nothing. Norms, activations and the
+    embedding lookup are left out (they are a rounding error next to the matmuls)."""
+    linears = _decoder_linears(model, adapter)
+    head = model.get_submodule(adapter.lm_head_path)
+    if isinstance(head, nn.Linear):
+        linears.append(head)
+    macs = sum(m.in_features * m.out_features for m in linears)
+    attn = 0
+    for i in range(adapter.num_layers):
+        s = layer_shapes(model, adapter, i)
+        if s["skip_attention"]:
+            continue
+        span = _attention_span(model.config, i, context)
+        attn += 2 * int(s["num_heads"]) * (int(s["head_dim"]) + int(s["v_head_dim"])) * span
+    return 2 * macs + attn
+
+
+@dataclass
+class SpeedResult:
+    """Medians over repeats; throughput is tokens per second over the timed region only."""
+
+    prefill_tok_s: float
+    decode_tok_s: float
+    prefill_s_median: float
+    decode_s_median: float
+    weights_bytes: int
+    peak_mem_bytes: int | None
+    device: str
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+    dev = ids.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    model(ids, use_cache=False)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _cache_kw(model: nn.Module) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _time_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> float:
+    """Greedy decode of `n_tokens` with the model's own KV cache (a DynamicCache), not
+    `generate` and its overheads; only the one-token steps are timed."""
+    dev = prompt.device
+    kw = _cache_kw(model)
+    out = model(prompt, use_cache=True)
+    past = _cache_of(out)
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        out = model(nxt, use_cache=True, **{kw: past})
+        past = _cache_of(out)
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _run_once(model: nn.Module, prefill: torch.Tensor, prompt: torch.Tensor, n: int) -> tuple[float, float]:
+    return _time_prefill(model, prefill), _time_decode(model, prompt, n)
+
+
+def measure_speed(
+    models: dict[str, nn.Module],
+    vocab_size: int,
+    prefill_len: int = 512,
+    batch_size: int = 1,
+    decode_tokens: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, SpeedResult]:
+    """Prefill and decode throughput of every model, measured alternately round by round.
+
+    On CUDA, peak_mem_bytes is this model's weights plus the most extra memory one of its
+    runs allocated, so models resident side by side do not inflate each other's numbers.
+    """
+    if repeats < 1 or prefill_len < 1 or decode_tokens < 1 or batch_size < 1:
+        raise ValueError("repeats, prefill_len, decode_tokens and batch_size must all be >= 1")
+    g = torch.Generator().manual_seed(int(seed))
+    prefill_cpu = torch.randint(0, vocab_size, (batch_size, prefill_len), generator=g)
+    prompt_cpu = torch.randint(0, vocab_size, (batch_size, DECODE_PROMPT_LEN), generator=g)
+    devs = {name: _device(m) for name, m in models.items()}
+    inputs = {name: (prefill_cpu.to(d), prompt_cpu.to(d)) for name, d in devs.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    peaks: dict[str, int] = {name: 0 for name in models}
+    wbytes = {name: weights_bytes(m) for name, m in models.items()}
+    modes = {name: m.training for name, m in models.items()}
+    try:
+        for m in models.values():
+            m.eval()
+        with torch.inference_mode():
+            for r in range(warmup + repeats):
+                for name, m in models.items():
+                    dev = devs[name]
+                    if dev.type == "cuda":
+                        base = torch.cuda.memory_allocated(dev)
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    t = _run_once(m, *inputs[name], decode_tokens)
+                    if dev.type == "cuda":
+                        extra = torch.cuda.max_memory_allocated(dev) - base
+                        peaks[name] = max(peaks[name], extra + wbytes[name])
+                    if r >= warmup:
+                        times[name].append(t)
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    results: dict[str, SpeedResult] = {}
+    for name in models:
+        pre = statistics.median(t[0] for t in times[name])
+        dec = statistics.median(t[1] for t in times[name])
+        results[name] = SpeedResult(
+            prefill_tok_s=batch_size * prefill_len / pre,
+            decode_tok_s=batch_size * decode_tokens / dec,
+            prefill_s_median=pre,
+            decode_s_median=dec,
+            weights_bytes=wbytes[name],
+            peak_mem_bytes=peaks[name] if devs[name].type == "cuda" else None,
+            device=str(devs[name]),
+        )
+    return results
+
+
+def speed_ratios(results: dict[str, SpeedResult], baseline: str = "dense") -> dict[str, dict[str, float]]:
+    """Each model relative to `baseline`: speedups (>1 is faster) and memory ratios (<1 is smaller)."""
+    if baseline not in results:
+        raise KeyError(f"baseline {baseline!r} not among measured models: {', '.join(results)}")
+    b = results[baseline]
+    out: dict[str, dict[str, float]] = {}
+    for name, r in results.items():
+        ratios = {
+            "prefill_speedup": r.prefill_tok_s / b.prefill_tok_s,
+            "decode_speedup": r.decode_tok_s / b.decode_tok_s,
+            "weights_ratio": r.weights_bytes / b.weights_bytes,
+        }
+        if r.peak_mem_bytes is not None and b.peak_mem_bytes:
+            ratios["peak_mem_ratio"] = r.peak_mem_bytes / b.peak_mem_bytes
+        out[name] = ratios
+    return out

@@ -1,0 +1,68 @@
+"""Input statistics of the consuming projections, accumulated in fp32.
+
+A Gram matrix G = X^T X (and the column sums of X) is all that FASP scoring, FLAP's
+fluctuation metric and least-squares restoration need, so statistics are gathered once
+and reused by every scorer and by the search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class InputStats:
+    """Running fp32 statistics of a linear layer's input columns."""
+
+    gram: torch.Tensor
+    col_sum: torch.Tensor
+    n: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, dim: int, device: torch.device) -> InputStats:
+        return cls(torch.zeros(dim, dim, dtype=torch.float32, device=device), torch.zeros(dim, device=device))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        self.gram.addmm_(x.T, x)
+        self.col_sum += x.sum(0)
+        self.n += x.shape[0]
+
+    @property
+    def col_norm(self) -> torch.Tensor:
+        """||X[:, j]||_2 for every input column j."""
+        return self.gram.diagonal().clamp_min(0).sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.col_sum / max(self.n, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per-column variance of the input (FLAP's fluctuation)."""
+        return (self.gram.diagonal() / max(self.n, 1) - self.mean**2).clamp_min(0)
+
+
+@contextmanager
+def collect_inputs(modules: dict[str, nn.Linear]) -> Iterator[dict[str, InputStats]]:
+    """While active, every forward through `modules` adds its input to that module's stats."""
+    stats = {name: InputStats.empty(m.in_features, m.weight.device) for name, m in modules.items()}
+
+    def hook(name: str):
+        def fn(_mod: nn.Module, args: tuple) -> None:
+            stats[name].add(args[0])
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

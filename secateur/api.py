@@ -1,0 +1,221 @@
+"""`prune`: recipe in, pruned model + lock + report out. Cheap checks first, heavy work last."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from secateur.lock import LOCK_NAME, LockError, build_lock, kept_from_lock, model_fingerprint, read_lock
+from secateur.recipe.compile import compile_plan
+from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
+from secateur.recipe.schema import Recipe
+from secateur.runtime.data import (
+    calibration_windows,
+    eval_windows,
+    load_text,
+    resolve_text_source,
+    tokenize_text,
+)
+from secateur.runtime.evaluate import perplexity
+from secateur.runtime.io import OutputExistsError, all_layer_shapes, atomic_dir, write_model
+from secateur.runtime.loader import LoadedModel, load_model
+from secateur.runtime.plan import Plan
+from secateur.runtime.sequential import PruneResult, prune_sequential
+from secateur.runtime.speed import (
+    decoder_linear_params,
+    flops_per_token,
+    measure_speed,
+    speed_ratios,
+    total_params,
+)
+
+
+@dataclass
+class PruneOutcome:
+    """What a prune produced: where, the report data and the lock."""
+
+    output: Path
+    report: dict[str, Any]
+    lock: dict[str, Any]
+    result: PruneResult
+    reproduced: bool | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _data_root(recipe: Recipe) -> str | None:
+    return recipe.calibration.data_root
+
+
+def preflight(recipe: Recipe, output: Path, overwrite: bool, base_dir: Path | None) -> None:
+    """Every check that needs no model: output directory, data files."""
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output directory {output} exists; pass --overwrite to replace it")
+    cal = recipe.calibration
+    resolve_text_source(cal.dataset, cal.split, _data_root(recipe), base_dir)
+    if recipe.evaluate.enabled:
+        for ps in recipe.evaluate.perplexity:
+            resolve_text_source(ps.dataset, ps.split, _data_root(recipe), base_dir)
+        if recipe.evaluate.tasks:
+            from secateur.runtime.zeroshot import check_tasks
+
+            check_tasks(recipe.evaluate.tasks, _data_root(recipe))
+
+
+def size_of(lm: LoadedModel, context: int = 512) -> dict[str, int]:
+    """Parameter and FLOP counts reported before and after."""
+    return {
+        "params": total_params(lm.model),
+        "decoder_linear_params": decoder_linear_params(lm.model, lm.adapter),
+        "flops_per_token": flops_per_token(lm.model, lm.adapter, context),
+    }
+
+
+def evaluate_ppl(recipe: Recipe, lm: LoadedModel, base_dir: Path | None, cache: dict) -> dict[str, float]:
+    """Perplexity on every set of `evaluate.perplexity` (tokenized once, reused for dense and pruned)."""
+    out = {}
+    for ps in recipe.evaluate.perplexity:
+        key = f"{ps.dataset}:{ps.split}@{ps.seqlen}" + (f"[{ps.max_windows}w]" if ps.max_windows else "")
+        if key not in cache:
+            toks = tokenize_text(lm.tokenizer, load_text(ps.dataset, ps.split, _data_root(recipe), base_dir))
+            cache[key] = eval_windows(toks, ps.seqlen, ps.max_windows)
+        out[key] = perplexity(lm.model, cache[key], batch_size=1)
+    return out
+
+
+def prune(
+    recipe_path: str | Path | None = None,
+    *,
+    recipe: Recipe | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    overrides: Sequence[str] = (),
+    lock_path: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PruneOutcome:
+    """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
+    lock_data = None
+    base_dir = Path(recipe_path).resolve().parent if recipe_path else Path.cwd()
+    if lock_path is not None:
+        lock_data = read_lock(lock_path)
+        recipe = recipe_from_dict(lock_data["recipe"], str(lock_path))
+        base_dir = Path(lock_data.get("recipe_dir") or Path(lock_path).resolve().parent)
+    elif recipe is None:
+        if recipe_path is None:
+            raise ValueError("prune: give a recipe file or a lock")
+        recipe = load_recipe(recipe_path, overrides)
+    out_ref = output or recipe.output.dir
+    if not out_ref:
+        raise ValueError("output: no output directory; set output.dir in the recipe or pass --output")
+    out = Path(out_ref)
+    preflight(recipe, out, overwrite, base_dir)
+
+    t_start = time.perf_counter()
+    lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base_dir)
+    t_load = time.perf_counter() - t_start
+    dense_fp = model_fingerprint(lm.model)
+    if lock_data is not None and lock_data["fingerprints"]["model"] != dense_fp:
+        raise LockError(
+            f"{lock_path}: the lock was made from another model (fingerprint {lock_data['fingerprints']['model'][:12]}"
+            f"..., this model {dense_fp[:12]}...); refusing to apply it"
+        )
+    plan = (
+        Plan.from_dict(lock_data["plan"])
+        if lock_data is not None
+        else compile_plan(recipe, lm.model, lm.adapter)
+    )
+    cal = recipe.calibration
+    cal_tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, _data_root(recipe), base_dir))
+    calib = calibration_windows(cal_tokens, cal.n_samples, cal.seqlen, cal.seed)
+    calib_fp = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+    if lock_data is not None and lock_data["fingerprints"]["calibration"] != calib_fp:
+        raise LockError(
+            f"{lock_path}: calibration data differs from the locked run (different file or tokenizer)"
+        )
+
+    dense_size = size_of(lm)
+    dense_layer = all_layer_shapes(lm.model, lm.adapter)[0]
+    ev = recipe.evaluate
+    ppl_cache: dict[str, torch.Tensor] = {}
+    dense_ppl = evaluate_ppl(recipe, lm, base_dir, ppl_cache) if ev.enabled else {}
+    for k, v in dense_ppl.items():
+        log(f"dense perplexity {k}: {v:.3f}")
+    dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
+
+    log(
+        f"pruning {recipe.name or recipe_path}: {len(plan.layers)} layers, metric {plan.metric}, "
+        f"restore {plan.restore}, calibration {cal.n_samples} x {cal.seqlen} tokens"
+    )
+    result = prune_sequential(lm.model, lm.adapter, calib, plan, progress=progress)
+    reproduced = None
+    if lock_data is not None:
+        expected = kept_from_lock(lock_data)
+        if {i: k.to_dict() for i, k in expected.items()} != {i: k.to_dict() for i, k in result.keep.items()}:
+            raise LockError(
+                f"{lock_path}: the kept units differ from the lock (different numerics or versions)"
+            )
+    pruned_fp = model_fingerprint(lm.model)
+    if lock_data is not None:
+        reproduced = pruned_fp == lock_data["fingerprints"]["pruned_model"]
+
+    report: dict[str, Any] = {
+        "recipe_yaml": dump_recipe(recipe),
+        "size": {"dense": dense_size, "pruned": size_of(lm)},
+        "layers": all_layer_shapes(lm.model, lm.adapter),
+        "dense_layer": dense_layer,
+        "phases": {"load": t_load, **result.phases},
+        "layer_log": [vars(x) for x in result.logs],
+        "lock_fingerprint": pruned_fp,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+    }
+    if ev.enabled:
+        report["perplexity"] = {"dense": dense_ppl, "pruned": evaluate_ppl(recipe, lm, base_dir, ppl_cache)}
+        lat = ev.latency
+        speed = measure_speed(
+            {"dense": dense_copy, "pruned": lm.model},
+            lm.model.config.vocab_size,
+            prefill_len=lat.prefill_len,
+            batch_size=lat.batch_size,
+            decode_tokens=lat.decode_tokens,
+            repeats=lat.repeats,
+        )
+        report["speed"] = {name: vars(r) for name, r in speed.items()}
+        report["speed"]["ratios"] = speed_ratios(speed)["pruned"]
+        report["speed"]["device"] = str(lm.device)
+        if ev.tasks:
+            from secateur.runtime.zeroshot import run_zeroshot
+
+            report["zeroshot"] = {
+                "dense": run_zeroshot(dense_copy, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit),
+                "pruned": run_zeroshot(lm.model, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit),
+            }
+        del dense_copy
+
+    lock = build_lock(
+        resolved_dict(recipe),
+        plan.to_dict(),
+        result.keep,
+        model_fp=dense_fp,
+        calib_fp=calib_fp,
+        device=str(lm.device),
+        dtype=report["dtype"],
+        result_fp=pruned_fp,
+    )
+    lock["recipe_dir"] = str(base_dir)
+    with atomic_dir(out, overwrite) as tmp:
+        write_model(lm.model, lm.adapter, tmp, lm.tokenizer)
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        (tmp / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
+        from secateur.runtime.report import write_report
+
+        write_report(tmp, report)
+    return PruneOutcome(out, report, lock, result, reproduced)

@@ -1,0 +1,107 @@
+"""`secateur recipe explain`: compile a recipe against a model's shapes only, in seconds.
+
+The model is built from its config on the meta device (no weights read, no calibration);
+the plan is applied to that skeleton with placeholder unit choices to count what remains.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.graph.groups import layer_shapes
+from secateur.recipe.compile import compile_plan
+from secateur.recipe.schema import Recipe
+from secateur.runtime.loader import load_config, resolve_source
+from secateur.runtime.plan import LayerPlan, Plan
+from secateur.runtime.speed import decoder_linear_params, flops_per_token, total_params
+from secateur.runtime.surgery import LayerKeep, apply_keep
+
+
+def load_skeleton(ref: str, base_dir: str | Path | None = None) -> tuple[nn.Module, ModelAdapter]:
+    """A weightless model with the real shapes (meta tensors) and its adapter."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(resolve_source(ref, base_dir))
+    adapter_for(config)
+    config.__dict__.pop("quantization_config", None)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return model, adapter_for(model.config)
+
+
+def placeholder_keep(model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan) -> LayerKeep:
+    """A keep-set with the plan's counts (first units), for counting shapes without scores."""
+    sh = layer_shapes(model, adapter, i)
+    n_q, n_kv = int(sh["num_heads"]), int(sh["num_kv_heads"])
+    r = n_q // max(n_kv, 1)
+    lk = LayerKeep(drop_attn=lp.drop_attn, drop_mlp=lp.drop_mlp)
+    if lp.mlp is not None and not lp.drop_mlp:
+        lk.mlp = list(range(lp.mlp))
+    if not lp.drop_attn and (lp.kv_groups is not None or lp.q_per_group is not None):
+        kv = lp.kv_groups if lp.kv_groups is not None else n_kv
+        per = lp.q_per_group if lp.q_per_group is not None else r
+        lk.kv_heads = list(range(kv))
+        lk.q_heads = [g * r + j for g in range(kv) for j in range(per)]
+    return lk
+
+
+def apply_plan_shapes(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> None:
+    """Cut a (skeleton) model to the plan's widths."""
+    apply_keep(model, adapter, {i: placeholder_keep(model, adapter, i, lp) for i, lp in plan.layers.items()})
+
+
+@dataclass
+class Explanation:
+    """The plan with per-layer widths and before/after totals."""
+
+    plan: Plan
+    rows: list[dict[str, Any]]
+    totals: dict[str, dict[str, int]]
+
+
+def explain(
+    recipe: Recipe, model_ref: str | None = None, base_dir: str | Path | None = None, context: int = 512
+) -> Explanation:
+    """Compile `recipe` against a model's shapes and describe the result."""
+    model, adapter = load_skeleton(model_ref or recipe.model.id, base_dir)
+    plan = compile_plan(recipe, model, adapter)
+    pruned = copy.deepcopy(model)
+    apply_plan_shapes(pruned, adapter, plan)
+    rows = []
+    for i in range(adapter.num_layers):
+        a, b = layer_shapes(model, adapter, i), layer_shapes(pruned, adapter, i)
+        rows.append({"layer": i, "dense": a, "pruned": b})
+
+    def totals(m: nn.Module) -> dict[str, int]:
+        return {
+            "params": total_params(m),
+            "decoder_linear_params": decoder_linear_params(m, adapter),
+            "flops_per_token": flops_per_token(m, adapter, context),
+        }
+
+    return Explanation(plan, rows, {"dense": totals(model), "pruned": totals(pruned)})
+
+
+def format_explanation(ex: Explanation) -> str:
+    """The plan as a table people can review."""
+    lines = [f"{'layer':>5} {'mlp':>11} {'q heads':>9} {'kv heads':>9} {'skip':>10}"]
+    for r in ex.rows:
+        a, b = r["dense"], r["pruned"]
+        skip = ",".join(n for n, f in (("attn", b["skip_attention"]), ("mlp", b["skip_mlp"])) if f) or "-"
+        lines.append(
+            f"{r['layer']:>5} {b['intermediate_size']:>5}/{a['intermediate_size']:<5} "
+            f"{b['num_heads']:>4}/{a['num_heads']:<4} {b['num_kv_heads']:>4}/{a['num_kv_heads']:<4} {skip:>10}"
+        )
+    d, p = ex.totals["dense"], ex.totals["pruned"]
+    lines.append("")
+    for k in ("params", "decoder_linear_params", "flops_per_token"):
+        lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
+    return "\n".join(lines)
