@@ -133,6 +133,38 @@ def _recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from secateur.runtime.data import default_data_root, eval_windows, load_text, tokenize_text
+    from secateur.runtime.evaluate import perplexity
+    from secateur.runtime.loader import load_model
+    from secateur.runtime.zeroshot import LOCAL_TASKS, check_tasks, run_zeroshot
+
+    if args.limit is not None and args.limit <= 0:
+        raise CliError(f"--limit must be a positive integer, got {args.limit}")
+    tasks = [t for t in (args.tasks or "").split(",") if t] if args.tasks is not None else list(LOCAL_TASKS)
+    root = args.data_root or default_data_root()
+    check_tasks(tasks, root)
+    lm = load_model(args.path, args.dtype, args.device)
+    if args.ppl_seqlen:
+        toks = tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root))
+        windows = eval_windows(toks, args.ppl_seqlen, args.ppl_windows)
+        print(
+            f"wikitext2 test perplexity (seqlen {args.ppl_seqlen}, {windows.shape[0]} windows): "
+            f"{perplexity(lm.model, windows):.3f}"
+        )
+    if tasks:
+        res = run_zeroshot(lm.model, lm.tokenizer, tasks, root, args.limit, args.batch_size)
+        print(f"{'task':<16} {'acc':>8} {'acc_norm':>9}")
+        for task, m in res.items():
+            norm = m.get("acc_norm")
+            print(
+                f"{task:<16} {m.get('acc', float('nan')):>8.4f} {norm if norm is not None else float('nan'):>9.4f}"
+            )
+        if args.json:
+            print(json.dumps(res, indent=2))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from secateur.runtime.report import read_report
 
@@ -164,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--model", help="explain against another model than the recipe's")
     rc.add_argument("--json", action="store_true", help="explain: machine-readable plan")
     rc.set_defaults(func=_recipe)
+    ev = sub.add_parser("eval", help="zero-shot accuracy (lm-eval, local data) and perplexity of a model")
+    ev.add_argument("path", help="a pruned output folder or any model the loader accepts")
+    ev.add_argument("--tasks", help="comma-separated tasks (default: the six local ones; '' for none)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument(
+        "--ppl-seqlen", type=int, default=0, help="also WikiText-2 test perplexity at this seqlen"
+    )
+    ev.add_argument("--ppl-windows", type=int, default=None, help="first N perplexity windows only")
+    ev.add_argument("--data-root", help="folder with wikitext2/ and zeroshot/ (default: SECATEUR_DATA_ROOT)")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_eval)
     rp = sub.add_parser("report", help="print the report of a pruned output")
     rp.add_argument("dir")
     rp.set_defaults(func=_report)

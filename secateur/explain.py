@@ -7,6 +7,7 @@ the plan is applied to that skeleton with placeholder unit choices to count what
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,17 @@ from secateur.runtime.speed import decoder_linear_params, flops_per_token, total
 from secateur.runtime.surgery import LayerKeep, apply_keep
 
 
+@functools.lru_cache(maxsize=8)
+def _config(ref: str, base_dir: str | None) -> Any:
+    return load_config(resolve_source(ref, base_dir))
+
+
 def load_skeleton(ref: str, base_dir: str | Path | None = None) -> tuple[nn.Module, ModelAdapter]:
     """A weightless model with the real shapes (meta tensors) and its adapter."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = load_config(resolve_source(ref, base_dir))
+    config = copy.deepcopy(_config(ref, str(base_dir) if base_dir else None))
     adapter_for(config)
     config.__dict__.pop("quantization_config", None)
     with init_empty_weights():
