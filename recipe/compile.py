@@ -244,8 +244,8 @@ def table_fractions(table: dict[str, float], num_layers: int) -> dict[int, float
     return out
 
 
-def budget_spec(recipe: Any, targets: Any | None = None, share: float = 1.0) -> BudgetSpec:
-    """The model-independent budget of a recipe (or of one pass, with its share of the budget)."""
+def budget_spec(recipe: Any, targets: Any | None = None, count: int | None = None) -> BudgetSpec:
+    """The budget of a recipe, or of one stage given its absolute share `count` of parameters."""
     b = recipe.budget
     t = targets or recipe.targets
     if b.kind != "params":
@@ -254,9 +254,27 @@ def budget_spec(recipe: Any, targets: Any | None = None, share: float = 1.0) -> 
         raise BudgetError(
             "targets.attention: 'v_channel' is not supported by the runtime yet; use q_head or kv_group"
         )
-    fraction = b.params * share if isinstance(b.params, float) else None
-    count = int(b.params * share) if isinstance(b.params, int) else None
-    return BudgetSpec(fraction, count, t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
+    if count is not None:
+        return BudgetSpec(None, int(count), t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
+    fraction = b.params if isinstance(b.params, float) else None
+    absolute = int(b.params) if isinstance(b.params, int) else None
+    return BudgetSpec(fraction, absolute, t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
+
+
+def stage_counts(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> list[int]:
+    """Parameters each stage removes: its share of the whole budget, measured on the dense model."""
+    b = recipe.budget
+    if b.kind != "params":
+        raise BudgetError(f"budget.{b.kind}: only budget.params is supported so far")
+    total = target_params(
+        model,
+        adapter,
+        BudgetSpec(
+            b.params if isinstance(b.params, float) else None, b.params if isinstance(b.params, int) else None
+        ),
+    )
+    shares = [p.share for p in recipe.passes] if recipe.passes else [1.0]
+    return [int(round(total * s)) for s in shares]
 
 
 def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, layers: list[int]) -> None:
@@ -273,32 +291,3 @@ def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, laye
                 f"targets.attention: 'q_head' needs grouped-query attention, but layer {i} has one query head per "
                 "KV head; use 'kv_group'"
             )
-
-
-def compile_plan(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> Plan:
-    """Recipe + model -> plan (kept units per layer and kind), without calibrating."""
-    spec = budget_spec(recipe)
-    layers = eligible_layers(recipe.targets, adapter.num_layers, adapter.layers_path)
-    check_shapes(model, adapter, spec, layers)
-    fixed: dict[int, float] = {}
-    method = recipe.allocation.method
-    if method == "table":
-        fixed = {
-            i: f
-            for i, f in table_fractions(recipe.allocation.table, adapter.num_layers).items()
-            if i in layers
-        }
-    elif method not in ("uniform",):
-        raise BudgetError(
-            f"allocation.method: {method!r} is compiled by its own command (search) or not yet supported"
-        )
-    return allocate(
-        model,
-        adapter,
-        spec,
-        layers,
-        fixed,
-        recipe.importance.metric,
-        recipe.restore.method,
-        recipe.restore.damping,
-    )

@@ -44,6 +44,8 @@ class PruneResult:
     keep: dict[int, LayerKeep]
     logs: list[LayerLog]
     phases: dict[str, float]
+    plan: Plan | None = None
+    extra: dict = field(default_factory=dict)
 
 
 def select_layer(
@@ -170,4 +172,4 @@ def prune_sequential(
         if on_layer is not None:
             on_layer(log)
     phases["total"] = time.perf_counter() - t0
-    return PruneResult(keep, logs, phases)
+    return PruneResult(keep, logs, phases, plan)

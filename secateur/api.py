@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import yaml
 
-from secateur.lock import LOCK_NAME, LockError, build_lock, kept_from_lock, model_fingerprint, read_lock
-from secateur.recipe.compile import compile_plan
+from secateur.lock import LOCK_NAME, LockError, build_lock, model_fingerprint, read_lock
+from secateur.recipe.compile import budget_spec, check_shapes, eligible_layers, stage_counts
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
@@ -22,13 +22,14 @@ from secateur.runtime.data import (
     eval_windows,
     load_text,
     resolve_text_source,
+    split_tokens,
     tokenize_text,
 )
 from secateur.runtime.evaluate import perplexity
 from secateur.runtime.io import OutputExistsError, all_layer_shapes, atomic_dir, write_model
 from secateur.runtime.loader import LoadedModel, load_model
-from secateur.runtime.plan import Plan
-from secateur.runtime.sequential import PruneResult, prune_sequential
+from secateur.runtime.methods import StageContext, get_method
+from secateur.runtime.sequential import PruneResult
 from secateur.runtime.speed import (
     decoder_linear_params,
     flops_per_token,
@@ -45,7 +46,7 @@ class PruneOutcome:
     output: Path
     report: dict[str, Any]
     lock: dict[str, Any]
-    result: PruneResult
+    results: list[PruneResult]
     reproduced: bool | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -127,15 +128,21 @@ def prune(
             f"{lock_path}: the lock was made from another model (fingerprint {lock_data['fingerprints']['model'][:12]}"
             f"..., this model {dense_fp[:12]}...); refusing to apply it"
         )
-    plan = (
-        Plan.from_dict(lock_data["plan"])
-        if lock_data is not None
-        else compile_plan(recipe, lm.model, lm.adapter)
-    )
+    stages = recipe.stages()
+    counts = stage_counts(recipe, lm.model, lm.adapter)
+    stage_layers = [
+        eligible_layers(st.targets, lm.adapter.num_layers, lm.adapter.layers_path) for st in stages
+    ]
+    for st, count, layers in zip(stages, counts, stage_layers):
+        if st.method == "fasp":
+            check_shapes(lm.model, lm.adapter, budget_spec(recipe, st.targets, count=count), layers)
+        get_method(st.method)
     cal = recipe.calibration
     cal_tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, _data_root(recipe), base_dir))
-    calib = calibration_windows(cal_tokens, cal.n_samples, cal.seqlen, cal.seed)
-    calib_fp = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+    stats_tokens, heldout_tokens = split_tokens(cal_tokens, 0.9)
+    calib = calibration_windows(stats_tokens, cal.n_samples, cal.seqlen, cal.seed)
+    heldout = eval_windows(heldout_tokens, min(cal.seqlen, 256), 16)
+    calib_fp = hashlib.sha256(calib.numpy().tobytes() + heldout.numpy().tobytes()).hexdigest()
     if lock_data is not None and lock_data["fingerprints"]["calibration"] != calib_fp:
         raise LockError(
             f"{lock_path}: calibration data differs from the locked run (different file or tokenizer)"
@@ -150,18 +157,18 @@ def prune(
         log(f"dense perplexity {k}: {v:.3f}")
     dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
 
-    log(
-        f"pruning {recipe.name or recipe_path}: {len(plan.layers)} layers, metric {plan.metric}, "
-        f"restore {plan.restore}, calibration {cal.n_samples} x {cal.seqlen} tokens"
-    )
-    result = prune_sequential(lm.model, lm.adapter, calib, plan, progress=progress)
+    results = []
+    for si, (st, count, layers) in enumerate(zip(stages, counts, stage_layers)):
+        log(
+            f"stage {si + 1}/{len(stages)}: {st.method} removes {count:,} parameters in {len(layers)} layers "
+            f"(metric {st.importance.metric}, restore {st.restore.method}, calibration {cal.n_samples} x {cal.seqlen})"
+        )
+        ctx = StageContext(lm.model, lm.adapter, calib, heldout, st, recipe, count, layers, progress, log)
+        results.append(get_method(st.method)(ctx))
+    kept = [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]
+    if lock_data is not None and kept != lock_data["kept"]:
+        raise LockError(f"{lock_path}: the kept units differ from the lock (different numerics or versions)")
     reproduced = None
-    if lock_data is not None:
-        expected = kept_from_lock(lock_data)
-        if {i: k.to_dict() for i, k in expected.items()} != {i: k.to_dict() for i, k in result.keep.items()}:
-            raise LockError(
-                f"{lock_path}: the kept units differ from the lock (different numerics or versions)"
-            )
     pruned_fp = model_fingerprint(lm.model)
     if lock_data is not None:
         reproduced = pruned_fp == lock_data["fingerprints"]["pruned_model"]
@@ -171,8 +178,12 @@ def prune(
         "size": {"dense": dense_size, "pruned": size_of(lm)},
         "layers": all_layer_shapes(lm.model, lm.adapter),
         "dense_layer": dense_layer,
-        "phases": {"load": t_load, **result.phases},
-        "layer_log": [vars(x) for x in result.logs],
+        "phases": {"load": t_load, **merge_phases(results)},
+        "layer_log": [vars(x) for r in results for x in r.logs],
+        "stages": [
+            {"method": st.method, "params_to_remove": c, **r.extra}
+            for st, c, r in zip(stages, counts, results)
+        ],
         "lock_fingerprint": pruned_fp,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
@@ -202,8 +213,8 @@ def prune(
 
     lock = build_lock(
         resolved_dict(recipe),
-        plan.to_dict(),
-        result.keep,
+        [r.plan.to_dict() if r.plan else dict(r.extra) for r in results],
+        kept,
         model_fp=dense_fp,
         calib_fp=calib_fp,
         device=str(lm.device),
@@ -218,4 +229,13 @@ def prune(
         from secateur.runtime.report import write_report
 
         write_report(tmp, report)
-    return PruneOutcome(out, report, lock, result, reproduced)
+    return PruneOutcome(out, report, lock, results, reproduced)
+
+
+def merge_phases(results: list[PruneResult]) -> dict[str, float]:
+    """Seconds per phase, summed over stages."""
+    out: dict[str, float] = {}
+    for r in results:
+        for k, v in r.phases.items():
+            out[k] = out.get(k, 0.0) + v
+    return out

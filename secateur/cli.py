@@ -127,7 +127,12 @@ def _recipe(args: argparse.Namespace) -> int:
 
     ex = explain(recipe, args.model)
     if args.json:
-        print(yaml.safe_dump({"plan": ex.plan.to_dict(), "totals": ex.totals}, sort_keys=False))
+        print(
+            yaml.safe_dump(
+                {"plans": [pl.to_dict() for pl in ex.plans], "stages": ex.stages, "totals": ex.totals},
+                sort_keys=False,
+            )
+        )
     else:
         print(format_explanation(ex))
     return 0

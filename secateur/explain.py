@@ -16,7 +16,6 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.graph.groups import layer_shapes
-from secateur.recipe.compile import compile_plan
 from secateur.recipe.schema import Recipe
 from secateur.runtime.loader import load_config, resolve_source
 from secateur.runtime.plan import LayerPlan, Plan
@@ -68,19 +67,53 @@ def apply_plan_shapes(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> No
 class Explanation:
     """The plan with per-layer widths and before/after totals."""
 
-    plan: Plan
+    plans: list[Plan]
     rows: list[dict[str, Any]]
     totals: dict[str, dict[str, int]]
+    stages: list[dict[str, Any]]
 
 
 def explain(
     recipe: Recipe, model_ref: str | None = None, base_dir: str | Path | None = None, context: int = 512
 ) -> Explanation:
-    """Compile `recipe` against a model's shapes and describe the result."""
+    """Compile every stage of `recipe` against a model's shapes and describe the result.
+
+    FASP stages are compiled exactly; stages whose choices depend on calibration data
+    (sublayer removal, global rankings) are listed with their parameter budget only.
+    """
+    from secateur.recipe.compile import (
+        allocate,
+        budget_spec,
+        check_shapes,
+        eligible_layers,
+        stage_counts,
+        table_fractions,
+    )
+
     model, adapter = load_skeleton(model_ref or recipe.model.id, base_dir)
-    plan = compile_plan(recipe, model, adapter)
     pruned = copy.deepcopy(model)
-    apply_plan_shapes(pruned, adapter, plan)
+    plans: list[Plan] = []
+    stages: list[dict[str, Any]] = []
+    for st, count in zip(recipe.stages(), stage_counts(recipe, model, adapter)):
+        layers = eligible_layers(st.targets, adapter.num_layers, adapter.layers_path)
+        stages.append({"method": st.method, "params_to_remove": count, "layers": len(layers)})
+        if st.method != "fasp":
+            stages[-1]["note"] = "units chosen from calibration data at prune time"
+            continue
+        spec = budget_spec(recipe, st.targets, count=count)
+        check_shapes(pruned, adapter, spec, layers)
+        fixed = {}
+        if recipe.allocation.method == "table":
+            fixed = {
+                i: f
+                for i, f in table_fractions(recipe.allocation.table, adapter.num_layers).items()
+                if i in layers
+            }
+        plan = allocate(
+            pruned, adapter, spec, layers, fixed, st.importance.metric, st.restore.method, st.restore.damping
+        )
+        apply_plan_shapes(pruned, adapter, plan)
+        plans.append(plan)
     rows = []
     for i in range(adapter.num_layers):
         a, b = layer_shapes(model, adapter, i), layer_shapes(pruned, adapter, i)
@@ -93,7 +126,7 @@ def explain(
             "flops_per_token": flops_per_token(m, adapter, context),
         }
 
-    return Explanation(plan, rows, {"dense": totals(model), "pruned": totals(pruned)})
+    return Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages)
 
 
 def format_explanation(ex: Explanation) -> str:
@@ -108,6 +141,9 @@ def format_explanation(ex: Explanation) -> str:
         )
     d, p = ex.totals["dense"], ex.totals["pruned"]
     lines.append("")
+    for n, st in enumerate(ex.stages, 1):
+        note = f" ({st['note']})" if "note" in st else ""
+        lines.append(f"stage {n}: {st['method']} removes {st['params_to_remove']:,} parameters{note}")
     for k in ("params", "decoder_linear_params", "flops_per_token"):
         lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
     return "\n".join(lines)

@@ -12,8 +12,6 @@ import torch
 import yaml
 from torch import nn
 
-from secateur.runtime.surgery import LayerKeep
-
 LOCK_NAME = "recipe.lock.yaml"
 LOCK_VERSION = 1
 
@@ -57,8 +55,8 @@ def versions() -> dict[str, str]:
 
 def build_lock(
     recipe: dict[str, Any],
-    plan: dict[str, Any],
-    keep: dict[int, LayerKeep],
+    plans: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
     *,
     model_fp: str,
     calib_fp: str,
@@ -70,8 +68,8 @@ def build_lock(
     return {
         "lock_version": LOCK_VERSION,
         "recipe": recipe,
-        "plan": plan,
-        "kept": {str(i): lk.to_dict() for i, lk in sorted(keep.items())},
+        "plans": plans,
+        "kept": kept,
         "fingerprints": {"model": model_fp, "calibration": calib_fp, "pruned_model": result_fp},
         "seeds": {"calibration": recipe.get("calibration", {}).get("seed")},
         "device": device,
@@ -92,8 +90,3 @@ def read_lock(path: str | Path) -> dict[str, Any]:
         if key not in data:
             raise LockError(f"{p}: missing key {key!r}")
     return data
-
-
-def kept_from_lock(data: dict[str, Any]) -> dict[int, LayerKeep]:
-    """The recorded keep-sets, as the runtime takes them."""
-    return {int(i): LayerKeep(**v) for i, v in data["kept"].items()}
