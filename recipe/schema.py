@@ -25,7 +25,7 @@ AttentionUnit = Literal["none", "kv_group", "q_head", "v_channel"]
 Metric = Literal[
     "fasp", "magnitude", "wanda", "fluctuation", "activation_norm", "angular", "bonsai", "ppl_delta"
 ]
-AllocationMethod = Literal["uniform", "table", "proportional", "search"]
+AllocationMethod = Literal["uniform", "table", "proportional", "global", "search"]
 RestoreMethod = Literal["least_squares", "bias_compensation", "none"]
 PassMethod = Literal["fasp", "blockpruner", "sprint", "cfsp", "bonsai", "flap"]
 Method = Literal["fasp", "blockpruner", "sprint", "multipruner", "cfsp", "bonsai", "flap"]

@@ -1,0 +1,169 @@
+"""What a search leaves behind: PNG plots and the winner as a plain recipe.
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot state, no display needed).
+The winner recipe pins every searched layer with `allocation: {method: table}`, so it
+compiles without Optuna; the exact plan (attention counts included) goes to best_plan.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from secateur.runtime.plan import Plan
+from secateur.search.space import Fractions, SearchSpace, project_to_budget, uniform_fractions
+from secateur.search.study import SearchResult
+
+
+def _figure(width: float = 8.0, height: float = 4.0, rows: int = 1) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_allocation(best: Fractions, uniform: Fractions, space: SearchSpace, path: str | Path) -> Path:
+    """Per-layer keep fraction of the best trial next to uniform, one panel per structure."""
+    kinds = [k for k in ("mlp", "attn") if any(s.kind == k for s in space.slots)]
+    fig = _figure(rows=len(kinds))
+    width = 0.4
+    for row, kind in enumerate(kinds, 1):
+        ax = fig.add_subplot(len(kinds), 1, row)
+        slots = [s for s in space.slots if s.kind == kind]
+        xs = [s.layer for s in slots]
+        ax.bar(
+            [x - width / 2 for x in xs], [uniform[s.name] for s in slots], width, label="uniform", color="0.7"
+        )
+        ax.bar([x + width / 2 for x in xs], [best[s.name] for s in slots], width, label="best", color="C0")
+        ax.set_ylabel(f"{'MLP' if kind == 'mlp' else 'attention'} keep")
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(xs)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.axes[-1].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_history(study: optuna.Study, path: str | Path) -> Path:
+    """Proxy value of every finished trial (pruned ones at their last report) and the best so far."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    pruned = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.PRUNED and t.last_step is not None
+    ]
+    ax.scatter([t.number for t in done], [t.value for t in done], s=14, color="C0", label="complete")
+    if pruned:
+        ax.scatter(
+            [t.number for t in pruned],
+            [t.intermediate_values[t.last_step] for t in pruned],
+            s=14,
+            marker="x",
+            color="C3",
+            label="pruned (partial)",
+        )
+    best, xs, ys = float("inf"), [], []
+    for t in sorted(done, key=lambda t: t.number):
+        best = min(best, t.value)
+        xs.append(t.number)
+        ys.append(best)
+    ax.step(xs, ys, where="post", color="k", label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel("proxy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_pareto(study: optuna.Study, path: str | Path) -> Path | None:
+    """Pareto front of a two-objective study (quality vs latency); None for a single objective."""
+    if len(study.directions) != 2:
+        return None
+    fig = _figure(6, 5)
+    ax = fig.add_subplot(1, 1, 1)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {t.number for t in study.best_trials}
+    ax.scatter([t.values[0] for t in done], [t.values[1] for t in done], s=12, color="0.6", label="trials")
+    pts = sorted((t.values[0], t.values[1]) for t in done if t.number in front)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", label="Pareto front")
+    ax.set_xlabel("objective 0")
+    ax.set_ylabel("objective 1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def write_plots(result: SearchResult, out_dir: str | Path) -> list[Path]:
+    """allocation.png, history.png and (two objectives only) pareto.png under `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    space = result.space
+    uniform = result.uniform_plan or project_to_budget(uniform_fractions(space), space)
+    paths = [
+        plot_allocation(
+            space.fractions_of(result.best_plan), space.fractions_of(uniform), space, out / "allocation.png"
+        ),
+        plot_history(result.study, out / "history.png"),
+    ]
+    pareto = plot_pareto(result.study, out / "pareto.png")
+    return paths + ([pareto] if pareto is not None else [])
+
+
+def winner_table(plan: Plan, space: SearchSpace) -> dict[str, float]:
+    """Per-layer keep fraction for `allocation.table`: the MLP one when MLP is searched, else attention."""
+    fractions = space.fractions_of(plan)
+    lo, hi = space.spec.min_keep, space.spec.max_keep
+    table: dict[str, float] = {}
+    for i in space.layers:
+        name = f"mlp_{i}" if f"mlp_{i}" in fractions else f"attn_{i}"
+        if name in fractions:
+            table[str(i)] = min(max(round(fractions[name], 6), lo), hi)
+    return table
+
+
+def write_winner_recipe(
+    recipe_dict: dict[str, Any],
+    plan: Plan,
+    path: str | Path,
+    space: SearchSpace,
+    note: str = "",
+) -> Path:
+    """Write the recipe with `allocation: {method: table, table: ...}` and best_plan.json next to it.
+
+    The table has one keep fraction per searched layer. When attention is searched too, the
+    compiler applies that fraction to every structure of the layer, so the exact counts live
+    in best_plan.json (Plan.to_dict()).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recipe = copy.deepcopy(recipe_dict)
+    recipe.pop("extends", None)
+    recipe["allocation"] = {"method": "table", "table": winner_table(plan, space)}
+    plan_path = path.parent / "best_plan.json"
+    plan_path.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    header = ["# Allocation found by `secateur search`; a plain recipe, compiled without Optuna."]
+    if note:
+        header.append(f"# {note}")
+    if any(s.kind == "attn" for s in space.slots):
+        header.append(
+            "# Attention was searched too: the table holds MLP keep fractions; exact counts: best_plan.json"
+        )
+    body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    path.write_text("\n".join(header) + "\n" + body)
+    return path

@@ -1,0 +1,504 @@
+"""The Optuna study: storage, resume, seeding with baseline allocations, workers, results.
+
+Storage is a SQLite file by default (`<output>/search.db`) or any Optuna RDB URL. Re-running
+the same command resumes: finished trials (complete or pruned) are kept and only the missing
+ones run. Trials left RUNNING by a killed process are marked FAIL first: at once when they
+belong to a dead process on this host (each trial records host:pid), otherwise by Optuna's
+heartbeat once they go stale (other machines sharing a PostgreSQL study). A study records a
+fingerprint of its search space, model and data, and a different one is refused, never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.recipe.compile import BudgetError, BudgetSpec, uniform_plan
+from secateur.recipe.schema import SearchOptions
+from secateur.runtime.plan import Plan
+from secateur.search.cache import SearchCache
+from secateur.search.objective import Objective
+from secateur.search.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start or continue (storage, mismatched study, no result)."""
+
+
+class SearchStorageError(SearchError):
+    """The storage URL cannot be opened."""
+
+
+class StudyMismatchError(SearchError):
+    """The stored study was created for another search space, model or data."""
+
+
+@dataclass
+class SearchResult:
+    """The winning plan and value, one row per trial, and the live study."""
+
+    best_plan: Plan
+    best_value: float
+    best_trial: int
+    trials_table: list[dict[str, Any]]
+    study: optuna.Study
+    space: SearchSpace
+    uniform_value: float | None = None
+    uniform_plan: Plan | None = None
+    storage: str | None = None
+
+
+@dataclass
+class _Setup:
+    """Everything a worker process needs to rebuild the objective (picklable)."""
+
+    model_factory: Callable[[], nn.Module] | None
+    calib_ids: torch.Tensor
+    heldout_ids: torch.Tensor
+    spec: BudgetSpec
+    layers: list[int]
+    options: SearchOptions
+    url: str | None
+    study_name: str
+    metric: str
+    restore: str
+    damping: float
+    batch_size: int
+    cache_kwargs: dict[str, Any] = field(default_factory=dict)
+    heartbeat: tuple[int, int] = (60, 180)
+    threads: int = 1
+
+
+# ---- storage and study -------------------------------------------------------------------------
+
+
+def resolve_storage(storage: str | None, output_dir: str | os.PathLike[str] | None) -> str | None:
+    """A storage URL: the given URL, a plain path as a SQLite file, else `<output>/search.db`
+    (absolute). None (in memory, not resumable) when neither is given."""
+    if storage is None:
+        if output_dir is None:
+            return None
+        out = Path(output_dir).expanduser().resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{out / 'search.db'}"
+    if "://" in storage:
+        return storage
+    return f"sqlite:///{Path(storage).expanduser().resolve()}"
+
+
+def open_storage(
+    url: str, heartbeat_interval: int = 60, grace_period: int = 180
+) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; SQLite waits on locks (several local workers)."""
+    engine: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:" and not Path(path).parent.is_dir():
+            raise SearchStorageError(
+                f"cannot open search storage {url!r}: folder {Path(path).parent} does not exist"
+            )
+        engine = {"connect_args": {"timeout": 60}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+            )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SearchStorageError(f"cannot open search storage {url!r}: {first}") from e
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def space_fingerprint(
+    space: SearchSpace,
+    model_fingerprint: str,
+    objective: str,
+    calib_ids: torch.Tensor,
+    heldout_ids: torch.Tensor,
+) -> dict[str, Any]:
+    """What must match for trials to be comparable: space, model, proxy and data."""
+    fp = space.fingerprint()
+    fp.update(
+        model=model_fingerprint,
+        objective=objective,
+        calibration=[list(calib_ids.shape), _digest(calib_ids)],
+        heldout=[list(heldout_ids.shape), _digest(heldout_ids)],
+    )
+    return json.loads(json.dumps(fp))  # canonical JSON types, as storage returns them
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the host:pid that ran a trial is alive; None when it ran on another host."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail(storage: optuna.storages.BaseStorage, t: FrozenTrial, reason: str) -> bool:
+    storage.set_trial_user_attr(t._trial_id, "failed_because", reason)
+    return storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def fail_orphans(
+    study: optuna.Study, storage: optuna.storages.BaseStorage | None, claim_wait: float = 5.0
+) -> list[int]:
+    """Mark FAIL the RUNNING trials no live process will finish.
+
+    A trial records its owner (host:pid) a few milliseconds after it is created: owned by a dead
+    local process -> FAIL now; never claimed within `claim_wait` seconds -> FAIL (its process
+    died in between); owned by another host -> FAIL once its heartbeat is stale.
+    """
+    failed: list[int] = []
+    if storage is None:  # in memory: no other process can have left trials behind
+        return failed
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in running:
+        owner = t.user_attrs.get("owner")
+        if owner is not None and owner_alive(owner) is False and _fail(storage, t, "its process died"):
+            failed.append(t.number)
+    untagged = [t for t in running if "owner" not in t.user_attrs]
+    deadline = time.monotonic() + claim_wait
+    while untagged and time.monotonic() < deadline:
+        time.sleep(0.1)
+        fresh = (storage.get_trial(t._trial_id) for t in untagged)
+        untagged = [t for t in fresh if t.state == TrialState.RUNNING and "owner" not in t.user_attrs]
+    for t in untagged:
+        if _fail(storage, t, "no process claimed it"):
+            failed.append(t.number)
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval():
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        failed += sorted(after - before)
+    return failed
+
+
+def make_sampler(options: SearchOptions, rank: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded sampler; each worker gets its own seed so workers do not propose the same trials."""
+    seed = options.seed + 1000 * rank
+    if options.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
+def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(n_startup_trials=5) if options.pruner else optuna.pruners.NopPruner()
+
+
+def open_study(
+    url: str | None,
+    study_name: str,
+    fingerprint: dict[str, Any],
+    options: SearchOptions,
+    rank: int = 0,
+    heartbeat: tuple[int, int] = (60, 180),
+) -> optuna.Study:
+    """Create or load the study; refuse one made for another space; fail orphaned trials."""
+    storage = open_storage(url, *heartbeat) if url is not None else None
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            direction="minimize",
+            sampler=make_sampler(options, rank),
+            pruner=make_pruner(options),
+            load_if_exists=True,
+        )
+    except SearchError:
+        raise
+    except Exception as e:  # e.g. an existing multi-objective study of the same name
+        raise SearchError(f"cannot open study {study_name!r} in {url}: {e}") from e
+    stored = study.user_attrs.get("space")
+    if stored is None:
+        if study.get_trials(deepcopy=False):
+            raise StudyMismatchError(
+                f"study {study_name!r} in {url} has trials but no Secateur search-space record; "
+                "use another study name or storage"
+            )
+        study.set_user_attr("space", fingerprint)
+    elif stored != fingerprint:
+        raise StudyMismatchError(
+            f"study {study_name!r} in {url} was created with another recipe, model or data "
+            f"(differs in: {', '.join(_diff(stored, fingerprint))}); use another study name or storage, "
+            "or delete the study to start over"
+        )
+    fail_orphans(study, storage)
+    return study
+
+
+def _seed(study: optuna.Study, space: SearchSpace, cache: SearchCache) -> None:
+    """Enqueue the uniform and the CFSP (angular) allocations unless they already ran or wait."""
+    live = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
+    present = {t.user_attrs.get("init") for t in study.get_trials(deepcopy=False) if t.state in live}
+    seeds = {"uniform": uniform_fractions(space), "angular": angular_fractions(space, cache.angular)}
+    for name, fractions in seeds.items():
+        if name not in present:
+            study.enqueue_trial(fractions, user_attrs={"init": name})
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def _emitter(progress: bool | Callable[[str], None]) -> Callable[[str], None] | None:
+    if callable(progress):
+        return progress
+    if progress:
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    return None
+
+
+def _progress_callback(kind: str, emit: Callable[[str], None], prefix: str = "") -> Callable:
+    t0 = time.perf_counter()
+
+    def cb(study: optuna.Study, t: FrozenTrial) -> None:
+        if t.state == TrialState.COMPLETE:
+            shown = f"{kind}={t.value:.6g}"
+        elif t.state == TrialState.PRUNED:
+            last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
+            shown = f"pruned at {kind}={last:.6g} ({t.last_step} windows)" if last is not None else "pruned"
+        else:
+            shown = t.state.name.lower()
+        try:
+            best = study.best_trial
+            best_s = f"best={best.value:.6g} (#{best.number})"
+        except ValueError:
+            best_s = "best=-"
+        dur = t.duration.total_seconds() if t.duration is not None else float("nan")
+        init = f" [{t.user_attrs['init']}]" if "init" in t.user_attrs else ""
+        emit(
+            f"{prefix}trial {t.number:>4}{init}  {shown}  {best_s}  "
+            f"{dur:.1f} s  ({time.perf_counter() - t0:.0f} s elapsed)"
+        )
+
+    return cb
+
+
+def _optimize(
+    study: optuna.Study,
+    objective: Objective,
+    n: int,
+    total: int,
+    emit: Callable[[str], None] | None,
+    prefix: str = "",
+) -> None:
+    callbacks: list[Callable] = [optuna.study.MaxTrialsCallback(total, states=FINISHED)]
+    if emit is not None:
+        callbacks.append(_progress_callback(objective.kind, emit, prefix))
+    study.optimize(objective, n_trials=n, callbacks=callbacks, gc_after_trial=False)
+
+
+def _build(
+    setup: _Setup, model: nn.Module, adapter: ModelAdapter
+) -> tuple[SearchSpace, SearchCache, Objective]:
+    space = SearchSpace.build(
+        model, adapter, setup.spec, setup.layers, setup.metric, setup.restore, setup.damping
+    )
+    project_to_budget(uniform_fractions(space), space)  # an infeasible budget fails here, once
+    try:  # the uniform seed is exactly what the compiler would do without a search
+        uniform = uniform_plan(
+            model, adapter, setup.spec, setup.layers, setup.metric, setup.restore, setup.damping
+        )
+    except BudgetError:
+        uniform = project_to_budget(uniform_fractions(space), space)
+    cache = SearchCache.build(
+        model,
+        adapter,
+        setup.calib_ids,
+        setup.heldout_ids,
+        setup.layers,
+        mlp=setup.spec.mlp,
+        attention=setup.spec.attention != "none",
+        metric=setup.metric,
+        batch_size=setup.batch_size,
+        **setup.cache_kwargs,
+    )
+    n_windows = setup.heldout_ids.shape[0]
+    first = max(1, n_windows // 4) if setup.options.pruner and n_windows > 1 else None
+    objective = Objective(
+        model, adapter, cache, space, setup.options.objective, first, setup.batch_size, {"uniform": uniform}
+    )
+    return space, cache, objective
+
+
+def _worker(
+    setup: _Setup, rank: int, n: int, total: int, fingerprint: dict[str, Any], progress: bool
+) -> None:
+    """A spawned worker: load its own model, rebuild the cache, run its share of trials."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(setup.threads)
+    assert setup.model_factory is not None
+    model = setup.model_factory()
+    adapter = adapter_for(model.config)
+    _, _, objective = _build(setup, model, adapter)
+    study = open_study(setup.url, setup.study_name, fingerprint, setup.options, rank, setup.heartbeat)
+    _optimize(study, objective, n, total, _emitter(progress), prefix=f"[worker {rank}] ")
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value, seed tag, seconds, parameters removed, fractions."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "init": t.user_attrs.get("init"),
+                "seconds": t.duration.total_seconds() if t.duration is not None else None,
+                "removed": t.user_attrs.get("removed"),
+                **{k: round(float(v), 4) for k, v in t.params.items()},
+            }
+        )
+    return rows
+
+
+def run_search(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    calib_ids: torch.Tensor,
+    heldout_ids: torch.Tensor,
+    spec: BudgetSpec,
+    layers: list[int],
+    options: SearchOptions | None = None,
+    *,
+    storage: str | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    study_name: str = "secateur",
+    n_trials: int | None = None,
+    model_fingerprint: str = "",
+    metric: str = "fasp",
+    restore: str = "least_squares",
+    damping: float = 0.01,
+    batch_size: int = 4,
+    workers: int = 1,
+    model_factory: Callable[[], nn.Module] | None = None,
+    progress: bool | Callable[[str], None] = True,
+    cache_kwargs: dict[str, Any] | None = None,
+    heartbeat: tuple[int, int] = (60, 180),
+) -> SearchResult:
+    """Search per-layer keep fractions for `spec` on `model` (left dense) and return the best plan.
+
+    `storage` (else options.storage) is an Optuna RDB URL or a SQLite path; by default
+    `<output_dir>/search.db`. `n_trials` (else options.trials) counts finished trials in the
+    study, so re-running resumes. `workers` > 1 spawns processes that each build their own
+    model with `model_factory` (a picklable top-level callable) and share the storage.
+    """
+    options = options or SearchOptions()
+    total = int(n_trials if n_trials is not None else options.trials)
+    url = resolve_storage(storage if storage is not None else options.storage, output_dir)
+    if workers > 1 and (url is None or model_factory is None):
+        raise SearchError("workers > 1 needs a storage (SQLite file or RDB URL) and a model_factory")
+    setup = _Setup(
+        model_factory,
+        calib_ids.cpu(),
+        heldout_ids.cpu(),
+        spec,
+        list(layers),
+        options,
+        url,
+        study_name,
+        metric,
+        restore,
+        damping,
+        batch_size,
+        dict(cache_kwargs or {}),
+        heartbeat,
+        max(1, torch.get_num_threads() // max(workers, 1)),  # local workers share the cores
+    )
+    verbosity, threads = optuna.logging.get_verbosity(), torch.get_num_threads()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if workers > 1:
+        torch.set_num_threads(setup.threads)
+    try:
+        space = SearchSpace.build(model, adapter, spec, setup.layers, metric, restore, damping)
+        fp = space_fingerprint(space, model_fingerprint, options.objective, calib_ids, heldout_ids)
+        study = open_study(url, study_name, fp, options, 0, heartbeat)
+        remaining = total - finished_count(study)
+        emit = _emitter(progress)
+        if remaining > 0:
+            space, cache, objective = _build(setup, model, adapter)
+            _seed(study, space, cache)
+            shares = [remaining // workers + (r < remaining % workers) for r in range(workers)]
+            procs = []
+            ctx = mp.get_context("spawn")
+            for rank in range(1, workers):
+                if shares[rank]:
+                    p = ctx.Process(
+                        target=_worker,
+                        args=(setup, rank, shares[rank], total, fp, bool(progress)),
+                        daemon=True,
+                    )
+                    p.start()
+                    procs.append(p)
+            try:
+                _optimize(study, objective, shares[0], total, emit)
+            finally:
+                for p in procs:
+                    p.join()
+            bad = [p.exitcode for p in procs if p.exitcode != 0]
+            if bad:
+                raise SearchError(f"{len(bad)} search worker(s) failed (exit codes {bad})")
+        elif emit is not None:
+            emit(f"study {study_name!r} already has {total - remaining} finished trials; nothing to run")
+        return _result(study, space, url)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        torch.set_num_threads(threads)
+
+
+def _result(study: optuna.Study, space: SearchSpace, url: str | None) -> SearchResult:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        raise SearchError(f"study {study.study_name!r} has no complete trial (all pruned or failed)")
+    best = min(done, key=lambda t: (t.value, t.number))
+    uniform = [t for t in done if t.user_attrs.get("init") == "uniform"]
+    return SearchResult(
+        best_plan=Plan.from_dict(best.user_attrs["plan"]),
+        best_value=float(best.value),
+        best_trial=best.number,
+        trials_table=trials_table(study),
+        study=study,
+        space=space,
+        uniform_value=float(uniform[0].value) if uniform else None,
+        uniform_plan=Plan.from_dict(uniform[0].user_attrs["plan"]) if uniform else None,
+        storage=url,
+    )
