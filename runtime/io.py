@@ -58,8 +58,10 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
     cfg.pop("quantization_config", None)
     shapes = all_layer_shapes(model, adapter)
     keys = adapter.hf_shape_keys()
-    plain = _is_uniform(shapes) and (
-        adapter.can_save_plain_hf() or shapes[0]["num_heads"] == adapter.num_heads
+    plain = (
+        not added_biases(model)
+        and _is_uniform(shapes)
+        and (adapter.can_save_plain_hf() or shapes[0]["num_heads"] == adapter.num_heads)
     )
     if "head_dim" in cfg or adapter.kv_heads_key is not None:
         cfg["head_dim"] = adapter.head_dim
@@ -130,6 +132,7 @@ def write_model(model: nn.Module, adapter: ModelAdapter, folder: Path, tokenizer
         "model_type": adapter.config.model_type,
         "plain_hf_loadable": plain,
         "per_layer_config": per_layer,
+        "added_biases": added_biases(model),
         "layers": all_layer_shapes(model, adapter),
     }
     (folder / "secateur.json").write_text(json.dumps(meta, indent=2))
@@ -154,6 +157,11 @@ def save_pruned(
     return Path(out_dir)
 
 
+def added_biases(model: nn.Module) -> list[str]:
+    """Linear layers that received a bias from pruning (FLAP's bias compensation)."""
+    return sorted(n for n, m in model.named_modules() if getattr(m, "secateur_added_bias", False))
+
+
 def _keep_for(shape: dict[str, Any], dense: dict[str, Any]) -> LayerKeep:
     """Keep-set that cuts a dense layer down to `shape` (first units of each kind)."""
     lk = LayerKeep(drop_attn=bool(shape["skip_attention"]), drop_mlp=bool(shape["skip_mlp"]))
@@ -168,7 +176,7 @@ def _keep_for(shape: dict[str, Any], dense: dict[str, Any]) -> LayerKeep:
     return lk
 
 
-def build_skeleton(config: Any, shapes: list[dict[str, Any]]) -> nn.Module:
+def build_skeleton(config: Any, shapes: list[dict[str, Any]], biases: list[str] = ()) -> nn.Module:
     """An empty (meta-weight) model with every layer cut to its recorded shape."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -188,6 +196,10 @@ def build_skeleton(config: Any, shapes: list[dict[str, Any]]) -> nn.Module:
             drop_attention(model, adapter, i)
         if k.drop_mlp:
             drop_mlp(model, adapter, i)
+    for name in biases:
+        mod = model.get_submodule(name)
+        mod.bias = nn.Parameter(torch.empty(mod.out_features, device="meta"), requires_grad=False)
+        mod.secateur_added_bias = True
     return model
 
 
@@ -206,7 +218,7 @@ def load_pruned(
         raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
     cfg = json.loads((folder / "config.json").read_text())
     config = AutoConfig.for_model(**cfg)
-    model = build_skeleton(config, meta["layers"])
+    model = build_skeleton(config, meta["layers"], meta.get("added_biases", []))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

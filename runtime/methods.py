@@ -43,8 +43,6 @@ _METHODS: dict[str, MethodFn] = {}
 _MODULES = {  # lazily imported so a method's dependencies load only when used
     "blockpruner": "secateur.runtime.sublayer",
     "sprint": "secateur.runtime.sublayer",
-    "cfsp": "secateur.runtime.cfsp",
-    "flap": "secateur.runtime.flap",
     "bonsai": "secateur.runtime.bonsai",
 }
 
@@ -70,32 +68,51 @@ def get_method(name: str) -> MethodFn:
     return _METHODS[name]
 
 
-def plan_for_stage(ctx: StageContext) -> Plan:
-    """The FASP plan of a stage: its allocation (uniform or table) over its budget."""
+def plan_for_stage(ctx: StageContext, allocation: str | None = None) -> Plan:
+    """The plan of a FASP-style stage under its allocation (uniform, table, global, proportional)."""
     from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_fractions
+    from secateur.runtime.allocation import global_plan, proportional_plan
+    from secateur.runtime.dense import dense_statistics
 
     spec = budget_spec(ctx.recipe, ctx.stage.targets, count=ctx.params_to_remove)
     check_shapes(ctx.model, ctx.adapter, spec, ctx.layers)
     alloc = ctx.recipe.allocation
+    method = allocation or alloc.method
+    imp, rest = ctx.stage.importance.metric, ctx.stage.restore
+    if method in ("global", "proportional"):
+        dense = dense_statistics(
+            ctx.model, ctx.adapter, ctx.calib, ctx.layers, spec.mlp, spec.attention != "none"
+        )
+        build = global_plan if method == "global" else proportional_plan
+        return build(ctx.model, ctx.adapter, spec, ctx.layers, dense, imp, rest.method, rest.damping)
     fixed: dict[int, float] = {}
-    if alloc.method == "table":
+    if method == "table":
         fixed = {
             i: f for i, f in table_fractions(alloc.table, ctx.adapter.num_layers).items() if i in ctx.layers
         }
-    return allocate(
-        ctx.model,
-        ctx.adapter,
-        spec,
-        ctx.layers,
-        fixed,
-        ctx.stage.importance.metric,
-        ctx.stage.restore.method,
-        ctx.stage.restore.damping,
-    )
+    elif method != "uniform":
+        raise ValueError(
+            f"allocation.method: {method!r} is produced by `secateur search`, which writes a table"
+        )
+    return allocate(ctx.model, ctx.adapter, spec, ctx.layers, fixed, imp, rest.method, rest.damping)
 
 
 @register_method("fasp")
 def fasp(ctx: StageContext) -> PruneResult:
     """FASP: coupled column/row pruning, Wanda-like column scores, least-squares restoration."""
     plan = plan_for_stage(ctx)
+    return prune_sequential(ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress)
+
+
+@register_method("cfsp")
+def cfsp(ctx: StageContext) -> PruneResult:
+    """CFSP: coarse angular block importance sets each block's share; fine activation scores pick units."""
+    plan = plan_for_stage(ctx, "proportional")
+    return prune_sequential(ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress)
+
+
+@register_method("flap")
+def flap(ctx: StageContext) -> PruneResult:
+    """FLAP: fluctuation metric, global standardised ranking, bias compensation (recipe sets the latter two)."""
+    plan = plan_for_stage(ctx, "global")
     return prune_sequential(ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress)

@@ -53,9 +53,17 @@ def solve_damped(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tens
 
 
 def restore_columns(
-    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float = 0.01, solve: bool = True
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    keep: torch.Tensor,
+    damping: float = 0.01,
+    solve: bool = True,
+    errors: bool = True,
 ) -> Restored:
-    """Restored kept-column weight for a consuming layer; falls back to plain slicing on failure."""
+    """Restored kept-column weight for a consuming layer; falls back to plain slicing on failure.
+
+    `errors=False` skips the two reconstruction-error products (a search trial does not need them).
+    """
     dev = weight.device
     dtype64 = torch.float64 if dev.type == "cpu" else torch.float32
     w = weight.detach().to(dtype64)
@@ -66,7 +74,8 @@ def restore_columns(
     pruned = mask.nonzero().flatten()
     keep = keep.to(dev)
     w_s = w[:, keep]
-    err_pruned = relative_error(w, _embed(w_s, keep, n), g) if torch.isfinite(g).all() else float("nan")
+    finite = bool(torch.isfinite(g).all())
+    err_pruned = relative_error(w, _embed(w_s, keep, n), g) if errors and finite else float("nan")
     if not solve or pruned.numel() == 0:
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
     try:
@@ -78,5 +87,17 @@ def restore_columns(
     if not torch.isfinite(w_new).all():
         warnings.warn("restoration produced non-finite weights; keeping the unrestored slice", stacklevel=2)
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
-    err = relative_error(w, _embed(w_new, keep, n), g)
+    err = relative_error(w, _embed(w_new, keep, n), g) if errors else float("nan")
     return Restored(w_new.to(weight.dtype), err_pruned, err)
+
+
+def compensate_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """FLAP's bias compensation: the pruned inputs' mean contribution W_P E[X_P] moves into the bias."""
+    n = weight.shape[1]
+    mask = torch.ones(n, dtype=torch.bool, device=weight.device)
+    mask[keep.to(weight.device)] = False
+    extra = weight.detach().float()[:, mask] @ mean.to(weight.device).float()[mask]
+    base = bias.detach().float() if bias is not None else torch.zeros_like(extra)
+    return (base + extra).to(weight.dtype)

@@ -20,7 +20,7 @@ from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups, layer_shapes
 from secateur.runtime.capture import capture_inputs, run_layer
 from secateur.runtime.plan import LayerPlan, Plan
-from secateur.runtime.restore import restore_columns
+from secateur.runtime.restore import compensate_bias, restore_columns
 from secateur.runtime.score import unit_scores
 from secateur.runtime.select import kept_columns, top_units
 from secateur.runtime.stats import InputStats, collect_inputs
@@ -84,9 +84,14 @@ def restore_layer(
     lk: LayerKeep,
     stats: dict[str, InputStats],
     damping: float,
-    solve: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
-    """New consumer weights (kept columns only) for layer i, computed before slicing."""
+    method: str = "least_squares",
+    errors: bool = True,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], dict[str, dict[str, float]]]:
+    """New consumer (weight, bias) pairs for layer i, computed before slicing.
+
+    least_squares re-fits the kept columns; bias_compensation (FLAP) folds the pruned inputs'
+    mean contribution into the bias (None: the bias is left as it is).
+    """
     p = adapter.layer_prefix(i)
     sh = layer_shapes(model, adapter, i)
     cols: dict[str, torch.Tensor] = {}
@@ -97,19 +102,36 @@ def restore_layer(
         cols[f"{p}.{adapter.o}"] = kept_columns(
             _kept_heads(lk, int(sh["num_heads"]), r), int(sh["v_head_dim"])
         )
-    weights, errors = {}, {}
+    out, errs = {}, {}
     for name, keep_cols in cols.items():
         if name not in stats:  # activation-free scoring without restoration: plain slicing
             continue
-        res = restore_columns(model.get_submodule(name).weight, stats[name].gram, keep_cols, damping, solve)
-        weights[name] = res.weight
-        errors[name.rsplit(".", 1)[-1]] = {"pruned": res.err_pruned, "restored": res.err_restored}
-    return weights, errors
+        mod = model.get_submodule(name)
+        res = restore_columns(
+            mod.weight, stats[name].gram, keep_cols, damping, method == "least_squares", errors
+        )
+        bias = None
+        if method == "bias_compensation":
+            bias = compensate_bias(mod.weight, mod.bias, stats[name].mean, keep_cols)
+        out[name] = (res.weight, bias)
+        errs[name.rsplit(".", 1)[-1]] = {"pruned": res.err_pruned, "restored": res.err_restored}
+    return out, errs
+
+
+def write_consumers(model: nn.Module, new: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Copy restored weights into the (already sliced) consumers; add a bias where one is new."""
+    for name, (w, b) in new.items():
+        mod = model.get_submodule(name)
+        mod.weight.data.copy_(w)
+        if b is not None:  # a new tensor: the old bias may be shared with a search snapshot
+            if mod.bias is None:
+                mod.secateur_added_bias = True
+            mod.bias = nn.Parameter(b.clone(), requires_grad=False)
 
 
 def needs_statistics(plan: Plan) -> bool:
     """Whether the plan's scoring or restoration reads calibration statistics."""
-    return plan.metric != "magnitude" or plan.restore == "least_squares"
+    return plan.metric != "magnitude" or plan.restore != "none"
 
 
 def prune_sequential(
@@ -153,12 +175,9 @@ def prune_sequential(
             lk = select_layer(model, adapter, i, lp, stats, plan.metric)
             phases["scoring"] += time.perf_counter() - t
             t = time.perf_counter()
-            new_w, errors = restore_layer(
-                model, adapter, i, lk, stats, plan.damping, plan.restore == "least_squares"
-            )
+            new_w, errors = restore_layer(model, adapter, i, lk, stats, plan.damping, plan.restore)
             apply_keep(model, adapter, {i: lk})
-            for name, w in new_w.items():
-                model.get_submodule(name).weight.data.copy_(w)
+            write_consumers(model, new_w)
             phases["restoration"] += time.perf_counter() - t
             keep[i] = lk
             del stats

@@ -15,21 +15,19 @@ that coarsened distribution is a tight lower bound of the full KL.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups
-from secateur.runtime.capture import capture_inputs, run_layer
 from secateur.runtime.data import calibration_windows, eval_windows, split_tokens
+from secateur.runtime.dense import dense_statistics
 from secateur.runtime.score import unit_scores
 from secateur.runtime.sequential import restore_layer
-from secateur.runtime.stats import InputStats, collect_inputs
+from secateur.runtime.stats import InputStats
 from secateur.runtime.surgery import LayerKeep
 
 
@@ -79,16 +77,6 @@ def search_windows(
     calib = calibration_windows(head, n_samples, min(seqlen, head.numel() - 1), seed)
     heldout = eval_windows(rest, heldout_seqlen, max(1, heldout_tokens // heldout_seqlen))
     return calib, heldout
-
-
-def _angular(h_in: list[torch.Tensor], h_out: list[torch.Tensor]) -> float:
-    """Mean over tokens of arccos(cos(h_in, h_out)) / pi."""
-    total, count = 0.0, 0
-    for a, b in zip(h_in, h_out):
-        cos = F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
-        total += float(torch.arccos(cos).sum()) / math.pi
-        count += cos.numel()
-    return total / max(count, 1)
 
 
 @torch.inference_mode()
@@ -146,28 +134,10 @@ class SearchCache:
         memo_mb: int = 512,
     ) -> SearchCache:
         """One dense pass over the calibration windows plus one over the held-out windows."""
-        inputs = capture_inputs(model, adapter, calib_ids, batch_size)
-        hidden = inputs.hidden
-        blocks = adapter.layers(model)
-        eligible = set(layers)
-        out: dict[int, LayerCache] = {}
-        angular: dict[int, float] = {}
-        for i in range(len(blocks)):
-            p = adapter.layer_prefix(i)
-            consumers: dict[str, nn.Module] = {}
-            if i in eligible and mlp:
-                consumers[f"{p}.{adapter.mlp_out}"] = model.get_submodule(f"{p}.{adapter.mlp_out}")
-            if i in eligible and attention:
-                consumers[f"{p}.{adapter.o}"] = model.get_submodule(f"{p}.{adapter.o}")
-            with collect_inputs(consumers) as stats:
-                nxt = run_layer(blocks[i], hidden, inputs.kwargs[i])
-            angular[i] = _angular(hidden, nxt)
-            hidden = nxt
-            if i in eligible:
-                out[i] = cls._layer_cache(model, adapter, i, stats, metric)
-        del hidden, inputs
+        dense = dense_statistics(model, adapter, calib_ids, layers, mlp, attention, batch_size)
+        out = {i: cls._layer_cache(model, adapter, i, st, metric) for i, st in dense.stats.items()}
         ref = dense_reference(model, heldout_ids, batch_size, reference_mb, topk)
-        return cls(out, angular, heldout_ids.cpu(), ref, metric, memo_mb)
+        return cls(out, dense.angular, heldout_ids.cpu(), ref, metric, memo_mb)
 
     @staticmethod
     def _layer_cache(
@@ -192,21 +162,27 @@ class SearchCache:
         key: tuple,
         part: LayerKeep,
         damping: float,
-        solve: bool,
-    ) -> dict[str, torch.Tensor]:
+        method: str,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Restored consumer weights of layer i for the keep `part` (computed on the dense weights
         the model holds right now), memoised under `key` within `memo_mb`."""
-        full_key = (i, key, damping, solve)
+        full_key = (i, key, damping, method)
         hit = self._memo.get(full_key)
         if hit is not None:
             self._memo.move_to_end(full_key)
             return hit
-        weights, _ = restore_layer(model, adapter, i, part, self.layers[i].stats, damping, solve)
-        size = sum(w.numel() * w.element_size() for w in weights.values())
+        weights, _ = restore_layer(
+            model, adapter, i, part, self.layers[i].stats, damping, method, errors=False
+        )
+        size = sum(_nbytes(w) for w in weights.values())
         if size <= self.memo_mb * 2**20:
             self._memo[full_key] = weights
             self._memo_bytes += size
             while self._memo_bytes > self.memo_mb * 2**20:
                 _, old = self._memo.popitem(last=False)
-                self._memo_bytes -= sum(w.numel() * w.element_size() for w in old.values())
+                self._memo_bytes -= sum(_nbytes(w) for w in old.values())
         return weights
+
+
+def _nbytes(pair: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in pair if t is not None)

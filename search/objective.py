@@ -27,6 +27,7 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.runtime.plan import LayerPlan, Plan
 from secateur.runtime.select import top_units
+from secateur.runtime.sequential import write_consumers
 from secateur.runtime.surgery import LayerKeep, apply_keep
 from secateur.search.cache import Reference, SearchCache
 from secateur.search.space import SearchSpace, project_to_budget
@@ -87,21 +88,21 @@ def pruned(model: nn.Module, adapter: ModelAdapter, cache: SearchCache, plan: Pl
     todo = [(i, lp) for i, lp in sorted(plan.layers.items()) if not lp.is_noop()]
     snap = _Snapshot([blocks[i] for i, _ in todo])
     try:
-        solve = plan.restore == "least_squares"
         for i, lp in todo:
             lk = select_from_scores(cache, i, lp)
-            weights: dict[str, torch.Tensor] = {}
+            weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
             if lk.mlp is not None and not lk.drop_mlp:
                 part = LayerKeep(mlp=lk.mlp)
-                weights.update(cache.restored(model, adapter, i, ("mlp", lp.mlp), part, plan.damping, solve))
+                weights.update(
+                    cache.restored(model, adapter, i, ("mlp", lp.mlp), part, plan.damping, plan.restore)
+                )
             if not lk.drop_attn and (lk.kv_heads is not None or lk.q_heads is not None):
                 part = LayerKeep(kv_heads=lk.kv_heads, q_heads=lk.q_heads)
                 key = ("attn", lp.kv_groups, lp.q_per_group)
-                weights.update(cache.restored(model, adapter, i, key, part, plan.damping, solve))
+                weights.update(cache.restored(model, adapter, i, key, part, plan.damping, plan.restore))
             apply_keep(model, adapter, {i: lk})
             with torch.no_grad():
-                for name, w in weights.items():
-                    model.get_submodule(name).weight.copy_(w)  # a fresh sliced tensor, never the dense one
+                write_consumers(model, weights)  # sliced tensors are fresh, never the dense ones
         yield model
     finally:
         snap.restore()

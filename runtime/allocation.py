@@ -1,0 +1,119 @@
+"""Allocations that need calibration data: global ranking (FLAP) and angular-proportional (CFSP).
+
+Both read one dense pass (`runtime.dense.dense_statistics`) and return a `Plan` of kept counts;
+the sequential pass then selects and restores units layer by layer as usual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_groups
+from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal, target_params
+from secateur.runtime.dense import DenseStats
+from secateur.runtime.plan import LayerPlan, Plan
+from secateur.runtime.score import unit_scores
+from secateur.runtime.select import round_keep
+
+
+def _standardize(s: torch.Tensor) -> torch.Tensor:
+    """FLAP's per-layer standardisation, so scores of different layers are comparable."""
+    s = s.double()
+    return (s - s.mean()) / (s.std(unbiased=False) + 1e-12) if s.numel() > 1 else s * 0
+
+
+def global_plan(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    spec: BudgetSpec,
+    layers: list[int],
+    dense: DenseStats,
+    metric: str,
+    restore: str,
+    damping: float,
+) -> Plan:
+    """Rank units of every eligible layer together by standardised score; drop the lowest to budget.
+
+    Query heads are ranked as slots ("one head in every KV group"), keeping GQA uniform. MLP counts
+    are rounded to `multiple_of` at the end; the budget is met within that rounding.
+    """
+    goal = target_params(model, adapter, spec)
+    pool: list[tuple[float, int, str, int]] = []  # (score, layer, kind, params)
+    totals: dict[tuple[int, str], int] = {}
+    for i in layers:
+        g = {x.kind: x for x in layer_groups(model, adapter, i)}
+        st = dense.stats.get(i, {})
+        p = adapter.layer_prefix(i)
+        if spec.mlp and "mlp_channel" in g:
+            z = _standardize(unit_scores(model, g["mlp_channel"], st.get(f"{p}.{adapter.mlp_out}"), metric))
+            pool += [(float(v), i, "mlp", g["mlp_channel"].params_per_unit) for v in z]
+            totals[(i, "mlp")] = g["mlp_channel"].n_units
+        if spec.attention != "none" and "kv_group" in g:
+            o = st.get(f"{p}.{adapter.o}")
+            if spec.attention == "kv_group":
+                z = _standardize(unit_scores(model, g["kv_group"], o, metric))
+                pool += [(float(v), i, "attn", g["kv_group"].params_per_unit) for v in z]
+                totals[(i, "attn")] = g["kv_group"].n_units
+            else:
+                n_kv = g["kv_group"].n_units
+                s = unit_scores(model, g["q_head"], o, metric).reshape(n_kv, -1).sort(dim=1).values
+                z = _standardize(s.sum(0))  # slot j = the j-th weakest head of every group
+                pool += [(float(v), i, "attn", n_kv * g["q_head"].params_per_unit) for v in z]
+                totals[(i, "attn")] = s.shape[1]
+    if not pool:
+        raise BudgetError("targets: no targeted structure exists in the eligible layers")
+    removed_units = {k: 0 for k in totals}
+    removed = 0
+    for _score, i, kind, cost in sorted(pool, key=lambda t: (t[0], t[1])):
+        if removed >= goal:
+            break
+        n = totals[(i, kind)]
+        if n - removed_units[(i, kind)] - 1 < max(1, math.ceil(spec.min_keep * n)):
+            continue
+        removed_units[(i, kind)] += 1
+        removed += cost
+    if removed < goal * 0.99:
+        raise BudgetError(
+            f"budget.params: global ranking can remove only {removed:,} of {goal:,} parameters "
+            f"under budget.min_keep={spec.min_keep}"
+        )
+    plan = Plan(metric=metric, restore=restore, damping=damping)
+    for (i, kind), r in removed_units.items():
+        if r == 0:
+            continue
+        n = totals[(i, kind)]
+        lp = plan.layers.setdefault(i, LayerPlan())
+        if kind == "mlp":
+            lp.mlp = round_keep(n - r, n, spec.multiple_of, math.ceil(spec.min_keep * n))
+        elif spec.attention == "kv_group":
+            lp.kv_groups = n - r
+        else:
+            lp.q_per_group = n - r
+    return plan
+
+
+def proportional_plan(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    spec: BudgetSpec,
+    layers: list[int],
+    dense: DenseStats,
+    metric: str,
+    restore: str,
+    damping: float,
+    spread: float = 0.1,
+) -> Plan:
+    """CFSP: blocks that change the residual stream more (angular distance) keep more."""
+    from secateur.search.space import SearchSpace, angular_fractions, project_to_budget
+
+    space = SearchSpace.build(model, adapter, spec, layers, metric, restore, damping)
+    plan = project_to_budget(angular_fractions(space, dense.angular, spread), space)
+    if abs(planned_removal(model, adapter, plan) - space.goal) > space.step_params:
+        raise BudgetError(
+            "budget.params: the proportional allocation cannot meet the budget within min/max keep"
+        )
+    return plan
