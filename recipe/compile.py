@@ -59,16 +59,19 @@ def _attn_params(g: dict[str, Group], attention: str, keep: int) -> int:
     return (r - keep) * g["kv_group"].n_units * g["q_head"].params_per_unit
 
 
-def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: float) -> LayerPlan:
-    """A layer pinned by an allocation table to keep fraction `keep` of every targeted structure."""
+def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: Any) -> LayerPlan:
+    """A layer pinned by an allocation table: one keep fraction for all targeted structures, or
+    per-structure fractions ({mlp: .., attention: ..}, as `secateur search` writes them)."""
+    mlp_keep = getattr(keep, "mlp", keep) if not isinstance(keep, float | int) else keep
+    attn_keep = getattr(keep, "attention", keep) if not isinstance(keep, float | int) else keep
     lp = LayerPlan()
-    if spec.mlp and "mlp_channel" in g:
+    if spec.mlp and "mlp_channel" in g and mlp_keep is not None:
         n = g["mlp_channel"].n_units
-        lp.mlp = round_keep(keep * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
-    if spec.attention != "none" and "kv_group" in g:
+        lp.mlp = round_keep(mlp_keep * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
+    if spec.attention != "none" and "kv_group" in g and attn_keep is not None:
         n_kv = g["kv_group"].n_units
         n = n_kv if spec.attention == "kv_group" else g["q_head"].n_units // n_kv
-        k = min(max(int(round(keep * n)), _min_units(n, spec.min_keep)), n)
+        k = min(max(int(round(attn_keep * n)), _min_units(n, spec.min_keep)), n)
         if spec.attention == "kv_group":
             lp.kv_groups = k
         else:
@@ -81,7 +84,7 @@ def allocate(
     adapter: ModelAdapter,
     spec: BudgetSpec,
     layers: list[int],
-    fixed: dict[int, float] | None = None,
+    fixed: dict[int, Any] | None = None,
     metric: str = "fasp",
     restore: str = "least_squares",
     damping: float = 0.01,
@@ -223,7 +226,7 @@ def eligible_layers(targets: Any, num_layers: int, prefix: str) -> list[int]:
     return [i for i in chosen if i not in protected]
 
 
-def table_fractions(table: dict[str, float], num_layers: int) -> dict[int, float]:
+def table_fractions(table: dict[str, Any], num_layers: int) -> dict[int, Any]:
     """Expand `allocation.table` keys (indices, ranges, depth fractions) to per-layer keep fractions."""
     out: dict[int, float] = {}
     for key, keep in table.items():

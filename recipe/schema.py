@@ -287,11 +287,18 @@ class SearchOptions(_Section):
     pruner: bool = True
 
 
+class StructureKeep(_Section):
+    """Per-structure keep fractions of one table entry (what `secateur search` writes)."""
+
+    mlp: KeepFraction | None = None
+    attention: KeepFraction | None = None
+
+
 class Allocation(_Section):
     """How the budget is spread over layers."""
 
     method: AllocationMethod = "uniform"
-    table: dict[str, KeepFraction] | None = None
+    table: dict[str, KeepFraction | StructureKeep] | None = None
     search: SearchOptions = Field(default_factory=SearchOptions)
 
     @field_validator("table", mode="before")
@@ -304,7 +311,9 @@ class Allocation(_Section):
 
     @field_validator("table")
     @classmethod
-    def _table_keys(cls, table: dict[str, float] | None) -> dict[str, float] | None:
+    def _table_keys(
+        cls, table: dict[str, float | StructureKeep] | None
+    ) -> dict[str, float | StructureKeep] | None:
         if table is None:
             return None
         problems: list[tuple[KeyPath, str]] = []
@@ -510,10 +519,14 @@ class Recipe(_Section):
             for rule in STAGE_RULES:
                 if rule.broken(stage):
                     yield (stage.path + rule.key, rule.message.format(**fields))
-        for key, keep in (self.allocation.table or {}).items():
-            if not (self.budget.min_keep <= keep <= self.budget.max_keep):
-                yield (
-                    ("allocation", "table", key),
-                    f"keep fraction {keep} is outside budget.min_keep..max_keep "
-                    f"({self.budget.min_keep}..{self.budget.max_keep})",
-                )
+        for key, entry in (self.allocation.table or {}).items():
+            values = (
+                [entry] if isinstance(entry, float | int) else [v for v in (entry.mlp, entry.attention) if v]
+            )
+            for keep in values:
+                if not (self.budget.min_keep <= keep <= self.budget.max_keep):
+                    yield (
+                        ("allocation", "table", key),
+                        f"keep fraction {keep} is outside budget.min_keep..max_keep "
+                        f"({self.budget.min_keep}..{self.budget.max_keep})",
+                    )

@@ -125,15 +125,22 @@ def write_plots(result: SearchResult, out_dir: str | Path) -> list[Path]:
     return paths + ([pareto] if pareto is not None else [])
 
 
-def winner_table(plan: Plan, space: SearchSpace) -> dict[str, float]:
-    """Per-layer keep fraction for `allocation.table`: the MLP one when MLP is searched, else attention."""
+def winner_table(plan: Plan, space: SearchSpace) -> dict[str, Any]:
+    """Per-layer keep fractions for `allocation.table`: a number when one structure is searched,
+    {mlp: .., attention: ..} when both are, so the compiled counts equal the plan's exactly."""
     fractions = space.fractions_of(plan)
     lo, hi = space.spec.min_keep, space.spec.max_keep
-    table: dict[str, float] = {}
+
+    def clip(v: float) -> float:
+        return min(max(round(v, 6), lo), hi)
+
+    table: dict[str, Any] = {}
     for i in space.layers:
-        name = f"mlp_{i}" if f"mlp_{i}" in fractions else f"attn_{i}"
-        if name in fractions:
-            table[str(i)] = min(max(round(fractions[name], 6), lo), hi)
+        mlp, attn = fractions.get(f"mlp_{i}"), fractions.get(f"attn_{i}")
+        if mlp is not None and attn is not None:
+            table[str(i)] = {"mlp": clip(mlp), "attention": clip(attn)}
+        elif mlp is not None or attn is not None:
+            table[str(i)] = clip(mlp if mlp is not None else attn)
     return table
 
 
@@ -160,10 +167,6 @@ def write_winner_recipe(
     header = ["# Allocation found by `secateur search`; a plain recipe, compiled without Optuna."]
     if note:
         header.append(f"# {note}")
-    if any(s.kind == "attn" for s in space.slots):
-        header.append(
-            "# Attention was searched too: the table holds MLP keep fractions; exact counts: best_plan.json"
-        )
     body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, default_flow_style=False)
     path.write_text("\n".join(header) + "\n" + body)
     return path

@@ -57,6 +57,10 @@ def _data_root(recipe: Recipe) -> str | None:
 
 def preflight(recipe: Recipe, output: Path, overwrite: bool, base_dir: Path | None) -> None:
     """Every check that needs no model: output directory, data files."""
+    if recipe.allocation.method == "search":
+        raise ValueError(
+            "allocation.method: 'search' recipes run with `secateur search`, which writes a winner recipe"
+        )
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output directory {output} exists; pass --overwrite to replace it")
     cal = recipe.calibration

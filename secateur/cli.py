@@ -170,6 +170,32 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from secateur.search_cmd import search
+
+    res = search(
+        args.recipe,
+        trials=args.trials,
+        storage=args.storage,
+        output=args.output,
+        workers=args.workers,
+        overrides=tuple(args.set or ()),
+        compile_model=args.compile,
+        progress=not args.quiet,
+    )
+    s = res.summary
+    print(
+        f"best trial {s['best_trial']}: {s['best_value']:.4f} (uniform {s['uniform_value']}); "
+        f"{s['trials']} trials in storage {s['storage']}"
+    )
+    print(f"winner recipe: {res.winner_recipe}")
+    for p in s["plots"]:
+        print(f"plot: {p}")
+    if "model" in s:
+        print(f"compiled model: {s['model']}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from secateur.runtime.report import read_report
 
@@ -215,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_eval)
+    se = sub.add_parser("search", help="Optuna search of the per-layer allocation (resumable)")
+    se.add_argument("recipe")
+    se.add_argument(
+        "--trials", type=int, help="total trials in the study (default: allocation.search.trials)"
+    )
+    se.add_argument("--storage", help="Optuna storage URL (default: sqlite file beside the output)")
+    se.add_argument("--output", "-o", help="search folder (default: <output.dir>/search)")
+    se.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    se.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    se.add_argument("--compile", action="store_true", help="also prune the model with the winner recipe")
+    se.add_argument("--quiet", action="store_true")
+    se.set_defaults(func=_search)
     rp = sub.add_parser("report", help="print the report of a pruned output")
     rp.add_argument("dir")
     rp.set_defaults(func=_report)

@@ -1,0 +1,142 @@
+"""`secateur search`: recipe in, searched allocation out (a plain recipe, plots, optionally the model).
+
+The model is loaded once; statistics and the dense reference are computed once; every trial
+applies a projected allocation, scores the proxy and undoes itself. The study lives in a
+SQLite file beside the output (or any Optuna storage URL), so the same command resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secateur.lock import model_fingerprint
+from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fraction, target_params
+from secateur.recipe.load import load_recipe, resolved_dict
+from secateur.runtime.data import load_text, resolve_text_source, tokenize_text
+from secateur.runtime.loader import load_model
+from secateur.runtime.speed import decoder_linear_params
+
+
+@dataclass
+class SearchOutcome:
+    """Where the winner recipe and plots were written, and the summary numbers."""
+
+    output: Path
+    winner_recipe: Path
+    summary: dict[str, Any]
+
+
+def absolutize(doc: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the recipe's local file references absolute, so the winner runs from its own folder."""
+    mid = doc["model"]["id"]
+    if (base / mid).exists():
+        doc["model"]["id"] = str((base / mid).resolve())
+    cal = doc["calibration"]
+    if (base / cal["dataset"]).exists():
+        cal["dataset"] = str((base / cal["dataset"]).resolve())
+    for ps in doc.get("evaluate", {}).get("perplexity", []):
+        if (base / ps["dataset"]).exists():
+            ps["dataset"] = str((base / ps["dataset"]).resolve())
+    return doc
+
+
+def search(
+    recipe_path: str | Path,
+    *,
+    trials: int | None = None,
+    storage: str | None = None,
+    output: str | Path | None = None,
+    workers: int = 1,
+    overrides: tuple[str, ...] = (),
+    compile_model: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> SearchOutcome:
+    """Run (or resume) the allocation search of a recipe whose allocation.method is `search`."""
+    from secateur.search.cache import search_windows
+    from secateur.search.plots import write_plots, write_winner_recipe
+    from secateur.search.study import resolve_storage, run_search
+
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.allocation.method != "search":
+        raise ValueError(
+            f"{recipe_path}: allocation.method is {recipe.allocation.method!r}; set it to 'search'"
+        )
+    opts = recipe.allocation.search
+    out = Path(output or (Path(recipe.output.dir or "runs/search") / "search"))
+    base = Path(recipe_path).resolve().parent
+    cal = recipe.calibration
+    resolve_text_source(cal.dataset, cal.split, cal.data_root, base)
+    url = resolve_storage(storage or opts.storage, out)
+    spec = budget_spec(recipe)
+
+    t0 = time.perf_counter()
+    lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base)
+    layers = eligible_layers(recipe.targets, lm.adapter.num_layers, lm.adapter.layers_path)
+    goal = target_params(lm.model, lm.adapter, spec)
+    limit = feasible_fraction(lm.model, lm.adapter, spec, layers)
+    if goal > limit * decoder_linear_params(lm.model, lm.adapter):
+        raise ValueError(
+            f"budget.params: {goal:,} parameters cannot be removed under min_keep={spec.min_keep}; the closest "
+            f"feasible budget is params: {limit:.4f}"
+        )
+    tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, cal.data_root, base))
+    calib, heldout = search_windows(tokens, cal.n_samples, cal.seqlen, opts.heldout_tokens, 256, cal.seed)
+    fp = model_fingerprint(lm.model)
+    out.mkdir(parents=True, exist_ok=True)
+    log(
+        f"search: {opts.trials if trials is None else trials} trials, storage {url}, {len(layers)} layers, "
+        f"goal {goal:,} parameters"
+    )
+    result = run_search(
+        lm.model,
+        lm.adapter,
+        calib,
+        heldout,
+        spec,
+        layers,
+        opts,
+        storage=url,
+        output_dir=out,
+        study_name=recipe.name or "secateur",
+        n_trials=trials,
+        model_fingerprint=fp,
+        metric=recipe.importance.metric,
+        restore=recipe.restore.method,
+        damping=recipe.restore.damping,
+        workers=workers,
+        progress=progress,
+    )
+    plots = write_plots(result, out)
+    winner = absolutize(resolved_dict(recipe), base)
+    winner["name"] = f"{recipe.name or 'search'}-winner"
+    winner["output"]["dir"] = str(out.parent / "model")
+    digest = hashlib.sha256(str(result.best_plan.to_dict()).encode()).hexdigest()[:12]
+    winner_path = write_winner_recipe(
+        winner,
+        result.best_plan,
+        out / "winner.yaml",
+        result.space,
+        note=f"best trial {result.best_trial}: {opts.objective} {result.best_value:.4f} "
+        f"(uniform {result.uniform_value}); plan {digest}",
+    )
+    summary = {
+        "best_value": result.best_value,
+        "uniform_value": result.uniform_value,
+        "best_trial": result.best_trial,
+        "trials": len(result.trials_table),
+        "seconds": time.perf_counter() - t0,
+        "plots": [str(p) for p in plots],
+        "storage": url,
+    }
+    if compile_model:
+        from secateur.api import prune
+
+        prune(winner_path, output=out.parent / "model", overwrite=True, progress=progress, log=log)
+        summary["model"] = str(out.parent / "model")
+    return SearchOutcome(out, winner_path, summary)

@@ -1,0 +1,76 @@
+"""`secateur search` end to end on a tiny local model: resumable study, plots, winner recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import yaml
+
+from secateur.cli import main
+from secateur.graph.adapters import adapter_for
+from secateur.runtime.io import load_pruned
+from secateur.runtime.speed import decoder_linear_params
+from secateur.testing import save_tiny
+
+
+def _recipe(tmp: Path) -> Path:
+    save_tiny(str(tmp / "m"), "llama", num_hidden_layers=4)
+    (tmp / "c.txt").write_text("a searched allocation beats a uniform one when layers differ. " * 600)
+    path = tmp / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-search",
+                "model": {"id": str(tmp / "m"), "dtype": "float32"},
+                "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
+                "targets": {"mlp": True, "attention": "q_head"},
+                "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
+                "allocation": {
+                    "method": "search",
+                    "search": {"trials": 5, "heldout_tokens": 256, "pruner": False},
+                },
+                "evaluate": {"enabled": False},
+                "output": {"dir": str(tmp / "run")},
+            }
+        )
+    )
+    return path
+
+
+def test_search_writes_winner_that_compiles_to_the_best_plan(tmp_path: Path, capsys) -> None:
+    recipe = _recipe(tmp_path)
+    assert main(["search", str(recipe), "--trials", "3", "--quiet"]) == 0
+    search_dir = tmp_path / "run" / "search"
+    study = optuna.load_study(study_name="tiny-search", storage=f"sqlite:///{search_dir / 'search.db'}")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 3
+    # the same command resumes the same study up to the new total
+    assert main(["search", str(recipe), "--trials", "5", "--quiet"]) == 0
+    study = optuna.load_study(study_name="tiny-search", storage=f"sqlite:///{search_dir / 'search.db'}")
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 5
+    assert (search_dir / "allocation.png").read_bytes()[:4] == b"\x89PNG"
+    assert (search_dir / "history.png").is_file()
+    winner = search_dir / "winner.yaml"
+    assert main(["recipe", "validate", str(winner)]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(winner), "--quiet"]) == 0
+    best = json.loads((search_dir / "best_plan.json").read_text())
+    model = load_pruned(tmp_path / "run" / "model")
+    for i, lp in best["layers"].items():
+        layer = model.model.layers[int(i)]
+        if "mlp" in lp:
+            assert layer.mlp.down_proj.in_features == lp["mlp"]
+        if "q_per_group" in lp:
+            assert layer.self_attn.q_proj.out_features == lp["q_per_group"] * 2 * 16
+    removed = 1 - decoder_linear_params(model, adapter_for(model.config)) / (
+        4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96)
+    )
+    assert abs(removed - 0.3) < 0.05
+
+
+def test_prune_refuses_search_recipe_before_loading(tmp_path: Path, capsys) -> None:
+    recipe = _recipe(tmp_path)
+    assert main(["prune", str(recipe), "--quiet"]) == 2
+    assert "secateur search" in capsys.readouterr().err
