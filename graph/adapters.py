@@ -76,6 +76,8 @@ class ModelAdapter:
     # attention-module attributes that must follow head counts
     gqa_attr: str | None = "num_key_value_groups"
     heads_attr: str | None = None
+    # rotary position embeddings on q/k (Secateur's own attention module supports these families)
+    rope: bool = True
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -180,6 +182,7 @@ class OptAdapter(ModelAdapter):
         self.intermediate_key = "ffn_dim"
         self.gqa_attr = None
         self.heads_attr = "num_heads"
+        self.rope = False
 
     @property
     def head_dim(self) -> int:

@@ -34,7 +34,7 @@ def build_graph(model: nn.Module, adapter: ModelAdapter) -> nx.DiGraph:
         for s in grp.sites:
             node = f"{s.module}:{s.param}:{s.axis}"
             g.add_node(node, type="site", module=s.module, param=s.param, axis=s.axis)
-            g.add_edge(grp.name, node, width=s.width)
+            g.add_edge(grp.name, node, width=s.per_unit)
         for m in grp.shared:
             g.add_node(m, type="shared")
             g.add_edge(grp.name, m, width=0)

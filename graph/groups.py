@@ -13,20 +13,44 @@ from torch import nn
 
 from .adapters import ModelAdapter
 
-UNIT_KINDS = ("mlp_channel", "kv_group", "q_head", "attn_sublayer", "mlp_sublayer", "block", "residual")
+UNIT_KINDS = (
+    "mlp_channel",
+    "kv_group",
+    "q_head",
+    "v_channel",
+    "attn_sublayer",
+    "mlp_sublayer",
+    "block",
+    "residual",
+)
 
 
 @dataclass(frozen=True)
 class Site:
-    """One (module, parameter, axis) slot; unit u owns indices [u*width, (u+1)*width)."""
+    """One (module, parameter, axis) slot; unit u owns indices [u*width, (u+1)*width).
+
+    With `fanout` > 1 a unit owns one index in each of `fanout` consecutive blocks of `block`
+    indices (a value channel c of KV group g touches column c of every query head of g):
+    unit u = g*block + c owns g*block*fanout + c + j*block for j < fanout.
+    """
 
     module: str
     param: str
     axis: int
     width: int
+    block: int = 0
+    fanout: int = 1
 
-    def indices(self, unit: int) -> range:
-        return range(unit * self.width, (unit + 1) * self.width)
+    def indices(self, unit: int) -> range | list[int]:
+        if self.fanout == 1:
+            return range(unit * self.width, (unit + 1) * self.width)
+        g, c = divmod(unit, self.block)
+        return [g * self.block * self.fanout + c + j * self.block for j in range(self.fanout)]
+
+    @property
+    def per_unit(self) -> int:
+        """Indices one unit owns along the axis."""
+        return self.width * self.fanout
 
 
 @dataclass
@@ -57,13 +81,15 @@ def _has(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _sites(model: nn.Module, specs: list[tuple[str, int, int]]) -> tuple[Site, ...]:
-    """Weight sites plus the bias site of every row-sliced linear that has a bias."""
+def _sites(model: nn.Module, specs: list[tuple]) -> tuple[Site, ...]:
+    """Weight sites plus the bias site of every row-sliced linear that has a bias.
+
+    A spec is (module, axis, width) or (module, axis, width, block, fanout)."""
     out: list[Site] = []
-    for module, axis, width in specs:
-        out.append(Site(module, "weight", axis, width))
+    for module, axis, width, *strided in specs:
+        out.append(Site(module, "weight", axis, width, *strided))
         if axis == 0 and getattr(model.get_submodule(module), "bias", None) is not None:
-            out.append(Site(module, "bias", 0, width))
+            out.append(Site(module, "bias", 0, width, *strided))
     return tuple(out)
 
 
@@ -73,7 +99,7 @@ def _count(model: nn.Module, sites: tuple[Site, ...]) -> int:
     for s in sites:
         t = getattr(model.get_submodule(s.module), s.param)
         other = t.numel() // t.shape[s.axis] if t.dim() > 1 else 1
-        total += other * s.width
+        total += other * s.per_unit
     return total
 
 
@@ -153,6 +179,19 @@ def layer_groups(model: nn.Module, adapter: ModelAdapter, i: int) -> list[Group]
                 n_q,
                 q_sites,
                 _count(model, q_sites),
+                partitions=n_kv,
+                shared=shared,
+            )
+        )
+        v_sites = _sites(model, [(f"{p}.{adapter.v}", 0, 1), (f"{p}.{adapter.o}", 1, 1, dv, r)])
+        groups.append(
+            Group(
+                f"layers.{i}.attn.v",
+                "v_channel",
+                i,
+                n_kv * dv,
+                v_sites,
+                _count(model, v_sites),
                 partitions=n_kv,
                 shared=shared,
             )

@@ -51,12 +51,31 @@ def _min_units(n: int, min_keep: float) -> int:
     return max(1, math.ceil(min_keep * n))
 
 
-def _attn_params(g: dict[str, Group], attention: str, keep: int) -> int:
-    """Parameters removed from a layer's attention when `keep` units (per group for q_head) remain."""
+def attn_units(g: dict[str, Group], attention: str) -> tuple[int, int]:
+    """(units per layer, parameters per unit) of an attention unit kind, GQA-uniform units.
+
+    q_head and v_channel units are "one head / one value channel in every KV group".
+    """
+    n_kv = g["kv_group"].n_units
     if attention == "kv_group":
-        return (g["kv_group"].n_units - keep) * g["kv_group"].params_per_unit
-    r = g["q_head"].n_units // g["kv_group"].n_units
-    return (r - keep) * g["kv_group"].n_units * g["q_head"].params_per_unit
+        return n_kv, g["kv_group"].params_per_unit
+    if attention == "q_head":
+        return g["q_head"].n_units // n_kv, n_kv * g["q_head"].params_per_unit
+    if attention == "v_channel":
+        return g["v_channel"].n_units // n_kv, n_kv * g["v_channel"].params_per_unit
+    raise BudgetError(f"targets.attention: unknown unit kind {attention!r}")
+
+
+def _attn_params(g: dict[str, Group], attention: str, keep: int) -> int:
+    """Parameters removed from a layer's attention when `keep` units (per group) remain."""
+    n, cost = attn_units(g, attention)
+    return (n - keep) * cost
+
+
+def set_attn_keep(lp: LayerPlan, attention: str, keep: int) -> None:
+    """Store an attention keep count in the plan field of its unit kind."""
+    field = {"kv_group": "kv_groups", "q_head": "q_per_group", "v_channel": "v_per_group"}[attention]
+    setattr(lp, field, keep)
 
 
 def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: Any) -> LayerPlan:
@@ -69,13 +88,12 @@ def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: Any) -> LayerPlan:
         n = g["mlp_channel"].n_units
         lp.mlp = round_keep(mlp_keep * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
     if spec.attention != "none" and "kv_group" in g and attn_keep is not None:
-        n_kv = g["kv_group"].n_units
-        n = n_kv if spec.attention == "kv_group" else g["q_head"].n_units // n_kv
-        k = min(max(int(round(attn_keep * n)), _min_units(n, spec.min_keep)), n)
-        if spec.attention == "kv_group":
-            lp.kv_groups = k
+        n, _ = attn_units(g, spec.attention)
+        if spec.attention == "v_channel":
+            k = round_keep(attn_keep * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
         else:
-            lp.q_per_group = k
+            k = min(max(int(round(attn_keep * n)), _min_units(n, spec.min_keep)), n)
+        set_attn_keep(lp, spec.attention, k)
     return lp
 
 
@@ -130,7 +148,8 @@ def uniform_plan(
     attn_total = mlp_total = 0
     for g in groups.values():
         if spec.attention != "none" and "kv_group" in g:
-            attn_total += g["kv_group"].params
+            n, cost = attn_units(g, spec.attention)
+            attn_total += n * cost
         if spec.mlp and "mlp_channel" in g:
             mlp_total += g["mlp_channel"].params
     sparsity = goal / max(attn_total + mlp_total, 1)
@@ -140,24 +159,19 @@ def uniform_plan(
     for i, g in groups.items():
         if spec.attention == "none" or "kv_group" not in g:
             continue
-        n = (
-            g["kv_group"].n_units
-            if spec.attention == "kv_group"
-            else g["q_head"].n_units // g["kv_group"].n_units
-        )
+        n, _ = attn_units(g, spec.attention)
         share = sparsity if spec.mlp else goal / max(attn_total, 1)
-        k = n - (int(round(share * n)) if spec.mlp else int(math.floor(share * n + 1e-9)))
-        k = min(max(k, _min_units(n, spec.min_keep)), n)
+        if spec.attention == "v_channel":  # fine-grained: rounded like MLP channels
+            k = round_keep(n - share * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
+        else:
+            k = n - (int(round(share * n)) if spec.mlp else int(math.floor(share * n + 1e-9)))
+            k = min(max(k, _min_units(n, spec.min_keep)), n)
         if spec.max_keep < 1:
             k = min(k, max(_min_units(n, spec.min_keep), int(math.floor(spec.max_keep * n))))
         if spec.mlp and removed + _attn_params(g, spec.attention, k) > goal:
             k = n - int(math.floor(sparsity * n))
         removed += _attn_params(g, spec.attention, k)
-        lp = plan.layers.setdefault(i, LayerPlan())
-        if spec.attention == "kv_group":
-            lp.kv_groups = k
-        else:
-            lp.q_per_group = k
+        set_attn_keep(plan.layers.setdefault(i, LayerPlan()), spec.attention, k)
     if spec.mlp:
         eligible = [i for i, g in groups.items() if "mlp_channel" in g]
         per_layer = (goal - removed) / max(len(eligible), 1)
@@ -188,8 +202,7 @@ def feasible_fraction(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec,
             n = g["mlp_channel"].n_units
             total += (n - _min_units(n, spec.min_keep)) * g["mlp_channel"].params_per_unit
         if spec.attention != "none" and "kv_group" in g:
-            n_kv = g["kv_group"].n_units
-            n = n_kv if spec.attention == "kv_group" else g["q_head"].n_units // n_kv
+            n, _ = attn_units(g, spec.attention)
             total += _attn_params(g, spec.attention, _min_units(n, spec.min_keep))
     return total / max(decoder_linear_params(model, adapter), 1)
 
@@ -207,6 +220,8 @@ def planned_removal(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> int:
             kv_kept = lp.kv_groups if lp.kv_groups is not None else g["kv_group"].n_units
             r = g["q_head"].n_units // g["kv_group"].n_units
             total += (r - lp.q_per_group) * kv_kept * g["q_head"].params_per_unit
+        if lp.v_per_group is not None:
+            total += _attn_params(g, "v_channel", lp.v_per_group)
     return total
 
 
@@ -253,10 +268,6 @@ def budget_spec(recipe: Any, targets: Any | None = None, count: int | None = Non
     t = targets or recipe.targets
     if b.kind != "params":
         raise BudgetError(f"budget.{b.kind}: only budget.params is supported by the FASP compiler so far")
-    if t.attention == "v_channel":
-        raise BudgetError(
-            "targets.attention: 'v_channel' is not supported by the runtime yet; use q_head or kv_group"
-        )
     if count is not None:
         return BudgetSpec(None, int(count), t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
     fraction = b.params if isinstance(b.params, float) else None
@@ -288,6 +299,15 @@ def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, laye
             raise BudgetError(
                 f"budget.multiple_of={spec.multiple_of} is larger than layer {i}'s MLP width "
                 f"({g['mlp_channel'].n_units})"
+            )
+        if spec.attention == "v_channel" and not adapter.rope:
+            raise BudgetError(
+                f"targets.attention: 'v_channel' runs through Secateur's RoPE attention module, which does not "
+                f"support {adapter.config.model_type}; use kv_group"
+            )
+        if spec.attention == "v_channel" and spec.multiple_of > adapter.head_dim:
+            raise BudgetError(
+                f"budget.multiple_of={spec.multiple_of} is larger than the head dim ({adapter.head_dim})"
             )
         if spec.attention == "q_head" and "kv_group" in g and g["q_head"].n_units == g["kv_group"].n_units:
             raise BudgetError(

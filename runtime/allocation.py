@@ -54,6 +54,8 @@ def global_plan(
             totals[(i, "mlp")] = g["mlp_channel"].n_units
         if spec.attention != "none" and "kv_group" in g:
             o = st.get(f"{p}.{adapter.o}")
+            if spec.attention == "v_channel":
+                raise BudgetError("allocation.method: 'global' does not rank v_channel units; use uniform")
             if spec.attention == "kv_group":
                 z = _standardize(unit_scores(model, g["kv_group"], o, metric))
                 pool += [(float(v), i, "attn", g["kv_group"].params_per_unit) for v in z]

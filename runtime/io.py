@@ -170,6 +170,9 @@ def _keep_for(shape: dict[str, Any], dense: dict[str, Any]) -> LayerKeep:
     if not lk.drop_attn:
         n_kv, n_q = int(shape["num_kv_heads"]), int(shape["num_heads"])
         r0 = int(dense["num_heads"]) // int(dense["num_kv_heads"])
+        d, dv = int(dense["head_dim"]), int(shape["v_head_dim"])
+        if dv != d:
+            lk.v_channels = [g * d + c for g in range(int(dense["num_kv_heads"])) for c in range(dv)]
         if n_kv != dense["num_kv_heads"] or n_q != dense["num_heads"]:
             lk.kv_heads = list(range(n_kv))
             lk.q_heads = [g * r0 + j for g in range(n_kv) for j in range(n_q // n_kv)]
@@ -189,7 +192,10 @@ def build_skeleton(config: Any, shapes: list[dict[str, Any]], biases: list[str] 
     apply_keep(
         model,
         adapter,
-        {i: LayerKeep(mlp=k.mlp, kv_heads=k.kv_heads, q_heads=k.q_heads) for i, k in keep.items()},
+        {
+            i: LayerKeep(mlp=k.mlp, kv_heads=k.kv_heads, q_heads=k.q_heads, v_channels=k.v_channels)
+            for i, k in keep.items()
+        },
     )
     for i, k in keep.items():
         if k.drop_attn:

@@ -14,12 +14,14 @@ from typing import Any
 class LayerPlan:
     """Kept counts for one layer; None means the kind is not pruned in this layer.
 
-    q_per_group: query heads kept in every KV group; kv_groups: KV groups kept.
+    q_per_group: query heads kept in every KV group; kv_groups: KV groups kept;
+    v_per_group: value channels kept in every KV group (FASP's v_channel unit).
     """
 
     mlp: int | None = None
     q_per_group: int | None = None
     kv_groups: int | None = None
+    v_per_group: int | None = None
     drop_attn: bool = False
     drop_mlp: bool = False
 

@@ -53,4 +53,7 @@ def unit_scores(
     site = consumer_site(group)
     w = model.get_submodule(site.module).weight
     cols = column_scores(w, stats, metric)
-    return cols.reshape(group.n_units, site.width).sum(1)
+    if site.fanout == 1:
+        return cols.reshape(group.n_units, site.width).sum(1)
+    idx = torch.tensor([list(site.indices(u)) for u in range(group.n_units)], device=cols.device)
+    return cols[idx].sum(1)

@@ -42,5 +42,5 @@ def top_units(scores: torch.Tensor, n_keep: int, partitions: int = 1) -> list[in
 
 
 def kept_columns(units: list[int], width: int) -> torch.Tensor:
-    """Column indices owned by the kept units of a consuming site."""
+    """Column indices owned by the kept units of a contiguous consuming site."""
     return torch.tensor([c for u in units for c in range(u * width, (u + 1) * width)], dtype=torch.long)

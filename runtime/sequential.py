@@ -69,12 +69,26 @@ def select_layer(
         kept_kv = set(lk.kv_heads if lk.kv_heads is not None else range(kv.n_units))
         chosen = top_units(unit_scores(model, q, o_stats, metric), lp.q_per_group, partitions=kv.n_units)
         lk.q_heads = [h for h in chosen if h // r in kept_kv]
+    v = groups["v_channel"]
+    if lp.v_per_group is not None and lp.v_per_group < v.n_units // kv.n_units:
+        lk.v_channels = top_units(
+            unit_scores(model, v, o_stats, metric), lp.v_per_group, partitions=kv.n_units
+        )
     return lk
 
 
-def _kept_heads(lk: LayerKeep, n_q: int, r: int) -> list[int]:
-    heads = range(n_q) if lk.q_heads is None else lk.q_heads
-    return [h for h in heads if lk.kv_heads is None or h // r in lk.kv_heads]
+def kept_o_columns(lk: LayerKeep, shapes: dict) -> torch.Tensor:
+    """Input columns of o_proj that survive a keep-set: kept heads x kept value channels of their group."""
+    n_q, n_kv, dv = int(shapes["num_heads"]), int(shapes["num_kv_heads"]), int(shapes["v_head_dim"])
+    r = n_q // n_kv
+    heads = [
+        h
+        for h in (range(n_q) if lk.q_heads is None else lk.q_heads)
+        if lk.kv_heads is None or h // r in lk.kv_heads
+    ]
+    chans = set(range(n_kv * dv)) if lk.v_channels is None else set(lk.v_channels)
+    cols = [h * dv + c for h in sorted(heads) for c in range(dv) if (h // r) * dv + c in chans]
+    return torch.tensor(cols, dtype=torch.long)
 
 
 def restore_layer(
@@ -97,11 +111,8 @@ def restore_layer(
     cols: dict[str, torch.Tensor] = {}
     if lk.mlp is not None and not lk.drop_mlp:
         cols[f"{p}.{adapter.mlp_out}"] = kept_columns(lk.mlp, 1)
-    if not lk.drop_attn and (lk.kv_heads is not None or lk.q_heads is not None):
-        r = int(sh["num_heads"]) // int(sh["num_kv_heads"])
-        cols[f"{p}.{adapter.o}"] = kept_columns(
-            _kept_heads(lk, int(sh["num_heads"]), r), int(sh["v_head_dim"])
-        )
+    if not lk.drop_attn and (lk.kv_heads is not None or lk.q_heads is not None or lk.v_channels is not None):
+        cols[f"{p}.{adapter.o}"] = kept_o_columns(lk, sh)
     out, errs = {}, {}
     for name, keep_cols in cols.items():
         if name not in stats:  # activation-free scoring without restoration: plain slicing
@@ -162,7 +173,8 @@ def prune_sequential(
             consumers = {}
             if lp.mlp is not None and not lp.drop_mlp:
                 consumers[f"{p}.{adapter.mlp_out}"] = model.get_submodule(f"{p}.{adapter.mlp_out}")
-            if (lp.q_per_group is not None or lp.kv_groups is not None) and not lp.drop_attn:
+            attn_units = (lp.q_per_group, lp.kv_groups, lp.v_per_group)
+            if any(x is not None for x in attn_units) and not lp.drop_attn:
                 consumers[f"{p}.{adapter.o}"] = model.get_submodule(f"{p}.{adapter.o}")
             t = time.perf_counter()
             if not needs_statistics(plan):

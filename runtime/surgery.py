@@ -27,12 +27,15 @@ class LayerKeep:
     mlp: kept MLP channel indices. kv_heads: kept KV groups (with all their query heads).
     q_heads: kept query heads, absolute indices in the current numbering; every kept KV
     group must keep the same number (GQA repeats KV heads uniformly).
+    v_channels: kept value channels g * v_head_dim + c (FASP's W_V row / W_O column unit); every
+    KV group keeps the same number. Applied before heads, in the numbering the layer has now.
     drop_attn / drop_mlp: remove the whole residual branch.
     """
 
     mlp: list[int] | None = None
     kv_heads: list[int] | None = None
     q_heads: list[int] | None = None
+    v_channels: list[int] | None = None
     drop_attn: bool = False
     drop_mlp: bool = False
 
@@ -87,7 +90,7 @@ def slice_group(model: nn.Module, group: Group, kept: Iterable[int]) -> None:
     """Keep only units `kept` of `group` in every site it touches."""
     kept = sorted(set(int(u) for u in kept))
     for s in group.sites:
-        idx = torch.tensor([i for u in kept for i in s.indices(u)], dtype=torch.long)
+        idx = torch.tensor(sorted(i for u in kept for i in s.indices(u)), dtype=torch.long)
         _slice_param(model.get_submodule(s.module), s, idx)
 
 
@@ -124,6 +127,18 @@ def _check_range(name: str, values: list[int], n: int, i: int) -> None:
         raise KeepSetError(f"layer {i}, {name}: duplicate indices")
 
 
+def _check_uniform(i: int, name: str, units: list[int], parts: int, per: int) -> None:
+    """Units of `parts` equal partitions: every partition must keep the same number (>= 1)."""
+    _check_range(name, units, parts * per, i)
+    counts = [0] * parts
+    for u in units:
+        counts[u // per] += 1
+    if len(set(counts)) != 1 or counts[0] == 0:
+        raise KeepSetError(
+            f"layer {i}, {name}: every KV group must keep the same number (>= 1) of units, got {counts}"
+        )
+
+
 def validate_keep(model: nn.Module, adapter: ModelAdapter, keep: KeepSet) -> None:
     """Check a keep-set against current shapes before touching any weight."""
     for i, lk in keep.items():
@@ -139,6 +154,8 @@ def validate_keep(model: nn.Module, adapter: ModelAdapter, keep: KeepSet) -> Non
         if lk.drop_attn:
             continue
         n_q, n_kv = int(sh["num_heads"]), int(sh["num_kv_heads"])
+        if lk.v_channels is not None:
+            _check_uniform(i, "v_channel", lk.v_channels, n_kv, int(sh["v_head_dim"]))
         kv = list(range(n_kv)) if lk.kv_heads is None else list(lk.kv_heads)
         _check_range("kv_group", kv, n_kv, i)
         if not kv:
@@ -175,6 +192,10 @@ def apply_keep(model: nn.Module, adapter: ModelAdapter, keep: KeepSet) -> None:
         if lk.drop_attn:
             drop_attention(model, adapter, i)
             continue
+        if lk.v_channels is not None:
+            slice_group(model, _group(model, adapter, i, "v_channel"), lk.v_channels)
+            _use_vchannel_attention(model, adapter, i)
+            attn_mod = model.get_submodule(f"{adapter.layer_prefix(i)}.{adapter.attn}")
         if lk.kv_heads is None and lk.q_heads is None:
             continue
         sh = layer_shapes(model, adapter, i)
@@ -191,6 +212,21 @@ def apply_keep(model: nn.Module, adapter: ModelAdapter, keep: KeepSet) -> None:
             slice_group(model, _group(model, adapter, i, "kv_group"), kv)
         new = layer_shapes(model, adapter, i)
         adapter.set_head_counts(attn_mod, int(new["num_heads"]), int(new["num_kv_heads"]))
+
+
+def _use_vchannel_attention(model: nn.Module, adapter: ModelAdapter, i: int) -> None:
+    """Swap in Secateur's attention once values are narrower than queries (HF cannot run it)."""
+    from secateur.runtime.attention import VChannelAttention
+
+    path = f"{adapter.layer_prefix(i)}.{adapter.attn}"
+    attn = model.get_submodule(path)
+    sh = layer_shapes(model, adapter, i)
+    if sh["v_head_dim"] != sh["head_dim"] and not getattr(attn, "secateur_v_channel", False):
+        if not adapter.rope:
+            raise KeepSetError(
+                f"layer {i}, v_channel: {adapter.config.model_type} attention is not supported"
+            )
+        _replace(model, path, VChannelAttention(attn, adapter.head_dim))
 
 
 def _group(model: nn.Module, adapter: ModelAdapter, i: int, kind: str) -> Group:

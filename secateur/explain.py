@@ -50,6 +50,9 @@ def placeholder_keep(model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerP
     lk = LayerKeep(drop_attn=lp.drop_attn, drop_mlp=lp.drop_mlp)
     if lp.mlp is not None and not lp.drop_mlp:
         lk.mlp = list(range(lp.mlp))
+    if not lp.drop_attn and lp.v_per_group is not None:
+        dv = int(sh["v_head_dim"])
+        lk.v_channels = [g * dv + c for g in range(n_kv) for c in range(lp.v_per_group)]
     if not lp.drop_attn and (lp.kv_groups is not None or lp.q_per_group is not None):
         kv = lp.kv_groups if lp.kv_groups is not None else n_kv
         per = lp.q_per_group if lp.q_per_group is not None else r
@@ -131,13 +134,14 @@ def explain(
 
 def format_explanation(ex: Explanation) -> str:
     """The plan as a table people can review."""
-    lines = [f"{'layer':>5} {'mlp':>11} {'q heads':>9} {'kv heads':>9} {'skip':>10}"]
+    lines = [f"{'layer':>5} {'mlp':>11} {'q heads':>9} {'kv heads':>9} {'v dim':>9} {'skip':>10}"]
     for r in ex.rows:
         a, b = r["dense"], r["pruned"]
         skip = ",".join(n for n, f in (("attn", b["skip_attention"]), ("mlp", b["skip_mlp"])) if f) or "-"
         lines.append(
             f"{r['layer']:>5} {b['intermediate_size']:>5}/{a['intermediate_size']:<5} "
-            f"{b['num_heads']:>4}/{a['num_heads']:<4} {b['num_kv_heads']:>4}/{a['num_kv_heads']:<4} {skip:>10}"
+            f"{b['num_heads']:>4}/{a['num_heads']:<4} {b['num_kv_heads']:>4}/{a['num_kv_heads']:<4} "
+            f"{b['v_head_dim']:>4}/{a['v_head_dim']:<4} {skip:>10}"
         )
     d, p = ex.totals["dense"], ex.totals["pruned"]
     lines.append("")

@@ -16,7 +16,7 @@ from secateur.testing import TINY_FAMILIES, tiny_model
 from .conftest import input_ids
 
 HETERO = {
-    0: LayerKeep(mlp=list(range(0, 96, 3)), q_heads=[1, 3]),
+    0: LayerKeep(mlp=list(range(0, 96, 3)), q_heads=[1, 3], v_channels=[c for c in range(32) if c % 2]),
     1: LayerKeep(drop_attn=True),
     2: LayerKeep(drop_mlp=True, kv_heads=[0]),
 }
@@ -41,6 +41,7 @@ def test_heterogeneous_round_trip(family: str, tmp_path) -> None:
     meta = json.loads((out / "secateur.json").read_text())
     assert meta["per_layer_config"]["1"]["skip"] == ["attention"]
     assert meta["plain_hf_loadable"] is False
+    assert meta["layers"][0]["v_head_dim"] == (16 if family == "opt" else 8)
     loaded = load_pruned(out)
     loaded.config._attn_implementation = "eager"
     torch.testing.assert_close(_logits(loaded), ref, atol=1e-5, rtol=1e-4)

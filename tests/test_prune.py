@@ -58,11 +58,15 @@ def _recipe(tmp: Path, family: str = "llama", **over) -> Path:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("attention", ["none", "heads"])
+@pytest.mark.parametrize("attention", ["none", "heads", "v_channel"])
 def test_budget_reached_on_every_family(family: str, attention: str) -> None:
+    if family == "opt" and attention == "v_channel":
+        pytest.skip("v_channel runs through the RoPE attention module")
     model = tiny_model(family)
     adapter = adapter_for(model.config)
-    attn = "none" if attention == "none" else ("kv_group" if family == "opt" else "q_head")
+    attn = {"none": "none", "v_channel": "v_channel"}.get(
+        attention, "kv_group" if family == "opt" else "q_head"
+    )
     spec = BudgetSpec(fraction=0.3, attention=attn, multiple_of=4)
     total = decoder_linear_params(model, adapter)
     plan = uniform_plan(model, adapter, spec, list(range(3)))
@@ -70,17 +74,23 @@ def test_budget_reached_on_every_family(family: str, attention: str) -> None:
     prune_sequential(model, adapter, ids, plan, batch_size=2, progress=False)
     removed = total - decoder_linear_params(model, adapter)
     assert removed == planned_removal(tiny_model(family), adapter, plan)
-    # within half a multiple_of step of MLP channels per layer of the goal
+    # within half a multiple_of step of MLP channels (and value channels) per layer of the goal
     mlp_unit = 3 * 64 if family != "opt" else 2 * 64 + 1
-    assert abs(removed - 0.3 * total) <= 3 * 2 * mlp_unit + 1
+    v_unit = 2 * (64 + 2 * 64) if attention == "v_channel" else 0
+    assert abs(removed - 0.3 * total) <= 3 * 2 * (mlp_unit + v_unit) + 1
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 
 
-def test_restoration_lowers_reconstruction_error() -> None:
+@pytest.mark.parametrize(
+    "layer_plan",
+    [LayerPlan(mlp=48, q_per_group=1), LayerPlan(mlp=48, v_per_group=8)],
+    ids=["q_head", "v_channel"],
+)
+def test_restoration_lowers_reconstruction_error(layer_plan: LayerPlan) -> None:
     model = tiny_model("llama")
     adapter = adapter_for(model.config)
-    plan = Plan({i: LayerPlan(mlp=48, q_per_group=1) for i in range(3)})
+    plan = Plan({i: LayerPlan(**vars(layer_plan)) for i in range(3)})
     ids = torch.randint(0, 128, (8, 48), generator=torch.Generator().manual_seed(1))
     res = prune_sequential(model, adapter, ids, plan, batch_size=4, progress=False)
     for log in res.logs:
@@ -109,9 +119,13 @@ def test_infeasible_budget_names_key_and_limit() -> None:
         uniform_plan(model, adapter_for(model.config), BudgetSpec(fraction=0.99, min_keep=0.5), [0, 1, 2])
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_prune_pipeline_saves_reloads_and_locks(tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize("family,attention", [("llama", None), ("opt", None), ("qwen3", "v_channel")])
+def test_prune_pipeline_saves_reloads_and_locks(tmp_path: Path, family: str, attention: str | None) -> None:
     recipe = _recipe(tmp_path, family)
+    if attention:
+        doc = yaml.safe_load(recipe.read_text())
+        doc["targets"]["attention"] = attention
+        recipe.write_text(yaml.safe_dump(doc))
     out = prune(recipe, output=tmp_path / "out", progress=False, log=lambda s: None)
     folder = out.output
     for name in (

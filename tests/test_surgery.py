@@ -45,6 +45,11 @@ def _mask(model, adapter, keep: KeepSet) -> None:
             for h in range(int(sh["num_heads"])):
                 if h not in kept_heads:
                     o.weight[:, h * d : (h + 1) * d] = 0
+                elif lk.v_channels is not None:
+                    g = h // r
+                    for c in range(d):
+                        if g * d + c not in lk.v_channels:
+                            o.weight[:, h * d + c] = 0
 
 
 KEEPS = {
@@ -59,6 +64,11 @@ KEEPS = {
         2: LayerKeep(q_heads=[0, 3]),
     },
     "kv_and_q": {0: LayerKeep(kv_heads=[0], q_heads=[1]), 2: LayerKeep(kv_heads=[1], q_heads=[2, 3])},
+    "v_channels": {
+        0: LayerKeep(v_channels=[0, 1, 5, 16 + 2, 16 + 3, 16 + 9]),
+        1: LayerKeep(v_channels=[c for c in range(32) if c % 4], q_heads=[0, 3], mlp=list(range(8))),
+        2: LayerKeep(v_channels=[3, 16 + 4], kv_heads=[1]),
+    },
 }
 
 
@@ -68,6 +78,8 @@ def test_physical_equals_masked(family: str, case: str) -> None:
     dense = tiny_model(family)
     adapter = adapter_for(dense.config)
     keep = copy.deepcopy(KEEPS[case])
+    if family == "opt" and case == "v_channels":
+        pytest.skip("v_channel needs a RoPE family")
     if family == "opt":  # MHA: one query head per KV group, so q_head keep-sets become kv_group ones
         for lk in keep.values():
             if lk.q_heads is not None:
@@ -89,7 +101,11 @@ def test_physical_equals_masked(family: str, case: str) -> None:
 def test_generate_with_cache_after_dropping_first_attention(family: str) -> None:
     model = tiny_model(family)
     adapter = adapter_for(model.config)
-    apply_keep(model, adapter, {0: LayerKeep(drop_attn=True), 1: LayerKeep(q_heads=[0, 2])})
+    apply_keep(
+        model,
+        adapter,
+        {0: LayerKeep(drop_attn=True), 1: LayerKeep(q_heads=[0, 2]), 2: LayerKeep(v_channels=[1, 2, 17, 30])},
+    )
     ids = input_ids(batch=1, seq=6)
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
@@ -105,7 +121,7 @@ def test_shapes_after_keep() -> None:
     assert (sh["num_heads"], sh["num_kv_heads"], sh["intermediate_size"]) == (1, 1, 16)
     assert model.model.layers[1].self_attn.num_key_value_groups == 1
     kinds = {g.kind: g.n_units for g in layer_groups(model, adapter, 1)}
-    assert kinds == {"mlp_channel": 16, "kv_group": 1, "q_head": 1}
+    assert kinds == {"mlp_channel": 16, "kv_group": 1, "q_head": 1, "v_channel": 16}
 
 
 @pytest.mark.parametrize(
@@ -118,6 +134,11 @@ def test_shapes_after_keep() -> None:
         ({2: LayerKeep(kv_heads=[])}, "layer 2, kv_group: keeps zero KV groups"),
         ({0: LayerKeep(kv_heads=[0], q_heads=[2])}, "layer 0, q_head: head 2 belongs to KV group 1"),
         ({0: LayerKeep(mlp=[1, 1])}, "duplicate"),
+        (
+            {0: LayerKeep(v_channels=[0, 1, 16])},
+            "layer 0, v_channel: every KV group must keep the same number",
+        ),
+        ({1: LayerKeep(v_channels=[32])}, "layer 1, v_channel: index 32 out of range"),
     ],
 )
 def test_bad_keep_sets_name_layer_group_value(keep: KeepSet, msg: str) -> None:
