@@ -129,6 +129,14 @@ def allocate(
     return plan
 
 
+def check_targets(spec: BudgetSpec, layers: list[int]) -> None:
+    """A budget needs at least one eligible layer and one targeted structure."""
+    if not layers:
+        raise BudgetError("targets.layers: no layer is eligible for pruning")
+    if not spec.mlp and spec.attention == "none":
+        raise BudgetError("targets: nothing to prune (mlp is false and attention is none)")
+
+
 def uniform_plan(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -139,10 +147,7 @@ def uniform_plan(
     damping: float = 0.01,
 ) -> Plan:
     """The same sparsity in every eligible layer, meeting the parameter budget."""
-    if not layers:
-        raise BudgetError("targets.layers: no layer is eligible for pruning")
-    if not spec.mlp and spec.attention == "none":
-        raise BudgetError("targets: nothing to prune (mlp is false and attention is none)")
+    check_targets(spec, layers)
     goal = target_params(model, adapter, spec)
     groups = {i: {g.kind: g for g in layer_groups(model, adapter, i)} for i in layers}
     attn_total = mlp_total = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +86,24 @@ def wikitext_rows(text: str) -> list[str]:
     return [line if line.strip() else "" for line in text.splitlines(True)]
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    out: list[str] = []
+def iter_jsonl(path: Path, prefix: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) of every non-blank line; a malformed line fails naming file:line."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path}:{n}: row has no string 'text' field")
-            out.append(row["text"])
+                raise DataError(f"{prefix}{path}:{n}: not valid JSON ({e.msg})") from e
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    out: list[str] = []
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{n}: row has no string 'text' field")
+        out.append(row["text"])
     return out
 
 

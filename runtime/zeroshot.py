@@ -13,7 +13,6 @@ import contextlib
 import copy
 import functools
 import importlib.util
-import json
 import logging
 import math
 import re
@@ -23,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from secateur.runtime.data import DATA_ROOT_ENV, default_data_root
+from secateur.runtime.data import DATA_ROOT_ENV, default_data_root, iter_jsonl
 
 LOCAL_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
 
@@ -233,18 +232,11 @@ def _check_file(task: str, path: Path) -> None:
         raise ValueError(f"zeroshot task {task}: {path} not found")
     check = _CHECKS[task]
     rows = 0
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"zeroshot task {task}: {path}:{n}: not valid JSON ({e.msg})") from e
-            err = check(row) if isinstance(row, dict) else "row is not a JSON object"
-            if err:
-                raise ValueError(f"zeroshot task {task}: {path}:{n}: {err}")
-            rows += 1
+    for n, row in iter_jsonl(path, prefix=f"zeroshot task {task}: "):
+        err = check(row) if isinstance(row, dict) else "row is not a JSON object"
+        if err:
+            raise ValueError(f"zeroshot task {task}: {path}:{n}: {err}")
+        rows += 1
     if rows == 0:
         raise ValueError(f"zeroshot task {task}: {path} has no rows")
 

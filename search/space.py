@@ -19,7 +19,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups
-from secateur.recipe.compile import BudgetError, BudgetSpec, target_params
+from secateur.recipe.compile import BudgetError, BudgetSpec, check_targets, target_params
 from secateur.runtime.plan import LayerPlan, Plan
 
 Fractions = dict[str, float]  # "mlp_3" / "attn_3" -> keep fraction, as in trial.params
@@ -80,10 +80,7 @@ class SearchSpace:
         damping: float = 0.01,
     ) -> SearchSpace:
         """Read unit counts and sizes from the dense model's groups (once per search)."""
-        if not layers:
-            raise BudgetError("targets.layers: no layer is eligible for pruning")
-        if not spec.mlp and spec.attention == "none":
-            raise BudgetError("targets: nothing to search (mlp is false and attention is none)")
+        check_targets(spec, layers)
         if spec.attention not in ("none", "q_head", "kv_group"):
             raise BudgetError(f"targets.attention: {spec.attention!r} cannot be searched yet")
         slots: list[Slot] = []
