@@ -36,18 +36,21 @@ def _embed(w_s: torch.Tensor, keep: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def solve_damped(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
-    """Solve X (A + lambda I) = B for X by Cholesky, raising damping until A is positive definite."""
+    """Solve X (A + lambda I) = B for X by Cholesky: fp32 first, fp64 if that fails, then more damping."""
     if not torch.isfinite(a).all():
         raise FloatingPointError("Gram matrix has NaN or inf entries")
     mean_diag = float(a.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     lam = damping
     for attempt in range(8):
-        chol, info = torch.linalg.cholesky_ex(a + lam * mean_diag * eye)
-        if int(info) == 0:
-            if attempt:
-                warnings.warn(f"ill-conditioned Gram matrix: damping raised to {lam:g}", stacklevel=3)
-            return torch.cholesky_solve(b.T, chol).T
+        for dtype in (torch.float32, torch.float64):
+            m = a.to(dtype)
+            chol, info = torch.linalg.cholesky_ex(
+                m + lam * mean_diag * torch.eye(m.shape[0], dtype=dtype, device=m.device)
+            )
+            if int(info) == 0:
+                if attempt:
+                    warnings.warn(f"ill-conditioned Gram matrix: damping raised to {lam:g}", stacklevel=3)
+                return torch.cholesky_solve(b.to(dtype).T, chol).T.to(b.dtype)
         lam *= 10
     raise FloatingPointError("Gram matrix is not positive definite even with heavy damping")
 
@@ -65,9 +68,8 @@ def restore_columns(
     `errors=False` skips the two reconstruction-error products (a search trial does not need them).
     """
     dev = weight.device
-    dtype64 = torch.float64 if dev.type == "cpu" else torch.float32
-    w = weight.detach().to(dtype64)
-    g = gram.to(dtype64)
+    w = weight.detach().to(torch.float32)
+    g = gram.to(torch.float32)
     n = w.shape[1]
     mask = torch.ones(n, dtype=torch.bool, device=dev)
     mask[keep] = False
