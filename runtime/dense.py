@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_shapes
 from secateur.runtime.capture import capture_inputs, run_layer
 from secateur.runtime.stats import InputStats, collect_inputs
 
@@ -57,9 +58,10 @@ def dense_statistics(
     for i in range(len(blocks)):
         p = adapter.layer_prefix(i)
         consumers: dict[str, nn.Module] = {}
-        if i in eligible and mlp:
+        sh = layer_shapes(model, adapter, i)  # earlier stages may have removed whole branches
+        if i in eligible and mlp and not sh["skip_mlp"]:
             consumers[f"{p}.{adapter.mlp_out}"] = model.get_submodule(f"{p}.{adapter.mlp_out}")
-        if i in eligible and attention:
+        if i in eligible and attention and not sh["skip_attention"]:
             consumers[f"{p}.{adapter.o}"] = model.get_submodule(f"{p}.{adapter.o}")
         with collect_inputs(consumers) as st:
             nxt = run_layer(blocks[i], hidden, inputs.kwargs[i])

@@ -151,8 +151,13 @@ def validate_keep(model: nn.Module, adapter: ModelAdapter, keep: KeepSet) -> Non
                 raise KeepSetError(
                     f"layer {i}, mlp_channel: keeps zero channels; use drop_mlp to remove the branch"
                 )
-        if lk.drop_attn:
+        no_attn_keep = lk.kv_heads is None and lk.q_heads is None and lk.v_channels is None
+        if lk.drop_attn or (sh["skip_attention"] and no_attn_keep):
             continue
+        if sh["skip_attention"]:
+            raise KeepSetError(
+                f"layer {i}: attention units kept in a layer whose attention branch was removed"
+            )
         n_q, n_kv = int(sh["num_heads"]), int(sh["num_kv_heads"])
         if lk.v_channels is not None:
             _check_uniform(i, "v_channel", lk.v_channels, n_kv, int(sh["v_head_dim"]))
