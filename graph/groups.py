@@ -209,7 +209,9 @@ def sublayer_groups(model: nn.Module, adapter: ModelAdapter, i: int) -> list[Gro
         0 if sh["skip_attention"] else sum(t.numel() for t in layer.get_submodule(adapter.attn).parameters())
     )
     attn_params += sum(
-        layer.get_submodule(n).weight.numel() for n in adapter.attn_branch_norms if _has(layer, n)
+        w.numel()
+        for n in adapter.attn_branch_norms
+        if _has(layer, n) and (w := getattr(layer.get_submodule(n), "weight", None)) is not None
     )
     mlp_params = 0
     if not sh["skip_mlp"]:
@@ -217,7 +219,9 @@ def sublayer_groups(model: nn.Module, adapter: ModelAdapter, i: int) -> list[Gro
             t.numel() for m in (*adapter.mlp_in, adapter.mlp_out) for t in layer.get_submodule(m).parameters()
         )
         mlp_params += sum(
-            layer.get_submodule(n).weight.numel() for n in adapter.mlp_branch_norms if _has(layer, n)
+            w.numel()
+            for n in adapter.mlp_branch_norms
+            if _has(layer, n) and (w := getattr(layer.get_submodule(n), "weight", None)) is not None
         )
     if not sh["skip_attention"]:
         out.append(Group(f"layers.{i}.attn", "attn_sublayer", i, 1, (), attn_params))

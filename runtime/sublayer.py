@@ -681,11 +681,7 @@ def greedy_removal(ctx: StageContext, method: str, latency_aware: bool) -> Prune
         score, v, c = best
         t = time.perf_counter()
         params = sum(n for b, n in branch_params(model, adapter, c.layer).items() if b in c.branches)
-        physical = c.keep()
-        # surgery.validate_keep rejects a keep-set on a layer whose attention is already gone unless
-        # it says drop_attn again (dropping twice is a no-op)
-        physical.drop_attn |= bool(layer_shapes(model, adapter, c.layer)["skip_attention"])
-        apply_keep(model, adapter, {c.layer: physical})
+        apply_keep(model, adapter, {c.layer: c.keep()})
         lk = keep.setdefault(c.layer, LayerKeep())
         lk.drop_attn |= "attn" in c.branches
         lk.drop_mlp |= "mlp" in c.branches

@@ -140,6 +140,10 @@ def prune(
     for st, count, layers in zip(stages, counts, stage_layers):
         if st.method == "fasp":
             check_shapes(lm.model, lm.adapter, budget_spec(recipe, st.targets, count=count), layers)
+        if st.method in ("blockpruner", "sprint"):
+            from secateur.runtime.sublayer import check_budget
+
+            check_budget(lm.model, lm.adapter, st.method, st, count, layers)
         get_method(st.method)
     cal = recipe.calibration
     cal_tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, _data_root(recipe), base_dir))
@@ -167,6 +171,9 @@ def prune(
             f"stage {si + 1}/{len(stages)}: {st.method} removes {count:,} parameters in {len(layers)} layers "
             f"(metric {st.importance.metric}, restore {st.restore.method}, calibration {cal.n_samples} x {cal.seqlen})"
         )
+        # whole sublayers overshoot their share: each stage aims at the cumulative target
+        done = dense_size["decoder_linear_params"] - decoder_linear_params(lm.model, lm.adapter)
+        count = max(sum(counts[: si + 1]) - done, 0)
         ctx = StageContext(lm.model, lm.adapter, calib, heldout, st, recipe, count, layers, progress, log)
         results.append(get_method(st.method)(ctx))
     kept = [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]

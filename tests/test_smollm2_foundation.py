@@ -46,3 +46,43 @@ def test_smollm2_pruned_round_trip(smollm2, tmp_path) -> None:
         torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-4, rtol=1e-4)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("hello").input_ids == smollm2.tokenizer("hello").input_ids
+
+
+def test_smollm2_prune_and_lock_reproduce_bit_identical(smollm2, tmp_path) -> None:
+    """FASP on the last two layers of the real model; the lock re-applies to identical weights."""
+    import yaml
+
+    from secateur.api import prune
+    from secateur.lock import LOCK_NAME
+    from secateur.runtime.data import default_data_root
+
+    root = default_data_root()
+    if root is None:
+        pytest.skip("no data root")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"id": "smollm2-135m", "dtype": "float32", "device": "cpu"},
+                "calibration": {
+                    "dataset": "wikitext2",
+                    "n_samples": 4,
+                    "seqlen": 128,
+                    "data_root": str(root),
+                },
+                "targets": {"mlp": True, "attention": "q_head", "layers": ["28-29"]},
+                "budget": {"params": 2000000, "multiple_of": 8},
+                "evaluate": {"enabled": False},
+            }
+        )
+    )
+    out = prune(recipe, output=tmp_path / "a", progress=False, log=lambda s: None)
+    kept = out.lock["kept"][0]
+    assert set(kept) == {"28", "29"} and len(kept["28"]["q_heads"]) < 9
+    again = prune(
+        lock_path=tmp_path / "a" / LOCK_NAME, output=tmp_path / "b", progress=False, log=lambda s: None
+    )
+    assert again.reproduced is True
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
