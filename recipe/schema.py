@@ -258,6 +258,7 @@ class BonsaiOptions(_Section):
     drop_fraction: Fraction = 0.05
     steps: PositiveInt = 4
     ridge: Annotated[float, Field(ge=0)] = 1.0
+    loss: Literal["nll", "kl"] = "nll"  # sub-model loss: next-token NLL (paper) or KL to the dense model
 
 
 class Importance(_Section):

@@ -100,7 +100,7 @@ def explain(
     for st, count in zip(recipe.stages(), stage_counts(recipe, model, adapter)):
         layers = eligible_layers(st.targets, adapter.num_layers, adapter.layers_path)
         stages.append({"method": st.method, "params_to_remove": count, "layers": len(layers)})
-        if st.method != "fasp" or recipe.allocation.method in ("global", "proportional"):
+        if st.method not in ("fasp", "bonsai") or recipe.allocation.method in ("global", "proportional"):
             stages[-1]["note"] = "units chosen from calibration data at prune time"
             continue
         spec = budget_spec(recipe, st.targets, count=count)
