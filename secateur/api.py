@@ -166,14 +166,14 @@ def prune(
     dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
 
     results = []
-    for si, (st, count, layers) in enumerate(zip(stages, counts, stage_layers)):
+    for si, (st, layers) in enumerate(zip(stages, stage_layers)):
+        # whole sublayers overshoot their share: each stage aims at the cumulative target
+        done = dense_size["decoder_linear_params"] - decoder_linear_params(lm.model, lm.adapter)
+        count = max(sum(counts[: si + 1]) - done, 0)
         log(
             f"stage {si + 1}/{len(stages)}: {st.method} removes {count:,} parameters in {len(layers)} layers "
             f"(metric {st.importance.metric}, restore {st.restore.method}, calibration {cal.n_samples} x {cal.seqlen})"
         )
-        # whole sublayers overshoot their share: each stage aims at the cumulative target
-        done = dense_size["decoder_linear_params"] - decoder_linear_params(lm.model, lm.adapter)
-        count = max(sum(counts[: si + 1]) - done, 0)
         ctx = StageContext(lm.model, lm.adapter, calib, heldout, st, recipe, count, layers, progress, log)
         results.append(get_method(st.method)(ctx))
     kept = [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]
