@@ -63,8 +63,11 @@ def main() -> None:
     fwd_s = calibration_forward_seconds(dense, calib, 8)
     rows = []
 
-    def evaluate(name: str, ratio: float, model: torch.nn.Module, prune_s: float | None) -> dict:
+    def evaluate(
+        name: str, ratio: float, model: torch.nn.Module, prune_s: float | None, phases: dict | None = None
+    ) -> dict:
         row = {
+            "phases_s": phases,
             "variant": name,
             "ratio": ratio,
             "prune_s": prune_s,
@@ -102,8 +105,10 @@ def main() -> None:
             spec = BudgetSpec(fraction=ratio, multiple_of=args.multiple_of)
             plan = uniform_plan(model, lm.adapter, spec, list(range(lm.adapter.num_layers)), metric, restore)
             t = time.perf_counter()
-            prune_sequential(model, lm.adapter, calib, plan, batch_size=8, progress=False)
-            evaluate(name, ratio, model, time.perf_counter() - t)
+            res = prune_sequential(model, lm.adapter, calib, plan, batch_size=8, progress=False)
+            evaluate(
+                name, ratio, model, time.perf_counter() - t, {k: round(v, 1) for k, v in res.phases.items()}
+            )
             del model
 
 

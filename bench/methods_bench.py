@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "recipes_examples"
 DEFAULT_METHODS = ["fasp", "blockpruner", "sprint", "multipruner"]
 MODEL = "smollm2-135m"
+HELDOUT_METHODS = {"blockpruner", "sprint", "multipruner", "bonsai"}  # score on held-out windows
 
 
 def recipe_for(method: str, ratio: float, args: argparse.Namespace, out_dir: Path) -> tuple[Recipe, Path]:
@@ -59,6 +60,7 @@ def recipe_for(method: str, ratio: float, args: argparse.Namespace, out_dir: Pat
         f"model.device={args.device}",
         f"calibration.n_samples={args.n_samples}",
         f"calibration.seqlen={args.seqlen}",
+        f"calibration.heldout_windows={args.heldout_windows}",
         f"budget.params={ratio}",
         "evaluate.enabled=false",
         f"output.dir={out_dir}",
@@ -107,6 +109,12 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=16,
+        help="held-out 256-token windows on which sublayer methods and Bonsai score candidates",
+    )
     ap.add_argument("--windows-2048", type=int, default=8, help="first N windows of the test set")
     ap.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length")
     ap.add_argument("--model", default=MODEL, help="model reference (a tiny local folder for a smoke run)")
@@ -116,6 +124,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="speed measurement rounds (medians)")
     ap.add_argument("--progress", action="store_true", help="show the methods' progress bars")
     ap.add_argument("--dry-run", action="store_true", help="resolve and explain every recipe, prune nothing")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --out (same method and budget: replaced), one table for several runs",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "methods"))
     args = ap.parse_args()
     if args.threads:
@@ -142,11 +155,14 @@ def main() -> None:
     windows = eval_windows(test, args.eval_seqlen, args.windows_2048)
     # 512-token prefill, shorter only for a model with a shorter context (tiny smoke-run models)
     args.prefill = min(512, int(getattr(dense.config, "max_position_embeddings", 512) or 512))
-    rows: list[dict] = []
+    out_json = Path(args.out).with_suffix(".json")
+    rows: list[dict] = json.loads(out_json.read_text()) if args.append and out_json.is_file() else []
     work = Path(tempfile.mkdtemp(prefix="methods-bench-"))
+    command = "python " + " ".join(sys.argv)
 
     def add(row: dict) -> None:
-        rows.append(row)
+        row["command"] = command
+        rows[:] = [r for r in rows if (r["method"], r["ratio"]) != (row["method"], row["ratio"])] + [row]
         write(args, rows)
         print(json.dumps(row), flush=True)
 
@@ -184,7 +200,8 @@ def main() -> None:
                     "prune_s": phases.get("total"),
                     "pipeline_s": wall,
                     "stages": outcome.report["stages"],
-                    "notes": stage_notes(outcome.report),
+                    "notes": stage_notes(outcome.report)
+                    + (f"; {args.heldout_windows} held-out windows" if method in HELDOUT_METHODS else ""),
                 }
                 sp = measure_speed(
                     {"dense": dense, "pruned": pruned},
@@ -214,14 +231,16 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str))
-    dense = rows[0]
+    dense = next(r for r in rows if r["method"] == "dense")
+    rows = [dense] + sorted((r for r in rows if r is not dense), key=lambda r: (r["ratio"], r["method"]))
     lines = [
         f"# Pruning methods on {args.model} (WikiText-2)",
         "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
+        "Commands (each row records its own in the .json):  ",
+        *[f"`{c}`  " for c in dict.fromkeys(r.get("command", "python " + " ".join(sys.argv)) for r in rows)],
         f"Machine: {machine()}; {args.dtype} on {args.device}  ",
-        f"Calibration: {args.n_samples} x {args.seqlen} tokens of wiki.valid.raw (seed 0); sublayer methods score "
-        f"candidates on 16 x 256 held-out tokens from the tail of the same file. Perplexity: WikiText-2 test, "
+        f"Calibration: {args.n_samples} x {args.seqlen} tokens of wiki.valid.raw (seed 0); sublayer methods and Bonsai "
+        f"score candidates on held-out 256-token windows from the tail of the same file (how many: notes). Perplexity: WikiText-2 test, "
         f"standard protocol, first {args.windows_2048} windows of {args.eval_seqlen} tokens. Speed: prefill of {args.prefill} tokens and "
         f"32-token greedy decode, batch 1, dense and pruned measured alternately in one process, medians of "
         f"{args.repeats}. Prune s: the stages' own time (no model loading or saving). Removed: share of the "

@@ -29,6 +29,7 @@ from secateur.runtime.loader import load_model
 from secateur.runtime.sequential import prune_sequential
 from secateur.runtime.speed import decoder_linear_params
 from secateur.search.cache import search_windows
+from secateur.search.plots import write_plots
 from secateur.search.study import run_search
 
 
@@ -50,6 +51,12 @@ def main() -> None:
     ap.add_argument("--heldout-tokens", type=int, default=2048)
     ap.add_argument("--windows-2048", type=int, default=8)
     ap.add_argument("--min-keep", type=float, default=0.2)
+    ap.add_argument(
+        "--uniform-from",
+        default=None,
+        help="bench/results/fasp.json of a run with the same calibration and test windows: take the "
+        "uniform rows' perplexity from it instead of compiling uniform again",
+    )
     ap.add_argument("--out", default="bench/results/search")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -78,20 +85,27 @@ def main() -> None:
             progress=True,
         )
         search_s = time.perf_counter() - t
-        per_trial = [r.get("seconds") for r in res.trials_table if r.get("seconds")]
+        per_trial = [r["seconds"] for r in res.trials_table if r["state"] == "COMPLETE" and r["seconds"]]
+        n_pruned = sum(r["state"] == "PRUNED" for r in res.trials_table)
         row = {
             "ratio": ratio,
             "trials": len(res.trials_table),
             "search_s": search_s,
             "s_per_trial_median": sorted(per_trial)[len(per_trial) // 2] if per_trial else None,
+            "s_per_trial_all": search_s / max(len(res.trials_table), 1),
+            "pruned_trials": n_pruned,
             "proxy_forward_s": fwd,
             "best_kl": res.best_value,
             "uniform_kl": res.uniform_value,
         }
-        for name, plan in (
-            ("uniform", uniform_plan(lm.model, lm.adapter, spec, layers)),
-            ("searched", res.best_plan),
-        ):
+        write_plots(res, Path(args.out).parent / f"search-{round(ratio * 100)}")
+        plans = [("uniform", uniform_plan(lm.model, lm.adapter, spec, layers)), ("searched", res.best_plan)]
+        known = uniform_rows(args.uniform_from, ratio, args) if args.uniform_from else None
+        if known is not None:
+            row["uniform_ppl_2048"], row["uniform_decoder_params"] = known
+            row["uniform_from"] = args.uniform_from
+            plans = plans[1:]
+        for name, plan in plans:
             m = copy.deepcopy(lm.model)
             prune_sequential(m, lm.adapter, compile_calib, plan, progress=False)
             row[f"{name}_ppl_2048"] = perplexity(m, test)
@@ -100,6 +114,15 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(args, rows, dense_ppl)
+
+
+def uniform_rows(path: str, ratio: float, args: argparse.Namespace) -> tuple[float, int] | None:
+    """The FASP bench's uniform FASP + restore row at `ratio`, when it used the same windows."""
+    for r in json.loads(Path(path).read_text()):
+        same = r.get("n_samples", args.compile_samples) == args.compile_samples
+        if r["variant"] == "FASP + restore" and abs(r["ratio"] - ratio) < 1e-9 and same:
+            return r["ppl_2048"], r["decoder_linear_params"]
+    return None
 
 
 def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
@@ -116,19 +139,34 @@ def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
         f"{args.n_samples} x 512 calibration tokens for statistics, KL to the dense model on "
         f"{args.heldout_tokens} held-out tokens (disjoint), min_keep {args.min_keep}. Compile: sequential FASP "
         f"with {args.compile_samples} x 512 calibration tokens. Perplexity: WikiText-2 test, first "
-        f"{args.windows_2048} windows of 2048 tokens (dense: {dense_ppl:.2f}).",
+        f"{args.windows_2048} windows of 2048 tokens (dense: {dense_ppl:.2f}). Proxy forward: one dense forward "
+        f"over the held-out tokens ({rows[0]['proxy_forward_s']:.1f} s)."
+        + (
+            f" Uniform rows from {args.uniform_from} (same calibration and test windows)."
+            if args.uniform_from
+            else ""
+        ),
         "",
-        "| removed | trials | search s | s/trial (median) | trial / proxy fwd | KL uniform | KL best "
-        "| ppl uniform | ppl searched | ppl gain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| removed | trials (pruned early) | search s | s/trial, all incl. cache | s/complete trial (median) "
+        "| complete trial / proxy fwd | KL uniform | KL best | ppl uniform | ppl searched | ppl gain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spt = r["s_per_trial_median"]
         lines.append(
-            f"| {r['ratio']:.0%} | {r['trials']} | {r['search_s']:.0f} | {spt:.1f} | {spt / r['proxy_forward_s']:.2f} | "
+            f"| {r['ratio']:.0%} | {r['trials']} ({r['pruned_trials']}) | {r['search_s']:.0f} | "
+            f"{r['s_per_trial_all']:.1f} | {spt:.1f} | {spt / r['proxy_forward_s']:.2f} | "
             f"{r['uniform_kl']:.4f} | {r['best_kl']:.4f} | {r['uniform_ppl_2048']:.2f} | {r['searched_ppl_2048']:.2f} | "
             f"{1 - r['searched_ppl_2048'] / r['uniform_ppl_2048']:.1%} |"
         )
+    for r in rows:
+        pct = round(r["ratio"] * 100)
+        lines += [
+            "",
+            f"{pct}%: best trial's per-layer allocation vs uniform, and the optimization history:",
+            "",
+            f"![allocation {pct}%](search-{pct}/allocation.png) ![history {pct}%](search-{pct}/history.png)",
+        ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -157,6 +157,10 @@ class Calibration(_Section):
     seqlen: PositiveInt = 512
     seed: int = 0
     data_root: str | None = None
+    # held-out windows (from the last 10% of the calibration text, never used for statistics)
+    # on which BlockPruner, SPRINT and Bonsai score candidates: fewer windows, faster and noisier
+    heldout_windows: PositiveInt = 16
+    heldout_seqlen: PositiveInt = 256
 
 
 class Protect(_Section):

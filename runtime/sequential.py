@@ -157,6 +157,8 @@ def prune_sequential(
     """Execute `plan` on `model` in place, layer by layer, with FASP scoring and restoration."""
     phases = {"capture": 0.0, "statistics": 0.0, "scoring": 0.0, "restoration": 0.0, "forward": 0.0}
     t0 = time.perf_counter()
+    if not needs_statistics(plan):
+        return _prune_without_data(model, adapter, plan, phases, t0)
     inputs = capture_inputs(model, adapter, calib_ids, batch_size)
     phases["capture"] = time.perf_counter() - t0
     hidden = inputs.hidden
@@ -202,5 +204,23 @@ def prune_sequential(
             bar.set_postfix({k: f"{v['pruned']:.3f}->{v['restored']:.3f}" for k, v in errors.items()})
         if on_layer is not None:
             on_layer(log)
+    phases["total"] = time.perf_counter() - t0
+    return PruneResult(keep, logs, phases, plan)
+
+
+def _prune_without_data(
+    model: nn.Module, adapter: ModelAdapter, plan: Plan, phases: dict[str, float], t0: float
+) -> PruneResult:
+    """Weight-only plans (magnitude, no restoration) read no activations: skip every forward."""
+    keep: dict[int, LayerKeep] = {}
+    logs: list[LayerLog] = []
+    for i, lp in plan.layers.items():
+        if lp.is_noop():
+            continue
+        t = time.perf_counter()
+        keep[i] = select_layer(model, adapter, i, lp, {}, plan.metric)
+        apply_keep(model, adapter, {i: keep[i]})
+        phases["scoring"] += time.perf_counter() - t
+        logs.append(LayerLog(i, time.perf_counter() - t, keep[i].to_dict(), {}))
     phases["total"] = time.perf_counter() - t0
     return PruneResult(keep, logs, phases, plan)

@@ -2,6 +2,15 @@
 # Create .venv and install Secateur with torch pinned to the local CPU build (constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's PostgreSQL server: the search's multi-worker test starts one (scaling out rests on
+# Optuna's RDB storage). Only installed when missing, and only where apt-get may run.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "setup: PostgreSQL is not installed (apt-get install postgresql); its test will be skipped" >&2
+  fi
+fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -149,7 +149,7 @@ def prune(
     cal_tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, _data_root(recipe), base_dir))
     stats_tokens, heldout_tokens = split_tokens(cal_tokens, 0.9)
     calib = calibration_windows(stats_tokens, cal.n_samples, cal.seqlen, cal.seed)
-    heldout = eval_windows(heldout_tokens, min(cal.seqlen, 256), 16)
+    heldout = eval_windows(heldout_tokens, min(cal.seqlen, cal.heldout_seqlen), cal.heldout_windows)
     calib_fp = hashlib.sha256(calib.numpy().tobytes() + heldout.numpy().tobytes()).hexdigest()
     if lock_data is not None and lock_data["fingerprints"]["calibration"] != calib_fp:
         raise LockError(

@@ -113,6 +113,25 @@ def test_restoration_improves_output_vs_no_restore() -> None:
     assert errs["least_squares"] < errs["none"]
 
 
+def test_magnitude_without_restore_runs_no_forward_and_matches_weight_ranking() -> None:
+    """A weight-only plan needs no activations: no layer runs, same budget, largest-norm units."""
+    model, ref = tiny_model("llama"), tiny_model("llama")
+    adapter = adapter_for(model.config)
+    spec = BudgetSpec(fraction=0.3, attention="q_head", multiple_of=4)
+    plan = uniform_plan(model, adapter, spec, list(range(3)), metric="magnitude", restore="none")
+    calls = []
+    for layer in adapter.layers(model):
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    res = prune_sequential(model, adapter, torch.zeros(0, 8, dtype=torch.long), plan, progress=False)
+    assert not calls and set(res.keep) == {0, 1, 2}
+    assert decoder_linear_params(ref, adapter) - decoder_linear_params(model, adapter) == planned_removal(
+        ref, adapter, plan
+    )
+    down = ref.model.layers[0].mlp.down_proj.weight
+    best = down.abs().sum(0).topk(plan.layers[0].mlp).indices.sort().values
+    assert res.keep[0].mlp == best.tolist()
+
+
 def test_infeasible_budget_names_key_and_limit() -> None:
     model = tiny_model("llama")
     with pytest.raises(BudgetError, match=r"budget.params.*min_keep.*largest feasible budget"):

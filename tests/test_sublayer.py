@@ -312,6 +312,14 @@ def test_multipruner_sublayers_then_mlp_channels(tmp_path: Path) -> None:
     _check_multipruner(prune(recipe, progress=False, log=lambda s: None))
 
 
+def test_heldout_windows_from_the_recipe_are_what_blockpruner_scores_on(tmp_path: Path) -> None:
+    passes = [dict(SUBLAYERS, share=0.44), dict(MLP, share=0.56)]
+    recipe = _multipruner_recipe(tmp_path, passes, 0.3, allocation="uniform")
+    over = ["calibration.heldout_windows=3", "calibration.heldout_seqlen=16"]
+    out = prune(recipe, overrides=over, progress=False, log=lambda s: None)
+    assert out.report["stages"][0]["heldout"] == "3 x 16"
+
+
 def test_multipruner_44_52_4_with_global_allocation(tmp_path: Path) -> None:
     passes = [dict(SUBLAYERS, share=0.44), dict(MLP, share=0.52), dict(KV, share=0.04)]
     out = prune(_multipruner_recipe(tmp_path, passes, 0.3), progress=False, log=lambda s: None)

@@ -1,0 +1,129 @@
+"""Benchmark: zero-shot accuracy of dense and FASP-pruned SmolLM2-135M on the six local tasks.
+
+Not a test. Prunes SmolLM2 with uniform FASP + restoration at each ratio (calibration on
+wiki.valid.raw), then runs piqa, arc_easy, arc_challenge, hellaswag, winogrande and boolq through
+lm-eval (Secateur's offline task configs, lm-eval's standard zero-shot prompts) on the dense and
+each pruned model, one task at a time so every task's wall time is recorded. `--limit N` scores
+the first N documents of each task (the full sets take hours on a 2-core CPU: the table shows the
+time measured and the time the full set would take at the same rate). Writes
+bench/results/zeroshot.md (+ .json) after every model.
+
+    python bench/zeroshot_bench.py --ratios 0.2 0.3 --limit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from secateur.recipe.compile import BudgetSpec, uniform_plan
+from secateur.runtime.data import calibration_windows, default_data_root, iter_jsonl, load_text, tokenize_text
+from secateur.runtime.loader import load_model
+from secateur.runtime.sequential import prune_sequential
+from secateur.runtime.speed import decoder_linear_params
+from secateur.runtime.zeroshot import LOCAL_TASKS, run_zeroshot, task_file
+
+
+def docs_in(task: str, root: Path) -> int:
+    """Documents in the task's local file (what a full run scores)."""
+    return sum(1 for _ in iter_jsonl(task_file(task, root)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS))
+    ap.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
+    ap.add_argument("--n-samples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default="bench/results/zeroshot")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    root = Path(default_data_root())
+    full = {t: docs_in(t, root) for t in args.tasks}
+    lm = load_model("smollm2-135m", dtype="float32", device="cpu")
+    val = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation"))
+    calib = calibration_windows(val, args.n_samples, 512, 0)
+    rows: list[dict] = []
+    models = [("dense", 0.0)] + [("FASP + restore", r) for r in args.ratios]
+    for name, ratio in models:
+        model = lm.model
+        if ratio:
+            model = copy.deepcopy(lm.model)
+            plan = uniform_plan(model, lm.adapter, BudgetSpec(fraction=ratio, multiple_of=8), list(range(30)))
+            prune_sequential(model, lm.adapter, calib, plan, progress=False)
+        row: dict = {
+            "model": name,
+            "ratio": ratio,
+            "decoder_linear_params": decoder_linear_params(model, lm.adapter),
+        }
+        for task in args.tasks:
+            t = time.perf_counter()
+            res = run_zeroshot(model, lm.tokenizer, [task], root, args.limit, args.batch_size)
+            scored = min(args.limit or full[task], full[task])
+            row[task] = {**res[task], "seconds": time.perf_counter() - t, "docs": scored}
+            print(json.dumps({"model": name, "ratio": ratio, "task": task, **row[task]}), flush=True)
+        row["mean_acc"] = sum(row[t]["acc"] for t in args.tasks) / len(args.tasks)
+        rows.append(row)
+        write(args, rows, full)
+        if model is not lm.model:
+            del model
+
+
+def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"full_docs": full, "rows": rows}, indent=2))
+    scope = f"the first {args.limit} documents of each task" if args.limit else "the full sets"
+    lines = [
+        "# Zero-shot accuracy, SmolLM2-135M, dense vs uniform FASP + restoration",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32, "
+        "no GPU  ",
+        f"lm-eval zero-shot with Secateur's offline task configs (lm-eval's standard prompts), {scope}, "
+        f"batch size {args.batch_size}. Pruning calibrated on {args.n_samples} x 512 tokens of wiki.valid.raw. "
+        "acc (acc_norm in brackets where lm-eval reports it).",
+        "",
+        "| model | removed | " + " | ".join(args.tasks) + " | mean acc |",
+        "|---|---|" + "---|" * len(args.tasks) + "---|",
+    ]
+    for r in rows:
+        cells = []
+        for t in args.tasks:
+            m = r[t]
+            norm = f" ({m['acc_norm']:.3f})" if m.get("acc_norm") is not None else ""
+            cells.append(f"{m['acc']:.3f}{norm}")
+        lines.append(
+            f"| {r['model']} | {r['ratio']:.0%} | " + " | ".join(cells) + f" | {r['mean_acc']:.3f} |"
+        )
+    lines += [
+        "",
+        "Wall time per task (one model), measured and extrapolated to the full set at the same rate:",
+        "",
+        "| model | " + " | ".join(args.tasks) + " | total |",
+        "|---|" + "---|" * len(args.tasks) + "---|",
+    ]
+    for r in rows:
+        cells, total, total_full = [], 0.0, 0.0
+        for t in args.tasks:
+            s, n = r[t]["seconds"], r[t]["docs"]
+            est = s * full[t] / n
+            total, total_full = total + s, total_full + est
+            cells.append(f"{s:.0f} s ({n} docs; full {full[t]}: ~{est / 60:.0f} min)")
+        lines.append(
+            f"| {r['model']} {r['ratio']:.0%} | " + " | ".join(cells) + f" | {total / 60:.1f} min "
+            f"(full: ~{total_full / 60:.0f} min) |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
