@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 README = REPO / "recipes_examples" / "README.md"
@@ -45,7 +47,7 @@ def measured_rows() -> dict[str, dict]:
     for r in methods:
         if r["method"] != "dense" and mdense:
             stem = Path(r["recipe"]).stem
-            if stem.startswith("fasp-") and r["method"] != "fasp":
+            if stem != f"{r['method']}-{round(r['ratio'] * 100)}":
                 continue  # a registered method run through the FASP recipe has no example of its own
             rows[stem] = {
                 "ppl": r["ppl"],
@@ -59,7 +61,11 @@ def measured_rows() -> dict[str, dict]:
             }
     search = _load("search")
     if isinstance(search, dict):
+        recipe = REPO / "recipes_examples" / "search-30.yaml"
+        knots = yaml.safe_load(recipe.read_text())["allocation"]["search"].get("knots", 0)
         for r in search["rows"]:
+            if r.get("knots", 0) != knots:
+                continue  # the row of the search space the example recipe uses
             dec = r["searched_decoder_params"]
             rows[f"search-{round(r['ratio'] * 100)}"] = {
                 "ppl": r["searched_ppl_2048"],

@@ -52,6 +52,10 @@ def main() -> None:
     ap.add_argument("--windows-2048", type=int, default=8)
     ap.add_argument("--min-keep", type=float, default=0.2)
     ap.add_argument(
+        "--knots", type=int, default=0, help="0: a keep fraction per layer; N: N knots over depth"
+    )
+    ap.add_argument("--append", action="store_true", help="keep --out's rows of other (ratio, knots) pairs")
+    ap.add_argument(
         "--uniform-from",
         default=None,
         help="bench/results/fasp.json of a run with the same calibration and test windows: take the "
@@ -68,7 +72,8 @@ def main() -> None:
     layers = list(range(lm.adapter.num_layers))
     dense_ppl = perplexity(lm.model, test)
     fwd = proxy_forward_seconds(lm.model, heldout)
-    rows = []
+    out_json = Path(args.out).with_suffix(".json")
+    rows = json.loads(out_json.read_text())["rows"] if args.append and out_json.is_file() else []
     for ratio in args.ratios:
         spec = BudgetSpec(fraction=ratio, multiple_of=8, min_keep=args.min_keep)
         t = time.perf_counter()
@@ -79,7 +84,9 @@ def main() -> None:
             heldout,
             spec,
             layers,
-            SearchOptions(trials=args.trials, heldout_tokens=args.heldout_tokens, pruner=True),
+            SearchOptions(
+                trials=args.trials, heldout_tokens=args.heldout_tokens, pruner=True, knots=args.knots
+            ),
             storage=None,
             n_trials=args.trials,
             progress=True,
@@ -88,6 +95,8 @@ def main() -> None:
         per_trial = [r["seconds"] for r in res.trials_table if r["state"] == "COMPLETE" and r["seconds"]]
         n_pruned = sum(r["state"] == "PRUNED" for r in res.trials_table)
         row = {
+            "command": "python " + " ".join(sys.argv),
+            "knots": args.knots,
             "ratio": ratio,
             "trials": len(res.trials_table),
             "search_s": search_s,
@@ -98,7 +107,7 @@ def main() -> None:
             "best_kl": res.best_value,
             "uniform_kl": res.uniform_value,
         }
-        write_plots(res, Path(args.out).parent / f"search-{round(ratio * 100)}")
+        write_plots(res, Path(args.out).parent / plot_dir(ratio, args.knots))
         plans = [("uniform", uniform_plan(lm.model, lm.adapter, spec, layers)), ("searched", res.best_plan)]
         known = uniform_rows(args.uniform_from, ratio, args) if args.uniform_from else None
         if known is not None:
@@ -111,9 +120,13 @@ def main() -> None:
             row[f"{name}_ppl_2048"] = perplexity(m, test)
             row[f"{name}_decoder_params"] = decoder_linear_params(m, lm.adapter)
             del m
-        rows.append(row)
+        rows = [r for r in rows if (r["ratio"], r.get("knots", 0)) != (ratio, args.knots)] + [row]
         print(json.dumps(row), flush=True)
         write(args, rows, dense_ppl)
+
+
+def plot_dir(ratio: float, knots: int) -> str:
+    return f"search-{round(ratio * 100)}" + (f"-knots{knots}" if knots else "")
 
 
 def uniform_rows(path: str, ratio: float, args: argparse.Namespace) -> tuple[float, int] | None:
@@ -125,6 +138,10 @@ def uniform_rows(path: str, ratio: float, args: argparse.Namespace) -> tuple[flo
     return None
 
 
+def space_name(row: dict) -> str:
+    return f"{row['knots']} knots over depth" if row.get("knots") else "per layer"
+
+
 def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +149,8 @@ def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
     lines = [
         "# Searched vs uniform allocation, SmolLM2-135M, FASP + restoration",
         "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
+        "Commands (each row's own is in the .json):  ",
+        *[f"`{c}`  " for c in dict.fromkeys(r.get("command", "python " + " ".join(sys.argv)) for r in rows)],
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32, "
         "no GPU  ",
         f"Search: MLP keep fraction per layer, TPE seeded with uniform and CFSP-angular allocations, "
@@ -147,25 +165,25 @@ def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
             else ""
         ),
         "",
-        "| removed | trials (pruned early) | search s | s/trial, all incl. cache | s/complete trial (median) "
+        "| removed | space | trials (pruned early) | search s | s/trial, all incl. cache | s/complete trial (median) "
         "| complete trial / proxy fwd | KL uniform | KL best | ppl uniform | ppl searched | ppl gain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spt = r["s_per_trial_median"]
         lines.append(
-            f"| {r['ratio']:.0%} | {r['trials']} ({r['pruned_trials']}) | {r['search_s']:.0f} | "
+            f"| {r['ratio']:.0%} | {space_name(r)} | {r['trials']} ({r['pruned_trials']}) | {r['search_s']:.0f} | "
             f"{r['s_per_trial_all']:.1f} | {spt:.1f} | {spt / r['proxy_forward_s']:.2f} | "
             f"{r['uniform_kl']:.4f} | {r['best_kl']:.4f} | {r['uniform_ppl_2048']:.2f} | {r['searched_ppl_2048']:.2f} | "
             f"{1 - r['searched_ppl_2048'] / r['uniform_ppl_2048']:.1%} |"
         )
     for r in rows:
-        pct = round(r["ratio"] * 100)
+        pct, d = round(r["ratio"] * 100), plot_dir(r["ratio"], r.get("knots", 0))
         lines += [
             "",
-            f"{pct}%: best trial's per-layer allocation vs uniform, and the optimization history:",
+            f"{pct}%, {space_name(r)}: best trial's per-layer allocation vs uniform, and the optimization history:",
             "",
-            f"![allocation {pct}%](search-{pct}/allocation.png) ![history {pct}%](search-{pct}/history.png)",
+            f"![allocation {pct}%]({d}/allocation.png) ![history {pct}%]({d}/history.png)",
         ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

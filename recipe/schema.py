@@ -290,6 +290,8 @@ class SearchOptions(_Section):
     seed: int = 0
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: bool = True
+    # 0: one keep fraction per layer and structure; N >= 2: N knots over depth, interpolated
+    knots: NonNegativeInt = 0
 
 
 class StructureKeep(_Section):

@@ -6,6 +6,11 @@ the plan removes exactly the budgeted parameters, rounds to whole units and `mul
 respects budget.min_keep/max_keep and fixes the rounding drift greedily. Every trial is
 therefore a feasible model of the right size, and the sampler never wastes a trial.
 
+With `knots` > 0 the sampler sees fewer dimensions: a keep fraction at `knots` evenly spaced
+depths per structure (`mlp_k0`, ...), linearly interpolated to every layer. A smooth curve over
+depth is what layer-wise allocations found by hand look like (OWL, CFSP), and a few parameters
+are far harder to over-fit to a small held-out set than one per layer.
+
 Parameter accounting is the one of `recipe.compile.planned_removal` (tests check equality).
 """
 
@@ -67,6 +72,7 @@ class SearchSpace:
     metric: str = "fasp"
     restore: str = "least_squares"
     damping: float = 0.01
+    knots: int = 0  # 0: one parameter per slot; else per structure, interpolated over depth
 
     @classmethod
     def build(
@@ -78,9 +84,12 @@ class SearchSpace:
         metric: str = "fasp",
         restore: str = "least_squares",
         damping: float = 0.01,
+        knots: int = 0,
     ) -> SearchSpace:
         """Read unit counts and sizes from the dense model's groups (once per search)."""
         check_targets(spec, layers)
+        if knots == 1 or knots < 0:
+            raise BudgetError(f"allocation.search.knots: {knots} (0 for one parameter per layer, or >= 2)")
         if spec.attention not in ("none", "q_head", "kv_group"):
             raise BudgetError(f"targets.attention: {spec.attention!r} cannot be searched yet")
         slots: list[Slot] = []
@@ -101,17 +110,65 @@ class SearchSpace:
         if not slots:
             raise BudgetError("targets: no targeted structure exists in the eligible layers")
         goal = target_params(model, adapter, spec)
-        return cls(spec, list(layers), slots, goal, metric, restore, damping)
+        return cls(spec, list(layers), slots, goal, metric, restore, damping, knots)
 
     # ---- sampling ---------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.slots]
 
+    @property
+    def param_names(self) -> list[str]:
+        """What the sampler sees: slot names, or `{kind}_k{j}` knots."""
+        if not self.knots:
+            return self.names
+        kinds = dict.fromkeys(s.kind for s in self.slots)
+        return [f"{k}_k{j}" for k in kinds for j in range(self.knots)]
+
+    def _depth(self) -> dict[str, float]:
+        """Each slot's position in [0, 1] among the searched slots of its kind."""
+        out: dict[str, float] = {}
+        for kind in dict.fromkeys(s.kind for s in self.slots):
+            same = [s for s in self.slots if s.kind == kind]
+            for r, s in enumerate(same):
+                out[s.name] = r / max(len(same) - 1, 1)
+        return out
+
+    def expand(self, params: dict[str, float]) -> Fractions:
+        """Sampled parameters -> one keep fraction per slot (identity without knots)."""
+        if not self.knots:
+            return {s.name: float(params[s.name]) for s in self.slots}
+        depth, out = self._depth(), {}
+        for s in self.slots:
+            x = depth[s.name] * (self.knots - 1)
+            j = min(int(x), self.knots - 2)
+            a, b = params[f"{s.kind}_k{j}"], params[f"{s.kind}_k{j + 1}"]
+            out[s.name] = float(a + (b - a) * (x - j))
+        return out
+
+    def params_of(self, fractions: Fractions) -> dict[str, float]:
+        """Per-slot fractions -> sampler parameters (knots: the mean of the slots nearest each knot),
+        clipped into the sampling range so they can be enqueued."""
+        if not self.knots:
+            return self.clip(fractions)
+        depth, sums = self._depth(), {}
+        for s in self.slots:
+            key = f"{s.kind}_k{round(depth[s.name] * (self.knots - 1))}"
+            sums.setdefault(key, []).append(fractions[s.name])
+        out = {}
+        for name in self.param_names:  # a knot with no nearest slot takes its neighbour's value
+            kind, j = name.rsplit("_k", 1)
+            near = min(
+                (k for k in sums if k.startswith(f"{kind}_k")),
+                key=lambda k: abs(int(k.rsplit("_k", 1)[1]) - int(j)),
+            )
+            out[name] = sum(sums[near]) / len(sums[near])
+        return self.clip(out)
+
     def suggest(self, trial: optuna.Trial) -> Fractions:
-        """Sample one keep fraction per slot in [min_keep, max_keep]."""
+        """Sample the parameters in [min_keep, max_keep] and expand them to one fraction per slot."""
         lo, hi = self.spec.min_keep, self.spec.max_keep
-        return {s.name: trial.suggest_float(s.name, lo, hi) for s in self.slots}
+        return self.expand({n: trial.suggest_float(n, lo, hi) for n in self.param_names})
 
     def clip(self, fractions: Fractions) -> Fractions:
         """Fractions clipped into the sampling range (so they can be enqueued)."""
@@ -172,6 +229,7 @@ class SearchSpace:
             "metric": self.metric,
             "restore": self.restore,
             "damping": self.damping,
+            **({"knots": self.knots} if self.knots else {}),  # studies made before knots still match
         }
 
 

@@ -268,7 +268,7 @@ def _seed(study: optuna.Study, space: SearchSpace, cache: SearchCache) -> None:
     seeds = {"uniform": uniform_fractions(space), "angular": angular_fractions(space, cache.angular)}
     for name, fractions in seeds.items():
         if name not in present:
-            study.enqueue_trial(fractions, user_attrs={"init": name})
+            study.enqueue_trial(space.params_of(fractions), user_attrs={"init": name})
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -330,7 +330,14 @@ def _build(
     setup: _Setup, model: nn.Module, adapter: ModelAdapter
 ) -> tuple[SearchSpace, SearchCache, Objective]:
     space = SearchSpace.build(
-        model, adapter, setup.spec, setup.layers, setup.metric, setup.restore, setup.damping
+        model,
+        adapter,
+        setup.spec,
+        setup.layers,
+        setup.metric,
+        setup.restore,
+        setup.damping,
+        setup.options.knots,
     )
     project_to_budget(uniform_fractions(space), space)  # an infeasible budget fails here, once
     try:  # the uniform seed is exactly what the compiler would do without a search
@@ -449,7 +456,7 @@ def run_search(
     if workers > 1:
         torch.set_num_threads(setup.threads)
     try:
-        space = SearchSpace.build(model, adapter, spec, setup.layers, metric, restore, damping)
+        space = SearchSpace.build(model, adapter, spec, setup.layers, metric, restore, damping, options.knots)
         fp = space_fingerprint(space, model_fingerprint, options.objective, calib_ids, heldout_ids)
         study = open_study(url, study_name, fp, options, 0, heartbeat)
         remaining = total - finished_count(study)

@@ -21,7 +21,7 @@ import torch
 from optuna.trial import TrialState
 
 from secateur.graph.adapters import adapter_for
-from secateur.recipe.compile import BudgetSpec, planned_removal
+from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import SearchOptions
 from secateur.runtime.capture import capture_inputs, run_layer
@@ -351,3 +351,47 @@ def test_in_memory_search_without_storage():
     assert res.storage is None and len(res.study.get_trials()) == 3
     assert res.best_value <= res.uniform_value
     assert optuna.logging.get_verbosity() == verbosity
+
+
+# ---- knots: a smooth allocation over depth ------------------------------------------------------
+
+
+def test_knots_interpolate_over_depth_and_round_trip():
+    m, a = _model()
+    spec = BudgetSpec(fraction=0.3, attention="q_head")
+    space = SearchSpace.build(m, a, spec, LAYERS, knots=3)
+    assert space.param_names == ["mlp_k0", "mlp_k1", "mlp_k2", "attn_k0", "attn_k1", "attn_k2"]
+    params = {"mlp_k0": 0.9, "mlp_k1": 0.5, "mlp_k2": 0.7, "attn_k0": 1.0, "attn_k1": 1.0, "attn_k2": 0.5}
+    fr = space.expand(params)
+    # 4 layers at depths 0, 1/3, 2/3, 1 over knots at 0, 1/2, 1
+    assert fr["mlp_0"] == pytest.approx(0.9) and fr["mlp_3"] == pytest.approx(0.7)
+    assert fr["mlp_1"] == pytest.approx(0.9 + (0.5 - 0.9) * 2 / 3)
+    assert fr["mlp_2"] == pytest.approx(0.5 + (0.7 - 0.5) * 1 / 3)
+    assert fr["attn_2"] == pytest.approx(1.0 - 0.5 / 3)
+    uni = uniform_fractions(space)
+    assert space.expand(space.params_of(uni)) == pytest.approx(uni)
+    assert abs(planned_removal(m, a, project_to_budget(fr, space)) - space.goal) <= space.step_params
+    assert space.fingerprint() != SearchSpace.build(m, a, spec, LAYERS).fingerprint()
+    with pytest.raises(BudgetError, match="knots"):
+        SearchSpace.build(m, a, spec, LAYERS, knots=1)
+
+
+def test_search_with_knots_samples_knots_and_seeds_uniform_exactly():
+    m, a = _model()
+    g = torch.Generator().manual_seed(0)
+    calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (8, 32), generator=g)
+    res = run_search(
+        m,
+        a,
+        calib,
+        held,
+        BudgetSpec(fraction=0.2),
+        LAYERS,
+        SearchOptions(trials=5, knots=2, pruner=False),
+        progress=False,
+    )
+    trials = res.study.get_trials()
+    assert all(set(t.params) == {"mlp_k0", "mlp_k1"} for t in trials)
+    assert trials[0].user_attrs["init"] == "uniform" and res.uniform_value == trials[0].value
+    uniform = res.space.fractions_of(res.uniform_plan)
+    assert max(uniform.values()) - min(uniform.values()) < 0.1  # the compiler's plan, not a re-sampled one
