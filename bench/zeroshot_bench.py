@@ -38,7 +38,7 @@ def docs_in(task: str, root: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3], help="none: the dense model only")
     ap.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS))
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
     ap.add_argument("--n-samples", type=int, default=64)
