@@ -73,7 +73,8 @@ class Group:
         return self.n_units * self.params_per_unit
 
 
-def _has(model: nn.Module, path: str) -> bool:
+def has_submodule(model: nn.Module, path: str) -> bool:
+    """Whether `path` names a submodule (sublayers may have been removed)."""
     try:
         model.get_submodule(path)
         return True
@@ -155,7 +156,7 @@ def layer_groups(model: nn.Module, adapter: ModelAdapter, i: int) -> list[Group]
     if not sh["skip_attention"]:
         n_q, n_kv, d, dv = (int(sh[k]) for k in ("num_heads", "num_kv_heads", "head_dim", "v_head_dim"))
         r = n_q // n_kv
-        shared = tuple(f"{p}.{n}" for n in adapter.head_norms if _has(model, f"{p}.{n}"))
+        shared = tuple(f"{p}.{n}" for n in adapter.head_norms if has_submodule(model, f"{p}.{n}"))
         kv_sites = _sites(
             model,
             [
@@ -211,7 +212,7 @@ def sublayer_groups(model: nn.Module, adapter: ModelAdapter, i: int) -> list[Gro
     attn_params += sum(
         w.numel()
         for n in adapter.attn_branch_norms
-        if _has(layer, n) and (w := getattr(layer.get_submodule(n), "weight", None)) is not None
+        if has_submodule(layer, n) and (w := getattr(layer.get_submodule(n), "weight", None)) is not None
     )
     mlp_params = 0
     if not sh["skip_mlp"]:
@@ -221,7 +222,7 @@ def sublayer_groups(model: nn.Module, adapter: ModelAdapter, i: int) -> list[Gro
         mlp_params += sum(
             w.numel()
             for n in adapter.mlp_branch_norms
-            if _has(layer, n) and (w := getattr(layer.get_submodule(n), "weight", None)) is not None
+            if has_submodule(layer, n) and (w := getattr(layer.get_submodule(n), "weight", None)) is not None
         )
     if not sh["skip_attention"]:
         out.append(Group(f"layers.{i}.attn", "attn_sublayer", i, 1, (), attn_params))

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import layer_shapes
+from secateur.graph.groups import has_submodule, layer_shapes
 from secateur.runtime.capture import LayerInputs, capture_inputs, run_layer
 from secateur.runtime.methods import StageContext, register_method
 from secateur.runtime.restore import solve_damped
@@ -452,18 +452,12 @@ class Restorer:
         out = []
         if not getattr(layer.get_submodule(self.adapter.attn), "secateur_skipped", False):
             out.append(self.adapter.o)
-        lin = layer.get_submodule(self.adapter.mlp_out) if self._has(layer, self.adapter.mlp_out) else None
+        lin = (
+            layer.get_submodule(self.adapter.mlp_out) if has_submodule(layer, self.adapter.mlp_out) else None
+        )
         if lin is not None and lin.in_features > 0:
             out.append(self.adapter.mlp_out)
         return out
-
-    @staticmethod
-    def _has(layer: nn.Module, path: str) -> bool:
-        try:
-            layer.get_submodule(path)
-            return True
-        except AttributeError:
-            return False
 
     @torch.inference_mode()
     def _dense_layer(
