@@ -14,11 +14,11 @@ from typing import Any
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import Group, layer_groups
+from secateur.graph.groups import Group, layer_groups, layer_shapes
 from secateur.recipe.schema import parse_table_key, select_layers
 from secateur.runtime.plan import LayerPlan, Plan
 from secateur.runtime.select import round_keep
-from secateur.runtime.speed import decoder_linear_params
+from secateur.runtime.speed import attention_span, decoder_linear_params, flops_per_token
 
 
 class BudgetError(ValueError):
@@ -268,32 +268,128 @@ def table_fractions(table: dict[str, Any], num_layers: int) -> dict[int, Any]:
 
 
 def budget_spec(recipe: Any, targets: Any | None = None, count: int | None = None) -> BudgetSpec:
-    """The budget of a recipe, or of one stage given its absolute share `count` of parameters."""
+    """The budget of a recipe, or of one stage given its absolute share `count` of parameters.
+
+    A FLOPs budget has no parameter count until it meets a model: pass `count` from
+    `stage_counts` (or `removal_goal`) for it.
+    """
     b = recipe.budget
     t = targets or recipe.targets
-    if b.kind != "params":
-        raise BudgetError(f"budget.{b.kind}: only budget.params is supported by the FASP compiler so far")
     if count is not None:
         return BudgetSpec(None, int(count), t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
+    if b.kind != "params":
+        raise BudgetError(
+            f"budget.{b.kind}: needs the model to become a parameter count (use stage_counts / removal_goal)"
+        )
     fraction = b.params if isinstance(b.params, float) else None
     absolute = int(b.params) if isinstance(b.params, int) else None
     return BudgetSpec(fraction, absolute, t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
 
 
+def plan_flops_removed(model: nn.Module, adapter: ModelAdapter, plan: Plan, context: int) -> int:
+    """FLOPs per token a plan removes: 2 per linear parameter plus the QK^T / AV products of the
+    query heads (or value channels) it drops, each attending to `context` positions."""
+    total = 2 * planned_removal(model, adapter, plan)
+    for i, lp in plan.layers.items():
+        if lp.kv_groups is None and lp.q_per_group is None and lp.v_per_group is None:
+            continue
+        s = layer_shapes(model, adapter, i)
+        n_q, n_kv, d, dv = (int(s[k]) for k in ("num_heads", "num_kv_heads", "head_dim", "v_head_dim"))
+        kv = lp.kv_groups if lp.kv_groups is not None else n_kv
+        q = lp.q_per_group if lp.q_per_group is not None else n_q // max(n_kv, 1)
+        v = lp.v_per_group if lp.v_per_group is not None else dv
+        span = attention_span(model.config, i, context)
+        total += 2 * span * (n_q * (d + dv) - kv * q * (d + v))
+    return total
+
+
+def flops_to_params(
+    model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, layers: list[int], flops: int, context: int
+) -> int:
+    """The parameter count whose uniform removal of the targeted structures cuts `flops` FLOPs per
+    token (the smallest such count, by bisection on the compiled plan).
+
+    Allocations that pick units at prune time (global, search, sublayer methods) remove this
+    count too, so their FLOPs cut differs from the goal only by the attention products of the
+    heads they happen to drop; the report gives the FLOPs actually removed.
+    """
+    check_targets(spec, layers)
+
+    def removed(count: int) -> int | None:
+        s = BudgetSpec(None, count, spec.mlp, spec.attention, spec.min_keep, spec.max_keep, spec.multiple_of)
+        try:
+            return plan_flops_removed(model, adapter, uniform_plan(model, adapter, s, layers), context)
+        except BudgetError:
+            return None
+
+    hi = int(feasible_fraction(model, adapter, spec, layers) * decoder_linear_params(model, adapter))
+    top = removed(hi)
+    if top is None or top < flops:
+        most = 0 if top is None else top
+        raise BudgetError(
+            f"budget.flops: removing {flops:,} FLOPs per token is not possible with these targets under "
+            f"min_keep={spec.min_keep}; at most about {most / max(flops_per_token(model, adapter, context), 1):.3f} "
+            "of the model's FLOPs per token can go"
+        )
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        got = removed(mid)
+        if got is not None and got >= flops:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def removal_goal(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> int:
+    """Parameters the whole recipe removes: budget.params directly, or the count that cuts
+    budget.flops of the dense model's FLOPs per token (see `stage_counts`)."""
+    return sum(stage_counts(recipe, model, adapter))
+
+
 def stage_counts(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> list[int]:
-    """Parameters each stage removes: its share of the whole budget, measured on the dense model."""
+    """Parameters each stage removes: its share of the whole budget, measured on the dense model.
+
+    budget.flops is a fraction of the dense model's FLOPs per token (decoder and LM head,
+    attention over budget.context positions). Each stage takes its share of those FLOPs and turns
+    it into parameters for its own targets: channel and head stages through `flops_to_params`,
+    sublayer stages at 2 FLOPs per parameter (a removed attention branch also drops its
+    QK^T / AV products, so they cut at least their share).
+    """
     b = recipe.budget
-    if b.kind != "params":
-        raise BudgetError(f"budget.{b.kind}: only budget.params is supported so far")
-    total = target_params(
-        model,
-        adapter,
-        BudgetSpec(
-            b.params if isinstance(b.params, float) else None, b.params if isinstance(b.params, int) else None
-        ),
-    )
+    stages = recipe.stages()
     shares = [p.share for p in recipe.passes] if recipe.passes else [1.0]
-    return [int(round(total * s)) for s in shares]
+    if b.kind == "params":
+        total = target_params(
+            model,
+            adapter,
+            BudgetSpec(
+                b.params if isinstance(b.params, float) else None,
+                b.params if isinstance(b.params, int) else None,
+            ),
+        )
+        return [int(round(total * s)) for s in shares]
+    if b.kind != "flops":
+        raise BudgetError(
+            f"budget.{b.kind}: not compiled yet; use budget.params or budget.flops (SPRINT weighs measured "
+            "latency when choosing sublayers under either)"
+        )
+    goal = int(round(b.flops * flops_per_token(model, adapter, b.context)))
+    counts = []
+    for st, share in zip(stages, shares):
+        want = int(round(goal * share))
+        if getattr(st.targets, "sublayers", False):
+            counts.append((want + 1) // 2)
+            continue
+        layers = eligible_layers(st.targets, adapter.num_layers, adapter.layers_path)
+        spec = budget_spec(recipe, st.targets, 0)
+        try:
+            counts.append(flops_to_params(model, adapter, spec, layers, want, b.context))
+        except BudgetError as e:
+            where = f"{'.'.join(map(str, st.path))} ({st.method}): " if st.path else ""
+            raise BudgetError(f"{where}{e}") from e
+    return counts
 
 
 def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, layers: list[int]) -> None:

@@ -232,6 +232,8 @@ class Budget(_Section):
     min_keep: KeepFraction = 0.05
     max_keep: KeepFraction = 1.0
     multiple_of: PositiveInt = 8
+    # positions each token attends to when budget.flops counts the QK^T and AV products
+    context: PositiveInt = 512
 
     @model_validator(mode="after")
     def _one_goal(self) -> Budget:

@@ -55,7 +55,7 @@ def decoder_linear_params(model: nn.Module, adapter: ModelAdapter) -> int:
     return sum(p.numel() for m in _decoder_linears(model, adapter) for p in m.parameters(recurse=False))
 
 
-def _attention_span(config: object, i: int, context: int) -> int:
+def attention_span(config: object, i: int, context: int) -> int:
     """Keys one token attends to in layer i: sliding-window layers see at most the window."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
@@ -80,7 +80,7 @@ def flops_per_token(model: nn.Module, adapter: ModelAdapter, context: int = 512)
         s = layer_shapes(model, adapter, i)
         if s["skip_attention"]:
             continue
-        span = _attention_span(model.config, i, context)
+        span = attention_span(model.config, i, context)
         attn += 2 * int(s["num_heads"]) * (int(s["head_dim"]) + int(s["v_head_dim"])) * span
     return 2 * macs + attn
 

@@ -156,7 +156,7 @@ def prune(
             f"{lock_path}: calibration data differs from the locked run (different file or tokenizer)"
         )
 
-    dense_size = size_of(lm)
+    dense_size = size_of(lm, recipe.budget.context)
     dense_layer = all_layer_shapes(lm.model, lm.adapter)[0]
     ev = recipe.evaluate
     ppl_cache: dict[str, torch.Tensor] = {}
@@ -186,7 +186,8 @@ def prune(
 
     report: dict[str, Any] = {
         "recipe_yaml": dump_recipe(recipe),
-        "size": {"dense": dense_size, "pruned": size_of(lm)},
+        "size": {"dense": dense_size, "pruned": size_of(lm, recipe.budget.context)},
+        "flops_context": recipe.budget.context,
         "layers": all_layer_shapes(lm.model, lm.adapter),
         "dense_layer": dense_layer,
         "phases": {"load": t_load, **merge_phases(results)},

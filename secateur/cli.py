@@ -74,7 +74,7 @@ def format_summary(report: dict) -> str:
             f"{p['decoder_linear_params'] / d['decoder_linear_params']:.3f}x",
         ),
         (
-            "FLOPs/token (ctx 512)",
+            f"FLOPs/token (ctx {report.get('flops_context', 512)})",
             f"{d['flops_per_token']:,}",
             f"{p['flops_per_token']:,}",
             f"{p['flops_per_token'] / d['flops_per_token']:.3f}x",

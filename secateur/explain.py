@@ -77,7 +77,10 @@ class Explanation:
 
 
 def explain(
-    recipe: Recipe, model_ref: str | None = None, base_dir: str | Path | None = None, context: int = 512
+    recipe: Recipe,
+    model_ref: str | None = None,
+    base_dir: str | Path | None = None,
+    context: int | None = None,
 ) -> Explanation:
     """Compile every stage of `recipe` against a model's shapes and describe the result.
 
@@ -93,6 +96,7 @@ def explain(
         table_fractions,
     )
 
+    context = context or recipe.budget.context
     model, adapter = load_skeleton(model_ref or recipe.model.id, base_dir)
     pruned = copy.deepcopy(model)
     plans: list[Plan] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.lock import model_fingerprint
-from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fraction, target_params
+from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fraction, removal_goal
 from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.runtime.data import load_text, resolve_text_source, tokenize_text
 from secateur.runtime.loader import load_model
@@ -73,12 +73,16 @@ def search(
     cal = recipe.calibration
     resolve_text_source(cal.dataset, cal.split, cal.data_root, base)
     url = resolve_storage(storage or opts.storage, out)
-    spec = budget_spec(recipe)
+    if recipe.budget.kind not in ("params", "flops"):
+        raise ValueError(
+            f"{recipe_path}: budget.{recipe.budget.kind} is not compiled yet; use params or flops"
+        )
 
     t0 = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base)
     layers = eligible_layers(recipe.targets, lm.adapter.num_layers, lm.adapter.layers_path)
-    goal = target_params(lm.model, lm.adapter, spec)
+    goal = removal_goal(recipe, lm.model, lm.adapter)
+    spec = budget_spec(recipe, count=goal)
     limit = feasible_fraction(lm.model, lm.adapter, spec, layers)
     if goal > limit * decoder_linear_params(lm.model, lm.adapter):
         raise ValueError(
