@@ -9,6 +9,10 @@ time measured and the time the full set would take at the same rate). Writes
 bench/results/zeroshot.md (+ .json) after every model.
 
     python bench/zeroshot_bench.py --ratios 0.2 0.3 --limit 200
+    python bench/zeroshot_bench.py --tasks hellaswag --resume   # one task more; cells already measured are kept
+
+`--resume` keeps every (model, task) cell of the existing results that was scored on the same
+number of documents, so the full benchmark (hours on a 2-core CPU) can be run a few tasks at a time.
 """
 
 from __future__ import annotations
@@ -44,35 +48,47 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default="bench/results/zeroshot")
+    ap.add_argument("--resume", action="store_true", help="keep cells already measured on as many documents")
     args = ap.parse_args()
     torch.set_num_threads(2)
     root = Path(default_data_root())
-    full = {t: docs_in(t, root) for t in args.tasks}
+    full = {t: docs_in(t, root) for t in LOCAL_TASKS}
     lm = load_model("smollm2-135m", dtype="float32", device="cpu")
     val = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation"))
     calib = calibration_windows(val, args.n_samples, 512, 0)
+    old = {}
+    if args.resume and Path(args.out).with_suffix(".json").is_file():
+        old = {
+            (r["model"], r["ratio"]): r
+            for r in json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
+        }
     rows: list[dict] = []
     models = [("dense", 0.0)] + [("FASP + restore", r) for r in args.ratios]
     for name, ratio in models:
+        prev = old.pop((name, ratio), {})
+        todo = [t for t in args.tasks if prev.get(t, {}).get("docs") != min(args.limit or full[t], full[t])]
         model = lm.model
-        if ratio:
+        if ratio and todo:
             model = copy.deepcopy(lm.model)
             plan = uniform_plan(model, lm.adapter, BudgetSpec(fraction=ratio, multiple_of=8), list(range(30)))
             prune_sequential(model, lm.adapter, calib, plan, progress=False)
         row: dict = {
             "model": name,
             "ratio": ratio,
-            "decoder_linear_params": decoder_linear_params(model, lm.adapter),
+            "decoder_linear_params": prev.get("decoder_linear_params")
+            or decoder_linear_params(model, lm.adapter),
         }
-        for task in args.tasks:
+        row.update({t: v for t, v in prev.items() if t in LOCAL_TASKS})
+        for task in todo:
             t = time.perf_counter()
             res = run_zeroshot(model, lm.tokenizer, [task], root, args.limit, args.batch_size)
             scored = min(args.limit or full[task], full[task])
             row[task] = {**res[task], "seconds": time.perf_counter() - t, "docs": scored}
             print(json.dumps({"model": name, "ratio": ratio, "task": task, **row[task]}), flush=True)
-        row["mean_acc"] = sum(row[t]["acc"] for t in args.tasks) / len(args.tasks)
+        done = [t for t in LOCAL_TASKS if t in row]
+        row["mean_acc"] = sum(row[t]["acc"] for t in done) / len(done)
         rows.append(row)
-        write(args, rows, full)
+        write(args, rows + list(old.values()), full)
         if model is not lm.model:
             del model
 
@@ -81,7 +97,10 @@ def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> N
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"full_docs": full, "rows": rows}, indent=2))
-    scope = f"the first {args.limit} documents of each task" if args.limit else "the full sets"
+    tasks = [t for t in LOCAL_TASKS if any(t in r for r in rows)]
+    scope = (
+        f"the first {args.limit} documents of each task" if args.limit else "the full sets"
+    ) + " (with --resume, each cell's documents are in the time table)"
     lines = [
         "# Zero-shot accuracy, SmolLM2-135M, dense vs uniform FASP + restoration",
         "",
@@ -92,13 +111,16 @@ def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> N
         f"batch size {args.batch_size}. Pruning calibrated on {args.n_samples} x 512 tokens of wiki.valid.raw. "
         "acc (acc_norm in brackets where lm-eval reports it).",
         "",
-        "| model | removed | " + " | ".join(args.tasks) + " | mean acc |",
-        "|---|---|" + "---|" * len(args.tasks) + "---|",
+        "| model | removed | " + " | ".join(tasks) + " | mean acc (tasks scored) |",
+        "|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for r in rows:
         cells = []
-        for t in args.tasks:
-            m = r[t]
+        for t in tasks:
+            m = r.get(t)
+            if m is None:
+                cells.append("—")
+                continue
             norm = f" ({m['acc_norm']:.3f})" if m.get("acc_norm") is not None else ""
             cells.append(f"{m['acc']:.3f}{norm}")
         lines.append(
@@ -108,12 +130,15 @@ def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> N
         "",
         "Wall time per task (one model), measured and extrapolated to the full set at the same rate:",
         "",
-        "| model | " + " | ".join(args.tasks) + " | total |",
-        "|---|" + "---|" * len(args.tasks) + "---|",
+        "| model | " + " | ".join(tasks) + " | total |",
+        "|---|" + "---|" * len(tasks) + "---|",
     ]
     for r in rows:
         cells, total, total_full = [], 0.0, 0.0
-        for t in args.tasks:
+        for t in tasks:
+            if t not in r:
+                cells.append("—")
+                continue
             s, n = r[t]["seconds"], r[t]["docs"]
             est = s * full[t] / n
             total, total_full = total + s, total_full + est
