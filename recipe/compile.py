@@ -18,7 +18,7 @@ from secateur.graph.groups import Group, layer_groups, layer_shapes
 from secateur.recipe.schema import parse_table_key, select_layers
 from secateur.runtime.plan import LayerPlan, Plan
 from secateur.runtime.select import round_keep
-from secateur.runtime.speed import attention_span, decoder_linear_params, flops_per_token
+from secateur.runtime.speed import attention_products, attention_span, decoder_linear_params, flops_per_token
 
 
 class BudgetError(ValueError):
@@ -299,7 +299,7 @@ def plan_flops_removed(model: nn.Module, adapter: ModelAdapter, plan: Plan, cont
         q = lp.q_per_group if lp.q_per_group is not None else n_q // max(n_kv, 1)
         v = lp.v_per_group if lp.v_per_group is not None else dv
         span = attention_span(model.config, i, context)
-        total += 2 * span * (n_q * (d + dv) - kv * q * (d + v))
+        total += attention_products(n_q, d, dv, span) - attention_products(kv * q, d, v, span)
     return total
 
 

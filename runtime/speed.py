@@ -66,6 +66,12 @@ def attention_span(config: object, i: int, context: int) -> int:
     return min(context, int(window)) if sliding and window else context
 
 
+def attention_products(num_heads: int, head_dim: int, v_head_dim: int, span: int) -> int:
+    """FLOPs of one token's QK^T and AV products over `span` keys (shared by the counter and the
+    FLOPs budget compiler so the two cannot drift apart)."""
+    return 2 * num_heads * (head_dim + v_head_dim) * span
+
+
 def flops_per_token(model: nn.Module, adapter: ModelAdapter, context: int = 512) -> int:
     """FLOPs of one token attending to `context` positions: 2 x linear MACs (decoder + lm_head)
     plus QK^T and AV products; removed sublayers cost nothing. Norms, activations and the
@@ -81,7 +87,7 @@ def flops_per_token(model: nn.Module, adapter: ModelAdapter, context: int = 512)
         if s["skip_attention"]:
             continue
         span = attention_span(model.config, i, context)
-        attn += 2 * int(s["num_heads"]) * (int(s["head_dim"]) + int(s["v_head_dim"])) * span
+        attn += attention_products(int(s["num_heads"]), int(s["head_dim"]), int(s["v_head_dim"]), span)
     return 2 * macs + attn
 
 
