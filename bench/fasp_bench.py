@@ -15,9 +15,9 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _results import write_results
 
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.runtime.data import calibration_windows, eval_windows, load_text, tokenize_text
@@ -113,9 +113,6 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, rows: list[dict]) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     dense = rows[0]
     lines = [
         "# FASP on SmolLM2-135M (WikiText-2)",
@@ -152,7 +149,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             )
             + (f"{gain:.2f} |" if gain is not None else "- |")
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 from secateur.api import prune
 from secateur.recipe.load import load_recipe
@@ -228,9 +229,6 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, rows: list[dict]) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str))
     dense = next(r for r in rows if r["method"] == "dense")
     rows = [dense] + sorted((r for r in rows if r is not dense), key=lambda r: (r["ratio"], r["method"]))
     lines = [
@@ -264,7 +262,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             )
             + f"{r.get('notes', '')} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
@@ -143,9 +144,6 @@ def space_name(row: dict) -> str:
 
 
 def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"dense_ppl_2048": dense_ppl, "rows": rows}, indent=2))
     lines = [
         "# Searched vs uniform allocation, SmolLM2-135M, FASP + restoration",
         "",
@@ -185,7 +183,7 @@ def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
             "",
             f"![allocation {pct}%]({d}/allocation.png) ![history {pct}%]({d}/history.png)",
         ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, {"dense_ppl_2048": dense_ppl, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.runtime.data import calibration_windows, default_data_root, iter_jsonl, load_text, tokenize_text
@@ -94,9 +95,6 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"full_docs": full, "rows": rows}, indent=2))
     tasks = [t for t in LOCAL_TASKS if any(t in r for r in rows)]
     scope = (
         f"the first {args.limit} documents of each task" if args.limit else "the full sets"
@@ -147,7 +145,7 @@ def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> N
             f"| {r['model']} {r['ratio']:.0%} | " + " | ".join(cells) + f" | {total / 60:.1f} min "
             f"(full: ~{total_full / 60:.0f} min) |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, {"full_docs": full, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -61,16 +61,18 @@ def tiny_model(family: str, seed: int = 0, **over: Any) -> nn.Module:
 
 
 def tiny_tokenizer(vocab_size: int = 128):
-    """A character-level fast tokenizer over ASCII (ids = code points mod vocab), built offline."""
+    """A character-level fast tokenizer over ASCII (id = code point, anything else <unk>), built offline."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {chr(i): i for i in range(min(vocab_size, 128))}
+    # id 0 is "<unk>" alone (it also pads): sharing it with a character left the word-level model
+    # without an unknown token, so any non-ASCII text (WikiText has plenty) failed to encode
+    vocab = {chr(i): i for i in range(1, min(vocab_size, 128))}
     vocab["<unk>"] = 0
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="\x03", pad_token="\x00"
+        tokenizer_object=tok, unk_token="<unk>", eos_token="\x03", pad_token="<unk>"
     )
 
 

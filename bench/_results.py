@@ -1,0 +1,40 @@
+"""Write a benchmark's .json and .md result files, keeping the hand-written reading notes.
+
+A benchmark rewrites its table each run (and on every `--append`); the notes a person wrote under
+the table, after the NOTES marker, would be lost with it. Both files are written to a temporary
+name and renamed, so a run stopped mid-write never leaves half a table behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+NOTES = "<!-- notes: written by hand, kept when the benchmark rewrites this file -->"
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def kept_notes(md: Path) -> str:
+    """The text from the NOTES marker to the end of `md` ('' when the file or the marker is absent)."""
+    if not md.is_file():
+        return ""
+    text = md.read_text()
+    at = text.find(NOTES)
+    return text[at:] if at >= 0 else ""
+
+
+def write_results(out: str | Path, payload: Any, lines: list[str]) -> None:
+    """Write `payload` to OUT.json and `lines` (+ the notes kept from the old OUT.md) to OUT.md."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = out.with_suffix(".md")
+    notes = kept_notes(md)
+    _replace(out.with_suffix(".json"), json.dumps(payload, indent=2, default=str))
+    _replace(md, "\n".join(lines) + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))

@@ -1,0 +1,37 @@
+"""bench/_results.py: a benchmark rewriting its table keeps the reading notes written under it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_results", REPO / "bench" / "_results.py")
+assert _spec is not None and _spec.loader is not None
+results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(results)
+
+
+def test_rewrite_keeps_notes_and_replaces_table(tmp_path: Path) -> None:
+    out = tmp_path / "res" / "methods"
+    results.write_results(out, [{"ppl": 1.0}], ["# table", "| a |", "| 1 |"])
+    md = out.with_suffix(".md")
+    assert md.read_text() == "# table\n| a |\n| 1 |\n"
+    md.write_text(md.read_text() + f"\n{results.NOTES}\nReading: row 1 is the dense model.\n")
+
+    results.write_results(out, [{"ppl": 1.0}, {"ppl": 2.0}], ["# table", "| a |", "| 1 |", "| 2 |"])
+    text = md.read_text()
+    assert text.startswith("# table\n| a |\n| 1 |\n| 2 |\n")
+    assert text.endswith(f"{results.NOTES}\nReading: row 1 is the dense model.\n")
+    assert text.count(results.NOTES) == 1
+    assert json.loads(out.with_suffix(".json").read_text()) == [{"ppl": 1.0}, {"ppl": 2.0}]
+    assert sorted(p.name for p in md.parent.iterdir()) == ["methods.json", "methods.md"]  # no temp file left
+
+
+def test_without_marker_nothing_is_kept(tmp_path: Path) -> None:
+    out = tmp_path / "fasp"
+    out.with_suffix(".md").write_text("# old table\nold words\n")
+    results.write_results(out, {"rows": []}, ["# new table"])
+    assert out.with_suffix(".md").read_text() == "# new table\n"
+    assert results.kept_notes(tmp_path / "absent.md") == ""
