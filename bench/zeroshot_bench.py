@@ -48,13 +48,14 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
     ap.add_argument("--n-samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (float32 on every device)")
     ap.add_argument("--out", default="bench/results/zeroshot")
     ap.add_argument("--resume", action="store_true", help="keep cells already measured on as many documents")
     args = ap.parse_args()
     torch.set_num_threads(2)
     root = Path(default_data_root())
     full = {t: docs_in(t, root) for t in LOCAL_TASKS}
-    lm = load_model("smollm2-135m", dtype="float32", device="cpu")
+    lm = load_model("smollm2-135m", dtype="float32", device=args.device)
     val = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation"))
     calib = calibration_windows(val, args.n_samples, 512, 0)
     old = {}
@@ -103,8 +104,8 @@ def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> N
         "# Zero-shot accuracy, SmolLM2-135M, dense vs uniform FASP + restoration",
         "",
         f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32, "
-        "no GPU  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32 on "
+        f"{args.device}, GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}  ",
         f"lm-eval zero-shot with Secateur's offline task configs (lm-eval's standard prompts), {scope}, "
         f"batch size {args.batch_size}. Pruning calibrated on {args.n_samples} x 512 tokens of wiki.valid.raw. "
         "acc (acc_norm in brackets where lm-eval reports it).",
