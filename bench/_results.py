@@ -38,3 +38,16 @@ def write_results(out: str | Path, payload: Any, lines: list[str]) -> None:
     notes = kept_notes(md)
     _replace(out.with_suffix(".json"), json.dumps(payload, indent=2, default=str))
     _replace(md, "\n".join(lines) + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
+
+
+def machine() -> str:
+    """The machine line every result table carries: OS, CPU, threads, torch and GPU."""
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (
+        f"{platform.system()} {platform.machine()} ({platform.processor() or 'unknown CPU'}), "
+        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, GPU: {gpu}"
+    )

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 
 import torch
-from _results import write_results
+from _results import machine, write_results
 
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.runtime.data import calibration_windows, eval_windows, load_text, tokenize_text
@@ -118,8 +117,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "# FASP on SmolLM2-135M (WikiText-2)",
         "",
         f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-        f"fp32, no GPU  ",
+        f"Machine: {machine()}; fp32 on cpu  ",
         f"Calibration: {args.n_samples} x {args.seqlen} tokens of wiki.valid.raw (seed 0). Perplexity: WikiText-2 "
         f"test, standard protocol, first {args.windows_512} windows of 512 and first {args.windows_2048} windows "
         f"of 2048 tokens. Speed: prefill of 512 tokens and 32-token greedy decode, batch 1, dense and pruned "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import write_results
+from _results import machine, write_results
 
 from secateur.api import prune
 from secateur.recipe.load import load_recipe
@@ -76,14 +75,6 @@ def recipe_for(method: str, ratio: float, args: argparse.Namespace, out_dir: Pat
         path = base
         overrides.append(f"method={method}")
     return load_recipe(path, overrides), path
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"{platform.system()} {platform.machine()} ({platform.processor() or 'unknown CPU'}), "
-        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, GPU: {gpu}"
-    )
 
 
 def stage_notes(report: dict) -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from _results import write_results
+from _results import machine, write_results
 
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
@@ -62,10 +61,11 @@ def main() -> None:
         help="bench/results/fasp.json of a run with the same calibration and test windows: take the "
         "uniform rows' perplexity from it instead of compiling uniform again",
     )
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (float32 on every device)")
     ap.add_argument("--out", default="bench/results/search")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    lm = load_model("smollm2-135m", dtype="float32", device="cpu")
+    lm = load_model("smollm2-135m", dtype="float32", device=args.device)
     val = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation"))
     test = eval_windows(tokenize_text(lm.tokenizer, load_text("wikitext2", "test")), 2048, args.windows_2048)
     calib, heldout = search_windows(val, args.n_samples, 512, args.heldout_tokens, 256, 0)
@@ -149,8 +149,7 @@ def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
         "",
         "Commands (each row's own is in the .json):  ",
         *[f"`{c}`  " for c in dict.fromkeys(r.get("command", "python " + " ".join(sys.argv)) for r in rows)],
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32, "
-        "no GPU  ",
+        f"Machine: {machine()}; fp32 on {args.device}  ",
         f"Search: MLP keep fraction per layer, TPE seeded with uniform and CFSP-angular allocations, "
         f"{args.n_samples} x 512 calibration tokens for statistics, KL to the dense model on "
         f"{args.heldout_tokens} held-out tokens (disjoint), min_keep {args.min_keep}. Compile: sequential FASP "

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from _results import write_results
+from _results import machine, write_results
 
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.runtime.data import calibration_windows, default_data_root, iter_jsonl, load_text, tokenize_text
@@ -104,8 +103,7 @@ def write(args: argparse.Namespace, rows: list[dict], full: dict[str, int]) -> N
         "# Zero-shot accuracy, SmolLM2-135M, dense vs uniform FASP + restoration",
         "",
         f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32 on "
-        f"{args.device}, GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}  ",
+        f"Machine: {machine()}; fp32 on {args.device}  ",
         f"lm-eval zero-shot with Secateur's offline task configs (lm-eval's standard prompts), {scope}, "
         f"batch size {args.batch_size}. Pruning calibrated on {args.n_samples} x 512 tokens of wiki.valid.raw. "
         "acc (acc_norm in brackets where lm-eval reports it).",
