@@ -36,10 +36,14 @@ from secateur.search.study import run_search
 @torch.inference_mode()
 def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: int = 4) -> float:
     """One dense forward over the held-out windows: the unit a trial's cost is compared with."""
-    t = time.perf_counter()
-    for s in range(0, heldout.shape[0], batch):
-        model(input_ids=heldout[s : s + batch], use_cache=False)
-    return time.perf_counter() - t
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        t = time.perf_counter()
+        for s in range(0, heldout.shape[0], batch):
+            model(input_ids=heldout[s : s + batch].to(dev), use_cache=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t
 
 
 def main() -> None:
