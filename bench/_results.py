@@ -51,3 +51,47 @@ def machine() -> str:
         f"{platform.system()} {platform.machine()} ({platform.processor() or 'unknown CPU'}), "
         f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, GPU: {gpu}"
     )
+
+
+def plot_tradeoff(rows: list[dict], path: str | Path, title: str) -> Path | None:
+    """Perplexity ratio vs prefill and decode speedup, one point per (method, budget): the trade-off at a glance.
+
+    Returns None (and writes nothing) when matplotlib is missing or no row has a measured speedup.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    pts = [r for r in rows if r["method"] != "dense" and "prefill_speedup" in r]
+    if dense is None or not pts:
+        return None
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    markers = {0.2: "o", 0.3: "s"}
+    methods = sorted({r["method"] for r in pts})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for col, key, label in ((1, "prefill_speedup", "prefill"), (2, "decode_speedup", "decode")):
+        ax = fig.add_subplot(1, 2, col)
+        for r in pts:
+            ax.scatter(
+                r[key],
+                r["ppl"] / dense["ppl"],
+                color=colors[r["method"]],
+                marker=markers.get(round(r["ratio"], 2), "^"),
+                s=50,
+            )
+            ax.annotate(f"{r['method']} {r['ratio']:.0%}", (r[key], r["ppl"] / dense["ppl"]), fontsize=7)
+        ax.axvline(1.0, color="grey", lw=0.5)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{label} speedup vs dense (x)")
+        ax.set_ylabel("perplexity / dense (log)")
+        ax.set_title(f"{title}: {label}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, out)
+    return out

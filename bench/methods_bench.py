@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import machine, write_results
+from _results import machine, plot_tradeoff, write_results
 
 from secateur.api import prune
 from secateur.recipe.load import load_recipe
@@ -253,6 +253,16 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             )
             + f"{r.get('notes', '')} |"
         )
+    png = plot_tradeoff(
+        rows, Path(args.out).with_suffix(".png"), f"{args.model}, {args.dtype} on {args.device}"
+    )
+    if png is not None:
+        lines += [
+            "",
+            "Perplexity vs measured speedup (circles: 20%, squares: 30%):",
+            "",
+            f"![trade-off]({png.name})",
+        ]
     write_results(args.out, rows, lines)
 
 

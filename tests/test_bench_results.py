@@ -35,3 +35,18 @@ def test_without_marker_nothing_is_kept(tmp_path: Path) -> None:
     results.write_results(out, {"rows": []}, ["# new table"])
     assert out.with_suffix(".md").read_text() == "# new table\n"
     assert results.kept_notes(tmp_path / "absent.md") == ""
+
+
+def test_tradeoff_plot_written_only_with_measured_speedups(tmp_path: Path) -> None:
+    dense = {"method": "dense", "ratio": 0.0, "ppl": 20.0}
+    row = {"method": "fasp", "ratio": 0.2, "ppl": 26.0, "prefill_speedup": 1.1, "decode_speedup": 1.05}
+    png = results.plot_tradeoff([dense, row], tmp_path / "m.png", "tiny")
+    assert png == tmp_path / "m.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        results.plot_tradeoff(
+            [dense, {k: v for k, v in row.items() if "speedup" not in k}], tmp_path / "n.png", "t"
+        )
+        is None
+    )
+    assert not (tmp_path / "n.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]  # no temp file left
