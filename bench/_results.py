@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 NOTES = "<!-- notes: written by hand, kept when the benchmark rewrites this file -->"
 
 
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+def _replace(path: Path, write: Callable[[Path], Any]) -> None:
+    """Let `write` fill a temporary file beside `path`, then rename it over `path` in one step."""
+    tmp = path.with_name(f".tmp.{path.name}")  # same suffix, so writers that go by it (savefig) still do
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -36,8 +38,9 @@ def write_results(out: str | Path, payload: Any, lines: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     md = out.with_suffix(".md")
     notes = kept_notes(md)
-    _replace(out.with_suffix(".json"), json.dumps(payload, indent=2, default=str))
-    _replace(md, "\n".join(lines) + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
+    text = "\n".join(lines) + "\n" + (f"\n{notes.rstrip()}\n" if notes else "")
+    _replace(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=2, default=str)))
+    _replace(md, lambda p: p.write_text(text))
 
 
 def machine() -> str:
@@ -75,14 +78,9 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str) -> Path | None
     for col, key, label in ((1, "prefill_speedup", "prefill"), (2, "decode_speedup", "decode")):
         ax = fig.add_subplot(1, 2, col)
         for r in pts:
-            ax.scatter(
-                r[key],
-                r["ppl"] / dense["ppl"],
-                color=colors[r["method"]],
-                marker=markers.get(round(r["ratio"], 2), "^"),
-                s=50,
-            )
-            ax.annotate(f"{r['method']} {r['ratio']:.0%}", (r[key], r["ppl"] / dense["ppl"]), fontsize=7)
+            xy = (r[key], r["ppl"] / dense["ppl"])
+            ax.scatter(*xy, color=colors[r["method"]], marker=markers.get(round(r["ratio"], 2), "^"), s=50)
+            ax.annotate(f"{r['method']} {r['ratio']:.0%}", xy, fontsize=7)
         ax.axvline(1.0, color="grey", lw=0.5)
         ax.set_yscale("log")
         ax.set_xlabel(f"{label} speedup vs dense (x)")
@@ -91,7 +89,5 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str) -> Path | None
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, out)
+    _replace(out, fig.savefig)
     return out

@@ -27,7 +27,7 @@ from secateur.runtime.data import calibration_windows, eval_windows, load_text, 
 from secateur.runtime.evaluate import perplexity
 from secateur.runtime.loader import load_model
 from secateur.runtime.sequential import prune_sequential
-from secateur.runtime.speed import decoder_linear_params
+from secateur.runtime.speed import decoder_linear_params, sync
 from secateur.search.cache import search_windows
 from secateur.search.plots import write_plots
 from secateur.search.study import run_search
@@ -37,13 +37,11 @@ from secateur.search.study import run_search
 def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: int = 4) -> float:
     """One dense forward over the held-out windows: the unit a trial's cost is compared with."""
     dev = next(model.parameters()).device
-    with torch.inference_mode():
-        t = time.perf_counter()
-        for s in range(0, heldout.shape[0], batch):
-            model(input_ids=heldout[s : s + batch].to(dev), use_cache=False)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - t
+    t = time.perf_counter()
+    for s in range(0, heldout.shape[0], batch):
+        model(input_ids=heldout[s : s + batch].to(dev), use_cache=False)
+    sync(dev)
+    return time.perf_counter() - t
 
 
 def main() -> None:

@@ -13,11 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+from secateur.runtime.speed import model_device
 
 
 def window_nll(
@@ -30,7 +26,7 @@ def window_nll(
     """Mean next-token NLL (nats) over every scored token of every window."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n >= 1, seqlen >= 2], got {tuple(windows.shape)}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     starts = range(0, windows.shape[0], max(int(batch_size), 1))
     if progress:
         from tqdm.auto import tqdm

@@ -104,23 +104,25 @@ class SpeedResult:
     device: str
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (CPU for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _sync(dev: torch.device) -> None:
+def sync(dev: torch.device) -> None:
+    """Wait for queued GPU work so a wall-clock timer measures it (no-op on CPU)."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
 def _time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     dev = ids.device
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     model(ids, use_cache=False)
-    _sync(dev)
+    sync(dev)
     return time.perf_counter() - t0
 
 
@@ -141,13 +143,13 @@ def _time_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> float
     out = model(prompt, use_cache=True)
     past = _cache_of(out)
     nxt = out.logits[:, -1:].argmax(-1)
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for _ in range(n_tokens):
         out = model(nxt, use_cache=True, **{kw: past})
         past = _cache_of(out)
         nxt = out.logits[:, -1:].argmax(-1)
-    _sync(dev)
+    sync(dev)
     return time.perf_counter() - t0
 
 
@@ -175,7 +177,7 @@ def measure_speed(
     g = torch.Generator().manual_seed(int(seed))
     prefill_cpu = torch.randint(0, vocab_size, (batch_size, prefill_len), generator=g)
     prompt_cpu = torch.randint(0, vocab_size, (batch_size, DECODE_PROMPT_LEN), generator=g)
-    devs = {name: _device(m) for name, m in models.items()}
+    devs = {name: model_device(m) for name, m in models.items()}
     inputs = {name: (prefill_cpu.to(d), prompt_cpu.to(d)) for name, d in devs.items()}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     peaks: dict[str, int] = {name: 0 for name in models}

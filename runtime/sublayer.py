@@ -50,6 +50,7 @@ from secateur.runtime.capture import LayerInputs, capture_inputs, run_layer
 from secateur.runtime.methods import StageContext, register_method
 from secateur.runtime.restore import solve_damped
 from secateur.runtime.sequential import LayerLog, PruneResult
+from secateur.runtime.speed import sync
 from secateur.runtime.surgery import LayerKeep, apply_keep, drop_attention, drop_mlp
 from secateur.search.cache import Reference, dense_reference
 from secateur.search.objective import _batch_terms, _Snapshot
@@ -274,11 +275,6 @@ class LatencyTable:
         return sum(self.per_layer[cand.layer].get(b, 0.0) for b in cand.branches)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _measure(
     model: nn.Module, adapter: ModelAdapter, i: int, inputs: LayerInputs, repeats: int, warmup: int = 1
 ) -> dict[str, float]:
@@ -293,10 +289,10 @@ def _measure(
     for r in range(warmup + repeats):
         for name, drop in variants.items():
             with without(model, adapter, Candidate(i, drop)) if drop else nullcontext():
-                _sync(dev)
+                sync(dev)
                 t = time.perf_counter()
                 run_layer(layer, inputs.hidden, inputs.kwargs[i])
-                _sync(dev)
+                sync(dev)
                 if r >= warmup:
                     times[name].append(time.perf_counter() - t)
     base = statistics.median(times["none"])
