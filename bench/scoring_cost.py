@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 
 from secateur.runtime.loader import load_model
-from secateur.runtime.speed import sync
-from secateur.runtime.sublayer import BATCH_SIZE, REFERENCE_MB, REFERENCE_TOPK, HeldoutScorer
-from secateur.search.cache import dense_reference
+from secateur.runtime.methods.blockpruner_sprint import BATCH_SIZE, REFERENCE_MB, REFERENCE_TOPK
+from secateur.runtime.proxy import HeldoutScorer, dense_reference
+from secateur.runtime.timing import sync
 
 
 def median_seconds(fn: Callable[[], object], dev: torch.device, repeats: int) -> float:

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from _results import machine, write_results
 
+from secateur.graph.count import decoder_linear_params
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
 from secateur.runtime.data import calibration_windows, eval_windows, load_text, tokenize_text
 from secateur.runtime.evaluate import perplexity
 from secateur.runtime.loader import load_model
 from secateur.runtime.sequential import prune_sequential
-from secateur.runtime.speed import decoder_linear_params, sync
+from secateur.runtime.timing import sync
 from secateur.search.cache import search_windows
 from secateur.search.plots import write_plots
 from secateur.search.study import run_search

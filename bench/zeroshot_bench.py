@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from _results import machine, write_results
 
+from secateur.graph.count import decoder_linear_params
 from secateur.recipe.compile import BudgetSpec, uniform_plan
 from secateur.runtime.data import calibration_windows, default_data_root, iter_jsonl, load_text, tokenize_text
 from secateur.runtime.loader import load_model
 from secateur.runtime.sequential import prune_sequential
-from secateur.runtime.speed import decoder_linear_params
 from secateur.runtime.zeroshot import LOCAL_TASKS, run_zeroshot, task_file
 
 

@@ -73,6 +73,14 @@ class Group:
         return self.n_units * self.params_per_unit
 
 
+SKIPPED_MARKER = "secateur_skipped"  # class attribute of the modules that stand in for removed branches
+
+
+def is_skipped(module: nn.Module) -> bool:
+    """Whether `module` stands in for a removed attention or MLP branch."""
+    return bool(getattr(module, SKIPPED_MARKER, False))
+
+
 def has_submodule(model: nn.Module, path: str) -> bool:
     """Whether `path` names a submodule (sublayers may have been removed)."""
     try:
@@ -108,7 +116,7 @@ def layer_shapes(model: nn.Module, adapter: ModelAdapter, i: int) -> dict[str, i
     """Current shapes of layer i, read from the modules themselves (they may differ per layer)."""
     p = adapter.layer_prefix(i)
     attn = model.get_submodule(f"{p}.{adapter.attn}")
-    skipped_attn = bool(getattr(attn, "secateur_skipped", False))
+    skipped_attn = bool(is_skipped(attn))
     d = adapter.head_dim
     if skipped_attn:
         n_q = n_kv = 0
@@ -122,9 +130,7 @@ def layer_shapes(model: nn.Module, adapter: ModelAdapter, i: int) -> dict[str, i
         dv = v.out_features // n_kv if n_kv else d
     skipped_mlp = False
     if adapter.mlp_module is not None:
-        skipped_mlp = bool(
-            getattr(model.get_submodule(f"{p}.{adapter.mlp_module}"), "secateur_skipped", False)
-        )
+        skipped_mlp = bool(is_skipped(model.get_submodule(f"{p}.{adapter.mlp_module}")))
     n_mlp = 0 if skipped_mlp else model.get_submodule(f"{p}.{adapter.mlp_out}").in_features
     if not skipped_mlp and n_mlp == 0:
         skipped_mlp = True

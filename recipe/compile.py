@@ -14,11 +14,10 @@ from typing import Any
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
+from secateur.graph.count import attention_products, attention_span, decoder_linear_params, flops_per_token
 from secateur.graph.groups import Group, layer_groups, layer_shapes
+from secateur.graph.plan import LayerPlan, Plan, min_units, round_keep
 from secateur.recipe.schema import parse_table_key, select_layers
-from secateur.runtime.plan import LayerPlan, Plan
-from secateur.runtime.select import round_keep
-from secateur.runtime.speed import attention_products, attention_span, decoder_linear_params, flops_per_token
 
 
 class BudgetError(ValueError):
@@ -45,10 +44,6 @@ def target_params(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec) -> 
     if spec.fraction is None or not 0 < spec.fraction < 1:
         raise BudgetError(f"budget.params: {spec.fraction!r} must be a fraction in (0, 1) or a count")
     return int(round(spec.fraction * decoder_linear_params(model, adapter)))
-
-
-def _min_units(n: int, min_keep: float) -> int:
-    return max(1, math.ceil(min_keep * n))
 
 
 def attn_units(g: dict[str, Group], attention: str) -> tuple[int, int]:
@@ -86,13 +81,13 @@ def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: Any) -> LayerPlan:
     lp = LayerPlan()
     if spec.mlp and "mlp_channel" in g and mlp_keep is not None:
         n = g["mlp_channel"].n_units
-        lp.mlp = round_keep(mlp_keep * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
+        lp.mlp = round_keep(mlp_keep * n, n, spec.multiple_of, min_units(n, spec.min_keep))
     if spec.attention != "none" and "kv_group" in g and attn_keep is not None:
         n, _ = attn_units(g, spec.attention)
         if spec.attention == "v_channel":
-            k = round_keep(attn_keep * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
+            k = round_keep(attn_keep * n, n, spec.multiple_of, min_units(n, spec.min_keep))
         else:
-            k = min(max(int(round(attn_keep * n)), _min_units(n, spec.min_keep)), n)
+            k = min(max(int(round(attn_keep * n)), min_units(n, spec.min_keep)), n)
         set_attn_keep(lp, spec.attention, k)
     return lp
 
@@ -167,12 +162,12 @@ def uniform_plan(
         n, _ = attn_units(g, spec.attention)
         share = sparsity if spec.mlp else goal / max(attn_total, 1)
         if spec.attention == "v_channel":  # fine-grained: rounded like MLP channels
-            k = round_keep(n - share * n, n, spec.multiple_of, _min_units(n, spec.min_keep))
+            k = round_keep(n - share * n, n, spec.multiple_of, min_units(n, spec.min_keep))
         else:
             k = n - (int(round(share * n)) if spec.mlp else int(math.floor(share * n + 1e-9)))
-            k = min(max(k, _min_units(n, spec.min_keep)), n)
+            k = min(max(k, min_units(n, spec.min_keep)), n)
         if spec.max_keep < 1:
-            k = min(k, max(_min_units(n, spec.min_keep), int(math.floor(spec.max_keep * n))))
+            k = min(k, max(min_units(n, spec.min_keep), int(math.floor(spec.max_keep * n))))
         if spec.mlp and removed + _attn_params(g, spec.attention, k) > goal:
             k = n - int(math.floor(sparsity * n))
         removed += _attn_params(g, spec.attention, k)
@@ -183,7 +178,7 @@ def uniform_plan(
         for i in eligible:
             grp = groups[i]["mlp_channel"]
             n = grp.n_units
-            lo = _min_units(n, spec.min_keep)
+            lo = min_units(n, spec.min_keep)
             want = n - per_layer / grp.params_per_unit
             if want < lo - 0.5:
                 raise BudgetError(
@@ -205,10 +200,10 @@ def feasible_fraction(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec,
         g = {x.kind: x for x in layer_groups(model, adapter, i)}
         if spec.mlp and "mlp_channel" in g:
             n = g["mlp_channel"].n_units
-            total += (n - _min_units(n, spec.min_keep)) * g["mlp_channel"].params_per_unit
+            total += (n - min_units(n, spec.min_keep)) * g["mlp_channel"].params_per_unit
         if spec.attention != "none" and "kv_group" in g:
             n, _ = attn_units(g, spec.attention)
-            total += _attn_params(g, spec.attention, _min_units(n, spec.min_keep))
+            total += _attn_params(g, spec.attention, min_units(n, spec.min_keep))
     return total / max(decoder_linear_params(model, adapter), 1)
 
 

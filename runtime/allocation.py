@@ -13,11 +13,11 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups
+from secateur.graph.plan import LayerPlan, Plan, round_keep
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal, target_params
+from secateur.recipe.space import SearchSpace, angular_fractions, project_to_budget
 from secateur.runtime.dense import DenseStats
-from secateur.runtime.plan import LayerPlan, Plan
 from secateur.runtime.score import unit_scores
-from secateur.runtime.select import round_keep
 
 
 def _standardize(s: torch.Tensor) -> torch.Tensor:
@@ -110,8 +110,6 @@ def proportional_plan(
     spread: float = 0.1,
 ) -> Plan:
     """CFSP: blocks that change the residual stream more (angular distance) keep more."""
-    from secateur.search.space import SearchSpace, angular_fractions, project_to_budget
-
     space = SearchSpace.build(model, adapter, spec, layers, metric, restore, damping)
     plan = project_to_budget(angular_fractions(space, dense.angular, spread), space)
     if abs(planned_removal(model, adapter, plan) - space.goal) > space.step_params:

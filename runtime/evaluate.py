@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateur.runtime.speed import model_device
+from secateur.runtime.timing import model_device
 
 
 def window_nll(

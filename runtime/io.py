@@ -27,7 +27,8 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.graph.groups import layer_shapes
-from secateur.runtime.surgery import LayerKeep, apply_keep, drop_attention, drop_mlp
+from secateur.graph.keep import LayerKeep
+from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
 
 FORMAT_VERSION = 1
 SHAPE_KEYS = ("num_heads", "num_kv_heads", "intermediate_size", "v_head_dim")

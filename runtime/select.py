@@ -1,25 +1,13 @@
-"""Choosing units to keep from scores, and rounding widths to hardware-friendly multiples."""
+"""Choosing units to keep from scores: the one selection rule every method and the search use."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 
-
-def round_keep(n_keep: float, total: int, multiple_of: int = 1, minimum: int = 1) -> int:
-    """Round a desired keep count to a multiple of `multiple_of`, within [minimum, total].
-
-    `total` itself is always allowed (an unpruned layer need not be a multiple).
-    """
-    if n_keep >= total:
-        return total
-    m = max(1, multiple_of)
-    if m >= total:
-        m = 1
-    k = int(round(n_keep / m)) * m
-    k = max(k, int(math.ceil(minimum / m)) * m, m)
-    return min(k, total)
+from secateur.graph.keep import LayerKeep
+from secateur.graph.plan import LayerPlan
 
 
 def top_units(scores: torch.Tensor, n_keep: int, partitions: int = 1) -> list[int]:
@@ -44,3 +32,28 @@ def top_units(scores: torch.Tensor, n_keep: int, partitions: int = 1) -> list[in
 def kept_columns(units: list[int], width: int) -> torch.Tensor:
     """Column indices owned by the kept units of a contiguous consuming site."""
     return torch.tensor([c for u in units for c in range(u * width, (u + 1) * width)], dtype=torch.long)
+
+
+def select_units(lp: LayerPlan, n_units: dict[str, int], score: Callable[[str], torch.Tensor]) -> LayerKeep:
+    """The keep-set of one layer under its plan: the best-scored units of every pruned kind.
+
+    `n_units` maps unit kinds (mlp_channel, kv_group, q_head, v_channel) to their current counts
+    and `score(kind)` returns one score per unit; scores are only asked for kinds the plan prunes.
+    Query heads are chosen per KV group and dropped with their group when the group goes.
+    """
+    lk = LayerKeep(drop_attn=lp.drop_attn, drop_mlp=lp.drop_mlp)
+    if lp.mlp is not None and not lp.drop_mlp and lp.mlp < n_units.get("mlp_channel", 0):
+        lk.mlp = top_units(score("mlp_channel"), lp.mlp)
+    if lp.drop_attn or "kv_group" not in n_units:
+        return lk
+    n_kv = n_units["kv_group"]
+    if lp.kv_groups is not None and lp.kv_groups < n_kv:
+        lk.kv_heads = top_units(score("kv_group"), lp.kv_groups)
+    r = n_units["q_head"] // n_kv
+    if lp.q_per_group is not None and lp.q_per_group < r:
+        kept_kv = set(lk.kv_heads if lk.kv_heads is not None else range(n_kv))
+        chosen = top_units(score("q_head"), lp.q_per_group, partitions=n_kv)
+        lk.q_heads = [h for h in chosen if h // r in kept_kv]
+    if lp.v_per_group is not None and lp.v_per_group < n_units.get("v_channel", 0) // n_kv:
+        lk.v_channels = top_units(score("v_channel"), lp.v_per_group, partitions=n_kv)
+    return lk

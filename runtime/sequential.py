@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups, layer_shapes
+from secateur.graph.keep import LayerKeep
+from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.capture import capture_inputs, run_layer
-from secateur.runtime.plan import LayerPlan, Plan
 from secateur.runtime.restore import compensate_bias, restore_columns
 from secateur.runtime.score import unit_scores
-from secateur.runtime.select import kept_columns, top_units
+from secateur.runtime.select import kept_columns, select_units
 from secateur.runtime.stats import InputStats, collect_inputs
-from secateur.runtime.surgery import LayerKeep, apply_keep
+from secateur.runtime.surgery import apply_keep
 
 
 @dataclass
@@ -54,27 +55,12 @@ def select_layer(
     """Score units of layer i with its statistics and keep the best ones the plan allows."""
     groups = {g.kind: g for g in layer_groups(model, adapter, i)}
     p = adapter.layer_prefix(i)
-    lk = LayerKeep(drop_attn=lp.drop_attn, drop_mlp=lp.drop_mlp)
-    if lp.mlp is not None and not lp.drop_mlp and lp.mlp < groups["mlp_channel"].n_units:
-        s = unit_scores(model, groups["mlp_channel"], stats.get(f"{p}.{adapter.mlp_out}"), metric)
-        lk.mlp = top_units(s, lp.mlp)
-    if lp.drop_attn or "kv_group" not in groups:
-        return lk
-    o_stats = stats.get(f"{p}.{adapter.o}")
-    kv, q = groups["kv_group"], groups["q_head"]
-    if lp.kv_groups is not None and lp.kv_groups < kv.n_units:
-        lk.kv_heads = top_units(unit_scores(model, kv, o_stats, metric), lp.kv_groups)
-    r = q.n_units // kv.n_units
-    if lp.q_per_group is not None and lp.q_per_group < r:
-        kept_kv = set(lk.kv_heads if lk.kv_heads is not None else range(kv.n_units))
-        chosen = top_units(unit_scores(model, q, o_stats, metric), lp.q_per_group, partitions=kv.n_units)
-        lk.q_heads = [h for h in chosen if h // r in kept_kv]
-    v = groups["v_channel"]
-    if lp.v_per_group is not None and lp.v_per_group < v.n_units // kv.n_units:
-        lk.v_channels = top_units(
-            unit_scores(model, v, o_stats, metric), lp.v_per_group, partitions=kv.n_units
-        )
-    return lk
+
+    def score(kind: str) -> torch.Tensor:
+        consumer = adapter.mlp_out if kind == "mlp_channel" else adapter.o
+        return unit_scores(model, groups[kind], stats.get(f"{p}.{consumer}"), metric)
+
+    return select_units(lp, {k: g.n_units for k, g in groups.items()}, score)
 
 
 def kept_o_columns(lk: LayerKeep, shapes: dict) -> torch.Tensor:

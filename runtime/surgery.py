@@ -7,43 +7,13 @@ keep-set refer to the model's *current* shapes, so passes compose (prune heads, 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import Group, Site, layer_groups, layer_shapes
-
-
-class KeepSetError(ValueError):
-    """A keep-set that cannot be applied (out of range, GQA-breaking, emptying a layer)."""
-
-
-@dataclass
-class LayerKeep:
-    """What to keep in one decoder layer. None means keep everything of that kind.
-
-    mlp: kept MLP channel indices. kv_heads: kept KV groups (with all their query heads).
-    q_heads: kept query heads, absolute indices in the current numbering; every kept KV
-    group must keep the same number (GQA repeats KV heads uniformly).
-    v_channels: kept value channels g * v_head_dim + c (FASP's W_V row / W_O column unit); every
-    KV group keeps the same number. Applied before heads, in the numbering the layer has now.
-    drop_attn / drop_mlp: remove the whole residual branch.
-    """
-
-    mlp: list[int] | None = None
-    kv_heads: list[int] | None = None
-    q_heads: list[int] | None = None
-    v_channels: list[int] | None = None
-    drop_attn: bool = False
-    drop_mlp: bool = False
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
-
-
-KeepSet = dict[int, LayerKeep]
+from secateur.graph.groups import SKIPPED_MARKER, Group, Site, layer_groups, layer_shapes
+from secateur.graph.keep import KeepSet, KeepSetError
 
 
 class SkippedAttention(nn.Module):
@@ -52,8 +22,6 @@ class SkippedAttention(nn.Module):
     It still registers an empty KV entry in the cache so cache lengths (used for positions
     and masks during decoding) stay right when the first layer's attention is removed.
     """
-
-    secateur_skipped = True
 
     def __init__(self, layer_idx: int, head_dim: int) -> None:
         super().__init__()
@@ -72,10 +40,12 @@ class SkippedAttention(nn.Module):
 class SkippedMLP(nn.Module):
     """Stands in for a removed MLP branch: the residual passes through unchanged."""
 
-    secateur_skipped = True
-
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return hidden_states.new_zeros(())
+
+
+setattr(SkippedAttention, SKIPPED_MARKER, True)
+setattr(SkippedMLP, SKIPPED_MARKER, True)
 
 
 def _slice_param(module: nn.Module, site: Site, index: torch.Tensor) -> None:

@@ -23,12 +23,13 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups
+from secateur.graph.keep import LayerKeep
 from secateur.runtime.data import calibration_windows, eval_windows, split_tokens
 from secateur.runtime.dense import dense_statistics
+from secateur.runtime.proxy import Reference, dense_reference
 from secateur.runtime.score import unit_scores
 from secateur.runtime.sequential import restore_layer
 from secateur.runtime.stats import InputStats
-from secateur.runtime.surgery import LayerKeep
 
 
 @dataclass
@@ -38,27 +39,6 @@ class LayerCache:
     stats: dict[str, InputStats]  # consumer module name -> input statistics
     scores: dict[str, torch.Tensor]  # "mlp_channel" / "kv_group" / "q_head" -> one score per unit
     n_units: dict[str, int]
-
-
-@dataclass
-class Reference:
-    """The dense model's next-token log-probabilities on the held-out windows.
-
-    Full: `logp` [n, T-1, V]. Top-k: `logp` [n, T-1, k] at `index`, plus `log_rest`, the log of
-    the probability mass outside the top k.
-    """
-
-    logp: torch.Tensor
-    index: torch.Tensor | None = None
-    log_rest: torch.Tensor | None = None
-
-    @property
-    def full(self) -> bool:
-        return self.index is None
-
-    def nbytes(self) -> int:
-        ts = [t for t in (self.logp, self.index, self.log_rest) if t is not None]
-        return sum(t.numel() * t.element_size() for t in ts)
 
 
 def search_windows(
@@ -77,31 +57,6 @@ def search_windows(
     calib = calibration_windows(head, n_samples, min(seqlen, head.numel() - 1), seed)
     heldout = eval_windows(rest, heldout_seqlen, max(1, heldout_tokens // heldout_seqlen))
     return calib, heldout
-
-
-@torch.inference_mode()
-def dense_reference(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, reference_mb: int, topk: int
-) -> Reference:
-    """Next-token log-probabilities of the (dense) model on `windows`, full or top-k."""
-    dev = next(model.parameters()).device
-    n, t = windows.shape
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    full = n * (t - 1) * vocab * 4 <= reference_mb * 2**20
-    k = min(topk, vocab)
-    parts: list[tuple[torch.Tensor, ...]] = []
-    for s in range(0, n, batch_size):
-        logits = model(windows[s : s + batch_size].to(dev), use_cache=False).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        if full:
-            parts.append((logp.cpu(),))
-        else:
-            top, idx = logp.topk(k, dim=-1)
-            rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
-            parts.append((top.cpu(), idx.to(torch.int32).cpu(), rest.cpu()))
-    if full:
-        return Reference(torch.cat([p[0] for p in parts]))
-    return Reference(*(torch.cat([p[j] for p in parts]) for j in range(3)))
 
 
 @dataclass

@@ -12,27 +12,26 @@ the trial and putting them back afterwards returns the very same dense tensors.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import optuna
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.runtime.plan import LayerPlan, Plan
-from secateur.runtime.select import top_units
+from secateur.graph.keep import LayerKeep
+from secateur.graph.plan import LayerPlan, Plan
+from secateur.recipe.space import SearchSpace, project_to_budget
+from secateur.runtime.proxy import ProxyKind, batch_terms, proxy_value
+from secateur.runtime.select import select_units
 from secateur.runtime.sequential import write_consumers
-from secateur.runtime.surgery import LayerKeep, apply_keep
-from secateur.search.cache import Reference, SearchCache
-from secateur.search.space import SearchSpace, project_to_budget
-
-ProxyKind = Literal["kl", "ppl"]
+from secateur.runtime.snapshot import ModuleSnapshot
+from secateur.runtime.surgery import apply_keep
+from secateur.search.cache import SearchCache
+from secateur.search.space import suggest
 
 
 def owner_tag() -> str:
@@ -41,42 +40,9 @@ def owner_tag() -> str:
 
 
 def select_from_scores(cache: SearchCache, i: int, lp: LayerPlan) -> LayerKeep:
-    """Kept units of layer i from the cached dense scores (same rule as sequential.select_layer)."""
+    """Kept units of layer i from the cached dense scores (the rule of `runtime.select.select_units`)."""
     lc = cache.layers[i]
-    lk = LayerKeep(drop_attn=lp.drop_attn, drop_mlp=lp.drop_mlp)
-    n_mlp = lc.n_units.get("mlp_channel", 0)
-    if lp.mlp is not None and not lp.drop_mlp and lp.mlp < n_mlp:
-        lk.mlp = top_units(lc.scores["mlp_channel"], lp.mlp)
-    if lp.drop_attn or "kv_group" not in lc.n_units:
-        return lk
-    n_kv, n_q = lc.n_units["kv_group"], lc.n_units["q_head"]
-    if lp.kv_groups is not None and lp.kv_groups < n_kv:
-        lk.kv_heads = top_units(lc.scores["kv_group"], lp.kv_groups)
-    r = n_q // n_kv
-    if lp.q_per_group is not None and lp.q_per_group < r:
-        kept_kv = set(lk.kv_heads if lk.kv_heads is not None else range(n_kv))
-        chosen = top_units(lc.scores["q_head"], lp.q_per_group, partitions=n_kv)
-        lk.q_heads = [h for h in chosen if h // r in kept_kv]
-    return lk
-
-
-class _Snapshot:
-    """The module dictionaries of some layers, to put back after a trial (no tensor copies)."""
-
-    def __init__(self, layers: list[nn.Module]) -> None:
-        self.saved = [
-            (m, dict(m.__dict__), dict(m._parameters), dict(m._modules), dict(m._buffers))
-            for layer in layers
-            for m in layer.modules()
-        ]
-
-    def restore(self) -> None:
-        for m, d, params, mods, bufs in self.saved:
-            m.__dict__.clear()
-            m.__dict__.update(d)
-            m.__dict__["_parameters"] = dict(params)
-            m.__dict__["_modules"] = dict(mods)
-            m.__dict__["_buffers"] = dict(bufs)
+    return select_units(lp, lc.n_units, lambda kind: lc.scores[kind])
 
 
 @contextmanager
@@ -86,7 +52,7 @@ def pruned(model: nn.Module, adapter: ModelAdapter, cache: SearchCache, plan: Pl
         raise ValueError(f"plan metric {plan.metric!r} differs from the cached scores' {cache.metric!r}")
     blocks = adapter.layers(model)
     todo = [(i, lp) for i, lp in sorted(plan.layers.items()) if not lp.is_noop()]
-    snap = _Snapshot([blocks[i] for i, _ in todo])
+    snap = ModuleSnapshot([blocks[i] for i, _ in todo])
     try:
         for i, lp in todo:
             lk = select_from_scores(cache, i, lp)
@@ -108,24 +74,6 @@ def pruned(model: nn.Module, adapter: ModelAdapter, cache: SearchCache, plan: Pl
         snap.restore()
 
 
-def _batch_terms(
-    logits: torch.Tensor, ids: torch.Tensor, ref: Reference, rows: slice, kind: ProxyKind
-) -> float:
-    """Sum over the batch's scored tokens of KL(dense || pruned) or of the NLL."""
-    logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    if kind == "ppl":
-        return float(F.nll_loss(logq.reshape(-1, logq.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-    logp = ref.logp[rows].to(logq.device)
-    if ref.full:
-        return float((logp.exp() * (logp - logq)).sum())
-    idx = ref.index[rows].to(logq.device).long()
-    q_top = logq.gather(-1, idx)
-    head = (logp.exp() * (logp - q_top)).sum()
-    rest_p = ref.log_rest[rows].to(logq.device)
-    rest_q = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-7))
-    return float(head + (rest_p.exp() * (rest_p - rest_q)).sum())
-
-
 @torch.inference_mode()
 def proxy_sum(
     model: nn.Module, cache: SearchCache, start: int, stop: int, kind: ProxyKind, batch_size: int
@@ -137,15 +85,9 @@ def proxy_sum(
         e = min(s + batch_size, stop)
         ids = cache.heldout[s:e].to(dev)
         logits = model(ids, use_cache=False).logits
-        total += _batch_terms(logits, ids, cache.reference, slice(s, e), kind)
+        total += batch_terms(logits, ids, cache.reference, slice(s, e), kind)
         count += ids.shape[0] * (ids.shape[1] - 1)
     return total, count
-
-
-def _value(total: float, count: int, kind: ProxyKind) -> float:
-    v = total / max(count, 1)
-    v = math.exp(min(v, 700.0)) if kind == "ppl" else v
-    return v if math.isfinite(v) else float("inf")
 
 
 def evaluate_plan(
@@ -168,12 +110,12 @@ def evaluate_plan(
     with pruned(model, adapter, cache, plan) as m:
         total, count = proxy_sum(m, cache, 0, first, kind, batch_size)
         if first < n:
-            trial.report(_value(total, count, kind), first)
+            trial.report(proxy_value(total, count, kind), first)
             if trial.should_prune():
                 raise optuna.TrialPruned()
             t2, c2 = proxy_sum(m, cache, first, n, kind, batch_size)
             total, count = total + t2, count + c2
-    value = _value(total, count, kind)
+    value = proxy_value(total, count, kind)
     if trial is not None:
         trial.report(value, n)
     return value
@@ -199,7 +141,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("owner", owner_tag())
-        fractions = self.space.suggest(trial)
+        fractions = suggest(self.space, trial)
         init = trial.user_attrs.get("init")
         plan = self.fixed[init] if init in self.fixed else project_to_budget(fractions, self.space)
         trial.set_user_attr("plan", plan.to_dict())

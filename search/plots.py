@@ -16,8 +16,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from secateur.runtime.plan import Plan
-from secateur.search.space import Fractions, SearchSpace, project_to_budget, uniform_fractions
+from secateur.graph.plan import Plan
+from secateur.recipe.space import Fractions, SearchSpace, project_to_budget, uniform_fractions
 from secateur.search.study import SearchResult
 
 

@@ -29,12 +29,12 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.graph.plan import Plan
 from secateur.recipe.compile import BudgetError, BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
-from secateur.runtime.plan import Plan
+from secateur.recipe.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
 from secateur.search.cache import SearchCache
 from secateur.search.objective import Objective
-from secateur.search.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -5,9 +5,10 @@ Public API: `load_model`, `load_pruned`, `apply_keep`, `LayerKeep`, `build_graph
 
 from secateur.graph.adapters import adapter_for, register, supported_model_types
 from secateur.graph.build import build_graph
+from secateur.graph.keep import LayerKeep
 from secateur.runtime.io import load_pruned, save_pruned
 from secateur.runtime.loader import load_model
-from secateur.runtime.surgery import LayerKeep, apply_keep
+from secateur.runtime.surgery import apply_keep
 
 __version__ = "0.1.0"
 

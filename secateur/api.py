@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import yaml
 
+from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.lock import LOCK_NAME, LockError, build_lock, model_fingerprint, read_lock
-from secateur.recipe.compile import budget_spec, check_shapes, eligible_layers, stage_counts
+from secateur.recipe.compile import eligible_layers, stage_counts
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
@@ -28,15 +29,10 @@ from secateur.runtime.data import (
 from secateur.runtime.evaluate import perplexity
 from secateur.runtime.io import OutputExistsError, all_layer_shapes, atomic_dir, write_model
 from secateur.runtime.loader import LoadedModel, load_model
-from secateur.runtime.methods import StageContext, get_method
+from secateur.runtime.methods import get_method
 from secateur.runtime.sequential import PruneResult
-from secateur.runtime.speed import (
-    decoder_linear_params,
-    flops_per_token,
-    measure_speed,
-    speed_ratios,
-    total_params,
-)
+from secateur.runtime.stage import CheckContext, StageContext
+from secateur.runtime.timing import measure_speed, speed_ratios
 
 
 @dataclass
@@ -95,18 +91,23 @@ def evaluate_ppl(recipe: Recipe, lm: LoadedModel, base_dir: Path | None, cache: 
     return out
 
 
-def prune(
-    recipe_path: str | Path | None = None,
-    *,
-    recipe: Recipe | None = None,
-    output: str | Path | None = None,
-    overwrite: bool = False,
-    overrides: Sequence[str] = (),
-    lock_path: str | Path | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> PruneOutcome:
-    """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
+@dataclass
+class _Calibration:
+    """Statistics windows, held-out windows and their fingerprint."""
+
+    calib: torch.Tensor
+    heldout: torch.Tensor
+    fingerprint: str
+
+
+def _resolve(
+    recipe_path: str | Path | None,
+    recipe: Recipe | None,
+    output: str | Path | None,
+    overrides: Sequence[str],
+    lock_path: str | Path | None,
+) -> tuple[Recipe, dict[str, Any] | None, Path, Path]:
+    """The recipe to run (from a file, an object or a lock), the lock data, base folder and output."""
     lock_data = None
     base_dir = Path(recipe_path).resolve().parent if recipe_path else Path.cwd()
     if lock_path is not None:
@@ -120,31 +121,33 @@ def prune(
     out_ref = output or recipe.output.dir
     if not out_ref:
         raise ValueError("output: no output directory; set output.dir in the recipe or pass --output")
-    out = Path(out_ref)
-    preflight(recipe, out, overwrite, base_dir)
+    return recipe, lock_data, base_dir, Path(out_ref)
 
-    t_start = time.perf_counter()
-    lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base_dir)
-    t_load = time.perf_counter() - t_start
-    dense_fp = model_fingerprint(lm.model)
+
+def _check_model_lock(lock_data: dict[str, Any] | None, lock_path: Any, dense_fp: str) -> None:
     if lock_data is not None and lock_data["fingerprints"]["model"] != dense_fp:
         raise LockError(
             f"{lock_path}: the lock was made from another model (fingerprint {lock_data['fingerprints']['model'][:12]}"
             f"..., this model {dense_fp[:12]}...); refusing to apply it"
         )
+
+
+def _stage_plan(recipe: Recipe, lm: LoadedModel) -> tuple[list[Any], list[int], list[list[int]]]:
+    """Stages, their parameter counts and eligible layers, each stage checked by its method."""
     stages = recipe.stages()
     counts = stage_counts(recipe, lm.model, lm.adapter)
     stage_layers = [
         eligible_layers(st.targets, lm.adapter.num_layers, lm.adapter.layers_path) for st in stages
     ]
     for st, count, layers in zip(stages, counts, stage_layers):
-        if st.method == "fasp":
-            check_shapes(lm.model, lm.adapter, budget_spec(recipe, st.targets, count=count), layers)
-        if st.method in ("blockpruner", "sprint"):
-            from secateur.runtime.sublayer import check_budget
+        get_method(st.method).check(CheckContext(lm.model, lm.adapter, st, recipe, count, layers))
+    return stages, counts, stage_layers
 
-            check_budget(lm.model, lm.adapter, st.method, st, count, layers)
-        get_method(st.method)
+
+def _calibration(
+    recipe: Recipe, lm: LoadedModel, base_dir: Path, lock_data: dict[str, Any] | None, lock_path: Any
+) -> _Calibration:
+    """Statistics from the first 90% of the calibration text, held-out windows from the rest."""
     cal = recipe.calibration
     cal_tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, _data_root(recipe), base_dir))
     stats_tokens, heldout_tokens = split_tokens(cal_tokens, 0.9)
@@ -155,6 +158,106 @@ def prune(
         raise LockError(
             f"{lock_path}: calibration data differs from the locked run (different file or tokenizer)"
         )
+    return _Calibration(calib, heldout, calib_fp)
+
+
+def _run_stages(
+    recipe: Recipe,
+    lm: LoadedModel,
+    cal: _Calibration,
+    plan: tuple[list[Any], list[int], list[list[int]]],
+    dense_linear: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[PruneResult]:
+    """Run every stage in order; each aims at the cumulative target (whole sublayers overshoot)."""
+    stages, counts, stage_layers = plan
+    c = recipe.calibration
+    results = []
+    for si, (st, layers) in enumerate(zip(stages, stage_layers)):
+        done = dense_linear - decoder_linear_params(lm.model, lm.adapter)
+        count = max(sum(counts[: si + 1]) - done, 0)
+        log(
+            f"stage {si + 1}/{len(stages)}: {st.method} removes {count:,} parameters in {len(layers)} layers "
+            f"(metric {st.importance.metric}, restore {st.restore.method}, calibration {c.n_samples} x {c.seqlen})"
+        )
+        ctx = StageContext(
+            lm.model, lm.adapter, cal.calib, cal.heldout, st, recipe, count, layers, progress, log
+        )
+        results.append(get_method(st.method).run(ctx))
+    return results
+
+
+def _evaluate_pruned(
+    recipe: Recipe,
+    lm: LoadedModel,
+    dense_copy: torch.nn.Module,
+    base_dir: Path,
+    ppl_cache: dict,
+    dense_ppl: dict[str, float],
+) -> dict[str, Any]:
+    """Pruned perplexity, dense-vs-pruned speed measured alternately, and zero-shot tasks."""
+    ev = recipe.evaluate
+    out: dict[str, Any] = {
+        "perplexity": {"dense": dense_ppl, "pruned": evaluate_ppl(recipe, lm, base_dir, ppl_cache)}
+    }
+    lat = ev.latency
+    speed = measure_speed(
+        {"dense": dense_copy, "pruned": lm.model},
+        lm.model.config.vocab_size,
+        prefill_len=lat.prefill_len,
+        batch_size=lat.batch_size,
+        decode_tokens=lat.decode_tokens,
+        repeats=lat.repeats,
+    )
+    out["speed"] = {name: vars(r) for name, r in speed.items()}
+    out["speed"]["ratios"] = speed_ratios(speed)["pruned"]
+    out["speed"]["device"] = str(lm.device)
+    if ev.tasks:
+        from secateur.runtime.zeroshot import run_zeroshot
+
+        out["zeroshot"] = {
+            "dense": run_zeroshot(dense_copy, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit),
+            "pruned": run_zeroshot(lm.model, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit),
+        }
+    return out
+
+
+def _write_output(
+    out: Path, overwrite: bool, lm: LoadedModel, recipe: Recipe, lock: dict[str, Any], report: dict[str, Any]
+) -> None:
+    """Weights, recipe, lock and report, written into a temporary sibling and renamed into place."""
+    from secateur.runtime.report import write_report
+
+    with atomic_dir(out, overwrite) as tmp:
+        write_model(lm.model, lm.adapter, tmp, lm.tokenizer)
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        (tmp / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
+        write_report(tmp, report)
+
+
+def prune(
+    recipe_path: str | Path | None = None,
+    *,
+    recipe: Recipe | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    overrides: Sequence[str] = (),
+    lock_path: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PruneOutcome:
+    """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
+    recipe, lock_data, base_dir, out = _resolve(recipe_path, recipe, output, overrides, lock_path)
+    preflight(recipe, out, overwrite, base_dir)
+
+    t_start = time.perf_counter()
+    lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base_dir)
+    t_load = time.perf_counter() - t_start
+    dense_fp = model_fingerprint(lm.model)
+    _check_model_lock(lock_data, lock_path, dense_fp)
+    plan = _stage_plan(recipe, lm)
+    cal = _calibration(recipe, lm, base_dir, lock_data, lock_path)
 
     dense_size = size_of(lm, recipe.budget.context)
     dense_layer = all_layer_shapes(lm.model, lm.adapter)[0]
@@ -165,25 +268,14 @@ def prune(
         log(f"dense perplexity {k}: {v:.3f}")
     dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
 
-    results = []
-    for si, (st, layers) in enumerate(zip(stages, stage_layers)):
-        # whole sublayers overshoot their share: each stage aims at the cumulative target
-        done = dense_size["decoder_linear_params"] - decoder_linear_params(lm.model, lm.adapter)
-        count = max(sum(counts[: si + 1]) - done, 0)
-        log(
-            f"stage {si + 1}/{len(stages)}: {st.method} removes {count:,} parameters in {len(layers)} layers "
-            f"(metric {st.importance.metric}, restore {st.restore.method}, calibration {cal.n_samples} x {cal.seqlen})"
-        )
-        ctx = StageContext(lm.model, lm.adapter, calib, heldout, st, recipe, count, layers, progress, log)
-        results.append(get_method(st.method)(ctx))
+    results = _run_stages(recipe, lm, cal, plan, dense_size["decoder_linear_params"], progress, log)
     kept = [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]
     if lock_data is not None and kept != lock_data["kept"]:
         raise LockError(f"{lock_path}: the kept units differ from the lock (different numerics or versions)")
-    reproduced = None
     pruned_fp = model_fingerprint(lm.model)
-    if lock_data is not None:
-        reproduced = pruned_fp == lock_data["fingerprints"]["pruned_model"]
+    reproduced = None if lock_data is None else pruned_fp == lock_data["fingerprints"]["pruned_model"]
 
+    stages, counts, _ = plan
     report: dict[str, Any] = {
         "recipe_yaml": dump_recipe(recipe),
         "size": {"dense": dense_size, "pruned": size_of(lm, recipe.budget.context)},
@@ -201,26 +293,7 @@ def prune(
         "dtype": str(lm.dtype).replace("torch.", ""),
     }
     if ev.enabled:
-        report["perplexity"] = {"dense": dense_ppl, "pruned": evaluate_ppl(recipe, lm, base_dir, ppl_cache)}
-        lat = ev.latency
-        speed = measure_speed(
-            {"dense": dense_copy, "pruned": lm.model},
-            lm.model.config.vocab_size,
-            prefill_len=lat.prefill_len,
-            batch_size=lat.batch_size,
-            decode_tokens=lat.decode_tokens,
-            repeats=lat.repeats,
-        )
-        report["speed"] = {name: vars(r) for name, r in speed.items()}
-        report["speed"]["ratios"] = speed_ratios(speed)["pruned"]
-        report["speed"]["device"] = str(lm.device)
-        if ev.tasks:
-            from secateur.runtime.zeroshot import run_zeroshot
-
-            report["zeroshot"] = {
-                "dense": run_zeroshot(dense_copy, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit),
-                "pruned": run_zeroshot(lm.model, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit),
-            }
+        report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl))
         del dense_copy
 
     lock = build_lock(
@@ -228,19 +301,13 @@ def prune(
         [r.plan.to_dict() if r.plan else dict(r.extra) for r in results],
         kept,
         model_fp=dense_fp,
-        calib_fp=calib_fp,
+        calib_fp=cal.fingerprint,
         device=str(lm.device),
         dtype=report["dtype"],
         result_fp=pruned_fp,
     )
     lock["recipe_dir"] = str(base_dir)
-    with atomic_dir(out, overwrite) as tmp:
-        write_model(lm.model, lm.adapter, tmp, lm.tokenizer)
-        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        (tmp / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
-        from secateur.runtime.report import write_report
-
-        write_report(tmp, report)
+    _write_output(out, overwrite, lm, recipe, lock, report)
     return PruneOutcome(out, report, lock, results, reproduced)
 
 

@@ -15,12 +15,13 @@ from typing import Any
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.graph.groups import layer_shapes
+from secateur.graph.keep import LayerKeep
+from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.schema import Recipe
 from secateur.runtime.loader import load_config, resolve_source
-from secateur.runtime.plan import LayerPlan, Plan
-from secateur.runtime.speed import decoder_linear_params, flops_per_token, total_params
-from secateur.runtime.surgery import LayerKeep, apply_keep
+from secateur.runtime.surgery import apply_keep
 
 
 @functools.lru_cache(maxsize=8)

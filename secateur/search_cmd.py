@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secateur.graph.count import decoder_linear_params
 from secateur.lock import model_fingerprint
 from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fraction, removal_goal
 from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.runtime.data import load_text, resolve_text_source, tokenize_text
 from secateur.runtime.loader import load_model
-from secateur.runtime.speed import decoder_linear_params
 
 
 @dataclass

@@ -12,15 +12,16 @@ import yaml
 
 from secateur.api import prune
 from secateur.graph.adapters import adapter_for
+from secateur.graph.count import decoder_linear_params
 from secateur.graph.groups import layer_shapes
+from secateur.graph.plan import Plan
 from secateur.lock import LOCK_NAME
 from secateur.recipe.compile import planned_removal
 from secateur.recipe.schema import Recipe
-from secateur.runtime.bonsai import bonsai_prune, fit_importance
 from secateur.runtime.io import load_pruned, save_pruned
-from secateur.runtime.methods import StageContext, get_method
-from secateur.runtime.plan import Plan
-from secateur.runtime.speed import decoder_linear_params
+from secateur.runtime.methods import get_method
+from secateur.runtime.methods.bonsai import bonsai_prune, fit_importance
+from secateur.runtime.stage import StageContext
 from secateur.runtime.surgery import apply_keep
 from secateur.testing import save_tiny, tiny_model
 

@@ -11,6 +11,7 @@ import yaml
 from secateur.api import prune
 from secateur.explain import apply_plan_shapes
 from secateur.graph.adapters import adapter_for
+from secateur.graph.count import flops_per_token
 from secateur.recipe.compile import (
     BudgetError,
     BudgetSpec,
@@ -21,7 +22,6 @@ from secateur.recipe.compile import (
     uniform_plan,
 )
 from secateur.recipe.load import recipe_from_dict
-from secateur.runtime.speed import flops_per_token
 from secateur.testing import save_tiny, tiny_model
 
 

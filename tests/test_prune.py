@@ -11,12 +11,12 @@ import yaml
 
 from secateur.api import prune
 from secateur.graph.adapters import adapter_for
+from secateur.graph.count import decoder_linear_params
+from secateur.graph.plan import LayerPlan, Plan
 from secateur.lock import LOCK_NAME, LockError
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal, uniform_plan
 from secateur.runtime.io import OutputExistsError, load_pruned
-from secateur.runtime.plan import LayerPlan, Plan
 from secateur.runtime.sequential import prune_sequential
-from secateur.runtime.speed import decoder_linear_params
 from secateur.testing import TINY_FAMILIES, save_tiny, tiny_model
 
 

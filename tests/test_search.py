@@ -24,13 +24,13 @@ from secateur.graph.adapters import adapter_for
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import SearchOptions
+from secateur.recipe.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
 from secateur.runtime.capture import capture_inputs, run_layer
 from secateur.runtime.sequential import select_layer
 from secateur.runtime.stats import collect_inputs
 from secateur.search.cache import SearchCache, search_windows
 from secateur.search.objective import evaluate_plan, pruned, select_from_scores
 from secateur.search.plots import write_plots, write_winner_recipe
-from secateur.search.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
 from secateur.search.study import SearchStorageError, StudyMismatchError, run_search
 from secateur.testing import tiny_model
 

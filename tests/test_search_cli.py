@@ -10,8 +10,8 @@ import yaml
 
 from secateur.cli import main
 from secateur.graph.adapters import adapter_for
+from secateur.graph.count import decoder_linear_params
 from secateur.runtime.io import load_pruned
-from secateur.runtime.speed import decoder_linear_params
 from secateur.testing import save_tiny
 
 

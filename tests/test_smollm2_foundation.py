@@ -9,8 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from secateur.graph.build import build_graph, summarize
+from secateur.graph.keep import LayerKeep
 from secateur.runtime.io import load_pruned, save_pruned
-from secateur.runtime.surgery import LayerKeep, apply_keep
+from secateur.runtime.surgery import apply_keep
 
 pytestmark = pytest.mark.integration
 

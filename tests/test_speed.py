@@ -8,14 +8,10 @@ import math
 import pytest
 
 from secateur.graph.adapters import adapter_for
-from secateur.runtime.speed import (
-    decoder_linear_params,
-    flops_per_token,
-    measure_speed,
-    speed_ratios,
-    total_params,
-)
-from secateur.runtime.surgery import LayerKeep, apply_keep, drop_attention
+from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
+from secateur.graph.keep import LayerKeep
+from secateur.runtime.surgery import apply_keep, drop_attention
+from secateur.runtime.timing import measure_speed, speed_ratios
 from secateur.testing import tiny_model
 
 

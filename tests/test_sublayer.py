@@ -15,14 +15,21 @@ import yaml
 
 from secateur.api import prune
 from secateur.graph.adapters import adapter_for
+from secateur.graph.count import decoder_linear_params
 from secateur.graph.groups import layer_shapes
 from secateur.recipe.schema import Importance, Restore, Stage, Targets
 from secateur.runtime.io import load_pruned, save_pruned
-from secateur.runtime.methods import StageContext, get_method
-from secateur.runtime.speed import decoder_linear_params
-from secateur.runtime.sublayer import Candidate, HeldoutScorer, Restorer, candidates, latency_table, without
+from secateur.runtime.methods import get_method
+from secateur.runtime.methods.blockpruner_sprint import (
+    Candidate,
+    Restorer,
+    candidates,
+    latency_table,
+    without,
+)
+from secateur.runtime.proxy import HeldoutScorer, dense_reference
+from secateur.runtime.stage import StageContext
 from secateur.runtime.surgery import apply_keep
-from secateur.search.cache import dense_reference
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
 
 FAMILIES = ("llama", "gemma3_text", "opt")

@@ -48,19 +48,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.graph.adapters import ModelAdapter
+from secateur.graph.count import decoder_linear_params
 from secateur.graph.groups import layer_groups, layer_shapes
+from secateur.graph.keep import LayerKeep
+from secateur.graph.plan import Plan, min_units
 from secateur.runtime.capture import base_model
-from secateur.runtime.methods import StageContext, plan_for_stage, register_method
-from secateur.runtime.plan import Plan
+from secateur.runtime.methods.registry import register_method
+from secateur.runtime.proxy import mean_loss
 from secateur.runtime.score import column_scores
 from secateur.runtime.sequential import LayerLog, PruneResult, restore_layer, write_consumers
+from secateur.runtime.stage import StageContext, check_plan_shapes, plan_for_stage
 from secateur.runtime.stats import collect_inputs
-from secateur.runtime.surgery import LayerKeep, apply_keep
+from secateur.runtime.surgery import apply_keep
 
 SCORE_WINDOWS = 2  # held-out windows (of up to 256 tokens) each sub-model is scored on
 STATS_TOKENS = 4096  # calibration tokens of each round's statistics pass
@@ -164,10 +167,6 @@ def _half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _min_units(n: int, min_keep: float) -> int:
-    return max(1, math.ceil(min_keep * n))
-
-
 @torch.inference_mode()
 def _statistics(
     model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, names: list[str], gram: bool
@@ -180,15 +179,6 @@ def _statistics(
         for s in range(0, ids.shape[0], STATS_BATCH):
             base_model(model, adapter)(input_ids=ids[s : s + STATS_BATCH].to(dev), use_cache=False)
     return stats
-
-
-@torch.inference_mode()
-def _loss(model: nn.Module, ids: torch.Tensor, reference: torch.Tensor | None) -> float:
-    """Mean next-token NLL on `ids`, or the mean KL from `reference` log-probabilities when given."""
-    logq = torch.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-    if reference is None:
-        return float(F.nll_loss(logq.reshape(-1, logq.shape[-1]), ids[:, 1:].reshape(-1)))
-    return float((reference.exp() * (reference - logq)).sum(-1).mean())
 
 
 def _variables(
@@ -295,7 +285,7 @@ def _limit(st: _Layer, kind: str, n_vars: int, n_forced: int, m: int, min_keep: 
     """Variables of a kind layer may still lose without going below budget.min_keep."""
     if kind == "mlp":
         return max(0, min(n_vars, (len(st.mlp) - n_forced - _mlp_floor(st, m, min_keep)) // m))
-    return max(0, n_vars - _min_units(st.n0[kind], min_keep))
+    return max(0, n_vars - min_units(st.n0[kind], min_keep))
 
 
 def _scheduled(total: int, r: int, steps: int) -> int:
@@ -434,7 +424,7 @@ def bonsai_prune(
         if c >= 2 and opts.samples >= 2:
             prob = min(max(opts.drop_fraction * n_vars / c, 1.0 / c), 0.5)  # p and 1 - p: same pairs
             with column_masks(model, sorted({v.consumer for v in cands})) as masks:
-                base = _loss(model, score_ids, reference)
+                base = mean_loss(model, score_ids, reference)
                 forward_passes += 1
                 bar = tqdm(
                     range(opts.samples),
@@ -449,7 +439,7 @@ def bonsai_prune(
                         mk.fill_(1)
                     for j in drop.nonzero().flatten().tolist():
                         masks[cands[j].consumer][cands[j].cols.to(dev)] = 0
-                    losses.append(_loss(model, score_ids, reference))
+                    losses.append(mean_loss(model, score_ids, reference))
                     kept_rows.append(~drop)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
             forward_passes += len(losses)
@@ -478,7 +468,7 @@ def bonsai_prune(
 
         # physical removal (one apply_keep), with least-squares restoration of the consumers
         t = time.perf_counter()
-        before = _linear_params(model, adapter, layers)
+        before = decoder_linear_params(model, adapter, layers)
         removal: dict[int, dict[str, set[int]]] = {}
         for i, f in forced.items():
             removal.setdefault(i, {}).setdefault("mlp", set()).update(f)
@@ -513,11 +503,11 @@ def bonsai_prune(
             write_consumers(model, new_weights)
         for i, lk in keep.items():
             _track(state[i], lk)
-        removed_round = before - _linear_params(model, adapter, layers)
+        removed_round = before - decoder_linear_params(model, adapter, layers)
         removed_total += removed_round
         phases["pruning"] += time.perf_counter() - t
 
-        mean_loss = sum(losses) / len(losses) if losses else float("nan")
+        avg_loss = sum(losses) / len(losses) if losses else float("nan")
         rounds.append(
             {
                 "round": r + 1,
@@ -525,7 +515,7 @@ def bonsai_prune(
                 "variables": n_vars,
                 "samples": len(losses),
                 "loss_before": round(base, 6),
-                "mean_sample_loss": round(mean_loss, 6),
+                "mean_sample_loss": round(avg_loss, 6),
                 "removed_params": int(removed_round),
                 "removed_total": int(removed_total),
                 "seconds": round(time.perf_counter() - t_round, 3),
@@ -533,7 +523,7 @@ def bonsai_prune(
         )
         ctx.log(
             f"bonsai round {r + 1}/{opts.steps}: {len(losses)} samples over {c} candidates, "
-            f"loss {base:.4f} before, mean sample loss {mean_loss:.4f}, "
+            f"loss {base:.4f} before, mean sample loss {avg_loss:.4f}, "
             f"removed {removed_total:,} of {goal:,} parameters"
         )
 
@@ -573,21 +563,12 @@ def bonsai_prune(
 def _mlp_floor(st: _Layer, m: int, min_keep: float) -> int:
     """The fewest MLP channels a layer may keep: min_keep of its starting width, a multiple of m."""
     n0 = st.n0["mlp"]
-    return min(n0, max(math.ceil(_min_units(n0, min_keep) / m) * m, m))
+    return min(n0, max(math.ceil(min_units(n0, min_keep) / m) * m, m))
 
 
 def _params_per_channel(model: nn.Module, adapter: ModelAdapter, i: int) -> int:
     g = next(x for x in layer_groups(model, adapter, i) if x.kind == "mlp_channel")
     return g.params_per_unit
-
-
-def _linear_params(model: nn.Module, adapter: ModelAdapter, layers: list[int]) -> int:
-    total = 0
-    for i in layers:
-        for mod in adapter.layers(model)[i].modules():
-            if isinstance(mod, nn.Linear):
-                total += mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
-    return total
 
 
 def _track(st: _Layer, lk: LayerKeep) -> None:
@@ -603,7 +584,7 @@ def _track(st: _Layer, lk: LayerKeep) -> None:
         st.q = [st.q[h] for h in sorted(lk.q_heads)]
 
 
-@register_method("bonsai")
+@register_method("bonsai", check=check_plan_shapes)
 def bonsai(ctx: StageContext) -> PruneResult:
     """Bonsai: forward-only perturbative regression of sub-model losses on unit masks."""
     return bonsai_prune(ctx)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import statistics
 import time
@@ -45,15 +44,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import has_submodule, layer_shapes
+from secateur.graph.count import linear_params
+from secateur.graph.groups import has_submodule, is_skipped, layer_shapes
+from secateur.graph.keep import LayerKeep
 from secateur.runtime.capture import LayerInputs, capture_inputs, run_layer
-from secateur.runtime.methods import StageContext, register_method
+from secateur.runtime.methods.registry import register_method
+from secateur.runtime.proxy import HeldoutScorer, dense_reference
 from secateur.runtime.restore import solve_damped
 from secateur.runtime.sequential import LayerLog, PruneResult
-from secateur.runtime.speed import sync
-from secateur.runtime.surgery import LayerKeep, apply_keep, drop_attention, drop_mlp
-from secateur.search.cache import Reference, dense_reference
-from secateur.search.objective import _batch_terms, _Snapshot
+from secateur.runtime.snapshot import ModuleSnapshot
+from secateur.runtime.stage import CheckContext, StageContext
+from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
+from secateur.runtime.timing import sync
 
 BRANCHES = ("attn", "mlp")
 BATCH_SIZE = 4  # held-out windows per forward while scoring
@@ -84,12 +86,6 @@ class Candidate:
         return LayerKeep(drop_attn="attn" in self.branches, drop_mlp="mlp" in self.branches)
 
 
-def _linear_params(module: nn.Module) -> int:
-    return sum(
-        p.numel() for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)
-    )
-
-
 def branch_params(model: nn.Module, adapter: ModelAdapter, i: int) -> dict[str, int]:
     """Decoder linear parameters (the budget's unit) of each branch layer i still has."""
     # layer_shapes, not graph.groups.sublayer_groups: the latter reads `.weight` of branch norms,
@@ -98,9 +94,9 @@ def branch_params(model: nn.Module, adapter: ModelAdapter, i: int) -> dict[str, 
     layer = adapter.layers(model)[i]
     out: dict[str, int] = {}
     if not sh["skip_attention"]:
-        out["attn"] = _linear_params(layer.get_submodule(adapter.attn))
+        out["attn"] = linear_params(layer.get_submodule(adapter.attn))
     if not sh["skip_mlp"]:
-        out["mlp"] = sum(_linear_params(layer.get_submodule(m)) for m in (*adapter.mlp_in, adapter.mlp_out))
+        out["mlp"] = sum(linear_params(layer.get_submodule(m)) for m in (*adapter.mlp_in, adapter.mlp_out))
     return out
 
 
@@ -153,7 +149,7 @@ def without(model: nn.Module, adapter: ModelAdapter, cand: Candidate) -> Iterato
     """The model with `cand` removed inside the block, exactly as before after it (no weight copies):
     the branch module becomes SkippedAttention / SkippedMLP, its norms Identity, then all is put back."""
     layer = adapter.layers(model)[cand.layer]
-    snap = _Snapshot([layer])
+    snap = ModuleSnapshot([layer])
     try:
         with torch.no_grad():
             if "attn" in cand.branches:
@@ -166,73 +162,6 @@ def without(model: nn.Module, adapter: ModelAdapter, cand: Candidate) -> Iterato
 
 
 # ---- held-out proxy with cached layer inputs ----------------------------------------------------
-
-
-class _Inject(nn.Module):
-    """Stands in for layers below the one being scored: returns the cached hidden states."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.value: torch.Tensor | None = None
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.value if self.value is not None else hidden_states
-
-
-class HeldoutScorer:
-    """KL to a reference (or perplexity) of the current model on held-out windows, from layer i on.
-
-    `hidden[j]` holds the states entering layer j (j = L: leaving the last layer) for the current
-    model; `value(i)` runs layers i..L-1 plus the model's own final norm / head on them.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        adapter: ModelAdapter,
-        ids: torch.Tensor,
-        reference: Reference | None,
-        kind: str,
-        batch_size: int = BATCH_SIZE,
-    ) -> None:
-        self.model, self.adapter, self.ids = model, adapter, ids
-        self.reference, self.kind, self.batch_size = reference, kind, batch_size
-        self.inputs: LayerInputs = capture_inputs(model, adapter, ids, batch_size)
-        self.n_layers = len(adapter.layers(model))
-        self.hidden: list[list[torch.Tensor]] = [self.inputs.hidden] + [[] for _ in range(self.n_layers)]
-        self.refresh(0)
-
-    def refresh(self, start: int) -> None:
-        """Recompute the cached inputs of layers start+1..L after layer `start` (or later) changed."""
-        layers = self.adapter.layers(self.model)
-        for j in range(start, self.n_layers):
-            self.hidden[j + 1] = run_layer(layers[j], self.hidden[j], self.inputs.kwargs[j])
-
-    @torch.inference_mode()
-    def value(self, start: int) -> float:
-        """Mean KL per token (or perplexity) running only layers start..L-1 on the cached inputs."""
-        layers = self.adapter.layers(self.model)
-        originals = [layers[j] for j in range(start)]
-        inj = _Inject()
-        dev = next(self.model.parameters()).device
-        total, count = 0.0, 0
-        try:
-            for j in range(start):
-                layers[j] = inj
-            for b, s in enumerate(range(0, self.ids.shape[0], self.batch_size)):
-                e = min(s + self.batch_size, self.ids.shape[0])
-                ids = self.ids[s:e].to(dev)
-                inj.value = self.hidden[start][b] if start > 0 else None
-                logits = self.model(input_ids=ids, use_cache=False).logits
-                total += _batch_terms(logits, ids, self.reference, slice(s, e), self.kind)  # type: ignore[arg-type]
-                count += ids.shape[0] * (ids.shape[1] - 1)
-        finally:
-            for j, layer in enumerate(originals):
-                layers[j] = layer
-        v = total / max(count, 1)
-        if self.kind == "ppl":
-            v = math.exp(min(v, 700.0))
-        return v if math.isfinite(v) else float("inf")
 
 
 # ---- SPRINT: latency table ----------------------------------------------------------------------
@@ -446,7 +375,7 @@ class Restorer:
     def _consumers(self, layer: nn.Module) -> list[str]:
         """o_proj then down_proj (the order they run in), for the branches `layer` still has."""
         out = []
-        if not getattr(layer.get_submodule(self.adapter.attn), "secateur_skipped", False):
+        if not is_skipped(layer.get_submodule(self.adapter.attn)):
             out.append(self.adapter.o)
         lin = (
             layer.get_submodule(self.adapter.mlp_out) if has_submodule(layer, self.adapter.mlp_out) else None
@@ -747,13 +676,20 @@ def greedy_removal(ctx: StageContext, method: str, latency_aware: bool) -> Prune
     return PruneResult(keep, logs, phases, None, extra)
 
 
-@register_method("blockpruner")
+def _check(method: str):
+    def check(ctx: CheckContext) -> None:
+        check_budget(ctx.model, ctx.adapter, method, ctx.stage, ctx.params_to_remove, ctx.layers)
+
+    return check
+
+
+@register_method("blockpruner", check=_check("blockpruner"))
 def blockpruner(ctx: StageContext) -> PruneResult:
     """BlockPruner: greedy removal of the attention / MLP sublayer that hurts held-out quality least."""
     return greedy_removal(ctx, "blockpruner", latency_aware=False)
 
 
-@register_method("sprint")
+@register_method("sprint", check=_check("sprint"))
 def sprint(ctx: StageContext) -> PruneResult:
     """SPRINT: greedy removal by quality lost per latency saved, least-squares restoration after each step."""
     return greedy_removal(ctx, "sprint", latency_aware=True)

@@ -1,4 +1,4 @@
-"""A plan: how many units of each kind every layer keeps. The runtime executes plans.
+"""A plan: how many units of each kind every layer keeps, and width rounding. The runtime executes plans.
 
 Plans are what recipes compile to and what the search explores; which units are kept is
 decided later by scores (or, in a lock, recorded explicitly).
@@ -6,6 +6,7 @@ decided later by scores (or, in a lock, recorded explicitly).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,3 +54,23 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         layers = {int(i): LayerPlan(**lp) for i, lp in d.get("layers", {}).items()}
         return cls(layers, d.get("metric", "fasp"), d.get("restore", "least_squares"), d.get("damping", 0.01))
+
+
+def min_units(n: int, min_keep: float) -> int:
+    """The fewest units a structure of `n` may keep under `budget.min_keep` (at least one)."""
+    return max(1, math.ceil(min_keep * n))
+
+
+def round_keep(n_keep: float, total: int, multiple_of: int = 1, minimum: int = 1) -> int:
+    """Round a desired keep count to a multiple of `multiple_of`, within [minimum, total].
+
+    `total` itself is always allowed (an unpruned layer need not be a multiple).
+    """
+    if n_keep >= total:
+        return total
+    m = max(1, multiple_of)
+    if m >= total:
+        m = 1
+    k = int(round(n_keep / m)) * m
+    k = max(k, int(math.ceil(minimum / m)) * m, m)
+    return min(k, total)

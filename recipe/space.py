@@ -1,0 +1,338 @@
+"""The search space (per-layer keep fractions) and its projection onto the exact budget.
+
+Optuna samples one keep fraction per layer and targeted structure (`mlp_{i}`, `attn_{i}`).
+Those fractions only say *where* to prune more or less: `project_to_budget` rescales them so
+the plan removes exactly the budgeted parameters, rounds to whole units and `multiple_of`,
+respects budget.min_keep/max_keep and fixes the rounding drift greedily. Every trial is
+therefore a feasible model of the right size, and the sampler never wastes a trial.
+
+With `knots` > 0 the sampler sees fewer dimensions: a keep fraction at `knots` evenly spaced
+depths per structure (`mlp_k0`, ...), linearly interpolated to every layer. A smooth curve over
+depth is what layer-wise allocations found by hand look like (OWL, CFSP), and a few parameters
+are far harder to over-fit to a small held-out set than one per layer.
+
+Parameter accounting is the one of `recipe.compile.planned_removal` (tests check equality).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_groups
+from secateur.graph.plan import LayerPlan, Plan
+from secateur.recipe.compile import BudgetError, BudgetSpec, check_targets, target_params
+
+Fractions = dict[str, float]  # "mlp_3" / "attn_3" -> keep fraction, as in trial.params
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One searched structure of one layer: its unit count, cost per unit and allowed keeps."""
+
+    layer: int
+    kind: str  # "mlp" or "attn"
+    n: int  # units (MLP channels, query heads per KV group, or KV groups)
+    unit_params: int  # parameters removed per unit
+    allowed: tuple[int, ...]  # allowed keep counts, ascending
+    step: int  # regular rounding step in units (multiple_of for MLP, 1 for heads)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.layer}"
+
+
+def _allowed_keeps(n: int, min_keep: float, max_keep: float, multiple_of: int) -> tuple[tuple[int, ...], int]:
+    """Keep counts `round_keep` can produce inside [min_keep, max_keep]; n itself is always allowed
+    when max_keep is 1 (an unpruned layer need not be a multiple)."""
+    m = max(1, multiple_of)
+    if m >= n:
+        m = 1
+    lo_units = max(1, math.ceil(min_keep * n - 1e-9))
+    lo = max(math.ceil(lo_units / m) * m, m)
+    hi = n if max_keep >= 1 else max(lo, math.floor(max_keep * n + 1e-9) // m * m)
+    values = set(range(lo, min(hi, n) + 1, m))
+    if hi >= n:
+        values.add(n)
+    return tuple(sorted(v for v in values if v <= n)) or (n,), m
+
+
+@dataclass
+class SearchSpace:
+    """Searched slots of a model under a budget, plus the parameter goal they must meet."""
+
+    spec: BudgetSpec
+    layers: list[int]
+    slots: list[Slot]
+    goal: int
+    metric: str = "fasp"
+    restore: str = "least_squares"
+    damping: float = 0.01
+    knots: int = 0  # 0: one parameter per slot; else per structure, interpolated over depth
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        spec: BudgetSpec,
+        layers: list[int],
+        metric: str = "fasp",
+        restore: str = "least_squares",
+        damping: float = 0.01,
+        knots: int = 0,
+    ) -> SearchSpace:
+        """Read unit counts and sizes from the dense model's groups (once per search)."""
+        check_targets(spec, layers)
+        if knots == 1 or knots < 0:
+            raise BudgetError(f"allocation.search.knots: {knots} (0 for one parameter per layer, or >= 2)")
+        if spec.attention not in ("none", "q_head", "kv_group"):
+            raise BudgetError(f"targets.attention: {spec.attention!r} cannot be searched yet")
+        slots: list[Slot] = []
+        for i in layers:
+            g = {x.kind: x for x in layer_groups(model, adapter, i)}
+            if spec.mlp and "mlp_channel" in g:
+                n = g["mlp_channel"].n_units
+                allowed, step = _allowed_keeps(n, spec.min_keep, spec.max_keep, spec.multiple_of)
+                slots.append(Slot(i, "mlp", n, g["mlp_channel"].params_per_unit, allowed, step))
+            if spec.attention != "none" and "kv_group" in g:
+                n_kv = g["kv_group"].n_units
+                if spec.attention == "kv_group":
+                    n, cost = n_kv, g["kv_group"].params_per_unit
+                else:  # one unit = one query head in every KV group (GQA keeps groups equal)
+                    n, cost = g["q_head"].n_units // n_kv, n_kv * g["q_head"].params_per_unit
+                allowed, _ = _allowed_keeps(n, spec.min_keep, spec.max_keep, 1)
+                slots.append(Slot(i, "attn", n, cost, allowed, 1))
+        if not slots:
+            raise BudgetError("targets: no targeted structure exists in the eligible layers")
+        goal = target_params(model, adapter, spec)
+        return cls(spec, list(layers), slots, goal, metric, restore, damping, knots)
+
+    # ---- sampling ---------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+    @property
+    def param_names(self) -> list[str]:
+        """What the sampler sees: slot names, or `{kind}_k{j}` knots."""
+        if not self.knots:
+            return self.names
+        kinds = dict.fromkeys(s.kind for s in self.slots)
+        return [f"{k}_k{j}" for k in kinds for j in range(self.knots)]
+
+    def _depth(self) -> dict[str, float]:
+        """Each slot's position in [0, 1] among the searched slots of its kind."""
+        out: dict[str, float] = {}
+        for kind in dict.fromkeys(s.kind for s in self.slots):
+            same = [s for s in self.slots if s.kind == kind]
+            for r, s in enumerate(same):
+                out[s.name] = r / max(len(same) - 1, 1)
+        return out
+
+    def expand(self, params: dict[str, float]) -> Fractions:
+        """Sampled parameters -> one keep fraction per slot (identity without knots)."""
+        if not self.knots:
+            return {s.name: float(params[s.name]) for s in self.slots}
+        depth, out = self._depth(), {}
+        for s in self.slots:
+            x = depth[s.name] * (self.knots - 1)
+            j = min(int(x), self.knots - 2)
+            a, b = params[f"{s.kind}_k{j}"], params[f"{s.kind}_k{j + 1}"]
+            out[s.name] = float(a + (b - a) * (x - j))
+        return out
+
+    def params_of(self, fractions: Fractions) -> dict[str, float]:
+        """Per-slot fractions -> sampler parameters (knots: the mean of the slots nearest each knot),
+        clipped into the sampling range so they can be enqueued."""
+        if not self.knots:
+            return self.clip(fractions)
+        depth, sums = self._depth(), {}
+        for s in self.slots:
+            key = f"{s.kind}_k{round(depth[s.name] * (self.knots - 1))}"
+            sums.setdefault(key, []).append(fractions[s.name])
+        out = {}
+        for name in self.param_names:  # a knot with no nearest slot takes its neighbour's value
+            kind, j = name.rsplit("_k", 1)
+            near = min(
+                (k for k in sums if k.startswith(f"{kind}_k")),
+                key=lambda k: abs(int(k.rsplit("_k", 1)[1]) - int(j)),
+            )
+            out[name] = sum(sums[near]) / len(sums[near])
+        return self.clip(out)
+
+    def clip(self, fractions: Fractions) -> Fractions:
+        """Fractions clipped into the sampling range (so they can be enqueued)."""
+        lo, hi = self.spec.min_keep, self.spec.max_keep
+        return {k: float(min(max(v, lo), hi)) for k, v in fractions.items()}
+
+    # ---- accounting ---------------------------------------------------------------------
+    @property
+    def prunable_params(self) -> int:
+        """Parameters owned by all searched units (the pool the budget is taken from)."""
+        return sum(s.n * s.unit_params for s in self.slots)
+
+    @property
+    def step_params(self) -> int:
+        """Parameters of the smallest regular rounding step: the precision the budget is met to."""
+        return min(s.step * s.unit_params for s in self.slots)
+
+    def removal(self, keeps: dict[str, int]) -> int:
+        return sum((s.n - keeps[s.name]) * s.unit_params for s in self.slots)
+
+    def to_plan(self, keeps: dict[str, int]) -> Plan:
+        """Kept counts per slot -> a runtime Plan (slots left whole are still recorded)."""
+        plan = Plan(metric=self.metric, restore=self.restore, damping=self.damping)
+        for s in self.slots:
+            lp = plan.layers.setdefault(s.layer, LayerPlan())
+            if s.kind == "mlp":
+                lp.mlp = keeps[s.name]
+            elif self.spec.attention == "kv_group":
+                lp.kv_groups = keeps[s.name]
+            else:
+                lp.q_per_group = keeps[s.name]
+        return plan
+
+    def keeps_of(self, plan: Plan) -> dict[str, int]:
+        """Kept counts per slot read back from a plan (whole when the plan does not say)."""
+        out: dict[str, int] = {}
+        for s in self.slots:
+            lp = plan.layers.get(s.layer, LayerPlan())
+            if s.kind == "mlp":
+                v = lp.mlp
+            else:
+                v = lp.kv_groups if self.spec.attention == "kv_group" else lp.q_per_group
+            out[s.name] = s.n if v is None else int(v)
+        return out
+
+    def fractions_of(self, plan: Plan) -> Fractions:
+        """Actual keep fractions of a plan, per slot."""
+        keeps = self.keeps_of(plan)
+        return {s.name: keeps[s.name] / s.n for s in self.slots}
+
+    def fingerprint(self) -> dict:
+        """What makes two searches comparable: budget, layers, slots and the parameter goal."""
+        return {
+            "budget": asdict(self.spec),
+            "layers": list(self.layers),
+            "slots": [[s.name, s.n, s.unit_params] for s in self.slots],
+            "goal": self.goal,
+            "metric": self.metric,
+            "restore": self.restore,
+            "damping": self.damping,
+            **({"knots": self.knots} if self.knots else {}),  # studies made before knots still match
+        }
+
+
+def _bisect_alpha(slots: list[Slot], weights: list[float], goal: float) -> float:
+    """Scale alpha so that sum clip(alpha * w, min, max removal) over slots hits `goal`."""
+
+    def removed(alpha: float) -> float:
+        total = 0.0
+        for s, w in zip(slots, weights):
+            r = min(max(alpha * w, 1 - s.allowed[-1] / s.n), 1 - s.allowed[0] / s.n)
+            total += r * s.n * s.unit_params
+        return total
+
+    hi = max((1 - s.allowed[0] / s.n) / w for s, w in zip(slots, weights) if w > 0)
+    lo = 0.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if removed(mid) < goal:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def project_to_budget(fractions: Fractions, space: SearchSpace) -> Plan:
+    """Sampled keep fractions -> a feasible plan removing the budget to within one rounding step.
+
+    The removal shares (1 - fraction) are scaled by one common factor (their ratios are what
+    the sampler chooses), clipped to each slot's limits, rounded to the nearest allowed keep,
+    then slots are moved one step at a time, the one farthest from its continuous target
+    first, until the removal is within half a step of the goal.
+    """
+    slots = space.slots
+    missing = [s.name for s in slots if s.name not in fractions]
+    if missing:
+        raise KeyError(f"fractions lack {', '.join(missing)}")
+    weights = [min(max(1.0 - float(fractions[s.name]), 0.0), 1.0) for s in slots]
+    if not any(w > 0 for w in weights):
+        weights = [1.0] * len(slots)  # nothing asked anywhere: spread evenly
+    goal = space.goal
+    most = sum((s.n - s.allowed[0]) * s.unit_params for s in slots)
+    least = sum((s.n - s.allowed[-1]) * s.unit_params for s in slots)
+    tol = space.step_params / 2
+    if goal > most + tol:
+        raise BudgetError(
+            f"budget.params: removing {goal:,} parameters is infeasible; under budget.min_keep="
+            f"{space.spec.min_keep} the searched structures can lose at most {most:,}"
+        )
+    if goal < least - tol:
+        raise BudgetError(
+            f"budget.params: budget.max_keep={space.spec.max_keep} already removes {least:,} parameters, "
+            f"more than the budget of {goal:,}"
+        )
+    alpha = _bisect_alpha(slots, weights, goal)
+    target: dict[str, float] = {}
+    keeps: dict[str, int] = {}
+    for s, w in zip(slots, weights):
+        r = min(max(alpha * w, 1 - s.allowed[-1] / s.n), 1 - s.allowed[0] / s.n)
+        target[s.name] = s.n * (1 - r)
+        keeps[s.name] = min(s.allowed, key=lambda k, t=target[s.name]: (abs(k - t), k))
+    removed = space.removal(keeps)
+    while abs(goal - removed) > tol:
+        down = goal > removed  # remove more: keep fewer
+        best: tuple[float, int, Slot, int] | None = None
+        for idx, s in enumerate(slots):
+            pos = s.allowed.index(keeps[s.name])
+            nxt = pos - 1 if down else pos + 1
+            if not 0 <= nxt < len(s.allowed):
+                continue
+            new = s.allowed[nxt]
+            cost = abs(keeps[s.name] - new) * s.unit_params
+            if cost > abs(goal - removed) + tol:
+                continue  # would overshoot by more than it fixes
+            gap = (keeps[s.name] - target[s.name]) / s.step
+            pressure = gap if down else -gap
+            if best is None or (pressure, -idx) > (best[0], -best[1]):
+                best = (pressure, idx, s, new)
+        if best is None:
+            break
+        _, _, s, new = best
+        removed += (keeps[s.name] - new) * s.unit_params
+        keeps[s.name] = new
+    if abs(goal - removed) > space.step_params:
+        raise BudgetError(
+            f"budget.params: could not meet {goal:,} removed parameters within one rounding step "
+            f"(got {removed:,}); loosen budget.min_keep/max_keep or multiple_of"
+        )
+    return space.to_plan(keeps)
+
+
+def uniform_fractions(space: SearchSpace) -> Fractions:
+    """Equal fractions everywhere: projects to the uniform allocation (the baseline to beat)."""
+    keep = 1.0 - space.goal / max(space.prunable_params, 1)
+    return space.clip({name: keep for name in space.names})
+
+
+def angular_fractions(space: SearchSpace, importance: dict[int, float], spread: float = 0.1) -> Fractions:
+    """CFSP-style allocation: blocks that change the hidden state more keep more.
+
+    `importance[i]` is block i's angular distance arccos(cos(h_in, h_out)) / pi on calibration
+    tokens. Importances are min-max normalised and mapped linearly to removal shares around the
+    uniform one, +-`spread` (OWL-like bounded deviation), so the projection keeps the ordering
+    without emptying any block.
+    """
+    base = 1.0 - space.goal / max(space.prunable_params, 1)
+    vals = [importance[s.layer] for s in space.slots]
+    lo, hi = min(vals), max(vals)
+    out: Fractions = {}
+    for s in space.slots:
+        z = 0.5 if hi - lo < 1e-12 else (importance[s.layer] - lo) / (hi - lo)
+        out[s.name] = base + spread * (2 * z - 1)
+    return space.clip(out)

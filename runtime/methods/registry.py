@@ -1,0 +1,60 @@
+"""The method registry: a recipe's `method:` name -> its data-free check and its run.
+
+Each method module registers itself with `@register_method(name, check=...)`; the API looks
+methods up here instead of branching on names, and a test asserts the schema's method names
+are exactly the registry's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from secateur.runtime.sequential import PruneResult
+from secateur.runtime.stage import CheckContext, StageContext
+
+RunFn = Callable[[StageContext], PruneResult]
+CheckFn = Callable[[CheckContext], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method: `check` raises on a stage it cannot run (shapes only, no data); `run` prunes."""
+
+    name: str
+    run: RunFn
+    check: CheckFn
+
+    def __call__(self, ctx: StageContext) -> PruneResult:
+        return self.run(ctx)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def _no_check(ctx: CheckContext) -> None:
+    return None
+
+
+def register_method(name: str, check: CheckFn | None = None) -> Callable[[RunFn], RunFn]:
+    """Decorator registering `run` under the recipe name `method: NAME`, with its preflight check."""
+
+    def wrap(fn: RunFn) -> RunFn:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        _METHODS[name] = Method(name, fn, check or _no_check)
+        return fn
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    """Every registered method name, sorted."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registered method for a recipe's `method`."""
+    if name not in _METHODS:
+        raise ValueError(f"method {name!r} is not available; available: {', '.join(method_names())}")
+    return _METHODS[name]

@@ -1,0 +1,80 @@
+"""One recipe stage as the runtime sees it: what a method's check and run receive.
+
+A recipe runs one stage, or one per entry of `passes:`. Each stage's budget arrives here as an
+absolute parameter count (its share of the whole goal, measured on the dense model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.plan import Plan
+from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_fractions
+from secateur.runtime.allocation import global_plan, proportional_plan
+from secateur.runtime.dense import dense_statistics
+
+
+@dataclass
+class CheckContext:
+    """What a method's preflight check may read: the recipe and the model's shapes, never data."""
+
+    model: nn.Module  # may be a skeleton on the meta device
+    adapter: ModelAdapter
+    stage: Any  # recipe.schema.Stage
+    recipe: Any  # recipe.schema.Recipe
+    params_to_remove: int
+    layers: list[int]
+
+
+@dataclass
+class StageContext:
+    """Everything a method needs for one stage; budget is in parameters to remove."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    calib: torch.Tensor  # [n, seqlen] statistics windows
+    heldout: torch.Tensor  # [m, seqlen] windows disjoint from calib, for quality proxies
+    stage: Any  # recipe.schema.Stage
+    recipe: Any  # recipe.schema.Recipe
+    params_to_remove: int
+    layers: list[int]
+    progress: bool = True
+    log: Callable[[str], None] = print
+    cache_dir: str | None = None
+
+
+def check_plan_shapes(ctx: CheckContext) -> None:
+    """Preflight of plan-based methods: the stage's budget fits the eligible layers' shapes."""
+    spec = budget_spec(ctx.recipe, ctx.stage.targets, count=ctx.params_to_remove)
+    check_shapes(ctx.model, ctx.adapter, spec, ctx.layers)
+
+
+def plan_for_stage(ctx: StageContext, allocation: str | None = None) -> Plan:
+    """The plan of a FASP-style stage under its allocation (uniform, table, global, proportional)."""
+    spec = budget_spec(ctx.recipe, ctx.stage.targets, count=ctx.params_to_remove)
+    check_shapes(ctx.model, ctx.adapter, spec, ctx.layers)
+    alloc = ctx.recipe.allocation
+    method = allocation or alloc.method
+    imp, rest = ctx.stage.importance.metric, ctx.stage.restore
+    if method in ("global", "proportional"):
+        dense = dense_statistics(
+            ctx.model, ctx.adapter, ctx.calib, ctx.layers, spec.mlp, spec.attention != "none"
+        )
+        build = global_plan if method == "global" else proportional_plan
+        return build(ctx.model, ctx.adapter, spec, ctx.layers, dense, imp, rest.method, rest.damping)
+    fixed: dict[int, float] = {}
+    if method == "table":
+        fixed = {
+            i: f for i, f in table_fractions(alloc.table, ctx.adapter.num_layers).items() if i in ctx.layers
+        }
+    elif method != "uniform":
+        raise ValueError(
+            f"allocation.method: {method!r} is produced by `secateur search`, which writes a table"
+        )
+    return allocate(ctx.model, ctx.adapter, spec, ctx.layers, fixed, imp, rest.method, rest.damping)

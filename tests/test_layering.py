@@ -1,0 +1,74 @@
+"""The package stack stays one-way: graph <- recipe <- runtime <- search <- secateur.
+
+Every import of every module is walked, function-local ones included; an import of a higher
+package, or of a private name from another package, fails with the file and line.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import get_args
+
+from secateur.recipe.schema import Method, PassMethod
+from secateur.runtime.methods import method_names
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK = ["graph", "recipe", "runtime", "search", "secateur"]
+
+
+def _package_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "secateur":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in STACK[:-1] else "secateur"
+
+
+def _imports(path: Path, folder: str) -> list[tuple[int, str, list[str]]]:
+    """(line, imported package, imported names) for every secateur import in `path`."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: inside the same package
+                out.append((node.lineno, folder, [a.name for a in node.names]))
+            elif node.module and _package_of(node.module):
+                out.append((node.lineno, _package_of(node.module), [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, _package_of(a.name), []) for a in node.names if _package_of(a.name)]
+    return out
+
+
+def layering_violations(root: Path = ROOT) -> list[str]:
+    problems = []
+    for folder in STACK:
+        for path in sorted((root / folder).rglob("*.py")):
+            for line, pkg, names in _imports(path, folder):
+                where = f"{path.relative_to(root)}:{line}"
+                if STACK.index(pkg) > STACK.index(folder):
+                    problems.append(f"{where}: {folder} imports upward from {pkg}")
+                private = [n for n in names if n.startswith("_")]
+                if pkg != folder and private:
+                    problems.append(f"{where}: private name(s) {private} taken from {pkg}")
+    return problems
+
+
+def test_imports_point_down_the_stack() -> None:
+    assert layering_violations() == []
+
+
+def test_the_checker_catches_an_upward_and_a_private_import(tmp_path: Path) -> None:
+    for folder in STACK:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "graph" / "bad.py").write_text(
+        "def f():\n    from secateur.runtime.surgery import apply_keep\n    return apply_keep\n"
+    )
+    (tmp_path / "search" / "worse.py").write_text("from secateur.runtime.proxy import _Inject\n")
+    found = layering_violations(tmp_path)
+    assert any("graph/bad.py:2: graph imports upward from runtime" in p for p in found)
+    assert any("search/worse.py:1: private name(s) ['_Inject'] taken from runtime" in p for p in found)
+
+
+def test_schema_method_names_are_the_registry() -> None:
+    assert sorted(get_args(PassMethod)) == method_names()
+    # multipruner is the one composite: a recipe of passes, each a registered method
+    assert set(get_args(Method)) == set(method_names()) | {"multipruner"}
