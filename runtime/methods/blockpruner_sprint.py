@@ -522,150 +522,200 @@ class _Step:
     errors: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def greedy_removal(ctx: StageContext, method: str, latency_aware: bool) -> PruneResult:
-    """BlockPruner (latency_aware=False) or SPRINT (True) on `ctx.model`, in place."""
-    t0 = time.perf_counter()
-    model, adapter, stage = ctx.model, ctx.adapter, ctx.stage
-    removable = check_budget(model, adapter, method, stage, int(ctx.params_to_remove), ctx.layers)
-    kind = "ppl" if stage.importance.metric == "ppl_delta" else "kl"
-    n_layers = adapter.num_layers
-    phases = {
-        "latency": 0.0,
-        "reference": 0.0,
-        "capture": 0.0,
-        "scoring": 0.0,
-        "removal": 0.0,
-        "restoration": 0.0,
-    }
-    extra: dict[str, Any] = {
-        "method": method,
-        "metric": kind,
-        "params_to_remove": int(ctx.params_to_remove),
-        "removable_params": int(removable),
-        "heldout": f"{ctx.heldout.shape[0]} x {ctx.heldout.shape[1]}",
-    }
-    table: LatencyTable | None = None
-    restorer: Restorer | None = None
-    if ctx.params_to_remove > 0:
-        if latency_aware:
-            table = latency_table(model, adapter, ctx.cache_dir)
-            phases["latency"] = table.seconds
-            ctx.log(
-                f"{method}: latency table {'read from' if table.cached else 'measured and written to'} {table.path}"
-            )
+class _Greedy:
+    """One BlockPruner / SPRINT stage: setup in the constructor, then a method per phase of a step."""
+
+    def __init__(self, ctx: StageContext, method: str, latency_aware: bool) -> None:
+        """Setup: budget check, metric, phase timers, the extra's header and the per-step accumulators."""
+        self.t0 = time.perf_counter()
+        self.ctx, self.method, self.latency_aware = ctx, method, latency_aware
+        self.model, self.adapter, self.stage = ctx.model, ctx.adapter, ctx.stage
+        removable = check_budget(
+            self.model, self.adapter, method, self.stage, int(ctx.params_to_remove), ctx.layers
+        )
+        self.kind = "ppl" if self.stage.importance.metric == "ppl_delta" else "kl"
+        self.n_layers = self.adapter.num_layers
+        self.phases = {
+            "latency": 0.0,
+            "reference": 0.0,
+            "capture": 0.0,
+            "scoring": 0.0,
+            "removal": 0.0,
+            "restoration": 0.0,
+        }
+        self.extra: dict[str, Any] = {
+            "method": method,
+            "metric": self.kind,
+            "params_to_remove": int(ctx.params_to_remove),
+            "removable_params": int(removable),
+            "heldout": f"{ctx.heldout.shape[0]} x {ctx.heldout.shape[1]}",
+        }
+        self.table: LatencyTable | None = None
+        self.restorer: Restorer | None = None
+        if ctx.params_to_remove > 0:
+            self._prepare()
+        self.keep: dict[int, LayerKeep] = {}
+        self.logs: list[LayerLog] = []
+        self.steps: list[_Step] = []
+        self.removed = 0
+        self.n_evals, self.eval_s, self.depth = 0, 0.0, 0.0
+
+    def _prepare(self) -> None:
+        """Latency table (SPRINT), dense reference, restorer (SPRINT), scorer and the starting proxy."""
+        ctx, model, adapter, stage = self.ctx, self.model, self.adapter, self.stage
+        if self.latency_aware:
+            self.table = table = latency_table(model, adapter, ctx.cache_dir)
+            self.phases["latency"] = table.seconds
+            where = "read from" if table.cached else "measured and written to"
+            ctx.log(f"{self.method}: latency table {where} {table.path}")
         t = time.perf_counter()
         ref = (
             dense_reference(model, ctx.heldout, BATCH_SIZE, REFERENCE_MB, REFERENCE_TOPK)
-            if kind == "kl"
+            if self.kind == "kl"
             else None
         )
-        phases["reference"] = time.perf_counter() - t
-        if latency_aware and stage.restore.method == "least_squares":
+        self.phases["reference"] = time.perf_counter() - t
+        if self.latency_aware and stage.restore.method == "least_squares":
             t = time.perf_counter()
-            restorer = Restorer(
+            self.restorer = Restorer(
                 model, adapter, ctx.calib[:RESTORE_WINDOWS], stage.restore.damping, BATCH_SIZE
             )
-            phases["restoration"] += time.perf_counter() - t
+            self.phases["restoration"] += time.perf_counter() - t
         t = time.perf_counter()
-        scorer = HeldoutScorer(model, adapter, ctx.heldout, ref, kind)
-        current = scorer.value(n_layers)
-        phases["capture"] = time.perf_counter() - t
-    keep: dict[int, LayerKeep] = {}
-    logs: list[LayerLog] = []
-    steps: list[_Step] = []
-    removed = 0
-    n_evals, eval_s, depth = 0, 0.0, 0.0
-    while removed < ctx.params_to_remove:
+        self.scorer = HeldoutScorer(model, adapter, ctx.heldout, ref, self.kind)
+        self.current = self.scorer.value(self.n_layers)
+        self.phases["capture"] = time.perf_counter() - t
+
+    def step(self) -> None:
+        """One greedy step: score every remaining candidate, remove the best, restore, refresh, log."""
         t_step = time.perf_counter()
-        cands = candidates(model, adapter, ctx.layers, stage.targets)
+        cands = candidates(self.model, self.adapter, self.ctx.layers, self.stage.targets)
         if not cands:  # cannot happen after check_budget; kept as a guard against surprises
-            raise ValueError(f"{method} ({_where(stage)}): no sublayer left to remove at {removed:,} params")
+            raise ValueError(
+                f"{self.method} ({_where(self.stage)}): no sublayer left to remove at {self.removed:,} params"
+            )
+        score, v, c = self._best(cands)
+        self.phases["scoring"] += time.perf_counter() - t_step
+        step = self._remove(c, v, score)
+        self.current = v  # the candidate's own score is the model's proxy now
+        if self.restorer is not None:
+            self._restore(step, v, self.restorer)
+        t = time.perf_counter()
+        if self.restorer is None or not step.kept_restoration:
+            self.scorer.refresh(c.layer)
+        step.proxy = self.current
+        self.phases["capture"] += time.perf_counter() - t
+        step.seconds = time.perf_counter() - t_step
+        self.steps.append(step)
+        self.logs.append(LayerLog(c.layer, step.seconds, c.keep().to_dict(), step.errors))
+        self._log(step, v)
+
+    def _best(self, cands: list[Candidate]) -> tuple[float, float, Candidate]:
+        """Score every candidate (proxy without it, per latency saved for SPRINT); the lowest wins."""
         best: tuple[float, float, Candidate] | None = None
         bar = tqdm(
-            cands, desc=f"{method} step {len(steps) + 1}", unit="cand", leave=False, disable=not ctx.progress
+            cands,
+            desc=f"{self.method} step {len(self.steps) + 1}",
+            unit="cand",
+            leave=False,
+            disable=not self.ctx.progress,
         )
         for c in bar:
             tc = time.perf_counter()
-            with without(model, adapter, c):
-                v = scorer.value(c.layer)
-            eval_s += time.perf_counter() - tc
-            n_evals += 1
-            depth += (n_layers - c.layer) / n_layers
-            score = (v - current) / table.saved(c) if table is not None else v
+            with without(self.model, self.adapter, c):
+                v = self.scorer.value(c.layer)
+            self.eval_s += time.perf_counter() - tc
+            self.n_evals += 1
+            self.depth += (self.n_layers - c.layer) / self.n_layers
+            score = (v - self.current) / self.table.saved(c) if self.table is not None else v
             if best is None or score < best[0]:
                 best = (score, v, c)
-                bar.set_postfix({"best": f"{c.name}@{c.layer}", kind: f"{v:.4g}"})
-        phases["scoring"] += time.perf_counter() - t_step
+                bar.set_postfix({"best": f"{c.name}@{c.layer}", self.kind: f"{v:.4g}"})
         assert best is not None
-        score, v, c = best
+        return best
+
+    def _remove(self, c: Candidate, v: float, score: float) -> _Step:
+        """Remove the chosen candidate physically and record it in the stage's keep-sets."""
         t = time.perf_counter()
-        params = sum(n for b, n in branch_params(model, adapter, c.layer).items() if b in c.branches)
-        apply_keep(model, adapter, {c.layer: c.keep()})
-        lk = keep.setdefault(c.layer, LayerKeep())
+        params = sum(
+            n for b, n in branch_params(self.model, self.adapter, c.layer).items() if b in c.branches
+        )
+        apply_keep(self.model, self.adapter, {c.layer: c.keep()})
+        lk = self.keep.setdefault(c.layer, LayerKeep())
         lk.drop_attn |= "attn" in c.branches
         lk.drop_mlp |= "mlp" in c.branches
-        removed += params
-        phases["removal"] += time.perf_counter() - t
-        step = _Step(c, params, v, score, 0.0)
-        current = v  # the candidate's own score is the model's proxy now
-        if restorer is not None:
-            t = time.perf_counter()
-            step.errors = restorer.restore(c)
-            scorer.refresh(c.layer)
-            v_restored = scorer.value(n_layers)
-            # least squares on calibration windows can still hurt the held-out proxy (outlier channels
-            # dominate squared errors): keep the refit only when it helps there
-            step.kept_restoration = v_restored < v
-            if step.kept_restoration:
-                current = v_restored
-            else:
-                restorer.revert()
-            step.restore_s = time.perf_counter() - t
-            phases["restoration"] += step.restore_s
+        self.removed += params
+        self.phases["removal"] += time.perf_counter() - t
+        return _Step(c, params, v, score, 0.0)
+
+    def _restore(self, step: _Step, v: float, restorer: Restorer) -> None:
+        """SPRINT's least-squares refit after a removal, kept only when it lowers the held-out proxy."""
         t = time.perf_counter()
-        if restorer is None or not step.kept_restoration:
-            scorer.refresh(c.layer)
-        step.proxy = current
-        phases["capture"] += time.perf_counter() - t
-        step.seconds = time.perf_counter() - t_step
-        steps.append(step)
-        logs.append(LayerLog(c.layer, step.seconds, c.keep().to_dict(), step.errors))
+        c = step.cand
+        step.errors = restorer.restore(c)
+        self.scorer.refresh(c.layer)
+        v_restored = self.scorer.value(self.n_layers)
+        # least squares on calibration windows can still hurt the held-out proxy (outlier channels
+        # dominate squared errors): keep the refit only when it helps there
+        step.kept_restoration = v_restored < v
+        if step.kept_restoration:
+            self.current = v_restored
+        else:
+            restorer.revert()
+        step.restore_s = time.perf_counter() - t
+        self.phases["restoration"] += step.restore_s
+
+    def _log(self, step: _Step, v: float) -> None:
+        """The step's log line: what went, the budget so far, the proxy and the restoration's verdict."""
+        c, kind = step.cand, self.kind
         restored = ""
-        if restorer is not None:
+        if self.restorer is not None:
             fits = " ".join(f"{k} {e['pruned']:.3f}->{e['restored']:.3f}" for k, e in step.errors.items())
             verdict = "kept" if step.kept_restoration else f"reverted ({kind} {v:.4f} without it)"
             restored = f", restoration {fits or '(nothing after it)'} {verdict}"
-        ctx.log(
-            f"{method} step {len(steps)}: removed layers.{c.layer}.{c.name} ({params:,} params, "
-            f"{removed:,}/{int(ctx.params_to_remove):,} so far), {kind} {current:.4f}{restored}, {step.seconds:.1f}s"
+        self.ctx.log(
+            f"{self.method} step {len(self.steps)}: removed layers.{c.layer}.{c.name} ({step.params:,} params, "
+            f"{self.removed:,}/{int(self.ctx.params_to_remove):,} so far), {kind} {self.current:.4f}{restored}, "
+            f"{step.seconds:.1f}s"
         )
-    phases["total"] = time.perf_counter() - t0
-    extra.update(
-        {
-            "removed": [[b, s.cand.layer] for s in steps for b in s.cand.branches],
-            "removed_params": int(removed),
-            "removed_params_per_step": [int(s.params) for s in steps],
-            "proxy_per_step": [float(s.proxy) for s in steps],
-            "steps": len(steps),
-            "candidate_evals": n_evals,
-            "seconds_per_candidate": eval_s / n_evals if n_evals else 0.0,
-            "seconds_per_step": statistics.fmean(s.seconds for s in steps) if steps else 0.0,
-            # what a candidate evaluation runs: this share of the decoder layers (+ final norm and LM head)
-            "forward_fraction_per_candidate": depth / n_evals if n_evals else 0.0,
-        }
-    )
-    if n_evals:
-        extra["step_cost"] = (
-            f"{n_evals / len(steps):.1f} candidates per step, each running {extra['forward_fraction_per_candidate']:.2f} "
-            f"of the decoder layers + LM head on {extra['heldout']} held-out tokens "
-            f"({extra['seconds_per_candidate']:.3g} s per candidate)"
+
+    def result(self) -> PruneResult:
+        """The stage's keep-sets, layer logs, phases and extra (removals, costs, SPRINT's details)."""
+        steps, n_evals = self.steps, self.n_evals
+        self.phases["total"] = time.perf_counter() - self.t0
+        extra = self.extra
+        extra.update(
+            {
+                "removed": [[b, s.cand.layer] for s in steps for b in s.cand.branches],
+                "removed_params": int(self.removed),
+                "removed_params_per_step": [int(s.params) for s in steps],
+                "proxy_per_step": [float(s.proxy) for s in steps],
+                "steps": len(steps),
+                "candidate_evals": n_evals,
+                "seconds_per_candidate": self.eval_s / n_evals if n_evals else 0.0,
+                "seconds_per_step": statistics.fmean(s.seconds for s in steps) if steps else 0.0,
+                # what a candidate evaluation runs: this share of the decoder layers (+ final norm and LM head)
+                "forward_fraction_per_candidate": self.depth / n_evals if n_evals else 0.0,
+            }
         )
-    if latency_aware:
+        if n_evals:
+            extra["step_cost"] = (
+                f"{n_evals / len(steps):.1f} candidates per step, each running {extra['forward_fraction_per_candidate']:.2f} "
+                f"of the decoder layers + LM head on {extra['heldout']} held-out tokens "
+                f"({extra['seconds_per_candidate']:.3g} s per candidate)"
+            )
+        if self.latency_aware:
+            self._sprint_extra()
+        return PruneResult(self.keep, self.logs, self.phases, None, extra)
+
+    def _sprint_extra(self) -> None:
+        """SPRINT's entries in the extra: restoration per step and the latency table used."""
+        extra, stage, steps, table = self.extra, self.stage, self.steps, self.table
         extra["restore"] = stage.restore.method if stage.restore.method == "least_squares" else "none"
-        extra["restoration_s"] = phases["restoration"]
+        extra["restoration_s"] = self.phases["restoration"]
         extra["restoration_s_per_step"] = [float(s.restore_s) for s in steps]
         extra["restoration_kept_per_step"] = [bool(s.kept_restoration) for s in steps]
-        extra["restore_windows"] = restorer.windows if restorer is not None else 0
+        extra["restore_windows"] = self.restorer.windows if self.restorer is not None else 0
         if table is not None:
             extra["latency_table"] = {
                 str(i): {k: float(v) for k, v in d.items()} for i, d in table.per_layer.items()
@@ -673,7 +723,14 @@ def greedy_removal(ctx: StageContext, method: str, latency_aware: bool) -> Prune
             extra["latency_cache"] = str(table.path)
             extra["latency_cached"] = table.cached
             extra["latency_seqlen"] = table.seqlen
-    return PruneResult(keep, logs, phases, None, extra)
+
+
+def greedy_removal(ctx: StageContext, method: str, latency_aware: bool) -> PruneResult:
+    """BlockPruner (latency_aware=False) or SPRINT (True) on `ctx.model`, in place."""
+    run = _Greedy(ctx, method, latency_aware)
+    while run.removed < ctx.params_to_remove:
+        run.step()
+    return run.result()
 
 
 def _check(method: str):

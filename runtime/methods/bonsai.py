@@ -46,6 +46,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -317,6 +318,323 @@ def _select_global(
     return chosen
 
 
+def _kinds(targets: Any) -> list[str]:
+    """The unit kinds the stage's targets prune: "mlp" and / or the attention kind."""
+    kinds = (["mlp"] if targets.mlp else []) + ([targets.attention] if targets.attention != "none" else [])
+    if not kinds:
+        raise ValueError(
+            "bonsai prunes MLP channels and attention heads: set targets.mlp or targets.attention"
+        )
+    return kinds
+
+
+def _consumer_names(
+    model: nn.Module, adapter: ModelAdapter, layers: list[int], kinds: list[str]
+) -> list[str]:
+    """The consumers (down_proj / fc2, o_proj) whose input statistics every round collects."""
+    names: list[str] = []
+    for i in layers:
+        g = {x.kind for x in layer_groups(model, adapter, i)}
+        p = adapter.layer_prefix(i)
+        if "mlp" in kinds and "mlp_channel" in g:
+            names.append(f"{p}.{adapter.mlp_out}")
+        if kinds[-1] in ("q_head", "kv_group") and "kv_group" in g:
+            names.append(f"{p}.{adapter.o}")
+    return names
+
+
+def _select_plan(
+    cands: list[Variable], score: dict[int, float], limit: dict[tuple[int, str], int]
+) -> list[Variable]:
+    """Plan mode: in every layer and kind, the lowest-coefficient candidates up to the round's count."""
+    chosen: list[Variable] = []
+    by_key: dict[tuple[int, str], list[int]] = {}
+    for j, v in enumerate(cands):
+        by_key.setdefault((v.layer, v.kind), []).append(j)
+    for key, js in by_key.items():
+        js.sort(key=lambda j: (score[j], cands[j].prior, j))
+        chosen += [cands[j] for j in js[: limit[key]]]
+    return chosen
+
+
+@dataclass
+class _Round:
+    """One round's variables, candidates, removal limits and sampled sub-model losses."""
+
+    r: int  # 0-based
+    stats: dict | None  # consumer statistics, dropped once the restoration has used them
+    forced: dict[int, list[int]] = field(default_factory=dict)  # MLP channels removed outright
+    variables: dict[tuple[int, str], list[Variable]] = field(default_factory=dict)
+    todo: dict[tuple[int, str], float] = field(default_factory=dict)  # removals scheduled per key
+    cands: list[Variable] = field(default_factory=list)
+    others: list[Variable] = field(default_factory=list)  # variables that are not candidates
+    limit: dict[tuple[int, str], int] = field(default_factory=dict)  # most removals per key
+    kept_rows: list[torch.Tensor] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    base: float = float("nan")  # loss of the unmasked model
+
+    @property
+    def n_vars(self) -> int:
+        return sum(len(vs) for vs in self.variables.values())
+
+
+class _Bonsai:
+    """One Bonsai stage: the setup in the constructor, a method per phase of a round, the result."""
+
+    def __init__(
+        self, ctx: StageContext, use_prior: bool, loss: str | None, score_windows: int, stats_tokens: int
+    ) -> None:
+        """Setup: kinds, allocation mode, plan, layer state, consumers, score / stats windows, reference."""
+        self.t0 = time.perf_counter()
+        self.ctx, self.use_prior = ctx, use_prior
+        self.opts = ctx.stage.importance.bonsai
+        self.loss = loss or getattr(self.opts, "loss", "nll")  # a recipe option once the schema has it
+        self.model, self.adapter = ctx.model, ctx.adapter
+        budget = ctx.recipe.budget
+        self.m, self.min_keep = int(budget.multiple_of), float(budget.min_keep)
+        self.kinds = _kinds(ctx.stage.targets)
+        self.mode = "global" if ctx.recipe.allocation.method == "global" else "plan"
+        # validates the budget; the per-layer widths in plan mode, the uniform shares in global mode
+        self.plan = plan_for_stage(ctx, "uniform" if self.mode == "global" else None)
+        self.restore = ctx.stage.restore.method == "least_squares"
+        self.phases = {"statistics": 0.0, "sampling": 0.0, "regression": 0.0, "pruning": 0.0}
+        self.dev = next(self.model.parameters()).device
+        self.gen = torch.Generator().manual_seed(int(ctx.recipe.calibration.seed))
+        self.layers = sorted(ctx.layers)
+        self.state = {i: _layer_state(self.model, self.adapter, i, self.plan, self.m) for i in self.layers}
+        self.names = _consumer_names(self.model, self.adapter, self.layers, self.kinds)
+        self.score_ids = ctx.heldout[: max(1, score_windows)].to(self.dev)
+        seqlen = int(ctx.calib.shape[1])
+        self.stats_ids = ctx.calib[: max(1, min(ctx.calib.shape[0], stats_tokens // max(seqlen, 1)))]
+        self.n_samples, self.forward_passes = 0, 0
+        self.reference = self._reference()
+        self.goal = int(ctx.params_to_remove)
+        self.rounds: list[dict] = []
+        self.removed_total = 0
+
+    def _reference(self) -> torch.Tensor | None:
+        """The dense model's next-token log-probabilities on the score windows when the loss is KL."""
+        if self.loss == "kl":
+            with torch.inference_mode():
+                logits = self.model(self.score_ids, use_cache=False).logits
+                reference = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            self.forward_passes += 1
+            return reference
+        if self.loss != "nll":
+            raise ValueError(f"bonsai loss must be 'nll' or 'kl', got {self.loss!r}")
+        return None
+
+    def run_round(self, r: int) -> None:
+        """One round: statistics, candidates, sampling, regression and choice, removal, record."""
+        t_round = time.perf_counter()
+        t = time.perf_counter()
+        stats = _statistics(self.model, self.adapter, self.stats_ids, self.names, self.restore)
+        self.phases["statistics"] += time.perf_counter() - t
+        rnd = self._round_variables(r, stats)
+        del stats  # the round holds the statistics until the removal has used them
+        self._select_candidates(rnd)
+        t = time.perf_counter()
+        self._sample(rnd)
+        self.phases["sampling"] += time.perf_counter() - t
+        t = time.perf_counter()
+        chosen = self._choose(rnd)
+        self.phases["regression"] += time.perf_counter() - t
+        t = time.perf_counter()
+        removed_round = self._remove(rnd, chosen)
+        self.phases["pruning"] += time.perf_counter() - t
+        self._record(rnd, removed_round, t_round)
+
+    def _round_variables(self, r: int, stats: dict) -> _Round:
+        """Every layer's variables and forced MLP channels, and the removals scheduled for the round."""
+        rnd = _Round(r, stats)
+        for i in self.layers:
+            st = self.state[i]
+            odd = st.odd if r == 0 else 0
+            f, per_kind = _variables(
+                self.model, self.adapter, i, self.kinds, stats, self.m, self.use_prior, odd
+            )
+            if f:
+                rnd.forced[i] = f
+            for kind, vs in per_kind.items():
+                key = (i, kind)
+                rnd.variables[key] = vs
+                total = st.target.get(kind, 0)
+                if self.mode == "plan":
+                    rnd.todo[key] = _scheduled(total, r, self.opts.steps) - st.removed.get(kind, 0)
+                else:
+                    rnd.todo[key] = total / self.opts.steps  # the uniform share, to size the candidate set
+        return rnd
+
+    def _select_candidates(self, rnd: _Round) -> None:
+        """The lowest-prior variables of each layer and kind become candidates, within removal limits."""
+        for key, vs in rnd.variables.items():
+            i, kind = key
+            lim = _limit(self.state[i], kind, len(vs), len(rnd.forced.get(i, [])), self.m, self.min_keep)
+            want = rnd.todo[key]
+            rnd.limit[key] = lim if self.mode == "global" else min(lim, max(0, int(want)))
+            if want <= 0 or lim == 0:
+                continue
+            n_c = min(lim, math.ceil(CANDIDATE_FACTOR * want - 1e-9)) if self.use_prior else len(vs)
+            rnd.cands += vs[:n_c]
+            rnd.others += vs[n_c:]
+
+    def _sample(self, rnd: _Round) -> None:
+        """Losses of masked sub-models in antithetic pairs (a random mask, then its complement)."""
+        cands, c, opts = rnd.cands, len(rnd.cands), self.opts
+        if c < 2 or opts.samples < 2:
+            return
+        prob = min(max(opts.drop_fraction * rnd.n_vars / c, 1.0 / c), 0.5)  # p and 1 - p: same pairs
+        with column_masks(self.model, sorted({v.consumer for v in cands})) as masks:
+            rnd.base = mean_loss(self.model, self.score_ids, self.reference)
+            self.forward_passes += 1
+            bar = tqdm(
+                range(opts.samples),
+                desc=f"bonsai round {rnd.r + 1}/{opts.steps}",
+                unit="sample",
+                disable=not self.ctx.progress,
+            )
+            drop = torch.zeros(c, dtype=torch.bool)
+            for s in bar:
+                drop = torch.rand(c, generator=self.gen) < prob if s % 2 == 0 else ~drop
+                for mk in masks.values():
+                    mk.fill_(1)
+                for j in drop.nonzero().flatten().tolist():
+                    masks[cands[j].consumer][cands[j].cols.to(self.dev)] = 0
+                rnd.losses.append(mean_loss(self.model, self.score_ids, self.reference))
+                rnd.kept_rows.append(~drop)
+                bar.set_postfix(loss=f"{rnd.losses[-1]:.4f}")
+        self.forward_passes += len(rnd.losses)
+        self.n_samples += len(rnd.losses)
+
+    def _choose(self, rnd: _Round) -> list[Variable]:
+        """Regress the losses on the masks (or fall back to the prior), then pick the round's removals."""
+        cands, c = rnd.cands, len(rnd.cands)
+        if rnd.losses:
+            kept = torch.stack(rnd.kept_rows).float()
+            coef = fit_importance(kept, torch.tensor(rnd.losses), float(self.opts.ridge))
+            score = {j: float(coef[j]) for j in range(c)}
+        else:  # too few candidates to regress: the prior decides
+            score = {j: cands[j].prior for j in range(c)}
+        if self.mode == "plan":
+            return _select_plan(cands, score, rnd.limit)
+        forced_params = sum(
+            len(f) * _params_per_channel(self.model, self.adapter, i) for i, f in rnd.forced.items()
+        )
+        quota = _scheduled(self.goal, rnd.r, self.opts.steps) - self.removed_total - forced_params
+        return _select_global(cands, rnd.others, score, quota, rnd.limit, rnd.r == self.opts.steps - 1)
+
+    def _round_keep(self, rnd: _Round, chosen: list[Variable]) -> dict[int, LayerKeep]:
+        """The round's keep-sets (current numbering) from the forced and chosen units; counts removals."""
+        removal: dict[int, dict[str, set[int]]] = {}
+        for i, f in rnd.forced.items():
+            removal.setdefault(i, {}).setdefault("mlp", set()).update(f)
+        for v in chosen:
+            removal.setdefault(v.layer, {}).setdefault(v.kind, set()).update(v.units)
+            self.state[v.layer].removed[v.kind] = self.state[v.layer].removed.get(v.kind, 0) + 1
+        keep: dict[int, LayerKeep] = {}
+        for i, rem in sorted(removal.items()):
+            sh = layer_shapes(self.model, self.adapter, i)
+            lk = LayerKeep()
+            if rem.get("mlp"):
+                lk.mlp = [u for u in range(int(sh["intermediate_size"])) if u not in rem["mlp"]]
+            if rem.get("q_head"):
+                lk.q_heads = [h for h in range(int(sh["num_heads"])) if h not in rem["q_head"]]
+            if rem.get("kv_group"):
+                lk.kv_heads = [g for g in range(int(sh["num_kv_heads"])) if g not in rem["kv_group"]]
+            keep[i] = lk
+        return keep
+
+    def _restore(
+        self, rnd: _Round, keep: dict[int, LayerKeep]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Least-squares refits of the changed layers' consumers from the round's statistics."""
+        new_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if not self.restore:
+            return new_weights
+        for i, lk in keep.items():
+            tl = time.perf_counter()
+            w, errors = restore_layer(
+                self.model, self.adapter, i, lk, rnd.stats, self.ctx.stage.restore.damping, "least_squares"
+            )
+            new_weights.update(w)
+            self.state[i].errors.update({f"{k}@{rnd.r + 1}": v for k, v in errors.items()})
+            self.state[i].seconds += time.perf_counter() - tl
+        return new_weights
+
+    def _remove(self, rnd: _Round, chosen: list[Variable]) -> int:
+        """Physical removal (one apply_keep) with restoration of the consumers; returns params removed."""
+        model, adapter = self.model, self.adapter
+        before = decoder_linear_params(model, adapter, self.layers)
+        keep = self._round_keep(rnd, chosen)
+        new_weights = self._restore(rnd, keep)
+        rnd.stats = None  # frees the statistics (Gram matrices) before the surgery
+        apply_keep(model, adapter, keep)
+        with torch.no_grad():
+            write_consumers(model, new_weights)
+        for i, lk in keep.items():
+            _track(self.state[i], lk)
+        removed_round = before - decoder_linear_params(model, adapter, self.layers)
+        self.removed_total += removed_round
+        return removed_round
+
+    def _record(self, rnd: _Round, removed_round: int, t_round: float) -> None:
+        """The round's entry in extra["rounds"] and its log line."""
+        losses, c, steps = rnd.losses, len(rnd.cands), self.opts.steps
+        avg_loss = sum(losses) / len(losses) if losses else float("nan")
+        self.rounds.append(
+            {
+                "round": rnd.r + 1,
+                "candidates": c,
+                "variables": rnd.n_vars,
+                "samples": len(losses),
+                "loss_before": round(rnd.base, 6),
+                "mean_sample_loss": round(avg_loss, 6),
+                "removed_params": int(removed_round),
+                "removed_total": int(self.removed_total),
+                "seconds": round(time.perf_counter() - t_round, 3),
+            }
+        )
+        self.ctx.log(
+            f"bonsai round {rnd.r + 1}/{steps}: {len(losses)} samples over {c} candidates, "
+            f"loss {rnd.base:.4f} before, mean sample loss {avg_loss:.4f}, "
+            f"removed {self.removed_total:,} of {self.goal:,} parameters"
+        )
+
+    def result(self) -> PruneResult:
+        """Kept units of every changed layer in the starting numbering, layer logs, phases and extra."""
+        result_keep: dict[int, LayerKeep] = {}
+        logs: list[LayerLog] = []
+        for i in self.layers:
+            st = self.state[i]
+            lk = LayerKeep()
+            if len(st.mlp) < st.n0["mlp"]:
+                lk.mlp = sorted(st.mlp)
+            if len(st.kv) < st.n0["kv_group"]:
+                lk.kv_heads = sorted(st.kv)
+            elif len(st.q) < st.n0["q_head"] * st.n0["kv_group"]:
+                lk.q_heads = sorted(st.q)
+            if lk.to_dict():
+                result_keep[i] = lk
+                logs.append(LayerLog(i, st.seconds, lk.to_dict(), st.errors))
+        self.phases["total"] = time.perf_counter() - self.t0
+        extra = {
+            "method": "bonsai",
+            "allocation": self.mode,
+            "loss": self.loss,
+            "score_windows": int(self.score_ids.shape[0]),
+            "score_tokens": int(self.score_ids.numel()),
+            "statistics_tokens": int(self.stats_ids.numel()),
+            "rounds": self.rounds,
+            "samples_per_round": int(self.opts.samples),
+            "forward_passes": int(self.forward_passes),
+            "seconds_per_sample": round(self.phases["sampling"] / max(self.n_samples, 1), 4),
+            "removed_params": int(self.removed_total),
+        }
+        if self.mode == "plan":
+            extra["plan"] = self.plan.to_dict()
+        return PruneResult(result_keep, logs, self.phases, None, extra)
+
+
 def bonsai_prune(
     ctx: StageContext,
     *,
@@ -332,232 +650,10 @@ def bonsai_prune(
     "kl" (mean KL from the dense model's next-token distributions on the same windows: >= 0 and
     second order in the perturbation, so it does not carry the NLL's first-order noise); None
     reads `importance.bonsai.loss` when the schema has it, else "nll"."""
-    t0 = time.perf_counter()
-    opts = ctx.stage.importance.bonsai
-    loss = loss or getattr(opts, "loss", "nll")  # a recipe option once the schema has it
-    model, adapter = ctx.model, ctx.adapter
-    budget = ctx.recipe.budget
-    m, min_keep = int(budget.multiple_of), float(budget.min_keep)
-    targets = ctx.stage.targets
-    kinds = (["mlp"] if targets.mlp else []) + ([targets.attention] if targets.attention != "none" else [])
-    if not kinds:
-        raise ValueError(
-            "bonsai prunes MLP channels and attention heads: set targets.mlp or targets.attention"
-        )
-    mode = "global" if ctx.recipe.allocation.method == "global" else "plan"
-    # validates the budget; the per-layer widths in plan mode, the uniform shares in global mode
-    plan = plan_for_stage(ctx, "uniform" if mode == "global" else None)
-    restore = ctx.stage.restore.method == "least_squares"
-    phases = {"statistics": 0.0, "sampling": 0.0, "regression": 0.0, "pruning": 0.0}
-    dev = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(int(ctx.recipe.calibration.seed))
-
-    layers = sorted(ctx.layers)
-    state = {i: _layer_state(model, adapter, i, plan, m) for i in layers}
-    names: list[str] = []
-    for i in layers:
-        g = {x.kind for x in layer_groups(model, adapter, i)}
-        p = adapter.layer_prefix(i)
-        if "mlp" in kinds and "mlp_channel" in g:
-            names.append(f"{p}.{adapter.mlp_out}")
-        if kinds[-1] in ("q_head", "kv_group") and "kv_group" in g:
-            names.append(f"{p}.{adapter.o}")
-    score_ids = ctx.heldout[: max(1, score_windows)].to(dev)
-    seqlen = int(ctx.calib.shape[1])
-    stats_ids = ctx.calib[: max(1, min(ctx.calib.shape[0], stats_tokens // max(seqlen, 1)))]
-    n_samples, forward_passes = 0, 0
-    reference = None
-    if loss == "kl":
-        with torch.inference_mode():
-            reference = torch.log_softmax(model(score_ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-        forward_passes += 1
-    elif loss != "nll":
-        raise ValueError(f"bonsai loss must be 'nll' or 'kl', got {loss!r}")
-
-    goal = int(ctx.params_to_remove)
-    rounds: list[dict] = []
-    removed_total = 0
-    for r in range(opts.steps):
-        t_round = time.perf_counter()
-        t = time.perf_counter()
-        stats = _statistics(model, adapter, stats_ids, names, restore)
-        phases["statistics"] += time.perf_counter() - t
-
-        # variables, candidates and removals scheduled for this round
-        forced: dict[int, list[int]] = {}
-        variables: dict[tuple[int, str], list[Variable]] = {}
-        todo: dict[tuple[int, str], int] = {}
-        for i in layers:
-            st = state[i]
-            odd = st.odd if r == 0 else 0
-            f, per_kind = _variables(model, adapter, i, kinds, stats, m, use_prior, odd)
-            if f:
-                forced[i] = f
-            for kind, vs in per_kind.items():
-                key = (i, kind)
-                variables[key] = vs
-                total = st.target.get(kind, 0)
-                if mode == "plan":
-                    todo[key] = _scheduled(total, r, opts.steps) - st.removed.get(kind, 0)
-                else:
-                    todo[key] = total / opts.steps  # the uniform share, to size the candidate set
-        cands: list[Variable] = []
-        others: list[Variable] = []
-        limit: dict[tuple[int, str], int] = {}
-        for key, vs in variables.items():
-            i, kind = key
-            lim = _limit(state[i], kind, len(vs), len(forced.get(i, [])), m, min_keep)
-            want = todo[key]
-            limit[key] = lim if mode == "global" else min(lim, max(0, int(want)))
-            if want <= 0 or lim == 0:
-                continue
-            n_c = min(lim, math.ceil(CANDIDATE_FACTOR * want - 1e-9)) if use_prior else len(vs)
-            cands += vs[:n_c]
-            others += vs[n_c:]
-        # samples: antithetic pairs of masks over the candidates
-        t = time.perf_counter()
-        c = len(cands)
-        n_vars = sum(len(vs) for vs in variables.values())
-        kept_rows: list[torch.Tensor] = []
-        losses: list[float] = []
-        base = float("nan")
-        if c >= 2 and opts.samples >= 2:
-            prob = min(max(opts.drop_fraction * n_vars / c, 1.0 / c), 0.5)  # p and 1 - p: same pairs
-            with column_masks(model, sorted({v.consumer for v in cands})) as masks:
-                base = mean_loss(model, score_ids, reference)
-                forward_passes += 1
-                bar = tqdm(
-                    range(opts.samples),
-                    desc=f"bonsai round {r + 1}/{opts.steps}",
-                    unit="sample",
-                    disable=not ctx.progress,
-                )
-                drop = torch.zeros(c, dtype=torch.bool)
-                for s in bar:
-                    drop = torch.rand(c, generator=gen) < prob if s % 2 == 0 else ~drop
-                    for mk in masks.values():
-                        mk.fill_(1)
-                    for j in drop.nonzero().flatten().tolist():
-                        masks[cands[j].consumer][cands[j].cols.to(dev)] = 0
-                    losses.append(mean_loss(model, score_ids, reference))
-                    kept_rows.append(~drop)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            forward_passes += len(losses)
-            n_samples += len(losses)
-        phases["sampling"] += time.perf_counter() - t
-
-        t = time.perf_counter()
-        if losses:
-            coef = fit_importance(torch.stack(kept_rows).float(), torch.tensor(losses), float(opts.ridge))
-            score = {j: float(coef[j]) for j in range(c)}
-        else:  # too few candidates to regress: the prior decides
-            score = {j: cands[j].prior for j in range(c)}
-        if mode == "plan":
-            chosen = []
-            by_key: dict[tuple[int, str], list[int]] = {}
-            for j, v in enumerate(cands):
-                by_key.setdefault((v.layer, v.kind), []).append(j)
-            for key, js in by_key.items():
-                js.sort(key=lambda j: (score[j], cands[j].prior, j))
-                chosen += [cands[j] for j in js[: limit[key]]]
-        else:
-            forced_params = sum(len(f) * _params_per_channel(model, adapter, i) for i, f in forced.items())
-            quota = _scheduled(goal, r, opts.steps) - removed_total - forced_params
-            chosen = _select_global(cands, others, score, quota, limit, r == opts.steps - 1)
-        phases["regression"] += time.perf_counter() - t
-
-        # physical removal (one apply_keep), with least-squares restoration of the consumers
-        t = time.perf_counter()
-        before = decoder_linear_params(model, adapter, layers)
-        removal: dict[int, dict[str, set[int]]] = {}
-        for i, f in forced.items():
-            removal.setdefault(i, {}).setdefault("mlp", set()).update(f)
-        for v in chosen:
-            removal.setdefault(v.layer, {}).setdefault(v.kind, set()).update(v.units)
-            state[v.layer].removed[v.kind] = state[v.layer].removed.get(v.kind, 0) + 1
-        keep: dict[int, LayerKeep] = {}
-        for i, rem in sorted(removal.items()):
-            sh = layer_shapes(model, adapter, i)
-            lk = LayerKeep()
-            if rem.get("mlp"):
-                lk.mlp = [u for u in range(int(sh["intermediate_size"])) if u not in rem["mlp"]]
-            if rem.get("q_head"):
-                lk.q_heads = [h for h in range(int(sh["num_heads"])) if h not in rem["q_head"]]
-            if rem.get("kv_group"):
-                lk.kv_heads = [g for g in range(int(sh["num_kv_heads"])) if g not in rem["kv_group"]]
-            keep[i] = lk
-        new_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for i, lk in keep.items():
-            if not restore:
-                continue
-            tl = time.perf_counter()
-            w, errors = restore_layer(
-                model, adapter, i, lk, stats, ctx.stage.restore.damping, "least_squares"
-            )
-            new_weights.update(w)
-            state[i].errors.update({f"{k}@{r + 1}": v for k, v in errors.items()})
-            state[i].seconds += time.perf_counter() - tl
-        del stats
-        apply_keep(model, adapter, keep)
-        with torch.no_grad():
-            write_consumers(model, new_weights)
-        for i, lk in keep.items():
-            _track(state[i], lk)
-        removed_round = before - decoder_linear_params(model, adapter, layers)
-        removed_total += removed_round
-        phases["pruning"] += time.perf_counter() - t
-
-        avg_loss = sum(losses) / len(losses) if losses else float("nan")
-        rounds.append(
-            {
-                "round": r + 1,
-                "candidates": c,
-                "variables": n_vars,
-                "samples": len(losses),
-                "loss_before": round(base, 6),
-                "mean_sample_loss": round(avg_loss, 6),
-                "removed_params": int(removed_round),
-                "removed_total": int(removed_total),
-                "seconds": round(time.perf_counter() - t_round, 3),
-            }
-        )
-        ctx.log(
-            f"bonsai round {r + 1}/{opts.steps}: {len(losses)} samples over {c} candidates, "
-            f"loss {base:.4f} before, mean sample loss {avg_loss:.4f}, "
-            f"removed {removed_total:,} of {goal:,} parameters"
-        )
-
-    result_keep: dict[int, LayerKeep] = {}
-    logs: list[LayerLog] = []
-    for i in layers:
-        st = state[i]
-        lk = LayerKeep()
-        if len(st.mlp) < st.n0["mlp"]:
-            lk.mlp = sorted(st.mlp)
-        if len(st.kv) < st.n0["kv_group"]:
-            lk.kv_heads = sorted(st.kv)
-        elif len(st.q) < st.n0["q_head"] * st.n0["kv_group"]:
-            lk.q_heads = sorted(st.q)
-        if lk.to_dict():
-            result_keep[i] = lk
-            logs.append(LayerLog(i, st.seconds, lk.to_dict(), st.errors))
-    phases["total"] = time.perf_counter() - t0
-    extra = {
-        "method": "bonsai",
-        "allocation": mode,
-        "loss": loss,
-        "score_windows": int(score_ids.shape[0]),
-        "score_tokens": int(score_ids.numel()),
-        "statistics_tokens": int(stats_ids.numel()),
-        "rounds": rounds,
-        "samples_per_round": int(opts.samples),
-        "forward_passes": int(forward_passes),
-        "seconds_per_sample": round(phases["sampling"] / max(n_samples, 1), 4),
-        "removed_params": int(removed_total),
-    }
-    if mode == "plan":
-        extra["plan"] = plan.to_dict()
-    return PruneResult(result_keep, logs, phases, None, extra)
+    run = _Bonsai(ctx, use_prior, loss, score_windows, stats_tokens)
+    for r in range(run.opts.steps):
+        run.run_round(r)
+    return run.result()
 
 
 def _mlp_floor(st: _Layer, m: int, min_keep: float) -> int:
