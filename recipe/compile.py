@@ -410,3 +410,12 @@ def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, laye
                 f"targets.attention: 'q_head' needs grouped-query attention, but layer {i} has one query head per "
                 "KV head; use 'kv_group'"
             )
+    check_targets(spec, layers)
+    goal = target_params(model, adapter, spec)
+    most = feasible_fraction(model, adapter, spec, layers)
+    if goal > most * decoder_linear_params(model, adapter) + 1:
+        raise BudgetError(
+            f"budget.params: removing {goal:,} parameters from the {len(layers)} eligible layers is not "
+            f"possible under budget.min_keep={spec.min_keep}; they can lose at most about {most:.3f} of "
+            f"the decoder's linear parameters (widen targets.layers / targets.protect or lower the budget)"
+        )

@@ -419,7 +419,18 @@ def _message(err: dict[str, Any], path: KeyPath) -> str:
         return str(error)
     got = err.get("input")
     shown = f" (got {_short(got)})" if not isinstance(got, (dict, list)) else ""
-    return f"{err['msg']}{shown}"
+    return f"{err['msg']}{shown}{_exponent_hint(got)}"
+
+
+def _exponent_hint(got: Any) -> str:
+    """YAML 1.1 reads `1e-6` (no dot) as a string: say so where a number was expected."""
+    if not isinstance(got, str):
+        return ""
+    try:
+        float(got)
+    except ValueError:
+        return ""
+    return "; YAML reads exponent forms without a dot (1e-6) as text: write 1.0e-6 or 0.000001"
 
 
 def _issues(exc: ValidationError, data: dict[str, Any], locs: Locations, default: str) -> list[RecipeIssue]:

@@ -21,9 +21,10 @@ def window_nll(
     windows: torch.Tensor,
     batch_size: int = 1,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> float:
-    """Mean next-token NLL (nats) over every scored token of every window."""
+    """Mean next-token NLL (nats) over every scored token of every window (`progress`: a bar,
+    labelled with the string when one is given)."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n >= 1, seqlen >= 2], got {tuple(windows.shape)}")
     dev = torch.device(device) if device is not None else model_device(model)
@@ -31,7 +32,8 @@ def window_nll(
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="perplexity", unit="batch")
+        label = progress if isinstance(progress, str) else "perplexity"
+        starts = tqdm(starts, desc=label, unit="batch")
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
@@ -57,7 +59,7 @@ def perplexity(
     windows: torch.Tensor,
     batch_size: int = 1,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> float:
     """exp of the mean next-token NLL over `windows` [n, seqlen] (see module docstring)."""
     return math.exp(window_nll(model, windows, batch_size, device, progress))

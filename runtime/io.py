@@ -8,16 +8,17 @@ sparse `per_layer_config` overrides in the format HF's heterogeneous configs use
 45333, NVIDIA's pruned Nemotron models), which `load_pruned` reads. It is kept out of
 config.json for now: transformers 5.24 turns such a config heterogeneous and then refuses
 global attribute reads in LlamaConfig's own validation, which breaks even AutoTokenizer.
+
+A folder plain transformers cannot load *exactly* (per-layer widths, removed branches, added
+biases, narrow value heads) must not load there at all: HF would re-initialise what it cannot
+place and hand out a different model. Its config.json therefore carries a `model_type` that
+transformers refuses, whose text tells the user to call `secateur.load_pruned`; the real type is
+kept in `secateur_model_type` (and in secateur.json).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,21 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
+from secateur.runtime.outdir import OutputExistsError, atomic_dir  # noqa: F401  (public here too)
 from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
 
 FORMAT_VERSION = 1
+NOT_PLAIN_TYPE = (
+    "secateur-pruned-{base} (per-layer shapes plain transformers cannot load exactly: "
+    "use secateur.load_pruned(path); see the Secateur README)"
+)
+
+
+class PrunedFolderError(ValueError):
+    """A pruned-model folder that is missing files or holds damaged ones."""
+
+
 SHAPE_KEYS = ("num_heads", "num_kv_heads", "intermediate_size", "v_head_dim")
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and overwrite was not asked for."""
 
 
 def all_layer_shapes(model: nn.Module, adapter: ModelAdapter) -> list[dict[str, Any]]:
@@ -70,6 +78,8 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
         for ours, theirs in keys.items():
             cfg[theirs] = shapes[0][ours]
         return cfg, True, {}
+    cfg["secateur_model_type"] = cfg["model_type"]
+    cfg["model_type"] = NOT_PLAIN_TYPE.format(base=cfg["model_type"])
     per_layer: dict[str, dict[str, Any]] = {}
     for i, s in enumerate(shapes):
         over: dict[str, Any] = {}
@@ -86,28 +96,6 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
         if over:
             per_layer[str(i)] = over
     return cfg, False, per_layer
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces `out_dir` only if the block succeeds."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _state_dict_untied(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -210,27 +198,70 @@ def build_skeleton(config: Any, shapes: list[dict[str, Any]], biases: list[str] 
     return model
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PrunedFolderError(f"{path.parent}: {path.name} is missing; not a complete Secateur output")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PrunedFolderError(f"{path}: damaged JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise PrunedFolderError(f"{path}: expected a JSON object")
+    return data
+
+
+def pruned_hf_config(folder: str | Path) -> Any:
+    """The HF config of a Secateur output, with its real model type (config.json's may be a refusal)."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    meta = _read_json(folder / "secateur.json")
+    cfg = _read_json(folder / "config.json")
+    base = cfg.pop("secateur_model_type", None) or meta.get("model_type") or cfg.get("model_type")
+    cfg["model_type"] = base
+    try:
+        return AutoConfig.for_model(**cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise PrunedFolderError(f"{folder / 'config.json'}: not a usable {base!r} config ({e})") from e
+
+
 def load_pruned(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
     """Rebuild a pruned model from its folder: safetensors only, no pickle, no remote code."""
-    from transformers import AutoConfig
-
     folder = Path(path)
     meta_file = folder / "secateur.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
     if not meta_file.is_file():
         raise FileNotFoundError(f"{folder} is not a Secateur output (no secateur.json)")
-    meta = json.loads(meta_file.read_text())
+    meta = _read_json(meta_file)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    cfg = json.loads((folder / "config.json").read_text())
-    config = AutoConfig.for_model(**cfg)
-    model = build_skeleton(config, meta["layers"], meta.get("added_biases", []))
-    state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        raise PrunedFolderError(
+            f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    config = pruned_hf_config(folder)
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or len(layers) != getattr(config, "num_hidden_layers", -1):
+        raise PrunedFolderError(f"{meta_file}: 'layers' does not list one shape per decoder layer")
+    try:
+        model = build_skeleton(config, layers, meta.get("added_biases", []))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PrunedFolderError(f"{meta_file}: layer shapes cannot be rebuilt ({e!r})") from e
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise PrunedFolderError(f"{folder}: model.safetensors is missing")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise PrunedFolderError(f"{weights}: damaged or not a safetensors file ({e})") from e
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise PrunedFolderError(f"{folder}: weights do not match recorded shapes ({e})") from e
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(
+        raise PrunedFolderError(
             f"{folder}: weights do not match recorded shapes (missing {missing}, unexpected {unexpected})"
         )
     if tied:

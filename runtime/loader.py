@@ -71,12 +71,29 @@ def resolve_source(ref: str, base_dir: str | Path | None = None) -> ModelSource:
             raise ModelLoadError(
                 f"model: {p} exists but has no config.json (not a Hugging Face model folder)"
             )
+        check_no_pickle(p)
         return ModelSource(ref, str(p.resolve()))
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise ModelLoadError(
             f"model: {ref!r} is neither an existing path, a short name ({', '.join(SHORT_NAMES)}) nor a hub id"
         )
     return ModelSource(ref, ref)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_no_pickle(folder: Path) -> None:
+    """Refuse folders whose weights exist only as pickles: loading them runs arbitrary code."""
+    if any(folder.glob("*.safetensors")) or not folder.is_dir():
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"model: {folder} holds weights only as pickle files ({', '.join(pickles[:3])}); Secateur "
+            f"loads safetensors or GGUF only, since unpickling can run arbitrary code. Convert them "
+            f"once, where you trust the file, with model.save_pretrained(dir, safe_serialization=True)"
+        )
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -107,6 +124,10 @@ def load_config(src: ModelSource) -> Any:
     """Read only the config (cheap) so unsupported families fail before weights load."""
     from transformers import AutoConfig
 
+    if os.path.isdir(src.path) and (Path(src.path) / "secateur.json").is_file():
+        from secateur.runtime.io import pruned_hf_config
+
+        return pruned_hf_config(src.path)
     try:
         return AutoConfig.from_pretrained(src.path, **src.kwargs())
     except OSError as e:
@@ -158,9 +179,11 @@ def load_model(
 
         model = load_pruned(src.path, dtype=dt, device=dev)
     else:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dt, **src.kwargs())
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, dtype=dt, use_safetensors=None if src.gguf_file else True, **src.kwargs()
+        )
         drop_quantizer(model)
         model.to(dev)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(src.path, **src.kwargs()) if tokenizer else None
+    tok = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs()) if tokenizer else None
     return LoadedModel(model, adapter_for(model.config), tok, src, dev, dt)

@@ -26,6 +26,8 @@ _SPEED_LABELS = {
     "prefill_tok_s": "prefill tokens/s",
     "decode_tok_s": "decode tokens/s",
     "prefill_s_median": "prefill s (median)",
+    "prefill_spread": "prefill spread (IQR/median)",
+    "decode_spread": "decode spread (IQR/median)",
     "decode_s_median": "decode s (median)",
     "weights_bytes": "weights MiB",
     "peak_mem_bytes": "peak memory MiB",
@@ -177,6 +179,8 @@ def _speed(report: dict[str, Any]) -> list[str]:
     out += _table(["", "dense", "pruned", "ratio"], rows)
     if sp.get("ratios"):
         out += ["", *(f"- {k}: {_fmt(v, '.3f')}x" for k, v in sp["ratios"].items())]
+    if sp.get("warnings"):
+        out += ["", *(f"> **Warning:** {w}" for w in sp["warnings"])]
     return out
 
 

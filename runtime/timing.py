@@ -32,6 +32,22 @@ class SpeedResult:
     weights_bytes: int
     peak_mem_bytes: int | None
     device: str
+    repeats: int = 1
+    prefill_spread: float | None = None  # interquartile range / median of the timed repeats
+    decode_spread: float | None = None
+
+
+# a ratio is reported as supported only when it stands clear of the combined spread and that
+# spread is small: otherwise the report says the timing is noise
+SPREAD_LIMIT = 0.10
+
+
+def relative_spread(times: list[float]) -> float | None:
+    """Interquartile range over median (None with fewer than 3 repeats: no spread to speak of)."""
+    if len(times) < 3:
+        return None
+    q = statistics.quantiles(times, n=4, method="inclusive")
+    return (q[2] - q[0]) / statistics.median(times)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -96,6 +112,7 @@ def measure_speed(
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, SpeedResult]:
     """Prefill and decode throughput of every model, measured alternately round by round.
 
@@ -117,7 +134,12 @@ def measure_speed(
         for m in models.values():
             m.eval()
         with torch.inference_mode():
-            for r in range(warmup + repeats):
+            rounds = range(warmup + repeats)
+            if progress:
+                from tqdm.auto import tqdm
+
+                rounds = tqdm(rounds, desc=f"speed ({' vs '.join(models)}, alternating)", unit="round")
+            for r in rounds:
                 for name, m in models.items():
                     dev = devs[name]
                     if dev.type == "cuda":
@@ -144,6 +166,9 @@ def measure_speed(
             weights_bytes=wbytes[name],
             peak_mem_bytes=peaks[name] if devs[name].type == "cuda" else None,
             device=str(devs[name]),
+            repeats=len(times[name]),
+            prefill_spread=relative_spread([t[0] for t in times[name]]),
+            decode_spread=relative_spread([t[1] for t in times[name]]),
         )
     return results
 
@@ -163,4 +188,29 @@ def speed_ratios(results: dict[str, SpeedResult], baseline: str = "dense") -> di
         if r.peak_mem_bytes is not None and b.peak_mem_bytes:
             ratios["peak_mem_ratio"] = r.peak_mem_bytes / b.peak_mem_bytes
         out[name] = ratios
+    return out
+
+
+def speed_warnings(results: dict[str, SpeedResult], baseline: str = "dense") -> list[str]:
+    """Why a speed ratio may not be supported by its measurement (few repeats, large spread)."""
+    out = []
+    b = results[baseline]
+    for name, r in results.items():
+        if name == baseline:
+            continue
+        for phase in ("prefill", "decode"):
+            sb, sr = getattr(b, f"{phase}_spread"), getattr(r, f"{phase}_spread")
+            ratio = getattr(r, f"{phase}_tok_s") / getattr(b, f"{phase}_tok_s")
+            if sb is None or sr is None:
+                out.append(
+                    f"{phase} {name}/{baseline} {ratio:.2f}x from {min(r.repeats, b.repeats)} repeat(s): "
+                    f"no spread measured, treat it as indicative (evaluate.latency.repeats >= 3)"
+                )
+                continue
+            noise = (sb**2 + sr**2) ** 0.5
+            if noise > SPREAD_LIMIT or abs(ratio - 1) < noise:
+                out.append(
+                    f"{phase} {name}/{baseline} {ratio:.2f}x is within its timing spread (+-{noise:.0%} over "
+                    f"{r.repeats} repeats): the machine was busy or the difference is too small to measure"
+                )
     return out

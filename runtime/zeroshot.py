@@ -309,7 +309,11 @@ def _summarise(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     groups = set(results.get("groups", {}))
     for name, values in results["results"].items():
-        row = {m: v for m in ("acc", "acc_norm") if (v := _metric(values, m)) is not None}
+        row = {
+            m: v
+            for m in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")
+            if (v := _metric(values, m)) is not None and not isinstance(v, str)
+        }
         if row:
             out[name] = row
     leaves = [r for name, r in out.items() if name not in groups]
@@ -318,6 +322,9 @@ def _summarise(results: dict[str, Any]) -> dict[str, dict[str, float]]:
         vals = [r[m] for r in leaves if m in r and not math.isnan(r[m])]
         if vals:
             mean[m] = sum(vals) / len(vals)
+        errs = [r[f"{m}_stderr"] for r in leaves if f"{m}_stderr" in r]
+        if vals and len(errs) == len(vals):  # independent tasks: the mean's stderr
+            mean[f"{m}_stderr"] = math.sqrt(sum(e * e for e in errs)) / len(errs)
     out["mean"] = mean
     return out
 
@@ -375,7 +382,7 @@ def run_zeroshot(
             num_fewshot=0,
             limit=limit,
             task_manager=manager,
-            bootstrap_iters=0,
+            bootstrap_iters=100,  # acc's stderr is analytic (mean_stderr); nothing is resampled
             log_samples=False,
         )
     finally:

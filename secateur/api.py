@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import yaml
 
+from secateur.checks import load_skeleton, plan_stages
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
-from secateur.lock import LOCK_NAME, LockError, build_lock, model_fingerprint, read_lock
-from secateur.recipe.compile import eligible_layers, stage_counts
+from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
@@ -27,12 +27,13 @@ from secateur.runtime.data import (
     tokenize_text,
 )
 from secateur.runtime.evaluate import perplexity
-from secateur.runtime.io import OutputExistsError, all_layer_shapes, atomic_dir, write_model
-from secateur.runtime.loader import LoadedModel, load_model
+from secateur.runtime.io import all_layer_shapes, write_model
+from secateur.runtime.loader import LoadedModel, load_model, resolve_source
 from secateur.runtime.methods import get_method
+from secateur.runtime.outdir import atomic_dir, check_location, check_replaceable, clean_leftovers
 from secateur.runtime.sequential import PruneResult
-from secateur.runtime.stage import CheckContext, StageContext
-from secateur.runtime.timing import measure_speed, speed_ratios
+from secateur.runtime.stage import StageContext
+from secateur.runtime.timing import measure_speed, speed_ratios, speed_warnings
 
 
 @dataclass
@@ -51,23 +52,36 @@ def _data_root(recipe: Recipe) -> str | None:
     return recipe.calibration.data_root
 
 
-def preflight(recipe: Recipe, output: Path, overwrite: bool, base_dir: Path | None) -> None:
-    """Every check that needs no model: output directory, data files."""
+def preflight(
+    recipe: Recipe,
+    output: Path,
+    overwrite: bool,
+    base_dir: Path | None,
+    recipe_path: str | Path | None = None,
+) -> None:
+    """Every check that needs no weights and no data: output folder, data files, tasks, and the
+    recipe against the model's shapes (a weightless skeleton), so nothing heavy starts in vain."""
     if recipe.allocation.method == "search":
         raise ValueError(
             "allocation.method: 'search' recipes run with `secateur search`, which writes a winner recipe"
         )
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {output} exists; pass --overwrite to replace it")
     cal = recipe.calibration
-    resolve_text_source(cal.dataset, cal.split, _data_root(recipe), base_dir)
+    read = [resolve_text_source(cal.dataset, cal.split, _data_root(recipe), base_dir)]
     if recipe.evaluate.enabled:
         for ps in recipe.evaluate.perplexity:
-            resolve_text_source(ps.dataset, ps.split, _data_root(recipe), base_dir)
+            read.append(resolve_text_source(ps.dataset, ps.split, _data_root(recipe), base_dir))
         if recipe.evaluate.tasks:
             from secateur.runtime.zeroshot import check_tasks
 
             check_tasks(recipe.evaluate.tasks, _data_root(recipe))
+    src = resolve_source(recipe.model.id, base_dir)
+    read += [Path(src.path)] if Path(src.path).exists() else []
+    read += [Path(recipe_path)] if recipe_path else []
+    check_location(output, [Path(r) for r in read if isinstance(r, Path)])
+    check_replaceable(output, overwrite)
+    clean_leftovers(output)
+    model, adapter = load_skeleton(recipe.model.id, base_dir)
+    plan_stages(recipe, model, adapter)
 
 
 def size_of(lm: LoadedModel, context: int = 512) -> dict[str, int]:
@@ -79,7 +93,9 @@ def size_of(lm: LoadedModel, context: int = 512) -> dict[str, int]:
     }
 
 
-def evaluate_ppl(recipe: Recipe, lm: LoadedModel, base_dir: Path | None, cache: dict) -> dict[str, float]:
+def evaluate_ppl(
+    recipe: Recipe, lm: LoadedModel, base_dir: Path | None, cache: dict, progress: bool | str = False
+) -> dict[str, float]:
     """Perplexity on every set of `evaluate.perplexity` (tokenized once, reused for dense and pruned)."""
     out = {}
     for ps in recipe.evaluate.perplexity:
@@ -87,7 +103,8 @@ def evaluate_ppl(recipe: Recipe, lm: LoadedModel, base_dir: Path | None, cache: 
         if key not in cache:
             toks = tokenize_text(lm.tokenizer, load_text(ps.dataset, ps.split, _data_root(recipe), base_dir))
             cache[key] = eval_windows(toks, ps.seqlen, ps.max_windows)
-        out[key] = perplexity(lm.model, cache[key], batch_size=1)
+        label = f"{progress} perplexity {key}" if isinstance(progress, str) else progress
+        out[key] = perplexity(lm.model, cache[key], batch_size=1, progress=label)
     return out
 
 
@@ -124,24 +141,18 @@ def _resolve(
     return recipe, lock_data, base_dir, Path(out_ref)
 
 
-def _check_model_lock(lock_data: dict[str, Any] | None, lock_path: Any, dense_fp: str) -> None:
-    if lock_data is not None and lock_data["fingerprints"]["model"] != dense_fp:
+def _check_model_lock(
+    lock_data: dict[str, Any] | None, lock_path: Any, dense_fp: str, lm: LoadedModel
+) -> None:
+    """A lock applies only to the model it was made from, and its indices must exist in it."""
+    if lock_data is None:
+        return
+    check_kept_ranges(lock_data["kept"], all_layer_shapes(lm.model, lm.adapter), lock_path)
+    if lock_data["fingerprints"]["model"] != dense_fp:
         raise LockError(
             f"{lock_path}: the lock was made from another model (fingerprint {lock_data['fingerprints']['model'][:12]}"
             f"..., this model {dense_fp[:12]}...); refusing to apply it"
         )
-
-
-def _stage_plan(recipe: Recipe, lm: LoadedModel) -> tuple[list[Any], list[int], list[list[int]]]:
-    """Stages, their parameter counts and eligible layers, each stage checked by its method."""
-    stages = recipe.stages()
-    counts = stage_counts(recipe, lm.model, lm.adapter)
-    stage_layers = [
-        eligible_layers(st.targets, lm.adapter.num_layers, lm.adapter.layers_path) for st in stages
-    ]
-    for st, count, layers in zip(stages, counts, stage_layers):
-        get_method(st.method).check(CheckContext(lm.model, lm.adapter, st, recipe, count, layers))
-    return stages, counts, stage_layers
 
 
 def _calibration(
@@ -195,11 +206,15 @@ def _evaluate_pruned(
     base_dir: Path,
     ppl_cache: dict,
     dense_ppl: dict[str, float],
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Pruned perplexity, dense-vs-pruned speed measured alternately, and zero-shot tasks."""
     ev = recipe.evaluate
     out: dict[str, Any] = {
-        "perplexity": {"dense": dense_ppl, "pruned": evaluate_ppl(recipe, lm, base_dir, ppl_cache)}
+        "perplexity": {
+            "dense": dense_ppl,
+            "pruned": evaluate_ppl(recipe, lm, base_dir, ppl_cache, "pruned" if progress else False),
+        }
     }
     lat = ev.latency
     speed = measure_speed(
@@ -209,9 +224,11 @@ def _evaluate_pruned(
         batch_size=lat.batch_size,
         decode_tokens=lat.decode_tokens,
         repeats=lat.repeats,
+        progress=progress,
     )
     out["speed"] = {name: vars(r) for name, r in speed.items()}
     out["speed"]["ratios"] = speed_ratios(speed)["pruned"]
+    out["speed"]["warnings"] = speed_warnings(speed)
     out["speed"]["device"] = str(lm.device)
     if ev.tasks:
         from secateur.runtime.zeroshot import run_zeroshot
@@ -249,21 +266,23 @@ def prune(
 ) -> PruneOutcome:
     """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
     recipe, lock_data, base_dir, out = _resolve(recipe_path, recipe, output, overrides, lock_path)
-    preflight(recipe, out, overwrite, base_dir)
+    preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
 
     t_start = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base_dir)
     t_load = time.perf_counter() - t_start
     dense_fp = model_fingerprint(lm.model)
-    _check_model_lock(lock_data, lock_path, dense_fp)
-    plan = _stage_plan(recipe, lm)
+    _check_model_lock(lock_data, lock_path, dense_fp, lm)
+    plan = plan_stages(recipe, lm.model, lm.adapter)
     cal = _calibration(recipe, lm, base_dir, lock_data, lock_path)
 
     dense_size = size_of(lm, recipe.budget.context)
     dense_layer = all_layer_shapes(lm.model, lm.adapter)[0]
     ev = recipe.evaluate
     ppl_cache: dict[str, torch.Tensor] = {}
-    dense_ppl = evaluate_ppl(recipe, lm, base_dir, ppl_cache) if ev.enabled else {}
+    dense_ppl = (
+        evaluate_ppl(recipe, lm, base_dir, ppl_cache, "dense" if progress else False) if ev.enabled else {}
+    )
     for k, v in dense_ppl.items():
         log(f"dense perplexity {k}: {v:.3f}")
     dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
@@ -274,6 +293,11 @@ def prune(
         raise LockError(f"{lock_path}: the kept units differ from the lock (different numerics or versions)")
     pruned_fp = model_fingerprint(lm.model)
     reproduced = None if lock_data is None else pruned_fp == lock_data["fingerprints"]["pruned_model"]
+    if reproduced is False:
+        raise LockError(
+            f"{lock_path}: the pruned weights differ from the locked ones (same kept units, different "
+            f"numerics: versions {lock_data.get('versions')}, device {lock_data.get('device')}); nothing was written"
+        )
 
     stages, counts, _ = plan
     report: dict[str, Any] = {
@@ -293,7 +317,7 @@ def prune(
         "dtype": str(lm.dtype).replace("torch.", ""),
     }
     if ev.enabled:
-        report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl))
+        report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl, progress))
         del dense_copy
 
     lock = build_lock(

@@ -97,6 +97,19 @@ def format_summary(report: dict) -> str:
     w = max(len(r[0]) for r in rows)
     lines = [f"{'':<{w}}  {'dense':>16}  {'pruned':>16}  {'ratio':>8}"]
     lines += [f"{a:<{w}}  {b:>16}  {c:>16}  {r:>8}" for a, b, c, r in rows]
+    if sp:
+        n = sp["pruned"].get("repeats", "?")
+        spreads = [
+            f"{ph} +-{sp[m][f'{ph}_spread']:.0%} ({m})"
+            for ph in ("prefill", "decode")
+            for m in ("dense", "pruned")
+            if sp[m].get(f"{ph}_spread") is not None
+        ]
+        lines.append(
+            f"speed: medians of {n} alternating repeats"
+            + (f"; spread {', '.join(spreads)}" if spreads else "")
+        )
+        lines += [f"warning: {w}" for w in sp.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -159,11 +172,19 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if tasks:
         res = run_zeroshot(lm.model, lm.tokenizer, tasks, root, args.limit, args.batch_size)
-        print(f"{'task':<16} {'acc':>8} {'acc_norm':>9}")
+        nan = float("nan")
+
+        def cell(m: dict, key: str) -> str:
+            err = m.get(f"{key}_stderr")
+            return f"{m.get(key, nan):.4f}" + (f" +-{err:.4f}" if err is not None else "")
+
+        print(f"{'task':<16} {'acc (+- stderr)':>18} {'acc_norm (+- stderr)':>22}")
         for task, m in res.items():
-            norm = m.get("acc_norm")
+            print(f"{task:<16} {cell(m, 'acc'):>18} {cell(m, 'acc_norm'):>22}")
+        if args.limit is not None:
             print(
-                f"{task:<16} {m.get('acc', float('nan')):>8.4f} {norm if norm is not None else float('nan'):>9.4f}"
+                f"note: --limit {args.limit} scores only the first {args.limit} documents of each task: a smoke "
+                f"test, not a benchmark figure (compare models only on the same full sets)"
             )
         if args.json:
             print(json.dumps(res, indent=2))
@@ -264,8 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _silence_libraries() -> None:
+    """--quiet: no loading bars or info chatter from transformers and huggingface_hub either."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _silence_libraries()
     try:
         return args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError) as e:

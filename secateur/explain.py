@@ -7,40 +7,20 @@ the plan is applied to that skeleton with placeholder unit choices to count what
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.checks import load_skeleton, plan_stages
+from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.schema import Recipe
-from secateur.runtime.loader import load_config, resolve_source
 from secateur.runtime.surgery import apply_keep
-
-
-@functools.lru_cache(maxsize=8)
-def _config(ref: str, base_dir: str | None) -> Any:
-    return load_config(resolve_source(ref, base_dir))
-
-
-def load_skeleton(ref: str, base_dir: str | Path | None = None) -> tuple[nn.Module, ModelAdapter]:
-    """A weightless model with the real shapes (meta tensors) and its adapter."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(_config(ref, str(base_dir) if base_dir else None))
-    adapter_for(config)
-    config.__dict__.pop("quantization_config", None)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()
-    return model, adapter_for(model.config)
 
 
 def placeholder_keep(model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan) -> LayerKeep:
@@ -92,8 +72,6 @@ def explain(
         allocate,
         budget_spec,
         check_shapes,
-        eligible_layers,
-        stage_counts,
         table_fractions,
     )
 
@@ -102,8 +80,7 @@ def explain(
     pruned = copy.deepcopy(model)
     plans: list[Plan] = []
     stages: list[dict[str, Any]] = []
-    for st, count in zip(recipe.stages(), stage_counts(recipe, model, adapter)):
-        layers = eligible_layers(st.targets, adapter.num_layers, adapter.layers_path)
+    for st, count, layers in zip(*plan_stages(recipe, model, adapter)):
         stages.append({"method": st.method, "params_to_remove": count, "layers": len(layers)})
         if st.method not in ("fasp", "bonsai") or recipe.allocation.method in ("global", "proportional"):
             stages[-1]["note"] = "units chosen from calibration data at prune time"

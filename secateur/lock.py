@@ -78,15 +78,86 @@ def build_lock(
     }
 
 
+INDEX_KEYS = ("mlp", "kv_heads", "q_heads", "v_channels")
+FLAG_KEYS = ("drop_attn", "drop_mlp")
+FINGERPRINTS = ("model", "calibration", "pruned_model")
+
+
 def read_lock(path: str | Path) -> dict[str, Any]:
-    """Read a lock with yaml.safe_load and check its shape."""
+    """Read a lock with yaml.safe_load and check its whole structure before any work."""
     p = Path(path)
     if not p.is_file():
         raise LockError(f"lock file not found: {p}")
-    data = yaml.safe_load(p.read_text())
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise LockError(f"{p}: not valid YAML for a lock (python tags are refused): {e}") from e
     if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION:
         raise LockError(f"{p}: not a Secateur lock (lock_version {LOCK_VERSION} expected)")
     for key in ("recipe", "kept", "fingerprints"):
         if key not in data:
             raise LockError(f"{p}: missing key {key!r}")
+    if not isinstance(data["recipe"], dict):
+        raise LockError(f"{p}: recipe: expected a mapping")
+    fps = data["fingerprints"]
+    if not isinstance(fps, dict):
+        raise LockError(f"{p}: fingerprints: expected a mapping")
+    for k in FINGERPRINTS:
+        v = fps.get(k)
+        if not (isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)):
+            raise LockError(f"{p}: fingerprints.{k}: expected a sha256 hex digest, got {v!r}")
+    check_kept(data["kept"], p)
     return data
+
+
+def check_kept(kept: Any, path: Path) -> None:
+    """kept: one mapping per stage of layer index -> kept indices (sorted, unique, >= 0) and flags."""
+    if not isinstance(kept, list):
+        raise LockError(f"{path}: kept: expected a list (one entry per stage), got {type(kept).__name__}")
+    for si, stage in enumerate(kept):
+        where = f"{path}: kept.{si}"
+        if not isinstance(stage, dict):
+            raise LockError(f"{where}: expected a mapping of layer index to kept units")
+        for layer, keep in stage.items():
+            if not (isinstance(layer, str) and layer.isdigit()):
+                raise LockError(f"{where}: {layer!r} is not a layer index")
+            if not isinstance(keep, dict):
+                raise LockError(f"{where}.{layer}: expected a mapping")
+            for key, value in keep.items():
+                if key in FLAG_KEYS:
+                    if not isinstance(value, bool):
+                        raise LockError(f"{where}.{layer}.{key}: expected true or false, got {value!r}")
+                    continue
+                if key not in INDEX_KEYS:
+                    raise LockError(
+                        f"{where}.{layer}.{key}: unknown key (expected {', '.join(INDEX_KEYS + FLAG_KEYS)})"
+                    )
+                if not isinstance(value, list) or not all(type(v) is int for v in value):
+                    raise LockError(f"{where}.{layer}.{key}: expected a list of integers")
+                if any(v < 0 for v in value):
+                    raise LockError(f"{where}.{layer}.{key}: negative index {min(value)}")
+                if len(set(value)) != len(value):
+                    raise LockError(f"{where}.{layer}.{key}: duplicated indices")
+
+
+def check_kept_ranges(kept: list[dict[str, Any]], shapes: list[dict[str, Any]], path: Any) -> None:
+    """Every locked index exists in the dense model (widths only shrink from stage to stage)."""
+    limits = {
+        "mlp": "intermediate_size",
+        "kv_heads": "num_kv_heads",
+        "q_heads": "num_heads",
+    }
+    for si, stage in enumerate(kept):
+        for layer, keep in stage.items():
+            i = int(layer)
+            if i >= len(shapes):
+                raise LockError(f"{path}: kept.{si}.{layer}: the model has {len(shapes)} layers")
+            sh = shapes[i]
+            bounds = {k: int(sh[v]) for k, v in limits.items()}
+            bounds["v_channels"] = int(sh["num_kv_heads"]) * int(sh["v_head_dim"])
+            for key, n in bounds.items():
+                values = keep.get(key) or []
+                if values and max(values) >= n:
+                    raise LockError(
+                        f"{path}: kept.{si}.{layer}.{key}: index {max(values)} is out of range (the layer has {n})"
+                    )

@@ -163,9 +163,13 @@ def test_tiny_model_runs_generated_tasks(root: Path, char_tokenizer) -> None:
         model, char_tokenizer, ["piqa", "arc_easy", "winogrande"], data_root=root, batch_size=4
     )
     assert set(res) == {"piqa", "arc_easy", "winogrande", "mean"}
-    assert set(res["piqa"]) == {"acc", "acc_norm"} and set(res["winogrande"]) == {"acc"}
+    assert set(res["piqa"]) == {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
+    assert set(res["winogrande"]) == {"acc", "acc_stderr"}
     for metrics in res.values():
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    # lm-eval's standard error of a mean accuracy over the 4 documents: sqrt(p (1 - p) / (n - 1))
+    p = res["winogrande"]["acc"]
+    assert res["winogrande"]["acc_stderr"] == pytest.approx((p * (1 - p) / 3) ** 0.5)
     expected = (res["piqa"]["acc"] + res["arc_easy"]["acc"] + res["winogrande"]["acc"]) / 3
     assert res["mean"]["acc"] == pytest.approx(expected)
     assert res["mean"]["acc_norm"] == pytest.approx(

@@ -1,0 +1,79 @@
+"""Checks that need a model's shapes but no weights and no data, run before anything heavy.
+
+`secateur prune` runs them on a weightless skeleton before it loads the model or reads
+calibration text, and `secateur recipe explain` runs the same ones, so a recipe that cannot be
+applied to a model fails in seconds with the key at fault.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.recipe.compile import BudgetError, eligible_layers, stage_counts
+from secateur.recipe.schema import Recipe
+from secateur.runtime.io import build_skeleton
+from secateur.runtime.loader import load_config, resolve_source
+from secateur.runtime.methods import get_method
+from secateur.runtime.stage import CheckContext
+
+
+@functools.lru_cache(maxsize=8)
+def _config(ref: str, base_dir: str | None) -> Any:
+    return load_config(resolve_source(ref, base_dir))
+
+
+def load_skeleton(ref: str, base_dir: str | Path | None = None) -> tuple[nn.Module, ModelAdapter]:
+    """A weightless model with the real shapes (meta tensors) and its adapter.
+
+    A Secateur output is rebuilt with its recorded per-layer shapes, so pruning a pruned model
+    is checked against what it really is.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_source(ref, str(base_dir) if base_dir else None)
+    config = copy.deepcopy(_config(ref, str(base_dir) if base_dir else None))
+    adapter_for(config)
+    config.__dict__.pop("quantization_config", None)
+    meta_file = Path(src.path) / "secateur.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        model = build_skeleton(config, meta["layers"], meta.get("added_biases", []))
+    else:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return model, adapter_for(model.config)
+
+
+def plan_stages(
+    recipe: Recipe, model: nn.Module, adapter: ModelAdapter
+) -> tuple[list[Any], list[int], list[list[int]]]:
+    """Stages, their parameter counts and eligible layers, each stage checked by its method."""
+    stages = recipe.stages()
+    counts = stage_counts(recipe, model, adapter)
+    stage_layers = []
+    for st, count in zip(stages, counts):
+        layers = eligible_layers(st.targets, adapter.num_layers, adapter.layers_path)
+        where = ".".join(str(p) for p in st.path) + "." if st.path else ""
+        if not layers:
+            raise BudgetError(
+                f"{where}targets: no layer of the model's {adapter.num_layers} is eligible "
+                f"(targets.layers {list(st.targets.layers)!r}, targets.protect "
+                f"first={st.targets.protect.first} last={st.targets.protect.last} "
+                f"layers={list(st.targets.protect.layers)}); the prune would change nothing"
+            )
+        if count <= 0:
+            raise BudgetError(
+                f"{where}budget: this stage would remove no parameter; the prune would change nothing"
+            )
+        get_method(st.method).check(CheckContext(model, adapter, st, recipe, count, layers))
+        stage_layers.append(layers)
+    return stages, counts, stage_layers
