@@ -76,7 +76,7 @@ def _states(db: Path) -> list[str]:
 
 
 def test_kill_9_then_the_same_command_counts_every_trial_once(search_cli) -> None:
-    recipe = search_cli.recipe(trials=20)
+    recipe = search_cli.recipe(trials=12)
     db = search_cli.search_dir / "search.db"
     proc = search_cli.start(str(recipe), "--quiet", tag="killed")
     try:
@@ -91,12 +91,12 @@ def test_kill_9_then_the_same_command_counts_every_trial_once(search_cli) -> Non
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     before = _states(db)
-    assert 3 <= before.count("COMPLETE") < 20
+    assert 3 <= before.count("COMPLETE") < 12
 
     rc, out, err = search_cli.finish(search_cli.start(str(recipe), "--quiet", tag="again"))
     assert rc == 0, err[-3000:]
     trials = _study(search_cli.search_dir).get_trials()
-    _assert_exact(_study(search_cli.search_dir), 20)
+    _assert_exact(_study(search_cli.search_dir), 12)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == before.count("RUNNING") <= 1  # the trial the kill interrupted, if any
     # killed inside the trial, or between creating and claiming it (both under the storage lock)
