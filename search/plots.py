@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,13 @@ def write_plots(result: SearchResult, out_dir: str | Path) -> list[Path]:
     return paths + ([pareto] if pareto is not None else [])
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` in one step (temporary file, then rename): a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def winner_table(plan: Plan, space: SearchSpace) -> dict[str, Any]:
     """Per-layer keep fractions for `allocation.table`: a number when one structure is searched,
     {mlp: .., attention: ..} when both are, so the compiled counts equal the plan's exactly."""
@@ -163,10 +171,10 @@ def write_winner_recipe(
     recipe.pop("extends", None)
     recipe["allocation"] = {"method": "table", "table": winner_table(plan, space)}
     plan_path = path.parent / "best_plan.json"
-    plan_path.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    _replace_text(plan_path, json.dumps(plan.to_dict(), indent=2) + "\n")
     header = ["# Allocation found by `secateur search`; a plain recipe, compiled without Optuna."]
     if note:
         header.append(f"# {note}")
     body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    path.write_text("\n".join(header) + "\n" + body)
+    _replace_text(path, "\n".join(header) + "\n" + body)
     return path

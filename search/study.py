@@ -3,9 +3,16 @@
 Storage is a SQLite file by default (`<output>/search.db`) or any Optuna RDB URL. Re-running
 the same command resumes: finished trials (complete or pruned) are kept and only the missing
 ones run. Trials left RUNNING by a killed process are marked FAIL first: at once when they
-belong to a dead process on this host (each trial records host:pid), otherwise by Optuna's
-heartbeat once they go stale (other machines sharing a PostgreSQL study). A study records a
-fingerprint of its search space, model and data, and a different one is refused, never mixed.
+belong to a dead process on this host (each trial records host:pid and the process start
+time, so a reused pid is not mistaken for its owner), otherwise by Optuna's heartbeat once
+they go stale (other machines sharing a PostgreSQL study). A study records a fingerprint of
+its search space, model and data, and a different one is refused, never mixed.
+
+Any number of processes may start on one storage at once. Schema creation, study set-up,
+seeding and the admission of each trial run under one lock per storage: a file lock beside a
+SQLite file, an advisory lock on PostgreSQL. A trial is created and claimed inside that lock
+only while finished + running trials are fewer than the requested total, so the study ends
+with exactly that many finished trials however many processes share it.
 """
 
 from __future__ import annotations
@@ -16,15 +23,19 @@ import multiprocessing as mp
 import os
 import socket
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
+from filelock import FileLock, Timeout
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -34,7 +45,7 @@ from secateur.recipe.compile import BudgetError, BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
 from secateur.recipe.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
 from secateur.search.cache import SearchCache
-from secateur.search.objective import Objective
+from secateur.search.objective import Objective, owner_tag
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -104,27 +115,104 @@ def resolve_storage(storage: str | None, output_dir: str | os.PathLike[str] | No
     return f"sqlite:///{Path(storage).expanduser().resolve()}"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for any other storage or an in-memory database."""
+    if not url.startswith("sqlite:"):
+        return None
+    path = url.split(":///", 1)[-1].split("?", 1)[0] if ":///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _advisory_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _pg_lock(engine: sqlalchemy.engine.Engine, name: str) -> Iterator[None]:
+    """A PostgreSQL advisory lock held for one transaction (released on commit, rollback or exit)."""
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _advisory_key(name)})
+        yield
+
+
+@contextmanager
+def _file_lock(path: Path, timeout: float = 600.0) -> Iterator[None]:
+    lock = FileLock(str(path) + ".lock", timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout as e:
+        raise SearchError(f"{lock.lock_file} stayed locked for {timeout:.0f} s by another search") from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def storage_lock(
+    url: str | None, name: str = "", engine: sqlalchemy.engine.Engine | None = None
+) -> AbstractContextManager[None]:
+    """A lock shared by every process using the storage `url`: `<file>.lock` beside a SQLite file,
+    a PostgreSQL advisory lock keyed by `name` (on `engine`, else a fresh connection), and
+    nothing for an in-memory study or another database (those rely on retries alone)."""
+    if url is None:
+        return nullcontext()
+    path = _sqlite_file(url)
+    if path is not None:
+        return _file_lock(path)
+    if url.startswith(("postgresql", "postgres:")):
+        if engine is not None:
+            return _pg_lock(engine, name)
+        return _pg_lock_once(url, name)
+    return nullcontext()
+
+
+@contextmanager
+def _pg_lock_once(url: str, name: str) -> Iterator[None]:
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with _pg_lock(engine, name):
+            yield
+    finally:
+        engine.dispose()
+
+
 def open_storage(
     url: str, heartbeat_interval: int = 60, grace_period: int = 180
 ) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats; SQLite waits on locks (several local workers)."""
+    """An RDB storage with heartbeats; SQLite waits on locks (several local workers).
+
+    Creating Optuna's schema is not safe when several processes do it at once on a new database
+    (`UNIQUE constraint failed: alembic_version`): it runs under `storage_lock`, and an
+    IntegrityError from a process that does not take the lock is retried.
+    """
     engine: dict[str, Any] = {}
+    path = _sqlite_file(url) if url.startswith("sqlite:") else None
+    if path is not None and not path.parent.is_dir():
+        raise SearchStorageError(f"cannot open search storage {url!r}: folder {path.parent} does not exist")
     if url.startswith("sqlite:"):
-        path = url.split(":///", 1)[-1]
-        if path and path != ":memory:" and not Path(path).parent.is_dir():
-            raise SearchStorageError(
-                f"cannot open search storage {url!r}: folder {Path(path).parent} does not exist"
-            )
         engine = {"connect_args": {"timeout": 60}}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval, grace_period=grace_period
-            )
+        with storage_lock(url, "secateur:schema"):
+            for attempt in range(3):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        return optuna.storages.RDBStorage(
+                            url,
+                            engine_kwargs=engine,
+                            heartbeat_interval=heartbeat_interval,
+                            grace_period=grace_period,
+                        )
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                    if attempt == 2:  # concurrent schema creation by a process outside the lock
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
+    except SearchError:
+        raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SearchStorageError(f"cannot open search storage {url!r}: {first}") from e
+    raise AssertionError("unreachable")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -153,8 +241,22 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def owner_alive(owner: str) -> bool | None:
-    """Whether the host:pid that ran a trial is alive; None when it ran on another host."""
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None  # field 22, counted from field 3 after "(comm)"
+
+
+def owner_alive(owner: str, started: str | None = None) -> bool | None:
+    """Whether the host:pid that ran a trial is alive; None when it ran on another host.
+
+    `started` (the owner's start time, recorded with it) tells a reused pid from the owner:
+    a container restarted after kill -9 hands out the same pids again.
+    """
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
@@ -163,13 +265,20 @@ def owner_alive(owner: str) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if started is not None:
+        now = process_start(int(pid))
+        if now is not None and now != started:
+            return False
     return True
 
 
 def _fail(storage: optuna.storages.BaseStorage, t: FrozenTrial, reason: str) -> bool:
-    storage.set_trial_user_attr(t._trial_id, "failed_because", reason)
-    return storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    try:
+        storage.set_trial_user_attr(t._trial_id, "failed_because", reason)
+        return storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:  # it finished (or failed) meanwhile
+        return False
 
 
 def fail_orphans(
@@ -177,9 +286,10 @@ def fail_orphans(
 ) -> list[int]:
     """Mark FAIL the RUNNING trials no live process will finish.
 
-    A trial records its owner (host:pid) a few milliseconds after it is created: owned by a dead
-    local process -> FAIL now; never claimed within `claim_wait` seconds -> FAIL (its process
-    died in between); owned by another host -> FAIL once its heartbeat is stale.
+    A trial records its owner (host:pid, start time) when it is created: owned by a dead local
+    process -> FAIL now; never claimed within `claim_wait` seconds -> FAIL (its process died in
+    between; 0 under `storage_lock`, where creating and claiming are one step); owned by another
+    host -> FAIL once its heartbeat is stale.
     """
     failed: list[int] = []
     if storage is None:  # in memory: no other process can have left trials behind
@@ -187,7 +297,11 @@ def fail_orphans(
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in running:
         owner = t.user_attrs.get("owner")
-        if owner is not None and owner_alive(owner) is False and _fail(storage, t, "its process died"):
+        if (
+            owner is not None
+            and owner_alive(owner, t.user_attrs.get("owner_start")) is False
+            and _fail(storage, t, "its process died")
+        ):
             failed.append(t.number)
     untagged = [t for t in running if "owner" not in t.user_attrs]
     deadline = time.monotonic() + claim_wait
@@ -220,6 +334,61 @@ def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=5) if options.pruner else optuna.pruners.NopPruner()
 
 
+@dataclass
+class _Opened:
+    """A study with the storage it lives in and the lock its processes share."""
+
+    study: optuna.Study
+    storage: optuna.storages.RDBStorage | None
+    lock: Callable[[], AbstractContextManager[None]]
+
+
+def _open(
+    url: str | None,
+    study_name: str,
+    fingerprint: dict[str, Any],
+    options: SearchOptions,
+    rank: int = 0,
+    heartbeat: tuple[int, int] = (60, 180),
+) -> _Opened:
+    storage = open_storage(url, *heartbeat) if url is not None else None
+    engine = storage.engine if storage is not None else None
+
+    def lock() -> AbstractContextManager[None]:
+        return storage_lock(url, f"secateur:study:{study_name}", engine)
+
+    with lock():  # creating the study and recording its fingerprint is one step for all processes
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=study_name,
+                direction="minimize",
+                sampler=make_sampler(options, rank),
+                pruner=make_pruner(options),
+                load_if_exists=True,
+            )
+        except SearchError:
+            raise
+        except Exception as e:  # e.g. an existing multi-objective study of the same name
+            raise SearchError(f"cannot open study {study_name!r} in {url}: {e}") from e
+        stored = study.user_attrs.get("space")
+        if stored is None:
+            if study.get_trials(deepcopy=False):
+                raise StudyMismatchError(
+                    f"study {study_name!r} in {url} has trials but no Secateur search-space record; "
+                    "use another study name or storage"
+                )
+            study.set_user_attr("space", fingerprint)
+        elif stored != fingerprint:
+            raise StudyMismatchError(
+                f"study {study_name!r} in {url} was created with another recipe, model or data "
+                f"(differs in: {', '.join(_diff(stored, fingerprint))}); use another study name or storage, "
+                "or delete the study to start over"
+            )
+        fail_orphans(study, storage, claim_wait=0.0)
+    return _Opened(study, storage, lock)
+
+
 def open_study(
     url: str | None,
     study_name: str,
@@ -229,36 +398,7 @@ def open_study(
     heartbeat: tuple[int, int] = (60, 180),
 ) -> optuna.Study:
     """Create or load the study; refuse one made for another space; fail orphaned trials."""
-    storage = open_storage(url, *heartbeat) if url is not None else None
-    try:
-        study = optuna.create_study(
-            storage=storage,
-            study_name=study_name,
-            direction="minimize",
-            sampler=make_sampler(options, rank),
-            pruner=make_pruner(options),
-            load_if_exists=True,
-        )
-    except SearchError:
-        raise
-    except Exception as e:  # e.g. an existing multi-objective study of the same name
-        raise SearchError(f"cannot open study {study_name!r} in {url}: {e}") from e
-    stored = study.user_attrs.get("space")
-    if stored is None:
-        if study.get_trials(deepcopy=False):
-            raise StudyMismatchError(
-                f"study {study_name!r} in {url} has trials but no Secateur search-space record; "
-                "use another study name or storage"
-            )
-        study.set_user_attr("space", fingerprint)
-    elif stored != fingerprint:
-        raise StudyMismatchError(
-            f"study {study_name!r} in {url} was created with another recipe, model or data "
-            f"(differs in: {', '.join(_diff(stored, fingerprint))}); use another study name or storage, "
-            "or delete the study to start over"
-        )
-    fail_orphans(study, storage)
-    return study
+    return _open(url, study_name, fingerprint, options, rank, heartbeat).study
 
 
 def _seed(study: optuna.Study, space: SearchSpace, cache: SearchCache) -> None:
@@ -312,18 +452,96 @@ def _progress_callback(kind: str, emit: Callable[[str], None], prefix: str = "")
     return cb
 
 
+@contextmanager
+def _heartbeat(storage: optuna.storages.RDBStorage | None, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every interval while it runs (what Study.optimize does)."""
+    interval = storage.get_heartbeat_interval() if storage is not None else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a busy database: the next beat retries
+                pass
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _admit(opened: _Opened, total: int) -> optuna.Trial | bool:
+    """Under the storage lock: a new trial claimed by this process, True when the study already
+    holds `total` finished trials, False when the rest are running elsewhere (wait, then ask again)."""
+    study = opened.study
+    with opened.lock():
+        fail_orphans(study, opened.storage, claim_wait=0.0)
+        trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        finished = sum(t.state in FINISHED for t in trials)
+        if finished >= total:
+            return True
+        if len(trials) >= total:
+            return False
+        with warnings.catch_warnings():  # the heartbeat is kept by _heartbeat, as optimize would
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = study.ask()
+        trial.set_user_attr("owner", owner_tag())
+        started = process_start(os.getpid())
+        if started is not None:
+            trial.set_user_attr("owner_start", started)
+        return trial
+
+
 def _optimize(
-    study: optuna.Study,
+    opened: _Opened,
     objective: Objective,
     n: int,
     total: int,
     emit: Callable[[str], None] | None,
     prefix: str = "",
+    poll: float = 0.2,
 ) -> None:
-    callbacks: list[Callable] = [optuna.study.MaxTrialsCallback(total, states=FINISHED)]
-    if emit is not None:
-        callbacks.append(_progress_callback(objective.kind, emit, prefix))
-    study.optimize(objective, n_trials=n, callbacks=callbacks, gc_after_trial=False)
+    """Run at most `n` trials, each admitted only while the study is short of `total`.
+
+    Study.optimize with MaxTrialsCallback overshoots when several processes share a study (each
+    one's last trial starts before another's completes); admission under the lock does not.
+    A process whose remaining trials all run elsewhere waits for them, so that it stops only
+    once the study holds `total` finished trials (or another process's trial failed and it
+    takes that place).
+    """
+    study = opened.study
+    callback = _progress_callback(objective.kind, emit, prefix) if emit is not None else None
+    done = 0
+    while done < n:
+        trial = _admit(opened, total)
+        if trial is True:
+            return
+        if trial is False:
+            time.sleep(poll)
+            continue
+        value, state, err = None, None, None
+        with _heartbeat(opened.storage, trial._trial_id):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except (Exception, KeyboardInterrupt) as e:
+                state, err = TrialState.FAIL, e
+        frozen = study.tell(trial, value, state=state, skip_if_finished=True)
+        if err is not None:
+            raise err
+        done += 1
+        if callback is not None:
+            callback(study, frozen)
 
 
 def _build(
@@ -376,8 +594,8 @@ def _worker(
     model = setup.model_factory()
     adapter = adapter_for(model.config)
     _, _, objective = _build(setup, model, adapter)
-    study = open_study(setup.url, setup.study_name, fingerprint, setup.options, rank, setup.heartbeat)
-    _optimize(study, objective, n, total, _emitter(progress), prefix=f"[worker {rank}] ")
+    opened = _open(setup.url, setup.study_name, fingerprint, setup.options, rank, setup.heartbeat)
+    _optimize(opened, objective, n, total, _emitter(progress), prefix=f"[worker {rank}] ")
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
@@ -458,12 +676,14 @@ def run_search(
     try:
         space = SearchSpace.build(model, adapter, spec, setup.layers, metric, restore, damping, options.knots)
         fp = space_fingerprint(space, model_fingerprint, options.objective, calib_ids, heldout_ids)
-        study = open_study(url, study_name, fp, options, 0, heartbeat)
+        opened = _open(url, study_name, fp, options, 0, heartbeat)
+        study = opened.study
         remaining = total - finished_count(study)
         emit = _emitter(progress)
         if remaining > 0:
             space, cache, objective = _build(setup, model, adapter)
-            _seed(study, space, cache)
+            with opened.lock():  # processes starting together enqueue the seeds once
+                _seed(study, space, cache)
             shares = [remaining // workers + (r < remaining % workers) for r in range(workers)]
             procs = []
             ctx = mp.get_context("spawn")
@@ -477,7 +697,7 @@ def run_search(
                     p.start()
                     procs.append(p)
             try:
-                _optimize(study, objective, shares[0], total, emit)
+                _optimize(opened, objective, shares[0], total, emit)
             finally:
                 for p in procs:
                     p.join()

@@ -192,18 +192,22 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from secateur.search.study import SearchError
     from secateur.search_cmd import search
 
-    res = search(
-        args.recipe,
-        trials=args.trials,
-        storage=args.storage,
-        output=args.output,
-        workers=args.workers,
-        overrides=tuple(args.set or ()),
-        compile_model=args.compile,
-        progress=not args.quiet,
-    )
+    try:
+        res = search(
+            args.recipe,
+            trials=args.trials,
+            storage=args.storage,
+            output=args.output,
+            workers=args.workers,
+            overrides=tuple(args.set or ()),
+            compile_model=args.compile,
+            progress=not args.quiet,
+        )
+    except SearchError as e:  # storage, mismatched study, failed workers: one line, not a traceback
+        raise CliError(str(e)) from e
     s = res.summary
     print(
         f"best trial {s['best_trial']}: {s['best_value']:.4f} (uniform {s['uniform_value']}); "

@@ -7,7 +7,9 @@ SQLite file beside the output (or any Optuna storage URL), so the same command r
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,15 @@ class SearchOutcome:
     output: Path
     winner_recipe: Path
     summary: dict[str, Any]
+
+
+def reload_model(model_id: str, dtype: str, device: str, base_dir: str | None) -> Any:
+    """The recipe's model, loaded again in a `--workers` process (picklable through functools.partial)."""
+    return load_model(model_id, dtype, device, base_dir=base_dir, tokenizer=False).model
+
+
+def _warn(line: str) -> None:
+    print(f"secateur search: warning: {line}", file=sys.stderr, flush=True)
 
 
 def absolutize(doc: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -56,8 +67,15 @@ def search(
     compile_model: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = _warn,
 ) -> SearchOutcome:
-    """Run (or resume) the allocation search of a recipe whose allocation.method is `search`."""
+    """Run (or resume) the allocation search of a recipe whose allocation.method is `search`.
+
+    The winner recipe and best_plan.json are written as soon as the study is done; plots come
+    after them, and a plot that cannot be drawn (matplotlib missing or failing) is a warning
+    through `warn`, never an error that loses the search. `workers` > 1 starts processes that
+    each load the recipe's model again.
+    """
     from secateur.search.cache import search_windows
     from secateur.search.plots import write_plots, write_winner_recipe
     from secateur.search.study import resolve_storage, run_search
@@ -114,9 +132,11 @@ def search(
         restore=recipe.restore.method,
         damping=recipe.restore.damping,
         workers=workers,
+        model_factory=functools.partial(
+            reload_model, recipe.model.id, recipe.model.dtype, recipe.model.device, str(base)
+        ),
         progress=progress,
     )
-    plots = write_plots(result, out)
     winner = absolutize(resolved_dict(recipe), base)
     winner["name"] = f"{recipe.name or 'search'}-winner"
     winner["output"]["dir"] = str(out.parent / "model")
@@ -129,6 +149,12 @@ def search(
         note=f"best trial {result.best_trial}: {opts.objective} {result.best_value:.4f} "
         f"(uniform {result.uniform_value}); plan {digest}",
     )
+    plots: list[Path] = []
+    try:  # last: the search's result is already on disk whatever happens here
+        plots = write_plots(result, out)
+    except Exception as e:
+        hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
+        warn(f"plots not written: {type(e).__name__}: {e}{hint}; the winner recipe is {winner_path}")
     summary = {
         "best_value": result.best_value,
         "uniform_value": result.uniform_value,

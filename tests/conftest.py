@@ -35,3 +35,116 @@ def smollm2():
 def input_ids(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+# ---- `secateur search` as real subprocesses (tests/test_search_reliability.py, postgres) -------
+
+SEARCH_CLI = """
+import os, sys, time
+from pathlib import Path
+
+BLOCK = [m for m in os.environ.get("SECATEUR_TEST_BLOCK", "").split(",") if m]
+
+
+class Blocker:  # an install without these packages: importing them fails as if they were absent
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+if BLOCK:
+    sys.meta_path.insert(0, Blocker())
+
+if __name__ == "__main__":
+    barrier = os.environ.get("SECATEUR_TEST_BARRIER")  # "<folder>:<n>": open the storage together
+    if barrier:
+        import secateur.search.study as study
+
+        folder, n = barrier.rsplit(":", 1)
+        real = study.open_storage
+
+        def together(*a, **k):
+            Path(folder, str(os.getpid())).touch()
+            deadline = time.monotonic() + 120
+            while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return real(*a, **k)
+
+        study.open_storage = together
+    from secateur.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+class SearchCli:
+    """A tiny model, a search recipe for it and `secateur search` started as a subprocess."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.script = root / "secateur_cli.py"
+        self.script.write_text(SEARCH_CLI)
+        self.logs = root / "logs"
+        self.logs.mkdir()
+
+    def recipe(self, name: str = "tiny-search", trials: int = 6) -> Path:
+        import yaml
+
+        from secateur.testing import save_tiny
+
+        if not (self.root / "m").is_dir():
+            save_tiny(str(self.root / "m"), "llama", num_hidden_layers=4)
+            (self.root / "c.txt").write_text(
+                "a searched allocation beats a uniform one when layers differ. " * 600
+            )
+        path = self.root / f"{name}.yaml"
+        doc = {
+            "name": name,
+            "model": {"id": str(self.root / "m"), "dtype": "float32", "device": "cpu"},
+            "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
+            "targets": {"mlp": True, "attention": "q_head"},
+            "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
+            "allocation": {
+                "method": "search",
+                "search": {"trials": trials, "heldout_tokens": 256, "pruner": False, "sampler": "random"},
+            },
+            "evaluate": {"enabled": False},
+            "output": {"dir": str(self.root / "run")},
+        }
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    @property
+    def search_dir(self) -> Path:
+        return self.root / "run" / "search"
+
+    def start(self, *args: str, tag: str = "0", barrier: tuple[Path, int] | None = None, block: str = ""):
+        import subprocess
+        import sys
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SECATEUR_TEST_BLOCK": block}
+        if barrier is not None:
+            barrier[0].mkdir(exist_ok=True)
+            env["SECATEUR_TEST_BARRIER"] = f"{barrier[0]}:{barrier[1]}"
+        with open(self.logs / f"{tag}.out", "w") as out, open(self.logs / f"{tag}.err", "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(self.script), "search", *args],
+                cwd=self.root,
+                env=env,
+                stdout=out,
+                stderr=err,
+            )
+        proc.tag = tag  # type: ignore[attr-defined]
+        return proc
+
+    def finish(self, proc, timeout: float = 120) -> tuple[int, str, str]:
+        """Exit code, stdout and stderr of a started search."""
+        rc = proc.wait(timeout=timeout)
+        tag = proc.tag
+        return rc, (self.logs / f"{tag}.out").read_text(), (self.logs / f"{tag}.err").read_text()
+
+
+@pytest.fixture()
+def search_cli(tmp_path: Path) -> SearchCli:
+    return SearchCli(tmp_path)
