@@ -12,18 +12,37 @@ import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import layer_groups
+from secateur.graph.groups import Group, layer_groups
 from secateur.graph.plan import LayerPlan, Plan, round_keep
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal, target_params
 from secateur.recipe.space import SearchSpace, angular_fractions, project_to_budget
 from secateur.runtime.dense import DenseStats
-from secateur.runtime.score import unit_scores
+from secateur.runtime.score import column_scores, consumer_site
+from secateur.runtime.stats import InputStats
 
 
 def _standardize(s: torch.Tensor) -> torch.Tensor:
     """FLAP's per-layer standardisation, so scores of different layers are comparable."""
     s = s.double()
     return (s - s.mean()) / (s.std(unbiased=False) + 1e-12) if s.numel() > 1 else s * 0
+
+
+def standardized_unit_scores(
+    model: nn.Module, group: Group, stats: InputStats | None, metric: str, power: int = 1
+) -> torch.Tensor:
+    """FLAP's standardised score of each unit: the mean z-score of the consuming columns it owns.
+
+    Columns (not units) are standardised, per layer and per module, as FLAP does before averaging
+    each head's columns. Standardising per-unit sums instead is only equivalent for one-column units
+    (MLP channels): with a handful of heads or KV groups per layer it forces the weakest one to
+    z ~ -1 in every layer however alike the heads are, below nearly every MLP channel (heavy-tailed
+    MLP scores rarely reach z < -1), so every layer lost attention whatever its importance.
+    """
+    site = consumer_site(group)
+    cols = column_scores(model.get_submodule(site.module).weight, stats, metric)
+    z = _standardize(cols.double() ** power)
+    idx = torch.tensor([list(site.indices(u)) for u in range(group.n_units)], device=z.device)
+    return z[idx].mean(1)
 
 
 def global_plan(
@@ -38,10 +57,14 @@ def global_plan(
 ) -> Plan:
     """Rank units of every eligible layer together by standardised score; drop the lowest to budget.
 
-    Query heads are ranked as slots ("one head in every KV group"), keeping GQA uniform. MLP counts
-    are rounded to `multiple_of` at the end; the budget is met within that rounding.
+    Scores are FLAP's: consuming-column scores z-scored per layer and module, averaged per unit
+    (`standardized_unit_scores`). Query heads are ranked as slots ("one head in every KV group",
+    the slot's score the mean of its heads'), keeping GQA uniform. MLP counts are rounded to
+    `multiple_of` at the end; the budget is met within that rounding.
     """
     goal = target_params(model, adapter, spec)
+    # FLAP's released code squares the o_proj fluctuation before standardising (lib/prune.py)
+    attn_power = 2 if metric == "fluctuation" else 1
     pool: list[tuple[float, int, str, int]] = []  # (score, layer, kind, params)
     totals: dict[tuple[int, str], int] = {}
     for i in layers:
@@ -49,7 +72,7 @@ def global_plan(
         st = dense.stats.get(i, {})
         p = adapter.layer_prefix(i)
         if spec.mlp and "mlp_channel" in g:
-            z = _standardize(unit_scores(model, g["mlp_channel"], st.get(f"{p}.{adapter.mlp_out}"), metric))
+            z = standardized_unit_scores(model, g["mlp_channel"], st.get(f"{p}.{adapter.mlp_out}"), metric)
             pool += [(float(v), i, "mlp", g["mlp_channel"].params_per_unit) for v in z]
             totals[(i, "mlp")] = g["mlp_channel"].n_units
         if spec.attention != "none" and "kv_group" in g:
@@ -57,13 +80,13 @@ def global_plan(
             if spec.attention == "v_channel":
                 raise BudgetError("allocation.method: 'global' does not rank v_channel units; use uniform")
             if spec.attention == "kv_group":
-                z = _standardize(unit_scores(model, g["kv_group"], o, metric))
+                z = standardized_unit_scores(model, g["kv_group"], o, metric, attn_power)
                 pool += [(float(v), i, "attn", g["kv_group"].params_per_unit) for v in z]
                 totals[(i, "attn")] = g["kv_group"].n_units
             else:
                 n_kv = g["kv_group"].n_units
-                s = unit_scores(model, g["q_head"], o, metric).reshape(n_kv, -1).sort(dim=1).values
-                z = _standardize(s.sum(0))  # slot j = the j-th weakest head of every group
+                s = standardized_unit_scores(model, g["q_head"], o, metric, attn_power).reshape(n_kv, -1)
+                z = s.sort(dim=1).values.mean(0)  # slot j = the j-th weakest head of every group
                 pool += [(float(v), i, "attn", n_kv * g["q_head"].params_per_unit) for v in z]
                 totals[(i, "attn")] = s.shape[1]
     if not pool:

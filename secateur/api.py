@@ -266,6 +266,32 @@ def prune(
 ) -> PruneOutcome:
     """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
     recipe, lock_data, base_dir, out = _resolve(recipe_path, recipe, output, overrides, lock_path)
+    threads = (lock_data or {}).get("threads")
+    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
+        log(
+            f"lock: using {threads} CPU threads as the locked run did (this process had {torch.get_num_threads()})"
+        )
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return _prune(recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path)
+        finally:
+            torch.set_num_threads(saved)
+    return _prune(recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path)
+
+
+def _prune(
+    recipe: Recipe,
+    lock_data: dict[str, Any] | None,
+    base_dir: Path,
+    out: Path,
+    overwrite: bool,
+    lock_path: str | Path | None,
+    progress: bool,
+    log: Callable[[str], None],
+    recipe_path: str | Path | None,
+) -> PruneOutcome:
+    """The phases of `prune` once the recipe, lock and output are known."""
     preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
 
     t_start = time.perf_counter()

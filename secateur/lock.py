@@ -74,6 +74,8 @@ def build_lock(
         "seeds": {"calibration": recipe.get("calibration", {}).get("seed")},
         "device": device,
         "dtype": dtype,
+        # CPU matmuls reduce in a thread-count-dependent order: the same count is part of "bit-identical"
+        "threads": torch.get_num_threads(),
         "versions": versions(),
     }
 
