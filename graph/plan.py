@@ -38,12 +38,20 @@ class Plan:
     metric: str = "fasp"
     restore: str = "least_squares"
     damping: float = 0.01
+    selection: str = "score"  # score: fixed per-unit scores; obs: greedy OBS on the consumer's Gram
+    error_correction: bool = False  # restore toward the dense model's outputs (a dense stream alongside)
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {}  # recorded only when set, so plans of earlier locks read back unchanged
+        if self.selection != "score":
+            extra["selection"] = self.selection
+        if self.error_correction:
+            extra["error_correction"] = True
         return {
             "metric": self.metric,
             "restore": self.restore,
             "damping": self.damping,
+            **extra,
             "layers": {
                 str(i): {k: v for k, v in asdict(lp).items() if v not in (None, False)}
                 for i, lp in sorted(self.layers.items())
@@ -53,7 +61,14 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         layers = {int(i): LayerPlan(**lp) for i, lp in d.get("layers", {}).items()}
-        return cls(layers, d.get("metric", "fasp"), d.get("restore", "least_squares"), d.get("damping", 0.01))
+        return cls(
+            layers,
+            d.get("metric", "fasp"),
+            d.get("restore", "least_squares"),
+            d.get("damping", 0.01),
+            d.get("selection", "score"),
+            bool(d.get("error_correction", False)),
+        )
 
 
 def min_units(n: int, min_keep: float) -> int:

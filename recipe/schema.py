@@ -271,6 +271,9 @@ class Importance(_Section):
     """How units are scored."""
 
     metric: Metric = "fasp"
+    # score: keep the best units by `metric`; obs: remove greedily the units whose loss the consumer's
+    # least squares absorbs best (structured Optimal Brain Surgeon, SlimGPT / ZipLM)
+    selection: Literal["score", "obs"] = "score"
     bonsai: BonsaiOptions = Field(default_factory=BonsaiOptions)
 
     @model_validator(mode="after")
@@ -365,6 +368,9 @@ class Restore(_Section):
 
     method: RestoreMethod = "least_squares"
     damping: Annotated[float, Field(gt=0)] = 0.01
+    # restore each consumer toward the DENSE model's outputs (a dense stream runs beside the pruned
+    # one), so every layer also corrects the error the layers before it left
+    error_correction: bool = False
 
 
 class Pass(_Section):
@@ -419,6 +425,7 @@ SUBLAYER_METHODS = frozenset({"blockpruner", "sprint"})  # remove whole residual
 BIAS_COMPENSATION_METHODS = frozenset({"flap"})
 BIAS_COMPENSATION_METRICS = frozenset({"fluctuation"})
 BONSAI_METRIC_METHODS = frozenset({"bonsai"})
+SEQUENTIAL_METHODS = frozenset({"fasp", "cfsp", "flap"})  # run the layer-wise selection and restoration
 
 
 @dataclass(frozen=True)
@@ -462,6 +469,20 @@ STAGE_RULES: tuple[StageRule, ...] = (
         ("importance", "metric"),
         lambda s: s.importance.metric == "bonsai" and s.method not in BONSAI_METRIC_METHODS,
         "importance.metric 'bonsai' only works with method 'bonsai' (got method {method!r})",
+    ),
+    StageRule(
+        ("importance", "selection"),
+        lambda s: s.importance.selection != "score" and s.method not in SEQUENTIAL_METHODS,
+        "importance.selection 'obs' works with methods fasp, cfsp and flap (got method {method!r})",
+    ),
+    StageRule(
+        ("restore", "error_correction"),
+        lambda s: (
+            s.restore.error_correction
+            and (s.method not in SEQUENTIAL_METHODS or s.restore.method != "least_squares")
+        ),
+        "restore.error_correction needs restore.method 'least_squares' and method fasp, cfsp or flap "
+        "(got method {method!r})",
     ),
 )
 

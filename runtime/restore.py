@@ -62,11 +62,17 @@ def restore_columns(
     damping: float = 0.01,
     solve: bool = True,
     errors: bool = True,
+    cross: torch.Tensor | None = None,
+    ref_gram: torch.Tensor | None = None,
 ) -> Restored:
     """Restored kept-column weight for a consuming layer; falls back to plain slicing on failure.
 
     `errors=False` skips the two reconstruction-error products (a search trial does not need them).
+    With `cross` = X_ref^T X (and `ref_gram` = X_ref^T X_ref) the target is the dense stream's
+    output W X_ref instead of W X (error-correcting restoration, see `restore_toward`).
     """
+    if cross is not None and ref_gram is not None:
+        return restore_toward(weight, gram, cross, ref_gram, keep, damping, solve, errors)
     dev = weight.device
     w = weight.detach().to(torch.float32)
     g = gram.to(torch.float32)
@@ -103,3 +109,53 @@ def compensate_bias(
     extra = weight.detach().float()[:, mask] @ mean.to(weight.device).float()[mask]
     base = bias.detach().float() if bias is not None else torch.zeros_like(extra)
     return (base + extra).to(weight.dtype)
+
+
+def _cross_error(
+    w: torch.Tensor, w_s: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, c: torch.Tensor, r: torch.Tensor
+) -> float:
+    """||W X_ref - W' X_S||^2 / ||W X_ref||^2 from the Gram, cross and reference Gram matrices."""
+    ref = ((w @ r) * w).sum()
+    mixed = ((w @ c[:, keep]) * w_s).sum()
+    own = ((w_s @ g[keep][:, keep]) * w_s).sum()
+    return float((ref - 2 * mixed + own) / ref.clamp_min(1e-30))
+
+
+def restore_toward(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    ref_gram: torch.Tensor,
+    keep: torch.Tensor,
+    damping: float = 0.01,
+    solve: bool = True,
+    errors: bool = True,
+) -> Restored:
+    """Error-correcting restoration: the kept columns fitted to the DENSE model's output.
+
+    Minimises ||W X_ref - W' X_S||^2 + lambda ||W' - W_S||^2 with X the pruned stream's inputs and
+    X_ref the dense stream's (same tokens): W' = W_S + (W C_{:,S} - W_S G_SS)(G_SS + lambda I)^-1,
+    C = X_ref^T X. When the streams agree (C = G) this is the plain restoration; with nothing
+    pruned and no upstream error it returns W exactly; otherwise each layer also absorbs what the
+    layers before it lost.
+    """
+    dev = weight.device
+    w = weight.detach().to(torch.float32)
+    g, c, r = gram.to(torch.float32), cross.to(torch.float32), ref_gram.to(torch.float32)
+    keep = keep.to(dev)
+    w_s = w[:, keep]
+    finite = bool(torch.isfinite(g).all() and torch.isfinite(c).all())
+    err_pruned = _cross_error(w, w_s, keep, g, c, r) if errors and finite else float("nan")
+    if not solve:
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    try:
+        b = w @ c[:, keep] - w_s @ g[keep][:, keep]
+        w_new = w_s + solve_damped(g[keep][:, keep], b, damping)
+    except FloatingPointError as e:
+        warnings.warn(f"restoration skipped: {e}", stacklevel=2)
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    if not torch.isfinite(w_new).all():
+        warnings.warn("restoration produced non-finite weights; keeping the unrestored slice", stacklevel=2)
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    err = _cross_error(w, w_new, keep, g, c, r) if errors else float("nan")
+    return Restored(w_new.to(weight.dtype), err_pruned, err)

@@ -34,26 +34,34 @@ def kept_columns(units: list[int], width: int) -> torch.Tensor:
     return torch.tensor([c for u in units for c in range(u * width, (u + 1) * width)], dtype=torch.long)
 
 
-def select_units(lp: LayerPlan, n_units: dict[str, int], score: Callable[[str], torch.Tensor]) -> LayerKeep:
-    """The keep-set of one layer under its plan: the best-scored units of every pruned kind.
+Chooser = Callable[[str, int, int], list[int]]  # (unit kind, units to keep, partitions) -> kept units
 
-    `n_units` maps unit kinds (mlp_channel, kv_group, q_head, v_channel) to their current counts
-    and `score(kind)` returns one score per unit; scores are only asked for kinds the plan prunes.
+
+def by_score(score: Callable[[str], torch.Tensor]) -> Chooser:
+    """The fixed-score rule: keep the best-scored units (`score(kind)` gives one score per unit)."""
+    return lambda kind, n_keep, partitions: top_units(score(kind), n_keep, partitions)
+
+
+def select_units(lp: LayerPlan, n_units: dict[str, int], choose: Chooser) -> LayerKeep:
+    """The keep-set of one layer under its plan: for every pruned kind, the units `choose` keeps.
+
+    `n_units` maps unit kinds (mlp_channel, kv_group, q_head, v_channel) to their current counts;
+    `choose` is only asked about kinds the plan prunes (`by_score` for fixed scores, or OBS).
     Query heads are chosen per KV group and dropped with their group when the group goes.
     """
     lk = LayerKeep(drop_attn=lp.drop_attn, drop_mlp=lp.drop_mlp)
     if lp.mlp is not None and not lp.drop_mlp and lp.mlp < n_units.get("mlp_channel", 0):
-        lk.mlp = top_units(score("mlp_channel"), lp.mlp)
+        lk.mlp = choose("mlp_channel", lp.mlp, 1)
     if lp.drop_attn or "kv_group" not in n_units:
         return lk
     n_kv = n_units["kv_group"]
     if lp.kv_groups is not None and lp.kv_groups < n_kv:
-        lk.kv_heads = top_units(score("kv_group"), lp.kv_groups)
+        lk.kv_heads = choose("kv_group", lp.kv_groups, 1)
     r = n_units["q_head"] // n_kv
     if lp.q_per_group is not None and lp.q_per_group < r:
         kept_kv = set(lk.kv_heads if lk.kv_heads is not None else range(n_kv))
-        chosen = top_units(score("q_head"), lp.q_per_group, partitions=n_kv)
+        chosen = choose("q_head", lp.q_per_group, n_kv)
         lk.q_heads = [h for h in chosen if h // r in kept_kv]
     if lp.v_per_group is not None and lp.v_per_group < n_units.get("v_channel", 0) // n_kv:
-        lk.v_channels = top_units(score("v_channel"), lp.v_per_group, partitions=n_kv)
+        lk.v_channels = choose("v_channel", lp.v_per_group, n_kv)
     return lk

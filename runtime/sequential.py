@@ -21,10 +21,11 @@ from secateur.graph.groups import layer_groups, layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.capture import capture_inputs, run_layer
+from secateur.runtime.obs import obs_remove, obs_remove_channels
 from secateur.runtime.restore import compensate_bias, restore_columns
-from secateur.runtime.score import unit_scores
-from secateur.runtime.select import kept_columns, select_units
-from secateur.runtime.stats import InputStats, collect_inputs
+from secateur.runtime.score import consumer_site, unit_scores
+from secateur.runtime.select import by_score, kept_columns, select_units
+from secateur.runtime.stats import InputStats, PairedCollector, collect_inputs
 from secateur.runtime.surgery import apply_keep
 
 
@@ -50,17 +51,38 @@ class PruneResult:
 
 
 def select_layer(
-    model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan, stats: dict[str, InputStats], metric: str
+    model: nn.Module,
+    adapter: ModelAdapter,
+    i: int,
+    lp: LayerPlan,
+    stats: dict[str, InputStats],
+    metric: str,
+    selection: str = "score",
+    damping: float = 0.01,
 ) -> LayerKeep:
-    """Score units of layer i with its statistics and keep the best ones the plan allows."""
+    """Keep the units of layer i the plan allows: best fixed scores, or OBS on the consumer's Gram."""
     groups = {g.kind: g for g in layer_groups(model, adapter, i)}
     p = adapter.layer_prefix(i)
 
-    def score(kind: str) -> torch.Tensor:
-        consumer = adapter.mlp_out if kind == "mlp_channel" else adapter.o
-        return unit_scores(model, groups[kind], stats.get(f"{p}.{consumer}"), metric)
+    def consumer(kind: str) -> str:
+        return f"{p}.{adapter.mlp_out if kind == 'mlp_channel' else adapter.o}"
 
-    return select_units(lp, {k: g.n_units for k, g in groups.items()}, score)
+    def score(kind: str) -> torch.Tensor:
+        return unit_scores(model, groups[kind], stats.get(consumer(kind)), metric)
+
+    def obs(kind: str, n_keep: int, partitions: int) -> list[int]:
+        st = stats.get(consumer(kind))
+        if st is None:
+            raise ValueError(f"importance.selection: 'obs' needs calibration statistics of {consumer(kind)}")
+        w = model.get_submodule(consumer(kind)).weight
+        if kind == "mlp_channel" and consumer_site(groups[kind]).width == 1:
+            return obs_remove_channels(w, st.gram, n_keep, damping)
+        site = consumer_site(groups[kind])
+        units = [list(site.indices(u)) for u in range(groups[kind].n_units)]
+        return obs_remove(w, st.gram, units, n_keep, partitions, damping)
+
+    choose = obs if selection == "obs" else by_score(score)
+    return select_units(lp, {k: g.n_units for k, g in groups.items()}, choose)
 
 
 def kept_o_columns(lk: LayerKeep, shapes: dict) -> torch.Tensor:
@@ -104,8 +126,9 @@ def restore_layer(
         if name not in stats:  # activation-free scoring without restoration: plain slicing
             continue
         mod = model.get_submodule(name)
+        st = stats[name]
         res = restore_columns(
-            mod.weight, stats[name].gram, keep_cols, damping, method == "least_squares", errors
+            mod.weight, st.gram, keep_cols, damping, method == "least_squares", errors, st.cross, st.ref_gram
         )
         bias = None
         if method == "bias_compensation":
@@ -126,9 +149,43 @@ def write_consumers(model: nn.Module, new: dict[str, tuple[torch.Tensor, torch.T
             mod.bias = nn.Parameter(b.clone(), requires_grad=False)
 
 
+def _consumers(model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan) -> dict[str, nn.Module]:
+    """The consuming projections whose inputs layer i's plan needs (down_proj / o_proj)."""
+    p = adapter.layer_prefix(i)
+    out = {}
+    if lp.mlp is not None and not lp.drop_mlp:
+        out[f"{p}.{adapter.mlp_out}"] = model.get_submodule(f"{p}.{adapter.mlp_out}")
+    attn_units = (lp.q_per_group, lp.kv_groups, lp.v_per_group)
+    if any(x is not None for x in attn_units) and not lp.drop_attn:
+        out[f"{p}.{adapter.o}"] = model.get_submodule(f"{p}.{adapter.o}")
+    return out
+
+
+@torch.inference_mode()
+def _paired_statistics(
+    layer: nn.Module,
+    consumers: dict[str, nn.Module],
+    hidden: list[torch.Tensor],
+    dense_hidden: list[torch.Tensor],
+    kwargs: list[dict],
+) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+    """Consumer statistics of the pruned stream against the dense stream, batch by batch, and the
+    dense stream's outputs (the still-dense layer run on the dense inputs)."""
+    collector = PairedCollector(consumers)
+    outs = []
+    with collector.active() as stats:
+        for h, d, kw in zip(hidden, dense_hidden, kwargs):
+            collector.reference()
+            out = layer(d, **kw)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+            collector.accumulate()
+            layer(h, **kw)
+    return stats, outs
+
+
 def needs_statistics(plan: Plan) -> bool:
     """Whether the plan's scoring or restoration reads calibration statistics."""
-    return plan.metric != "magnitude" or plan.restore != "none"
+    return plan.metric != "magnitude" or plan.restore != "none" or plan.selection != "score"
 
 
 def prune_sequential(
@@ -148,6 +205,7 @@ def prune_sequential(
     inputs = capture_inputs(model, adapter, calib_ids, batch_size)
     phases["capture"] = time.perf_counter() - t0
     hidden = inputs.hidden
+    dense_hidden = list(hidden) if plan.error_correction else None  # the dense stream, beside the pruned one
     layers = adapter.layers(model)
     logs: list[LayerLog] = []
     keep: dict[int, LayerKeep] = {}
@@ -157,22 +215,19 @@ def prune_sequential(
         lp = plan.layers.get(i, LayerPlan())
         errors: dict[str, dict[str, float]] = {}
         if not lp.is_noop():
-            p = adapter.layer_prefix(i)
-            consumers = {}
-            if lp.mlp is not None and not lp.drop_mlp:
-                consumers[f"{p}.{adapter.mlp_out}"] = model.get_submodule(f"{p}.{adapter.mlp_out}")
-            attn_units = (lp.q_per_group, lp.kv_groups, lp.v_per_group)
-            if any(x is not None for x in attn_units) and not lp.drop_attn:
-                consumers[f"{p}.{adapter.o}"] = model.get_submodule(f"{p}.{adapter.o}")
+            consumers = _consumers(model, adapter, i, lp)
             t = time.perf_counter()
-            if not needs_statistics(plan):
-                consumers = {}
-            with collect_inputs(consumers) as stats:
-                if consumers:
-                    run_layer(layers[i], hidden, inputs.kwargs[i])
+            if dense_hidden is not None:
+                stats, dense_hidden = _paired_statistics(
+                    layers[i], consumers, hidden, dense_hidden, inputs.kwargs[i]
+                )
+            else:
+                with collect_inputs(consumers) as stats:
+                    if consumers:
+                        run_layer(layers[i], hidden, inputs.kwargs[i])
             phases["statistics"] += time.perf_counter() - t
             t = time.perf_counter()
-            lk = select_layer(model, adapter, i, lp, stats, plan.metric)
+            lk = select_layer(model, adapter, i, lp, stats, plan.metric, plan.selection, plan.damping)
             phases["scoring"] += time.perf_counter() - t
             t = time.perf_counter()
             new_w, errors = restore_layer(model, adapter, i, lk, stats, plan.damping, plan.restore)
@@ -181,6 +236,10 @@ def prune_sequential(
             phases["restoration"] += time.perf_counter() - t
             keep[i] = lk
             del stats
+        elif dense_hidden is not None:
+            t = time.perf_counter()
+            dense_hidden = run_layer(layers[i], dense_hidden, inputs.kwargs[i])
+            phases["statistics"] += time.perf_counter() - t
         t = time.perf_counter()
         hidden = run_layer(layers[i], hidden, inputs.kwargs[i])
         phases["forward"] += time.perf_counter() - t

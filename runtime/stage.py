@@ -56,7 +56,16 @@ def check_plan_shapes(ctx: CheckContext) -> None:
 
 
 def plan_for_stage(ctx: StageContext, allocation: str | None = None) -> Plan:
-    """The plan of a FASP-style stage under its allocation (uniform, table, global, proportional)."""
+    """The plan of a FASP-style stage under its allocation, with the stage's selection rule and
+    restoration target."""
+    plan = _allocated_plan(ctx, allocation)
+    plan.selection = ctx.stage.importance.selection
+    plan.error_correction = ctx.stage.restore.error_correction
+    return plan
+
+
+def _allocated_plan(ctx: StageContext, allocation: str | None) -> Plan:
+    """Kept counts per layer under the allocation (uniform, table, global, proportional)."""
     spec = budget_spec(ctx.recipe, ctx.stage.targets, count=ctx.params_to_remove)
     check_shapes(ctx.model, ctx.adapter, spec, ctx.layers)
     alloc = ctx.recipe.allocation

@@ -23,6 +23,8 @@ class InputStats:
     col_sum: torch.Tensor
     n: int = 0
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    cross: torch.Tensor | None = None  # X_ref^T X: the dense stream's inputs against these
+    ref_gram: torch.Tensor | None = None  # X_ref^T X_ref
 
     @classmethod
     def empty(cls, dim: int, device: torch.device) -> InputStats:
@@ -33,6 +35,17 @@ class InputStats:
         self.gram.addmm_(x.T, x)
         self.col_sum += x.sum(0)
         self.n += x.shape[0]
+
+    def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor) -> None:
+        """Add the pruned stream's input x and the dense stream's input x_ref for the same tokens."""
+        self.add(x)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        r = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float32)
+        if self.cross is None:
+            self.cross = torch.zeros_like(self.gram)
+            self.ref_gram = torch.zeros_like(self.gram)
+        self.cross.addmm_(r.T, x)
+        self.ref_gram.addmm_(r.T, r)
 
     @property
     def col_norm(self) -> torch.Tensor:
@@ -66,3 +79,43 @@ def collect_inputs(modules: dict[str, nn.Linear]) -> Iterator[dict[str, InputSta
     finally:
         for h in handles:
             h.remove()
+
+
+class PairedCollector:
+    """Statistics of consumer inputs on two streams over the same tokens (error-correcting restoration).
+
+    Run the dense stream's batch under `reference()` (its inputs are held), then the pruned
+    stream's batch under `accumulate()`: each consumer adds X^T X and the cross product X_ref^T X,
+    and the held inputs are dropped, so only one batch of activations is alive.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        self.stats = {name: InputStats.empty(m.in_features, m.weight.device) for name, m in modules.items()}
+        self.modules = modules
+        self.held: dict[str, torch.Tensor] = {}
+        self.mode = "accumulate"
+
+    def reference(self) -> None:
+        self.mode = "reference"
+
+    def accumulate(self) -> None:
+        self.mode = "accumulate"
+
+    def _hook(self, name: str):
+        def fn(_mod: nn.Module, args: tuple) -> None:
+            if self.mode == "reference":
+                self.held[name] = args[0].detach()
+            else:
+                self.stats[name].add_pair(args[0], self.held.pop(name))
+
+        return fn
+
+    @contextmanager
+    def active(self) -> Iterator[dict[str, InputStats]]:
+        handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in self.modules.items()]
+        try:
+            yield self.stats
+        finally:
+            for h in handles:
+                h.remove()
+            self.held.clear()

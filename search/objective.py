@@ -26,7 +26,7 @@ from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.space import SearchSpace, project_to_budget
 from secateur.runtime.proxy import ProxyKind, batch_terms, proxy_value
-from secateur.runtime.select import select_units
+from secateur.runtime.select import by_score, select_units
 from secateur.runtime.sequential import write_consumers
 from secateur.runtime.snapshot import ModuleSnapshot
 from secateur.runtime.surgery import apply_keep
@@ -42,7 +42,7 @@ def owner_tag() -> str:
 def select_from_scores(cache: SearchCache, i: int, lp: LayerPlan) -> LayerKeep:
     """Kept units of layer i from the cached dense scores (the rule of `runtime.select.select_units`)."""
     lc = cache.layers[i]
-    return select_units(lp, lc.n_units, lambda kind: lc.scores[kind])
+    return select_units(lp, lc.n_units, by_score(lambda kind: lc.scores[kind]))
 
 
 @contextmanager

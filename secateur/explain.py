@@ -82,6 +82,11 @@ def explain(
     stages: list[dict[str, Any]] = []
     for st, count, layers in zip(*plan_stages(recipe, model, adapter)):
         stages.append({"method": st.method, "params_to_remove": count, "layers": len(layers)})
+        if st.method in ("fasp", "cfsp", "flap"):
+            stages[-1]["options"] = (
+                f"metric {st.importance.metric}, selection {st.importance.selection}, restore {st.restore.method}"
+                + (", error correction (dense stream)" if st.restore.error_correction else "")
+            )
         if st.method not in ("fasp", "bonsai") or recipe.allocation.method in ("global", "proportional"):
             stages[-1]["note"] = "units chosen from calibration data at prune time"
             continue
@@ -129,6 +134,7 @@ def format_explanation(ex: Explanation) -> str:
     lines.append("")
     for n, st in enumerate(ex.stages, 1):
         note = f" ({st['note']})" if "note" in st else ""
+        note += f"; {st['options']}" if "options" in st else ""
         lines.append(f"stage {n}: {st['method']} removes {st['params_to_remove']:,} parameters{note}")
     for k in ("params", "decoder_linear_params", "flops_per_token"):
         lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")

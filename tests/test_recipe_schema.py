@@ -157,7 +157,13 @@ def test_stage_rules_apply_to_each_pass() -> None:
 
 def test_rules_table_names_its_keys() -> None:
     keys = {rule.key for rule in STAGE_RULES}
-    assert keys == {("method",), ("restore", "method"), ("importance", "metric")}
+    assert keys == {
+        ("method",),
+        ("restore", "method"),
+        ("importance", "metric"),
+        ("importance", "selection"),
+        ("restore", "error_correction"),
+    }
 
 
 def test_valid_multi_stage_recipe() -> None:
