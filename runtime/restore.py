@@ -7,6 +7,7 @@ G = X^T X, S the kept and P the pruned columns, lambda = damping * mean(diag G).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,17 +87,37 @@ def restore_columns(
     err_pruned = relative_error(w, _embed(w_s, keep, n), g) if errors and finite else float("nan")
     if not solve or pruned.numel() == 0:
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    return _solved(
+        weight.dtype,
+        w_s,
+        lambda: w[:, pruned] @ g[pruned][:, keep],
+        g[keep][:, keep],
+        damping,
+        err_pruned,
+        (lambda w_new: relative_error(w, _embed(w_new, keep, n), g)) if errors else None,
+    )
+
+
+def _solved(
+    dtype: torch.dtype,
+    w_s: torch.Tensor,
+    rhs: Callable[[], torch.Tensor],
+    g_ss: torch.Tensor,
+    damping: float,
+    err_pruned: float,
+    error: Callable[[torch.Tensor], float] | None,
+) -> Restored:
+    """W' = W_S + rhs (G_SS + lambda I)^-1, falling back to the plain slice (with a warning) when the
+    solve fails or gives non-finite weights; `error` measures the restored weight."""
     try:
-        b = w[:, pruned] @ g[pruned][:, keep]
-        w_new = w_s + solve_damped(g[keep][:, keep], b, damping)
+        w_new = w_s + solve_damped(g_ss, rhs(), damping)
     except FloatingPointError as e:
-        warnings.warn(f"restoration skipped: {e}", stacklevel=2)
-        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+        warnings.warn(f"restoration skipped: {e}", stacklevel=3)
+        return Restored(w_s.to(dtype), err_pruned, err_pruned)
     if not torch.isfinite(w_new).all():
-        warnings.warn("restoration produced non-finite weights; keeping the unrestored slice", stacklevel=2)
-        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
-    err = relative_error(w, _embed(w_new, keep, n), g) if errors else float("nan")
-    return Restored(w_new.to(weight.dtype), err_pruned, err)
+        warnings.warn("restoration produced non-finite weights; keeping the unrestored slice", stacklevel=3)
+        return Restored(w_s.to(dtype), err_pruned, err_pruned)
+    return Restored(w_new.to(dtype), err_pruned, error(w_new) if error is not None else float("nan"))
 
 
 def compensate_bias(
@@ -148,14 +169,12 @@ def restore_toward(
     err_pruned = _cross_error(w, w_s, keep, g, c, r) if errors and finite else float("nan")
     if not solve:
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
-    try:
-        b = w @ c[:, keep] - w_s @ g[keep][:, keep]
-        w_new = w_s + solve_damped(g[keep][:, keep], b, damping)
-    except FloatingPointError as e:
-        warnings.warn(f"restoration skipped: {e}", stacklevel=2)
-        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
-    if not torch.isfinite(w_new).all():
-        warnings.warn("restoration produced non-finite weights; keeping the unrestored slice", stacklevel=2)
-        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
-    err = _cross_error(w, w_new, keep, g, c, r) if errors else float("nan")
-    return Restored(w_new.to(weight.dtype), err_pruned, err)
+    return _solved(
+        weight.dtype,
+        w_s,
+        lambda: w @ c[:, keep] - w_s @ g[keep][:, keep],
+        g[keep][:, keep],
+        damping,
+        err_pruned,
+        (lambda w_new: _cross_error(w, w_new, keep, g, c, r)) if errors else None,
+    )
