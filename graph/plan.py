@@ -40,6 +40,8 @@ class Plan:
     damping: float = 0.01
     selection: str = "score"  # score: fixed per-unit scores; obs: greedy OBS on the consumer's Gram
     error_correction: bool = False  # restore toward the dense model's outputs (a dense stream alongside)
+    refine_steps: int = 0  # optimizer steps on each pruned MLP branch toward the dense branch
+    refine_lr: float = 1e-4
 
     def to_dict(self) -> dict[str, Any]:
         extra = {}  # recorded only when set, so plans of earlier locks read back unchanged
@@ -47,6 +49,8 @@ class Plan:
             extra["selection"] = self.selection
         if self.error_correction:
             extra["error_correction"] = True
+        if self.refine_steps:
+            extra["refine_steps"], extra["refine_lr"] = self.refine_steps, self.refine_lr
         return {
             "metric": self.metric,
             "restore": self.restore,
@@ -68,6 +72,8 @@ class Plan:
             d.get("damping", 0.01),
             d.get("selection", "score"),
             bool(d.get("error_correction", False)),
+            int(d.get("refine_steps", 0)),
+            float(d.get("refine_lr", 1e-4)),
         )
 
 

@@ -371,6 +371,10 @@ class Restore(_Section):
     # restore each consumer toward the DENSE model's outputs (a dense stream runs beside the pruned
     # one), so every layer also corrects the error the layers before it left
     error_correction: bool = False
+    # sub-block reconstruction: Adam steps on each pruned MLP branch's kept weights toward the dense
+    # branch's output, best state on held-out calibration batches kept (0: off)
+    refine_steps: NonNegativeInt = 0
+    refine_lr: Annotated[float, Field(gt=0, lt=1)] = 1e-4
 
 
 class Pass(_Section):
@@ -483,6 +487,12 @@ STAGE_RULES: tuple[StageRule, ...] = (
         ),
         "restore.error_correction needs restore.method 'least_squares' and method fasp, cfsp or flap "
         "(got method {method!r})",
+    ),
+    StageRule(
+        ("restore", "refine_steps"),
+        lambda s: s.restore.refine_steps > 0 and (s.method not in SEQUENTIAL_METHODS or not s.targets.mlp),
+        "restore.refine_steps refines pruned MLP branches: it needs targets.mlp and method fasp, cfsp or "
+        "flap (got method {method!r})",
     ),
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.capture import capture_inputs, run_layer
 from secateur.runtime.obs import obs_remove, obs_remove_channels
+from secateur.runtime.refine import BranchRecorder, refine_branch
 from secateur.runtime.restore import compensate_bias, restore_columns
 from secateur.runtime.score import consumer_site, unit_scores
 from secateur.runtime.select import by_score, kept_columns, select_units
@@ -149,6 +151,29 @@ def write_consumers(model: nn.Module, new: dict[str, tuple[torch.Tensor, torch.T
             mod.bias = nn.Parameter(b.clone(), requires_grad=False)
 
 
+def _refined_branch(
+    model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan, plan: Plan
+) -> BranchRecorder | None:
+    """A recorder on layer i's MLP when the plan refines it (MLP pruned, refine_steps > 0)."""
+    if plan.refine_steps <= 0 or lp.mlp is None or lp.drop_mlp or adapter.mlp_module is None:
+        return None
+    return BranchRecorder(model.get_submodule(f"{adapter.layer_prefix(i)}.{adapter.mlp_module}"))
+
+
+def _refine(
+    branch: BranchRecorder, layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], plan: Plan
+) -> dict[str, float]:
+    """Record the pruned branch's inputs on the pruned stream, then refine it toward the recorded targets."""
+    with branch.active():
+        branch.record_inputs = True
+        run_layer(layer, hidden, kwargs)
+        branch.record_inputs = False
+    out = refine_branch(branch.module, branch.inputs, branch.outputs, plan.refine_steps, plan.refine_lr)
+    branch.inputs.clear()
+    branch.outputs.clear()
+    return {"pruned": out["heldout_before"], "restored": out["heldout_after"], "steps": out["steps"]}
+
+
 def _consumers(model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan) -> dict[str, nn.Module]:
     """The consuming projections whose inputs layer i's plan needs (down_proj / o_proj)."""
     p = adapter.layer_prefix(i)
@@ -161,6 +186,29 @@ def _consumers(model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan) -
     return out
 
 
+def _statistics(
+    layer: nn.Module,
+    consumers: dict[str, nn.Module],
+    hidden: list[torch.Tensor],
+    dense_hidden: list[torch.Tensor] | None,
+    kwargs: list[dict],
+    branch: BranchRecorder | None,
+) -> tuple[dict[str, InputStats], list[torch.Tensor] | None]:
+    """Consumer statistics of one layer (paired with the dense stream when it runs), recording the
+    dense MLP branch's outputs when the branch is to be refined."""
+    with branch.active() if branch is not None else nullcontext():
+        if dense_hidden is not None:
+            return _paired_statistics(layer, consumers, hidden, dense_hidden, kwargs, branch)
+        with collect_inputs(consumers) as stats:
+            if branch is not None:
+                branch.record_outputs = True  # the dense branch on the pruned stream
+            if consumers:
+                run_layer(layer, hidden, kwargs)
+            if branch is not None:
+                branch.record_outputs = False
+        return stats, None
+
+
 @torch.inference_mode()
 def _paired_statistics(
     layer: nn.Module,
@@ -168,6 +216,7 @@ def _paired_statistics(
     hidden: list[torch.Tensor],
     dense_hidden: list[torch.Tensor],
     kwargs: list[dict],
+    branch: BranchRecorder | None = None,
 ) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
     """Consumer statistics of the pruned stream against the dense stream, batch by batch, and the
     dense stream's outputs (the still-dense layer run on the dense inputs)."""
@@ -176,7 +225,11 @@ def _paired_statistics(
     with collector.active() as stats:
         for h, d, kw in zip(hidden, dense_hidden, kwargs):
             collector.reference()
+            if branch is not None:
+                branch.record_outputs = True  # the dense branch's output on the dense stream
             out = layer(d, **kw)
+            if branch is not None:
+                branch.record_outputs = False
             outs.append(out[0] if isinstance(out, tuple) else out)
             collector.accumulate()
             layer(h, **kw)
@@ -216,15 +269,11 @@ def prune_sequential(
         errors: dict[str, dict[str, float]] = {}
         if not lp.is_noop():
             consumers = _consumers(model, adapter, i, lp)
+            branch = _refined_branch(model, adapter, i, lp, plan)
             t = time.perf_counter()
-            if dense_hidden is not None:
-                stats, dense_hidden = _paired_statistics(
-                    layers[i], consumers, hidden, dense_hidden, inputs.kwargs[i]
-                )
-            else:
-                with collect_inputs(consumers) as stats:
-                    if consumers:
-                        run_layer(layers[i], hidden, inputs.kwargs[i])
+            stats, dense_hidden = _statistics(
+                layers[i], consumers, hidden, dense_hidden, inputs.kwargs[i], branch
+            )
             phases["statistics"] += time.perf_counter() - t
             t = time.perf_counter()
             lk = select_layer(model, adapter, i, lp, stats, plan.metric, plan.selection, plan.damping)
@@ -236,6 +285,10 @@ def prune_sequential(
             phases["restoration"] += time.perf_counter() - t
             keep[i] = lk
             del stats
+            if branch is not None:
+                t = time.perf_counter()
+                errors["refine"] = _refine(branch, layers[i], hidden, inputs.kwargs[i], plan)
+                phases["refine"] = phases.get("refine", 0.0) + time.perf_counter() - t
         elif dense_hidden is not None:
             t = time.perf_counter()
             dense_hidden = run_layer(layers[i], dense_hidden, inputs.kwargs[i])
@@ -246,7 +299,9 @@ def prune_sequential(
         log = LayerLog(i, time.perf_counter() - t_layer, keep[i].to_dict() if i in keep else {}, errors)
         logs.append(log)
         if errors:
-            bar.set_postfix({k: f"{v['pruned']:.3f}->{v['restored']:.3f}" for k, v in errors.items()})
+            bar.set_postfix(
+                {k: f"{v['pruned']:.3f}->{v['restored']:.3f}" for k, v in errors.items() if "pruned" in v}
+            )
         if on_layer is not None:
             on_layer(log)
     phases["total"] = time.perf_counter() - t0

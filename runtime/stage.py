@@ -61,6 +61,8 @@ def plan_for_stage(ctx: StageContext, allocation: str | None = None) -> Plan:
     plan = _allocated_plan(ctx, allocation)
     plan.selection = ctx.stage.importance.selection
     plan.error_correction = ctx.stage.restore.error_correction
+    plan.refine_steps = ctx.stage.restore.refine_steps
+    plan.refine_lr = ctx.stage.restore.refine_lr
     return plan
 
 

@@ -86,6 +86,7 @@ def explain(
             stages[-1]["options"] = (
                 f"metric {st.importance.metric}, selection {st.importance.selection}, restore {st.restore.method}"
                 + (", error correction (dense stream)" if st.restore.error_correction else "")
+                + (f", MLP refinement {st.restore.refine_steps} steps" if st.restore.refine_steps else "")
             )
         if st.method not in ("fasp", "bonsai") or recipe.allocation.method in ("global", "proportional"):
             stages[-1]["note"] = "units chosen from calibration data at prune time"

@@ -151,7 +151,12 @@ def _recipe(tmp: Path, **over) -> Path:
         "targets": {"mlp": True, "attention": "q_head"},
         "budget": {"params": 0.25, "multiple_of": 4},
         "importance": {"metric": "fasp", "selection": "obs"},
-        "restore": {"method": "least_squares", "error_correction": True},
+        "restore": {
+            "method": "least_squares",
+            "error_correction": True,
+            "refine_steps": 6,
+            "refine_lr": 1e-3,
+        },
         "evaluate": {"enabled": False},
         **over,
     }
@@ -166,7 +171,7 @@ def test_options_are_locked_explained_and_reproduced(tmp_path: Path, capsys) -> 
     r = _recipe(tmp_path)
     out = prune(r, output=tmp_path / "out", progress=False, log=lambda s: None)
     plan = out.lock["plans"][0]
-    assert plan["selection"] == "obs" and plan["error_correction"] is True
+    assert plan["selection"] == "obs" and plan["error_correction"] is True and plan["refine_steps"] == 6
     again = prune(
         lock_path=tmp_path / "out" / LOCK_NAME, output=tmp_path / "again", progress=False, log=lambda s: None
     )
@@ -192,8 +197,39 @@ def test_options_are_locked_explained_and_reproduced(tmp_path: Path, capsys) -> 
             "restore.error_correction",
         ),
         ({"importance": {"selection": "optimal"}}, "importance.selection"),
+        (
+            {"method": "blockpruner", "targets": {"sublayers": True}, "restore": {"refine_steps": 5}},
+            "restore.refine_steps",
+        ),
     ],
 )
 def test_options_validated(tmp_path: Path, over: dict, key: str) -> None:
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         load_recipe(_recipe(tmp_path, **over))
+
+
+@pytest.mark.parametrize("ec", [False, True])
+def test_refinement_never_worsens_the_held_out_branch_error(ec: bool) -> None:
+    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
+    m = tiny_model("llama").eval()
+    plan = Plan(
+        {i: LayerPlan(mlp=32) for i in range(3)}, error_correction=ec, refine_steps=40, refine_lr=1e-3
+    )
+    res = prune_sequential(m, adapter_for(m.config), ids, plan, batch_size=2, progress=False)
+    refined = [log.errors["refine"] for log in res.logs if "refine" in log.errors]
+    assert len(refined) == 3
+    assert all(r["restored"] <= r["pruned"] for r in refined)
+    assert any(r["restored"] < r["pruned"] and r["steps"] > 0 for r in refined)  # it does move
+    assert "refine" in res.phases
+
+
+def test_refine_branch_fits_a_target_branch() -> None:
+    from secateur.runtime.refine import refine_branch
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    xs = [torch.randn(64, 8) for _ in range(10)]
+    with torch.no_grad():
+        ys = [teacher(x) for x in xs]
+    out = refine_branch(student, xs, ys, steps=300, lr=1e-2)
+    assert out["heldout_after"] < 0.2 * out["heldout_before"]

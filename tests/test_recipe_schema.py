@@ -163,6 +163,7 @@ def test_rules_table_names_its_keys() -> None:
         ("importance", "metric"),
         ("importance", "selection"),
         ("restore", "error_correction"),
+        ("restore", "refine_steps"),
     }
 
 
