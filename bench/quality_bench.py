@@ -57,6 +57,11 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
         OBS_EC,
         "OBS + error correction",
     ),
+    "obs+ec+refine": (
+        "fasp",
+        [*OBS_EC, "restore.refine_steps=24", "restore.refine_lr=2.0e-4"],
+        "OBS + EC + 24 Adam steps per MLP branch (sub-block reconstruction)",
+    ),
     "obs+ec+heads": (
         "fasp",
         [*OBS_EC, "targets.attention=q_head"],

@@ -65,6 +65,8 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
     """config.json content, whether plain HF can load it, and the sparse per-layer overrides."""
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)  # a local (often virtualenv) path means nothing to the next reader
+    cfg["architectures"] = [type(model).__name__]  # GGUF sources leave it null; engines pick classes by it
     shapes = all_layer_shapes(model, adapter)
     keys = adapter.hf_shape_keys()
     plain = (

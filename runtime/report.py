@@ -189,7 +189,13 @@ def _timing(report: dict[str, Any]) -> list[str]:
     rows = [[k, _fmt(v, ".2f")] for k, v in phases.items()]
     total = sum(v for v in phases.values() if _num(v))
     rows.append(["**total**", f"{total:.2f}"])
-    return ["## Timing", "", *_table(["phase", "seconds"], rows)]
+    out = ["## Timing", "", *_table(["phase", "seconds"], rows)]
+    mem = report.get("memory") or {}
+    if mem.get("peak_rss_bytes"):
+        out += ["", f"Peak resident memory (RSS) of the process: {mem['peak_rss_bytes'] / 2**30:.2f} GiB"]
+    if mem.get("peak_gpu_bytes"):
+        out += [f"Peak GPU memory allocated: {mem['peak_gpu_bytes'] / 2**30:.2f} GiB"]
+    return out
 
 
 def render_markdown(report: dict[str, Any], chart: bool = False) -> str:

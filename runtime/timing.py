@@ -214,3 +214,14 @@ def speed_warnings(results: dict[str, SpeedResult], baseline: str = "dense") -> 
                     f"{r.repeats} repeats): the machine was busy or the difference is too small to measure"
                 )
     return out
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """Peak RSS of this process so far (Linux reports KiB) and, on CUDA, peak allocated GPU bytes."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss *= 1 if sys.platform == "darwin" else 1024
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": int(rss), "peak_gpu_bytes": gpu}

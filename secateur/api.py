@@ -33,7 +33,7 @@ from secateur.runtime.methods import get_method
 from secateur.runtime.outdir import atomic_dir, check_location, check_replaceable, clean_leftovers
 from secateur.runtime.sequential import PruneResult
 from secateur.runtime.stage import StageContext
-from secateur.runtime.timing import measure_speed, speed_ratios, speed_warnings
+from secateur.runtime.timing import measure_speed, peak_memory, speed_ratios, speed_warnings
 
 
 @dataclass
@@ -346,6 +346,7 @@ def _prune(
         report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl, progress))
         del dense_copy
 
+    report["memory"] = peak_memory(lm.device)
     lock = build_lock(
         resolved_dict(recipe),
         [r.plan.to_dict() if r.plan else dict(r.extra) for r in results],

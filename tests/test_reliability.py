@@ -372,3 +372,12 @@ def test_disk_full_keeps_the_previous_output(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert (out / "model.safetensors").read_bytes() == before and _is_complete(out)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_report_records_peak_memory_and_config_names_its_class(tmp_path: Path) -> None:
+    r = _recipe(tmp_path)
+    out = prune(r, output=tmp_path / "out", progress=False, log=lambda s: None)
+    assert out.report["memory"]["peak_rss_bytes"] > 50 * 2**20  # torch alone is bigger than that
+    assert "Peak resident memory" in (out.output / "report.md").read_text()
+    cfg = json.loads((out.output / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and "_name_or_path" not in cfg
