@@ -323,6 +323,7 @@ def test_prompts_match_lm_eval_tasks(root: Path, tmp_path: Path, task: str) -> N
 def test_smollm2_piqa_arc_easy(smollm2, data_root: Path) -> None:
     res = run_zeroshot(smollm2.model, smollm2.tokenizer, ["piqa", "arc_easy"], data_root=data_root, limit=20)
     for task in ("piqa", "arc_easy"):
-        assert set(res[task]) == {"acc", "acc_norm"}
+        assert set(res[task]) == {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
         assert all(0.0 <= v <= 1.0 for v in res[task].values())
+        assert 0.0 < res[task]["acc_stderr"] < 0.2  # 20 documents: sqrt(p (1 - p) / 19)
     assert res["piqa"]["acc"] > 0.5, res
