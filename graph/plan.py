@@ -39,7 +39,7 @@ class Plan:
     restore: str = "least_squares"
     damping: float = 0.01
     selection: str = "score"  # score: fixed per-unit scores; obs: greedy OBS on the consumer's Gram
-    error_correction: bool = False  # restore toward the dense model's outputs (a dense stream alongside)
+    error_correction: float = 0.0  # how far restoration aims at the dense model's outputs (0 off, 1 fully)
     refine_steps: int = 0  # optimizer steps on each pruned MLP branch toward the dense branch
     refine_lr: float = 1e-4
 
@@ -48,7 +48,7 @@ class Plan:
         if self.selection != "score":
             extra["selection"] = self.selection
         if self.error_correction:
-            extra["error_correction"] = True
+            extra["error_correction"] = float(self.error_correction)
         if self.refine_steps:
             extra["refine_steps"], extra["refine_lr"] = self.refine_steps, self.refine_lr
         return {
@@ -71,7 +71,7 @@ class Plan:
             d.get("restore", "least_squares"),
             d.get("damping", 0.01),
             d.get("selection", "score"),
-            bool(d.get("error_correction", False)),
+            float(d.get("error_correction", 0.0)),
             int(d.get("refine_steps", 0)),
             float(d.get("refine_lr", 1e-4)),
         )

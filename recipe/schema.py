@@ -368,9 +368,10 @@ class Restore(_Section):
 
     method: RestoreMethod = "least_squares"
     damping: Annotated[float, Field(gt=0)] = 0.01
-    # restore each consumer toward the DENSE model's outputs (a dense stream runs beside the pruned
-    # one), so every layer also corrects the error the layers before it left
-    error_correction: bool = False
+    # how far each consumer is fitted toward the DENSE model's outputs (a dense stream runs beside the
+    # pruned one), so every layer also corrects part of the error the layers before it left: 0 off,
+    # 1 the dense target W X_dense, a in between the target W (a X_dense + (1 - a) X)
+    error_correction: Annotated[float, Field(ge=0, le=1)] = 0.0
     # sub-block reconstruction: Adam steps on each pruned MLP branch's kept weights toward the dense
     # branch's output, best state on held-out calibration batches kept (0: off)
     refine_steps: NonNegativeInt = 0

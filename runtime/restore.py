@@ -64,16 +64,17 @@ def restore_columns(
     solve: bool = True,
     errors: bool = True,
     cross: torch.Tensor | None = None,
-    ref_gram: torch.Tensor | None = None,
+    ref_energy: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> Restored:
     """Restored kept-column weight for a consuming layer; falls back to plain slicing on failure.
 
     `errors=False` skips the two reconstruction-error products (a search trial does not need them).
-    With `cross` = X_ref^T X (and `ref_gram` = X_ref^T X_ref) the target is the dense stream's
+    With `cross` = X_ref^T X (and `ref_energy` = ||X_ref W^T||^2) the target is the dense stream's
     output W X_ref instead of W X (error-correcting restoration, see `restore_toward`).
     """
-    if cross is not None and ref_gram is not None:
-        return restore_toward(weight, gram, cross, ref_gram, keep, damping, solve, errors)
+    if cross is not None and ref_energy is not None:
+        return restore_toward(weight, gram, cross, ref_energy, keep, damping, solve, errors, strength)
     dev = weight.device
     w = weight.detach().to(torch.float32)
     g = gram.to(torch.float32)
@@ -133,24 +134,24 @@ def compensate_bias(
 
 
 def _cross_error(
-    w: torch.Tensor, w_s: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, c: torch.Tensor, r: torch.Tensor
+    w: torch.Tensor, w_s: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ref: float
 ) -> float:
-    """||W X_ref - W' X_S||^2 / ||W X_ref||^2 from the Gram, cross and reference Gram matrices."""
-    ref = ((w @ r) * w).sum()
+    """||W X_ref - W' X_S||^2 / ||W X_ref||^2 from the Gram and cross matrices and ||W X_ref||^2."""
     mixed = ((w @ c[:, keep]) * w_s).sum()
     own = ((w_s @ g[keep][:, keep]) * w_s).sum()
-    return float((ref - 2 * mixed + own) / ref.clamp_min(1e-30))
+    return float((ref - 2 * mixed + own) / max(ref, 1e-30))
 
 
 def restore_toward(
     weight: torch.Tensor,
     gram: torch.Tensor,
     cross: torch.Tensor,
-    ref_gram: torch.Tensor,
+    ref_energy: torch.Tensor | float,
     keep: torch.Tensor,
     damping: float = 0.01,
     solve: bool = True,
     errors: bool = True,
+    strength: float = 1.0,
 ) -> Restored:
     """Error-correcting restoration: the kept columns fitted to the DENSE model's output.
 
@@ -162,11 +163,17 @@ def restore_toward(
     """
     dev = weight.device
     w = weight.detach().to(torch.float32)
-    g, c, r = gram.to(torch.float32), cross.to(torch.float32), ref_gram.to(torch.float32)
+    g, c = gram.to(torch.float32), cross.to(torch.float32)
+    ref = float(ref_energy)
+    if strength != 1.0:  # target W (a X_ref + (1 - a) X): part of the way toward the dense stream
+        a = float(strength)
+        own, mixed = float(((w @ g) * w).sum()), float(((w @ c) * w).sum())
+        ref = a * a * ref + (1 - a) ** 2 * own + 2 * a * (1 - a) * mixed
+        c = a * c + (1 - a) * g
     keep = keep.to(dev)
     w_s = w[:, keep]
     finite = bool(torch.isfinite(g).all() and torch.isfinite(c).all())
-    err_pruned = _cross_error(w, w_s, keep, g, c, r) if errors and finite else float("nan")
+    err_pruned = _cross_error(w, w_s, keep, g, c, ref) if errors and finite else float("nan")
     if not solve:
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
     return _solved(
@@ -176,5 +183,5 @@ def restore_toward(
         g[keep][:, keep],
         damping,
         err_pruned,
-        (lambda w_new: _cross_error(w, w_new, keep, g, c, r)) if errors else None,
+        (lambda w_new: _cross_error(w, w_new, keep, g, c, ref)) if errors else None,
     )

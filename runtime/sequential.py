@@ -110,6 +110,7 @@ def restore_layer(
     damping: float,
     method: str = "least_squares",
     errors: bool = True,
+    correction: float = 1.0,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], dict[str, dict[str, float]]]:
     """New consumer (weight, bias) pairs for layer i, computed before slicing.
 
@@ -130,7 +131,15 @@ def restore_layer(
         mod = model.get_submodule(name)
         st = stats[name]
         res = restore_columns(
-            mod.weight, st.gram, keep_cols, damping, method == "least_squares", errors, st.cross, st.ref_gram
+            mod.weight,
+            st.gram,
+            keep_cols,
+            damping,
+            method == "least_squares",
+            errors,
+            st.cross,
+            st.ref_energy,
+            correction,
         )
         bias = None
         if method == "bias_compensation":
@@ -258,7 +267,9 @@ def prune_sequential(
     inputs = capture_inputs(model, adapter, calib_ids, batch_size)
     phases["capture"] = time.perf_counter() - t0
     hidden = inputs.hidden
-    dense_hidden = list(hidden) if plan.error_correction else None  # the dense stream, beside the pruned one
+    dense_hidden = (
+        list(hidden) if plan.error_correction > 0 else None
+    )  # the dense stream, beside the pruned one
     layers = adapter.layers(model)
     logs: list[LayerLog] = []
     keep: dict[int, LayerKeep] = {}
@@ -279,7 +290,16 @@ def prune_sequential(
             lk = select_layer(model, adapter, i, lp, stats, plan.metric, plan.selection, plan.damping)
             phases["scoring"] += time.perf_counter() - t
             t = time.perf_counter()
-            new_w, errors = restore_layer(model, adapter, i, lk, stats, plan.damping, plan.restore)
+            new_w, errors = restore_layer(
+                model,
+                adapter,
+                i,
+                lk,
+                stats,
+                plan.damping,
+                plan.restore,
+                correction=float(plan.error_correction),
+            )
             apply_keep(model, adapter, {i: lk})
             write_consumers(model, new_w)
             phases["restoration"] += time.perf_counter() - t

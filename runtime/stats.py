@@ -24,7 +24,7 @@ class InputStats:
     n: int = 0
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     cross: torch.Tensor | None = None  # X_ref^T X: the dense stream's inputs against these
-    ref_gram: torch.Tensor | None = None  # X_ref^T X_ref
+    ref_energy: torch.Tensor | None = None  # ||X_ref W^T||^2: the dense stream's output energy
 
     @classmethod
     def empty(cls, dim: int, device: torch.device) -> InputStats:
@@ -36,16 +36,19 @@ class InputStats:
         self.col_sum += x.sum(0)
         self.n += x.shape[0]
 
-    def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor) -> None:
-        """Add the pruned stream's input x and the dense stream's input x_ref for the same tokens."""
+    def add_pair(self, x: torch.Tensor, x_ref: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add the pruned stream's input x and the dense stream's input x_ref for the same tokens.
+
+        Only the cross product X_ref^T X and the scalar ||X_ref W^T||^2 (for the error log) are kept:
+        a full X_ref^T X_ref would cost another Gram-sized product per batch."""
         self.add(x)
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         r = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float32)
         if self.cross is None:
             self.cross = torch.zeros_like(self.gram)
-            self.ref_gram = torch.zeros_like(self.gram)
+            self.ref_energy = torch.zeros((), dtype=torch.float64, device=self.gram.device)
         self.cross.addmm_(r.T, x)
-        self.ref_gram.addmm_(r.T, r)
+        self.ref_energy += (r @ weight.detach().to(torch.float32).T).square().sum().double()
 
     @property
     def col_norm(self) -> torch.Tensor:
@@ -106,7 +109,7 @@ class PairedCollector:
             if self.mode == "reference":
                 self.held[name] = args[0].detach()
             else:
-                self.stats[name].add_pair(args[0], self.held.pop(name))
+                self.stats[name].add_pair(args[0], self.held.pop(name), self.modules[name].weight)
 
         return fn
 

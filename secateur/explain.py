@@ -85,7 +85,11 @@ def explain(
         if st.method in ("fasp", "cfsp", "flap"):
             stages[-1]["options"] = (
                 f"metric {st.importance.metric}, selection {st.importance.selection}, restore {st.restore.method}"
-                + (", error correction (dense stream)" if st.restore.error_correction else "")
+                + (
+                    f", error correction {st.restore.error_correction:g}"
+                    if st.restore.error_correction
+                    else ""
+                )
                 + (f", MLP refinement {st.restore.refine_steps} steps" if st.restore.refine_steps else "")
             )
         if st.method not in ("fasp", "bonsai") or recipe.allocation.method in ("global", "proportional"):

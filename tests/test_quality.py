@@ -32,7 +32,7 @@ def test_error_correction_with_no_upstream_error_and_nothing_pruned_returns_w() 
     w = torch.randn(6, 10, generator=GEN)
     x = torch.randn(200, 10, generator=GEN)
     g = _gram(x)
-    res = restore_toward(w, g, g, g, torch.arange(10))
+    res = restore_toward(w, g, g, float(((w @ g) * w).sum()), torch.arange(10))
     assert torch.allclose(res.weight, w, atol=1e-5)
     assert res.err_restored == pytest.approx(0.0, abs=1e-5)
 
@@ -42,7 +42,7 @@ def test_error_correction_equals_plain_restoration_when_the_streams_agree() -> N
     g = _gram(torch.randn(200, 10, generator=GEN))
     keep = torch.tensor([0, 2, 3, 5, 7, 9])
     plain = restore_columns(w, g, keep)
-    corrected = restore_toward(w, g, g, g, keep)
+    corrected = restore_toward(w, g, g, float(((w @ g) * w).sum()), keep)
     assert torch.allclose(plain.weight, corrected.weight, atol=1e-4)
 
 
@@ -59,7 +59,7 @@ def test_error_correction_beats_plain_restoration_under_upstream_error() -> None
         return float((x[:, keep] @ w_new.T - target).square().sum() / target.square().sum())
 
     plain = restore_columns(w, _gram(x), keep)
-    corrected = restore_toward(w, _gram(x), x_dense.T @ x, _gram(x_dense), keep)
+    corrected = restore_toward(w, _gram(x), x_dense.T @ x, float(target.square().sum()), keep)
     assert err(corrected.weight) < 0.5 * err(plain.weight)
     assert corrected.err_restored == pytest.approx(err(corrected.weight), rel=1e-3, abs=1e-6)
 
@@ -153,7 +153,7 @@ def _recipe(tmp: Path, **over) -> Path:
         "importance": {"metric": "fasp", "selection": "obs"},
         "restore": {
             "method": "least_squares",
-            "error_correction": True,
+            "error_correction": 0.5,
             "refine_steps": 6,
             "refine_lr": 1e-3,
         },
@@ -171,7 +171,7 @@ def test_options_are_locked_explained_and_reproduced(tmp_path: Path, capsys) -> 
     r = _recipe(tmp_path)
     out = prune(r, output=tmp_path / "out", progress=False, log=lambda s: None)
     plan = out.lock["plans"][0]
-    assert plan["selection"] == "obs" and plan["error_correction"] is True and plan["refine_steps"] == 6
+    assert plan["selection"] == "obs" and plan["error_correction"] == 0.5 and plan["refine_steps"] == 6
     again = prune(
         lock_path=tmp_path / "out" / LOCK_NAME, output=tmp_path / "again", progress=False, log=lambda s: None
     )
@@ -190,7 +190,7 @@ def test_options_are_locked_explained_and_reproduced(tmp_path: Path, capsys) -> 
         ),
         (
             {
-                "restore": {"method": "bias_compensation", "error_correction": True},
+                "restore": {"method": "bias_compensation", "error_correction": 1.0},
                 "method": "flap",
                 "importance": {"metric": "fluctuation"},
             },
@@ -233,3 +233,20 @@ def test_refine_branch_fits_a_target_branch() -> None:
         ys = [teacher(x) for x in xs]
     out = refine_branch(student, xs, ys, steps=300, lr=1e-2)
     assert out["heldout_after"] < 0.2 * out["heldout_before"]
+
+
+def test_error_correction_strength_interpolates_between_plain_and_dense_targets() -> None:
+    w = torch.randn(6, 10, generator=GEN)
+    x_dense = torch.randn(300, 10, generator=GEN)
+    x = x_dense + 0.3 * torch.randn(300, 10, generator=GEN)
+    keep = torch.tensor([0, 1, 3, 4, 6, 8])
+    g, c, e = _gram(x), x_dense.T @ x, float((x_dense @ w.T).square().sum())
+    plain = restore_columns(w, g, keep).weight
+    assert torch.allclose(restore_toward(w, g, c, e, keep, strength=0.0).weight, plain, atol=1e-4)
+    half = restore_toward(w, g, c, e, keep, strength=0.5).weight
+    full = restore_toward(w, g, c, e, keep).weight
+    assert torch.allclose(half, (plain + full) / 2, atol=1e-4)  # the solve is linear in the target
+    # its logged error is against the blended target W (x_dense + x) / 2
+    target = ((x_dense + x) / 2) @ w.T
+    err = float((x[:, keep] @ half.T - target).square().sum() / target.square().sum())
+    assert restore_toward(w, g, c, e, keep, strength=0.5).err_restored == pytest.approx(err, rel=1e-3)
