@@ -227,11 +227,9 @@ def pruned_hf_config(folder: str | Path) -> Any:
         raise PrunedFolderError(f"{folder / 'config.json'}: not a usable {base!r} config ({e})") from e
 
 
-def load_pruned(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """Rebuild a pruned model from its folder: safetensors only, no pickle, no remote code."""
-    folder = Path(path)
+def pruned_skeleton(folder: str | Path) -> nn.Module:
+    """The weightless model of a Secateur output, every layer cut to its recorded shape (checked)."""
+    folder = Path(folder)
     meta_file = folder / "secateur.json"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
@@ -247,9 +245,18 @@ def load_pruned(
     if not isinstance(layers, list) or len(layers) != getattr(config, "num_hidden_layers", -1):
         raise PrunedFolderError(f"{meta_file}: 'layers' does not list one shape per decoder layer")
     try:
-        model = build_skeleton(config, layers, meta.get("added_biases", []))
+        return build_skeleton(config, layers, meta.get("added_biases", []))
     except (KeyError, TypeError, ValueError) as e:
         raise PrunedFolderError(f"{meta_file}: layer shapes cannot be rebuilt ({e!r})") from e
+
+
+def load_pruned(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild a pruned model from its folder: safetensors only, no pickle, no remote code."""
+    folder = Path(path)
+    model = pruned_skeleton(folder)
+    config = model.config
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise PrunedFolderError(f"{folder}: model.safetensors is missing")

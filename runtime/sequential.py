@@ -77,9 +77,9 @@ def select_layer(
         if st is None:
             raise ValueError(f"importance.selection: 'obs' needs calibration statistics of {consumer(kind)}")
         w = model.get_submodule(consumer(kind)).weight
-        if kind == "mlp_channel" and consumer_site(groups[kind]).width == 1:
-            return obs_remove_channels(w, st.gram, n_keep, damping)
         site = consumer_site(groups[kind])
+        if kind == "mlp_channel" and site.width == 1:
+            return obs_remove_channels(w, st.gram, n_keep, damping)
         units = [list(site.indices(u)) for u in range(groups[kind].n_units)]
         return obs_remove(w, st.gram, units, n_keep, partitions, damping)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,11 @@ def preflight(
     overwrite: bool,
     base_dir: Path | None,
     recipe_path: str | Path | None = None,
-) -> None:
+) -> tuple[list[Any], list[int], list[list[int]]]:
     """Every check that needs no weights and no data: output folder, data files, tasks, and the
-    recipe against the model's shapes (a weightless skeleton), so nothing heavy starts in vain."""
+    recipe against the model's shapes (a weightless skeleton), so nothing heavy starts in vain.
+
+    Returns the stages, their parameter counts and eligible layers (shapes alone decide them)."""
     if recipe.allocation.method == "search":
         raise ValueError(
             "allocation.method: 'search' recipes run with `secateur search`, which writes a winner recipe"
@@ -78,10 +81,10 @@ def preflight(
     read += [Path(src.path)] if Path(src.path).exists() else []
     read += [Path(recipe_path)] if recipe_path else []
     check_location(output, [Path(r) for r in read if isinstance(r, Path)])
+    clean_leftovers(output)  # first: it may put back an output a killed run had moved aside
     check_replaceable(output, overwrite)
-    clean_leftovers(output)
     model, adapter = load_skeleton(recipe.model.id, base_dir)
-    plan_stages(recipe, model, adapter)
+    return plan_stages(recipe, model, adapter)
 
 
 def size_of(lm: LoadedModel, context: int = 512) -> dict[str, int]:
@@ -266,18 +269,23 @@ def prune(
 ) -> PruneOutcome:
     """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
     recipe, lock_data, base_dir, out = _resolve(recipe_path, recipe, output, overrides, lock_path)
-    threads = (lock_data or {}).get("threads")
-    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
-        log(
-            f"lock: using {threads} CPU threads as the locked run did (this process had {torch.get_num_threads()})"
-        )
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return _prune(recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path)
-        finally:
-            torch.set_num_threads(saved)
-    return _prune(recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path)
+    with _locked_threads((lock_data or {}).get("threads"), log):
+        return _prune(recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path)
+
+
+@contextlib.contextmanager
+def _locked_threads(threads: Any, log: Callable[[str], None]) -> Iterator[None]:
+    """Run with the CPU thread count a lock recorded (CPU matmuls reduce in a thread-dependent order)."""
+    saved = torch.get_num_threads()
+    if not (isinstance(threads, int) and threads > 0 and threads != saved):
+        yield
+        return
+    log(f"lock: using {threads} CPU threads as the locked run did (this process had {saved})")
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _prune(
@@ -292,14 +300,13 @@ def _prune(
     recipe_path: str | Path | None,
 ) -> PruneOutcome:
     """The phases of `prune` once the recipe, lock and output are known."""
-    preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
+    plan = preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
 
     t_start = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base_dir)
     t_load = time.perf_counter() - t_start
     dense_fp = model_fingerprint(lm.model)
     _check_model_lock(lock_data, lock_path, dense_fp, lm)
-    plan = plan_stages(recipe, lm.model, lm.adapter)
     cal = _calibration(recipe, lm, base_dir, lock_data, lock_path)
 
     dense_size = size_of(lm, recipe.budget.context)

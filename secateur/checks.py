@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.recipe.compile import BudgetError, eligible_layers, stage_counts
 from secateur.recipe.schema import Recipe
-from secateur.runtime.io import build_skeleton
+from secateur.runtime.io import pruned_skeleton
 from secateur.runtime.loader import load_config, resolve_source
 from secateur.runtime.methods import get_method
 from secateur.runtime.stage import CheckContext
@@ -39,14 +38,12 @@ def load_skeleton(ref: str, base_dir: str | Path | None = None) -> tuple[nn.Modu
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(ref, str(base_dir) if base_dir else None)
-    config = copy.deepcopy(_config(ref, str(base_dir) if base_dir else None))
-    adapter_for(config)
-    config.__dict__.pop("quantization_config", None)
-    meta_file = Path(src.path) / "secateur.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        model = build_skeleton(config, meta["layers"], meta.get("added_biases", []))
+    if (Path(src.path) / "secateur.json").is_file():
+        model = pruned_skeleton(src.path)
     else:
+        config = copy.deepcopy(_config(ref, str(base_dir) if base_dir else None))
+        adapter_for(config)
+        config.__dict__.pop("quantization_config", None)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()
