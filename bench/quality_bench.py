@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "recipes_examples"
 MODEL = "smollm2-135m"
 OBS_EC = ["importance.selection=obs", "restore.error_correction=1.0"]
+PLAIN = ["importance.selection=score", "restore.error_correction=0.0"]
 # name: (example recipe stem, overrides, what it is)
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fasp": (
@@ -93,6 +94,22 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
         ],
         "OBS + EC, calibration 128 x 2048",
     ),
+    "fasp-128x512": ("fasp", [*PLAIN, "calibration.n_samples=128"], "FASP, calibration 128 x 512"),
+    "fasp-256x512": ("fasp", [*PLAIN, "calibration.n_samples=256"], "FASP, calibration 256 x 512"),
+    "fasp-128x2048": (
+        "fasp",
+        [*PLAIN, "calibration.n_samples=128", "calibration.seqlen=2048"],
+        "FASP, calibration 128 x 2048",
+    ),
+    "fasp+heads": ("fasp", [*PLAIN, "targets.attention=q_head"], "FASP, MLP channels and query heads"),
+    "fasp+kv": ("fasp", [*PLAIN, "targets.attention=kv_group"], "FASP, MLP channels and KV groups"),
+    "refine": (
+        "fasp",
+        [*PLAIN, "restore.refine_steps=24", "restore.refine_lr=2.0e-4"],
+        "FASP + 24 Adam steps per MLP branch (sub-block reconstruction)",
+    ),
+    "damp0.1": ("fasp", [*PLAIN, "restore.damping=0.1"], "FASP, restoration damping 0.1"),
+    "damp0.001": ("fasp", [*PLAIN, "restore.damping=0.001"], "FASP, restoration damping 0.001"),
     "cfsp": ("cfsp", [], "CFSP as in its example recipe"),
     "flap": ("flap", [], "FLAP as in its example recipe"),
 }
@@ -107,7 +124,9 @@ def evaluate(model, tok, windows: torch.Tensor, dtype: torch.dtype, root, limit)
     model = model.to(dtype)
     t = time.perf_counter()
     ppl = perplexity(model, windows, batch_size=1, progress="perplexity")
-    zs, per_task = zeroshot_mean(model, tok, root, limit)
+    zs, per_task = (
+        zeroshot_mean(model, tok, root, limit) if limit else (float("nan"), {"boolq": float("nan")})
+    )
     return {"ppl": ppl, "zeroshot_mean": zs, "zeroshot": per_task, "eval_s": time.perf_counter() - t}
 
 
@@ -123,7 +142,7 @@ def calibration_forward_s(model, calib: torch.Tensor, batch: int = 8) -> float:
 def no_boolq(r: dict) -> float:
     """Mean accuracy without boolq: pruned SmolLM2s answer "yes" to nearly every boolq question (the
     0.62 majority), which lifts the six-task mean above the dense model's while they got worse."""
-    accs = [v for k, v in r["zeroshot"].items() if k != "boolq"]
+    accs = [v for k, v in r["zeroshot"].items() if k != "boolq"] or [float("nan")]
     return sum(accs) / len(accs)
 
 
@@ -156,7 +175,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["fasp", "ec", "obs", "obs+ec", "cfsp", "flap"])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
     ap.add_argument(
-        "--limit", type=int, default=200, help="zero-shot documents per task (same for every row)"
+        "--limit",
+        type=int,
+        default=200,
+        help="zero-shot documents per task (same for every row; 0: perplexity only, for screens)",
     )
     ap.add_argument("--eval-dtype", default="bfloat16")
     ap.add_argument("--windows", type=int, default=None, help="first N windows only (smoke runs)")
