@@ -120,11 +120,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _is_pruned(src: ModelSource) -> bool:
+    """A Secateur output, or a pruned model saved with save_pretrained: `load_pruned` reads it."""
+    from secateur.runtime.io import is_pruned_folder
+
+    return os.path.isdir(src.path) and is_pruned_folder(src.path)
+
+
 def load_config(src: ModelSource) -> Any:
     """Read only the config (cheap) so unsupported families fail before weights load."""
     from transformers import AutoConfig
 
-    if os.path.isdir(src.path) and (Path(src.path) / "secateur.json").is_file():
+    if _is_pruned(src):
         from secateur.runtime.io import pruned_hf_config
 
         return pruned_hf_config(src.path)
@@ -174,7 +181,7 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     config = load_config(src)
     adapter_for(config)
-    if os.path.isdir(src.path) and (Path(src.path) / "secateur.json").is_file():
+    if _is_pruned(src):
         from secateur.runtime.io import load_pruned
 
         model = load_pruned(src.path, dtype=dt, device=dev)
