@@ -417,11 +417,27 @@ class Evaluate(_Section):
     enabled: bool = True
 
 
+_SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
+
+
 class Output(_Section):
-    """Where the pruned model goes. The runtime never writes outside `dir`."""
+    """Where the pruned model goes and in which dtype. The runtime never writes outside `dir`.
+
+    `dtype: source` is the dtype of the checkpoint the model came from (config.json's `dtype`; for a
+    GGUF file its float type, and bfloat16 for a quantised one). `max_shard_size` splits the weights
+    into shards with an index past that size, as `save_pretrained` does (bytes, or "500MB", "5GB")."""
 
     dir: str | None = None
     format: Literal["safetensors"] = "safetensors"
+    dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
+    max_shard_size: str | PositiveInt = "50GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str | int) -> str | int:
+        if isinstance(value, str) and not _SHARD_SIZE.match(value):
+            raise ValueError(f"a size in bytes or like '500MB' / '5GB' (units KB, MB, GB, TB), got {value!r}")
+        return value
 
 
 # ---- cross-section rules ------------------------------------------------------------------------

@@ -42,6 +42,13 @@ class ModelSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
+def hub_id(src: ModelSource) -> str | None:
+    """The hub repository a model comes from (a short name's own), or None for local files."""
+    if src.ref in SHORT_NAMES:
+        return SHORT_NAMES[src.ref][1]
+    return src.ref if src.path == src.ref and not Path(src.ref).exists() else None
+
+
 def _package_dir(pkg: str) -> Path | None:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -125,6 +132,47 @@ def _is_pruned(src: ModelSource) -> bool:
     from secateur.runtime.io import is_pruned_folder
 
     return os.path.isdir(src.path) and is_pruned_folder(src.path)
+
+
+def gguf_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a GGUF file's weights are stored in: F32, F16 or BF16 as such; a quantised file
+    (Q8_0, Q4_1, ...) gives bfloat16. Its values are dequantised from a few bits per weight, so no
+    16-bit type holds them exactly, but bf16 rounds them far below their quantisation step, keeps
+    their range, and is what the checkpoints such files are made from mostly are (SmolLM2-135M-
+    Instruct's is bfloat16)."""
+    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+
+    try:
+        reader = GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: {path}: not a readable GGUF file ({e})") from e
+    by_file = {
+        LlamaFileType.ALL_F32: torch.float32,
+        LlamaFileType.MOSTLY_F16: torch.float16,
+        LlamaFileType.MOSTLY_BF16: torch.bfloat16,
+    }
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        return by_file.get(int(field.contents()), torch.bfloat16)
+    by_tensor = {
+        GGMLQuantizationType.F32: torch.float32,
+        GGMLQuantizationType.F16: torch.float16,
+        GGMLQuantizationType.BF16: torch.bfloat16,
+    }
+    kinds = {t.tensor_type for t in reader.tensors if len(t.shape) > 1}
+    return by_tensor[kinds.pop()] if len(kinds) == 1 and kinds <= set(by_tensor) else torch.bfloat16
+
+
+def source_dtype(src: ModelSource) -> torch.dtype:
+    """The dtype of the checkpoint a model is read from (what `output.dtype: source` saves in):
+    config.json's `dtype` (float32 when it names none), or the GGUF file's (see `gguf_dtype`)."""
+    if src.gguf_file:
+        return gguf_dtype(Path(src.path) / src.gguf_file)
+    config = load_config(src)
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = DTYPES.get(dt)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
 
 def load_config(src: ModelSource) -> Any:

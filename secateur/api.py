@@ -28,8 +28,8 @@ from secateur.runtime.data import (
     tokenize_text,
 )
 from secateur.runtime.evaluate import perplexity
-from secateur.runtime.io import all_layer_shapes, write_model
-from secateur.runtime.loader import LoadedModel, load_model, resolve_source
+from secateur.runtime.io import all_layer_shapes, round_to_dtype, write_model
+from secateur.runtime.loader import DTYPES, LoadedModel, hub_id, load_model, resolve_source, source_dtype
 from secateur.runtime.methods import get_method
 from secateur.runtime.outdir import atomic_dir, check_location, check_replaceable, clean_leftovers
 from secateur.runtime.sequential import PruneResult
@@ -243,14 +243,32 @@ def _evaluate_pruned(
     return out
 
 
+def _output_dtype(recipe: Recipe, lm: LoadedModel, lock_data: dict[str, Any] | None) -> torch.dtype:
+    """The dtype the output is saved in: a lock's own (older locks: the working dtype, as outputs
+    were saved then), else `output.dtype`, `source` being the source checkpoint's dtype."""
+    if lock_data is not None:
+        return DTYPES[lock_data.get("output_dtype") or lock_data["dtype"]]
+    if recipe.output.dtype == "source":
+        return source_dtype(lm.source)
+    return DTYPES[recipe.output.dtype]
+
+
 def _write_output(
-    out: Path, overwrite: bool, lm: LoadedModel, recipe: Recipe, lock: dict[str, Any], report: dict[str, Any]
+    out: Path,
+    overwrite: bool,
+    lm: LoadedModel,
+    recipe: Recipe,
+    lock: dict[str, Any],
+    report: dict[str, Any],
+    dtype: torch.dtype,
 ) -> None:
     """Weights, recipe, lock and report, written into a temporary sibling and renamed into place."""
+    from secateur.runtime.card import write_card
     from secateur.runtime.report import write_report
 
     with atomic_dir(out, overwrite) as tmp:
-        write_model(lm.model, lm.adapter, tmp, lm.tokenizer)
+        plain = write_model(lm.model, lm.adapter, tmp, lm.tokenizer, dtype, recipe.output.max_shard_size)
+        write_card(tmp, report, out.name, hub_id(lm.source), plain)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         (tmp / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
         write_report(tmp, report)
@@ -307,6 +325,7 @@ def _prune(
     t_load = time.perf_counter() - t_start
     dense_fp = model_fingerprint(lm.model)
     _check_model_lock(lock_data, lock_path, dense_fp, lm)
+    out_dtype = _output_dtype(recipe, lm, lock_data)
     cal = _calibration(recipe, lm, base_dir, lock_data, lock_path)
 
     dense_size = size_of(lm, recipe.budget.context)
@@ -324,7 +343,9 @@ def _prune(
     kept = [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]
     if lock_data is not None and kept != lock_data["kept"]:
         raise LockError(f"{lock_path}: the kept units differ from the lock (different numerics or versions)")
-    pruned_fp = model_fingerprint(lm.model)
+    # what is evaluated and fingerprinted from here on is exactly what the output holds
+    round_to_dtype(lm.model, out_dtype)
+    pruned_fp = model_fingerprint(lm.model, out_dtype)
     reproduced = None if lock_data is None else pruned_fp == lock_data["fingerprints"]["pruned_model"]
     if reproduced is False:
         raise LockError(
@@ -348,6 +369,7 @@ def _prune(
         "lock_fingerprint": pruned_fp,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
+        "output_dtype": str(out_dtype).replace("torch.", ""),
     }
     if ev.enabled:
         report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl, progress))
@@ -363,9 +385,10 @@ def _prune(
         device=str(lm.device),
         dtype=report["dtype"],
         result_fp=pruned_fp,
+        output_dtype=report["output_dtype"],
     )
     lock["recipe_dir"] = str(base_dir)
-    _write_output(out, overwrite, lm, recipe, lock, report)
+    _write_output(out, overwrite, lm, recipe, lock, report, out_dtype)
     return PruneOutcome(out, report, lock, results, reproduced)
 
 

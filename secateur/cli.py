@@ -58,7 +58,8 @@ def _prune(args: argparse.Namespace) -> int:
         print(
             f"lock reproduced: {'bit-identical weights' if out.reproduced else 'weights DIFFER from the lock'}"
         )
-    print(f"saved to {out.output}")
+    saved_as = out.report.get("output_dtype")
+    print(f"saved to {out.output}" + (f" ({saved_as})" if saved_as else ""))
     return 0 if out.reproduced in (None, True) else 1
 
 
