@@ -156,8 +156,13 @@ def _eval(args: argparse.Namespace) -> int:
     from secateur.runtime.data import default_data_root, eval_windows, load_text, tokenize_text
     from secateur.runtime.evaluate import perplexity
     from secateur.runtime.loader import load_model
-    from secateur.runtime.zeroshot import LOCAL_TASKS, check_tasks, run_zeroshot
+    from secateur.runtime.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
 
+    if args.tasks_path:
+        print(TASKS_DIR)
+        return 0
+    if args.path is None:
+        raise CliError("PATH is required (or --tasks-path)")
     if args.limit is not None and args.limit <= 0:
         raise CliError(f"--limit must be a positive integer, got {args.limit}")
     tasks = [t for t in (args.tasks or "").split(",") if t] if args.tasks is not None else list(LOCAL_TASKS)
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--json", action="store_true", help="explain: machine-readable plan")
     rc.set_defaults(func=_recipe)
     ev = sub.add_parser("eval", help="zero-shot accuracy (lm-eval, local data) and perplexity of a model")
-    ev.add_argument("path", help="a pruned output folder or any model the loader accepts")
+    ev.add_argument("path", nargs="?", help="a pruned output folder or any model the loader accepts")
     ev.add_argument("--tasks", help="comma-separated tasks (default: the six local ones; '' for none)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -266,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument(
+        "--tasks-path",
+        action="store_true",
+        help="print the folder of the local tasks' lm-eval YAML files (for lm_eval --include_path) and exit",
+    )
     ev.set_defaults(func=_eval)
     se = sub.add_parser("search", help="Optuna search of the per-layer allocation (resumable)")
     se.add_argument("recipe")

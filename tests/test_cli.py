@@ -111,3 +111,12 @@ def test_prune_and_report(tiny_dir: Path, tmp_path: Path, capsys) -> None:
         == 0
     )
     assert "bit-identical" in capsys.readouterr().out
+
+
+def test_eval_tasks_path_prints_the_shipped_lm_eval_tasks(capsys) -> None:
+    assert main(["eval", "--tasks-path"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    names = {p.stem for p in folder.glob("*.yaml")}
+    assert names == {"piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"}
+    assert main(["eval"]) == 2
+    assert "PATH is required" in capsys.readouterr().err
