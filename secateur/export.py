@@ -97,7 +97,8 @@ def export(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     tok_gguf = tokenizer_gguf_for(source_of(run), tokenizer_gguf, str(run)) if fmt == "gguf" else None
-    lm = load_model(str(run), dtype="float32", device="cpu", tokenizer=fmt == "decilm")
+    has_tokenizer = any((run / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    lm = load_model(str(run), dtype="float32", device="cpu", tokenizer=fmt == "decilm" and has_tokenizer)
     return export_model(
         lm.model,
         lm.adapter,

@@ -19,6 +19,7 @@ from a GGUF of the source model.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,19 @@ def _brief(s: dict[str, Any]) -> str:
 
 
 def read_tokenizer_fields(path: str | Path) -> list[tuple[str, Any, Any, Any]]:
-    """`tokenizer.*` metadata of a GGUF file as (key, value, type, array item type)."""
+    """`tokenizer.*` metadata of a GGUF file as (key, value, type, array item type).
+
+    Parsing a 49k-token vocabulary takes GGUFReader seconds, so results are kept per file version."""
+    p = Path(path).resolve()
+    try:
+        stat = p.stat()
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read the tokenizer GGUF ({e.strerror})") from e
+    return list(_tokenizer_fields(p, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(path: Path, _mtime: int, _size: int) -> tuple[tuple[str, Any, Any, Any], ...]:
     try:
         reader = gguf.GGUFReader(str(path))
     except (OSError, ValueError) as e:
@@ -162,7 +175,7 @@ def read_tokenizer_fields(path: str | Path) -> list[tuple[str, Any, Any, Any]]:
             out.append((key, f.contents(), f.types[0], sub))
     if not any(k == "tokenizer.ggml.tokens" for k, *_ in out):
         raise ExportError(f"{path}: has no tokenizer.ggml.tokens; give a GGUF of the source model")
-    return out
+    return tuple(out)
 
 
 def _permute_rope(w: np.ndarray, head_dim: int) -> np.ndarray:
