@@ -142,7 +142,12 @@ def _recipe(args: argparse.Namespace) -> int:
     if args.json:
         print(
             yaml.safe_dump(
-                {"plans": [pl.to_dict() for pl in ex.plans], "stages": ex.stages, "totals": ex.totals},
+                {
+                    "plans": [pl.to_dict() for pl in ex.plans],
+                    "stages": ex.stages,
+                    "totals": ex.totals,
+                    "exports": ex.exports,
+                },
                 sort_keys=False,
             )
         )

@@ -39,14 +39,69 @@ def tokenizer_gguf_for(source: ModelSource | None, given: str | Path | None, whe
     ref = source.ref if source is not None else "unknown (no recipe.lock.yaml)"
     raise ExportError(
         f"{where}: the source model ({ref}) is not a GGUF file, so there is no llama.cpp tokenizer to carry "
-        "over; pass --tokenizer-gguf FILE (any GGUF of the same base model, e.g. from llama.cpp's "
-        "convert_hf_to_gguf.py)"
+        "over; pass --tokenizer-gguf FILE (recipe: output.export[].tokenizer_gguf), any GGUF of the same "
+        "base model, e.g. from llama.cpp's convert_hf_to_gguf.py"
     )
 
 
 def default_output(run_dir: Path, fmt: str, outtype: str) -> Path:
     """Beside the run folder (a Secateur output lists its files, so nothing is added inside it)."""
     return run_dir.parent / (f"{run_dir.name}-{outtype}.gguf" if fmt == "gguf" else f"{run_dir.name}-decilm")
+
+
+def export_name(fmt: str, outtype: str) -> str:
+    """File or folder name of a recipe export inside the output folder."""
+    return f"model-{outtype}.gguf" if fmt == "gguf" else "decilm"
+
+
+def check_exports(recipe: Any, adapter: ModelAdapter, base_dir: Path | None) -> list[str]:
+    """What `output.export` will write, checked before any weights load (family, tokenizer source);
+    one line per export. Shapes are checked again on the pruned model before anything is written."""
+    lines = []
+    for i, e in enumerate(recipe.output.export):
+        where = f"output.export.{i}"
+        if e.format == "gguf":
+            if adapter.gguf_arch(False) is None:
+                raise ExportError(
+                    f"{where}: model_type {adapter.config.model_type!r} has no llama.cpp architecture"
+                )
+            given = e.tokenizer_gguf
+            if given is not None and base_dir is not None and not Path(given).is_absolute():
+                given = str(Path(base_dir) / given)
+            src = resolve_source(recipe.model.id, base_dir)
+            tok = tokenizer_gguf_for(src, given, where)
+            per_layer = adapter.gguf_arch(True)
+            arch = adapter.gguf_arch(False) + (
+                f", {per_layer} when layers differ" if per_layer else " (uniform only)"
+            )
+            lines.append(
+                f"{where}: gguf {e.outtype} -> {export_name(e.format, e.outtype)} (llama.cpp {arch}; tokenizer from {tok.name})"
+            )
+        else:
+            if not adapter.exports_decilm():
+                raise ExportError(
+                    f"{where}: vLLM's DeciLM model has the Llama layout only, not {adapter.config.model_type!r}"
+                )
+            lines.append(
+                f"{where}: decilm {e.outtype} -> decilm/ (vLLM DeciLMForCausalLM, --trust-remote-code)"
+            )
+    return lines
+
+
+def check_pruned(
+    model: nn.Module, adapter: ModelAdapter, fmt: str, tokenizer_gguf: Path | None = None
+) -> None:
+    """Raise ExportError when the engine cannot hold this pruned model exactly (nothing written)."""
+    if fmt == "gguf":
+        from secateur.runtime.export.gguf import check_tokenizer, gguf_layout
+
+        gguf_layout(model, adapter)
+        if tokenizer_gguf is not None:
+            check_tokenizer(model, tokenizer_gguf)
+    else:
+        from secateur.runtime.export.decilm import decilm_config
+
+        decilm_config(model, adapter)
 
 
 def export_model(

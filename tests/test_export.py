@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from secateur.api import prune
 from secateur.cli import main
+from secateur.explain import explain, format_explanation
 from secateur.graph.adapters import adapter_for
 from secateur.graph.keep import LayerKeep
+from secateur.recipe.errors import RecipeError
+from secateur.recipe.load import load_recipe
 from secateur.runtime.export import ExportError
 from secateur.runtime.export import llamacpp as lc
 from secateur.runtime.export.decilm import decilm_config, read_decilm, write_decilm
 from secateur.runtime.export.gguf import gguf_layout, write_gguf
-from secateur.runtime.io import save_pruned
+from secateur.runtime.io import load_pruned, save_pruned
 from secateur.runtime.surgery import apply_keep
-from secateur.testing import tiny_model
+from secateur.testing import save_tiny, tiny_model
 
 VOCAB = 49152  # SmolLM2's tokenizer, carried over from its GGUF: a vocabulary llama.cpp accepts
 
@@ -196,3 +202,52 @@ def test_cli_export_refuses_before_writing_and_writes_beside_the_run(tmp_path, t
         main(["export", str(run), "--format", "gguf", "--tokenizer-gguf", str(tok_gguf), "-o", str(out)]) == 0
     )
     assert out.stat().st_size > 0
+
+
+# ---- a recipe's output.export --------------------------------------------------------------------------
+
+
+def _tiny_recipe(tmp: Path, export: list, attention: str = "q_head") -> Path:
+    model_dir = tmp / "model"
+    if not model_dir.exists():
+        save_tiny(str(model_dir), "llama")
+    words = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer"]
+    (tmp / "calib.txt").write_text(" ".join(words[i % 9] for i in range(6000)))
+    doc = {
+        "version": 1,
+        "name": "tiny",
+        "model": {"id": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "calibration": {"dataset": "calib.txt", "split": "validation", "n_samples": 4, "seqlen": 32},
+        "targets": {"mlp": True, "attention": attention},
+        "budget": {"params": 0.3, "multiple_of": 4},
+        "method": "flap",
+        "importance": {"metric": "fluctuation"},
+        "allocation": {"method": "global"},
+        "restore": {"method": "bias_compensation"},
+        "evaluate": {"enabled": False},
+        "output": {"export": export},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_recipe_export_writes_a_decilm_checkpoint_inside_the_output(tmp_path):
+    recipe = _tiny_recipe(tmp_path, [{"format": "decilm", "outtype": "f32"}])
+    explained = format_explanation(explain(load_recipe(recipe), base_dir=tmp_path))
+    assert "export output.export.0: decilm f32 -> decilm/" in explained
+    out = prune(recipe, output=tmp_path / "out", progress=False, log=lambda s: None).output
+    assert "decilm" in json.loads((out / ".secateur-output").read_text())["files"]
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(read_decilm(out / "decilm")(ids).logits, load_pruned(out)(ids).logits)
+
+
+def test_recipe_export_problems_fail_before_any_work(tmp_path):
+    recipe = _tiny_recipe(tmp_path, [{"format": "gguf"}])
+    with pytest.raises(ExportError, match=r"output.export.0: the source model .* is not a GGUF file"):
+        prune(recipe, output=tmp_path / "out", progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+    bad = _tiny_recipe(tmp_path, [{"format": "decilm"}], attention="v_channel")
+    with pytest.raises(RecipeError, match=r"output.export.0.format: decilm export cannot hold value-channel"):
+        load_recipe(bad)

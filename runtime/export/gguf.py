@@ -178,6 +178,18 @@ def _tokenizer_fields(path: Path, _mtime: int, _size: int) -> tuple[tuple[str, A
     return tuple(out)
 
 
+def check_tokenizer(model: nn.Module, tokenizer_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
+    """The tokenizer fields, refused when their vocabulary does not match the model's embedding."""
+    tok = read_tokenizer_fields(tokenizer_gguf)
+    n_tokens = len(next(v for k, v, *_ in tok if k == "tokenizer.ggml.tokens"))
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    if n_tokens != vocab:
+        raise ExportError(
+            f"{tokenizer_gguf}: its tokenizer has {n_tokens} tokens but the model's embedding has {vocab} rows"
+        )
+    return tok
+
+
 def _permute_rope(w: np.ndarray, head_dim: int) -> np.ndarray:
     """HF rotate_half row order -> llama.cpp's adjacent pairs, per head (weights or biases)."""
     rest = w.shape[1:]
@@ -248,13 +260,8 @@ def write_gguf(
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     layout = gguf_layout(model, adapter)
-    tok = read_tokenizer_fields(tokenizer_gguf)
-    n_tokens = len(next(v for k, v, *_ in tok if k == "tokenizer.ggml.tokens"))
+    tok = check_tokenizer(model, tokenizer_gguf)
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    if n_tokens != vocab:
-        raise ExportError(
-            f"{tokenizer_gguf}: its tokenizer has {n_tokens} tokens but the model's embedding has {vocab} rows"
-        )
     tensors = _tensors(model, adapter, layout)
     cfg = adapter.config
     with atomic_path(Path(out), overwrite) as tmp:
