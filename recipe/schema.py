@@ -420,6 +420,16 @@ class Evaluate(_Section):
 _SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
 
 
+class Export(_Section):
+    """One inference-engine export written into the output folder beside the safetensors:
+    `gguf` (llama.cpp) as model-OUTTYPE.gguf, `decilm` (vLLM's DeciLM / Nemotron-NAS) as decilm/."""
+
+    format: Literal["gguf", "decilm"]
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    # gguf: the GGUF to copy tokenizer metadata from (default: the source model when it is a GGUF)
+    tokenizer_gguf: str | None = None
+
+
 class Output(_Section):
     """Where the pruned model goes and in which dtype. The runtime never writes outside `dir`.
 
@@ -438,6 +448,24 @@ class Output(_Section):
         if isinstance(value, str) and not _SHARD_SIZE.match(value):
             raise ValueError(f"a size in bytes or like '500MB' / '5GB' (units KB, MB, GB, TB), got {value!r}")
         return value
+
+    export: list[Export] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _exports(self) -> Output:
+        problems: list[tuple[KeyPath, str]] = []
+        seen: set[tuple[str, str]] = set()
+        for i, e in enumerate(self.export):
+            if e.format == "decilm" and e.outtype == "q8_0":
+                problems.append(
+                    (("export", i, "outtype"), "decilm weights are f32, f16 or bf16 (q8_0 is gguf only)")
+                )
+            if (e.format, e.outtype) in seen:
+                problems.append((("export", i), f"{e.format} {e.outtype} is listed twice"))
+            seen.add((e.format, e.outtype))
+        if problems:
+            raise FieldProblems(problems)
+        return self
 
 
 # ---- cross-section rules ------------------------------------------------------------------------
@@ -514,6 +542,10 @@ STAGE_RULES: tuple[StageRule, ...] = (
 )
 
 
+def _dotted(path: KeyPath) -> str:
+    return "".join(f"{k}." for k in path)
+
+
 def _version(value: Any) -> Any:
     if value != SCHEMA_VERSION or isinstance(value, bool):
         raise ValueError(
@@ -571,6 +603,16 @@ class Recipe(_Section):
                 seen.add(p.name)
         elif self.method == "multipruner":
             yield (("method",), "method 'multipruner' is multi-stage: list its stages under passes")
+        for i, e in enumerate(self.output.export):
+            for stage in self.stages():
+                if stage.targets.attention == "v_channel":
+                    yield (
+                        ("output", "export", i, "format"),
+                        f"{e.format} export cannot hold value-channel pruning ({_dotted(stage.path)}targets.attention "
+                        "is 'v_channel'): it leaves value heads narrower than query heads, which llama.cpp and vLLM "
+                        "cannot run; prune attention by kv_group or q_head",
+                    )
+                    break
         for stage in self.stages():
             fields = {"method": stage.method, "metric": stage.importance.metric}
             for rule in STAGE_RULES:

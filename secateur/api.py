@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from secateur.checks import load_skeleton, plan_stages
+from secateur.export import check_exports, check_pruned, export_model, export_name, tokenizer_gguf_for
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
@@ -28,6 +29,7 @@ from secateur.runtime.data import (
     tokenize_text,
 )
 from secateur.runtime.evaluate import perplexity
+from secateur.runtime.export import ExportError
 from secateur.runtime.io import all_layer_shapes, round_to_dtype, write_model
 from secateur.runtime.loader import DTYPES, LoadedModel, hub_id, load_model, resolve_source, source_dtype
 from secateur.runtime.methods import get_method
@@ -84,6 +86,7 @@ def preflight(
     clean_leftovers(output)  # first: it may put back an output a killed run had moved aside
     check_replaceable(output, overwrite)
     model, adapter = load_skeleton(recipe.model.id, base_dir)
+    check_exports(recipe, adapter, base_dir)
     return plan_stages(recipe, model, adapter)
 
 
@@ -261,17 +264,44 @@ def _write_output(
     lock: dict[str, Any],
     report: dict[str, Any],
     dtype: torch.dtype,
+    base_dir: Path | None = None,
 ) -> None:
-    """Weights, recipe, lock and report, written into a temporary sibling and renamed into place."""
+    """Weights, recipe, lock, report, model card and the recipe's exports, written into a temporary
+    sibling and renamed into place. An export the engine cannot hold is left out (the pruned model is
+    still saved, the work is not lost) and reported as an error afterwards."""
     from secateur.runtime.card import write_card
     from secateur.runtime.report import write_report
 
+    exports, refused = [], []
+    for i, e in enumerate(recipe.output.export):
+        try:
+            given = e.tokenizer_gguf
+            if given is not None and base_dir is not None and not Path(given).is_absolute():
+                given = str(base_dir / given)
+            tok = tokenizer_gguf_for(lm.source, given, f"output.export.{i}") if e.format == "gguf" else None
+            check_pruned(lm.model, lm.adapter, e.format, tok)
+            exports.append((e, tok))
+        except ExportError as err:
+            refused.append(f"output.export.{i} ({e.format}): {err}")
     with atomic_dir(out, overwrite) as tmp:
         plain = write_model(lm.model, lm.adapter, tmp, lm.tokenizer, dtype, recipe.output.max_shard_size)
         write_card(tmp, report, out.name, hub_id(lm.source), plain)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         (tmp / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
         write_report(tmp, report)
+        for e, tok in exports:
+            export_model(
+                lm.model,
+                lm.adapter,
+                e.format,
+                tmp / export_name(e.format, e.outtype),
+                outtype=e.outtype,
+                tokenizer=lm.tokenizer,
+                tokenizer_gguf=tok,
+                name=f"{recipe.name or out.name} (pruned by Secateur)",
+            )
+    if refused:
+        raise ExportError(f"pruned model saved to {out}, but " + "; ".join(refused))
 
 
 def prune(
@@ -388,7 +418,7 @@ def _prune(
         output_dtype=report["output_dtype"],
     )
     lock["recipe_dir"] = str(base_dir)
-    _write_output(out, overwrite, lm, recipe, lock, report, out_dtype)
+    _write_output(out, overwrite, lm, recipe, lock, report, out_dtype, base_dir)
     return PruneOutcome(out, report, lock, results, reproduced)
 
 

@@ -143,7 +143,12 @@ def _recipe(args: argparse.Namespace) -> int:
     if args.json:
         print(
             yaml.safe_dump(
-                {"plans": [pl.to_dict() for pl in ex.plans], "stages": ex.stages, "totals": ex.totals},
+                {
+                    "plans": [pl.to_dict() for pl in ex.plans],
+                    "stages": ex.stages,
+                    "totals": ex.totals,
+                    "exports": ex.exports,
+                },
                 sort_keys=False,
             )
         )
@@ -227,6 +232,21 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from secateur.export import export
+
+    out = export(
+        args.run_dir,
+        args.format,
+        outtype=args.outtype,
+        output=args.output,
+        tokenizer_gguf=args.tokenizer_gguf,
+        overwrite=args.overwrite,
+    )
+    print(f"exported {args.format} ({args.outtype}) to {out}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from secateur.runtime.report import read_report
 
@@ -289,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--compile", action="store_true", help="also prune the model with the winner recipe")
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=_search)
+    ex = sub.add_parser("export", help="a pruned output to GGUF (llama.cpp) or a DeciLM checkpoint (vLLM)")
+    ex.add_argument("run_dir", help="a pruned output folder")
+    ex.add_argument("--format", required=True, choices=["gguf", "decilm"])
+    ex.add_argument(
+        "--outtype",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="weight type (q8_0: gguf only; norms and biases stay f32)",
+    )
+    ex.add_argument(
+        "--output", "-o", help="output file/folder (default: beside RUN_DIR, RUN_DIR-OUTTYPE.gguf)"
+    )
+    ex.add_argument(
+        "--tokenizer-gguf", help="GGUF to copy tokenizer metadata from (default: the source model's own GGUF)"
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ex.set_defaults(func=_export)
     rp = sub.add_parser("report", help="print the report of a pruned output")
     rp.add_argument("dir")
     rp.set_defaults(func=_report)
