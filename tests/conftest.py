@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SECATEUR_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the variant database of every test run (subprocesses too) lives in a fresh folder, never ~/.cache
+os.environ.setdefault("SECATEUR_VARIANTS", tempfile.mkdtemp(prefix="secateur-variants-"))
 
 
 @pytest.fixture(scope="session")
