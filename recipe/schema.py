@@ -307,8 +307,6 @@ class SearchOptions(_Section):
     stages: list[PositiveInt] = Field(default_factory=list)
     # share of the trials that reach a stage and go on past it (Optuna PercentilePruner)
     survivors: Annotated[float, Field(gt=0, le=1)] = 0.5
-    # where the variant database lives (default $SECATEUR_VARIANTS or ~/.cache/secateur/variants)
-    variants_dir: str | None = None
 
     @model_validator(mode="after")
     def _levels_and_stages(self) -> SearchOptions:
@@ -346,6 +344,8 @@ class Allocation(_Section):
     # sequential: layer by layer on the pruned model's own statistics; stitched: every structure
     # pruned one-shot from the dense model's statistics (the variant database a search scores)
     compile: Literal["sequential", "stitched"] = "sequential"
+    # where the variant database lives (default $SECATEUR_VARIANTS or ~/.cache/secateur/variants)
+    variants_dir: str | None = None
 
     @field_validator("table", mode="before")
     @classmethod

@@ -173,8 +173,8 @@ def write_winner_recipe(
     recipe["allocation"] = {"method": "table", "table": winner_table(plan, space)}
     if alloc.get("compile", "sequential") != "sequential":  # compiled as it was scored
         recipe["allocation"]["compile"] = alloc["compile"]
-        if alloc.get("search", {}).get("variants_dir"):
-            recipe["allocation"]["search"] = {"variants_dir": alloc["search"]["variants_dir"]}
+        if alloc.get("variants_dir"):
+            recipe["allocation"]["variants_dir"] = str(Path(alloc["variants_dir"]).expanduser().resolve())
     plan_path = path.parent / "best_plan.json"
     _replace_text(plan_path, json.dumps(plan.to_dict(), indent=2) + "\n")
     header = ["# Allocation found by `secateur search`; a plain recipe, compiled without Optuna."]

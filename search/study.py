@@ -602,7 +602,6 @@ def _build(
         batch_size=setup.batch_size,
         restore=setup.restore,
         damping=setup.damping,
-        variants_dir=setup.options.variants_dir,
         **setup.cache_kwargs,
     )
     if space.levels:  # the variant database: every level of every slot, built once (reused after)

@@ -152,7 +152,7 @@ def search(
             reload_model, recipe.model.id, recipe.model.dtype, recipe.model.device, str(base)
         ),
         progress=progress,
-        cache_kwargs={"weights_fp": fp},
+        cache_kwargs={"weights_fp": fp, "variants_dir": recipe.allocation.variants_dir},
     )
     winner = absolutize(resolved_dict(recipe), base)
     winner["name"] = f"{recipe.name or 'search'}-winner"

@@ -29,7 +29,5 @@ def fasp(ctx: StageContext) -> PruneResult:
     plan = plan_for_stage(ctx)
     alloc = ctx.recipe.allocation
     if alloc.compile == "stitched":
-        return prune_stitched(
-            ctx.model, ctx.adapter, ctx.calib, plan, alloc.search.variants_dir, ctx.progress
-        )
+        return prune_stitched(ctx.model, ctx.adapter, ctx.calib, plan, alloc.variants_dir, ctx.progress)
     return prune_sequential(ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress)
