@@ -91,7 +91,7 @@ class SearchCli:
         self.logs = root / "logs"
         self.logs.mkdir()
 
-    def recipe(self, name: str = "tiny-search", trials: int = 6) -> Path:
+    def recipe(self, name: str = "tiny-search", trials: int = 6, **search: object) -> Path:
         import yaml
 
         from secateur.testing import save_tiny
@@ -110,7 +110,13 @@ class SearchCli:
             "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
             "allocation": {
                 "method": "search",
-                "search": {"trials": trials, "heldout_tokens": 256, "pruner": False, "sampler": "random"},
+                "search": {
+                    "trials": trials,
+                    "heldout_tokens": 256,
+                    "pruner": False,
+                    "sampler": "random",
+                    **search,
+                },
             },
             "evaluate": {"enabled": False},
             "output": {"dir": str(self.root / "run")},

@@ -91,7 +91,7 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
         "method": "search",
         "compile": "stitched",
         "search": {
-            "trials": 6,
+            "trials": 4,
             "heldout_tokens": 512,
             "sampler": "evolution",
             "levels": 5,
