@@ -24,6 +24,7 @@ import torch
 from _results import machine, write_results
 from quality_bench import DTYPES, evaluate
 
+from secateur.graph.count import decoder_linear_params
 from secateur.lock import model_fingerprint
 from secateur.recipe.compile import budget_spec, eligible_layers, removal_goal
 from secateur.recipe.load import load_recipe
@@ -53,6 +54,7 @@ def compiled_eval(lm, calib, plan, test, args) -> tuple[dict, float]:
     prune_stitched(m, lm.adapter, calib, plan, progress=False)
     compile_s = time.perf_counter() - t
     ev = evaluate(m, lm.tokenizer, test, DTYPES[args.eval_dtype], None, args.limit)
+    ev["decoder_linear_params"] = decoder_linear_params(m, lm.adapter)
     del m
     return ev, compile_s
 
