@@ -570,7 +570,7 @@ def _optimize(
 
 
 def _build(
-    setup: _Setup, model: nn.Module, adapter: ModelAdapter, progress: bool = False
+    setup: _Setup, model: nn.Module, adapter: ModelAdapter, emit: Callable[[str], None] | None = None
 ) -> tuple[SearchSpace, SearchCache, Objective]:
     space = SearchSpace.build(
         model,
@@ -590,6 +590,12 @@ def _build(
         )
     except BudgetError:
         uniform = project_to_budget(uniform_fractions(space), space)
+    t0 = time.perf_counter()
+    if emit is not None:
+        emit(
+            f"search: dense statistics on {setup.calib_ids.numel():,} calibration tokens and the dense "
+            f"reference on {setup.heldout_ids.numel():,} held-out tokens"
+        )
     cache = SearchCache.build(
         model,
         adapter,
@@ -604,9 +610,16 @@ def _build(
         damping=setup.damping,
         **setup.cache_kwargs,
     )
+    if emit is not None:
+        emit(f"search: statistics and reference in {time.perf_counter() - t0:.0f} s")
     if space.levels:  # the variant database: every level of every slot, built once (reused after)
         wanted = sorted({v for p in level_plans(space) for v in plan_variants(p)})
-        cache.build_seconds = cache.source.build_all(wanted, progress=progress)
+        cache.build_seconds = cache.source.build_all(wanted, progress=emit is not None)
+        if emit is not None:
+            emit(
+                f"search: variant database {cache.source.store.folder}: {len(wanted)} level variants, "
+                f"{cache.source.store.built} built in {cache.build_seconds:.0f} s"
+            )
     objective = Objective(
         model,
         adapter,
@@ -731,7 +744,7 @@ def run_search(
         remaining = total - finished_count(study)
         emit = _emitter(progress)
         if remaining > 0:
-            space, cache, objective = _build(setup, model, adapter, bool(progress))
+            space, cache, objective = _build(setup, model, adapter, emit)
             with opened.lock():  # processes starting together enqueue the seeds once
                 _seed(study, space, cache)
             shares = [remaining // workers + (r < remaining % workers) for r in range(workers)]
