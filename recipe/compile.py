@@ -75,10 +75,17 @@ def set_attn_keep(lp: LayerPlan, attention: str, keep: int) -> None:
 
 def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: Any) -> LayerPlan:
     """A layer pinned by an allocation table: one keep fraction for all targeted structures, or
-    per-structure fractions ({mlp: .., attention: ..}, as `secateur search` writes them)."""
+    per-structure fractions ({mlp: .., attention: ..}, as `secateur search` writes them); 0 removes
+    the branch."""
     mlp_keep = getattr(keep, "mlp", keep) if not isinstance(keep, float | int) else keep
     attn_keep = getattr(keep, "attention", keep) if not isinstance(keep, float | int) else keep
     lp = LayerPlan()
+    if spec.mlp and "mlp_channel" in g and mlp_keep == 0:  # 0: the whole MLP branch goes
+        lp.mlp, lp.drop_mlp = 0, True
+        mlp_keep = None
+    if spec.attention != "none" and "kv_group" in g and attn_keep == 0:  # the whole attention branch
+        lp.kv_groups, lp.drop_attn = 0, True
+        attn_keep = None
     if spec.mlp and "mlp_channel" in g and mlp_keep is not None:
         n = g["mlp_channel"].n_units
         lp.mlp = round_keep(mlp_keep * n, n, spec.multiple_of, min_units(n, spec.min_keep))

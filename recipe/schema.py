@@ -34,6 +34,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # open interval (0, 1): a share to remove
 KeepFraction = Annotated[float, Field(gt=0, le=1)]  # (0, 1]: a share to keep
+TableKeep = Annotated[float, Field(ge=0, le=1)]  # [0, 1]: a table's share to keep; 0 removes the branch
 
 
 class _Section(BaseModel):
@@ -293,25 +294,58 @@ class SearchOptions(_Section):
     storage: str | None = None
     heldout_tokens: PositiveInt = 16384
     seed: int = 0
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["evolution", "tpe", "cmaes", "random"] = "tpe"
     pruner: bool = True
     # 0: one keep fraction per layer and structure; N >= 2: N knots over depth, interpolated
     knots: NonNegativeInt = 0
+    # 0: any kept count; K >= 2: K keep levels per structure, evenly spaced from whole down to the
+    # branch removed (MLP, KV groups; query heads stop at one per group), plus the few off-level
+    # counts that meet the budget exactly; candidates are stitched from the variant database
+    levels: NonNegativeInt = 0
+    # multi-fidelity: held-out tokens scored before each pruning decision (ascending; the last stage
+    # is always all `heldout_tokens`); empty: a quarter of them, then the rest
+    stages: list[PositiveInt] = Field(default_factory=list)
+    # share of the trials that reach a stage and go on past it (Optuna PercentilePruner)
+    survivors: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _levels_and_stages(self) -> SearchOptions:
+        problems: list[tuple[KeyPath, str]] = []
+        if self.levels == 1:
+            problems.append((("levels",), "levels: 1 (0 for any count, or >= 2)"))
+        if self.sampler == "evolution" and self.levels < 2:
+            problems.append((("sampler",), "sampler: evolution moves keep levels; set levels (e.g. 9)"))
+        if self.sampler == "evolution" and self.knots:
+            problems.append((("knots",), "knots: the evolution sampler searches every layer (knots: 0)"))
+        if self.stages != sorted(set(self.stages)):
+            problems.append((("stages",), f"stages: {self.stages} must be strictly ascending"))
+        elif self.stages and self.stages[-1] > self.heldout_tokens:
+            problems.append(
+                (("stages",), f"stages: {self.stages[-1]} exceeds heldout_tokens ({self.heldout_tokens})")
+            )
+        if problems:
+            raise FieldProblems(problems)
+        return self
 
 
 class StructureKeep(_Section):
     """Per-structure keep fractions of one table entry (what `secateur search` writes)."""
 
-    mlp: KeepFraction | None = None
-    attention: KeepFraction | None = None
+    mlp: TableKeep | None = None
+    attention: TableKeep | None = None
 
 
 class Allocation(_Section):
     """How the budget is spread over layers."""
 
     method: AllocationMethod = "uniform"
-    table: dict[str, KeepFraction | StructureKeep] | None = None
+    table: dict[str, TableKeep | StructureKeep] | None = None
     search: SearchOptions = Field(default_factory=SearchOptions)
+    # sequential: layer by layer on the pruned model's own statistics; stitched: every structure
+    # pruned one-shot from the dense model's statistics (the variant database a search scores)
+    compile: Literal["sequential", "stitched"] = "sequential"
+    # where the variant database lives (default $SECATEUR_VARIANTS or ~/.cache/secateur/variants)
+    variants_dir: str | None = None
 
     @field_validator("table", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
+from secateur.runtime.fingerprint import saved_state_dict
 from secateur.runtime.outdir import OutputExistsError, atomic_dir  # noqa: F401  (public here too)
 from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
 
@@ -114,23 +115,6 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
         if over:
             per_layer[str(i)] = over
     return cfg, False, per_layer
-
-
-def saved_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors as they are saved: aliases (tied lm_head) once, on CPU, contiguous, floating
-    tensors cast to `dtype`. Lock fingerprints hash exactly these."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        key = v.data_ptr()
-        if key in seen and v.numel() > 0:
-            continue
-        seen.add(key)
-        t = v.detach().to("cpu")
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        out[k] = t.contiguous()
-    return out
 
 
 def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> None:

@@ -21,11 +21,10 @@ from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, m
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
-    calibration_windows,
     eval_windows,
     load_text,
     resolve_text_source,
-    split_tokens,
+    statistics_split,
     tokenize_text,
 )
 from secateur.runtime.evaluate import perplexity
@@ -167,8 +166,7 @@ def _calibration(
     """Statistics from the first 90% of the calibration text, held-out windows from the rest."""
     cal = recipe.calibration
     cal_tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, _data_root(recipe), base_dir))
-    stats_tokens, heldout_tokens = split_tokens(cal_tokens, 0.9)
-    calib = calibration_windows(stats_tokens, cal.n_samples, cal.seqlen, cal.seed)
+    calib, heldout_tokens = statistics_split(cal_tokens, cal.n_samples, cal.seqlen, cal.seed)
     heldout = eval_windows(heldout_tokens, min(cal.seqlen, cal.heldout_seqlen), cal.heldout_windows)
     calib_fp = hashlib.sha256(calib.numpy().tobytes() + heldout.numpy().tobytes()).hexdigest()
     if lock_data is not None and lock_data["fingerprints"]["calibration"] != calib_fp:

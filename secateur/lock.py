@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -10,9 +9,9 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
-from secateur.runtime.io import saved_state_dict
+from secateur.runtime.fingerprint import model_fingerprint as model_fingerprint
+from secateur.runtime.fingerprint import tensor_fingerprint as tensor_fingerprint
 from secateur.runtime.loader import DTYPES
 
 LOCK_NAME = "recipe.lock.yaml"
@@ -21,22 +20,6 @@ LOCK_VERSION = 1
 
 class LockError(ValueError):
     """A lock that cannot be applied here (other model, malformed file)."""
-
-
-def tensor_fingerprint(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names, shapes, dtypes and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(tensors, key=lambda x: x[0]):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def model_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
-    """Fingerprint of a model's weights (tied tensors counted once), as saved in `dtype`: the same
-    tensors an output of that dtype holds."""
-    return tensor_fingerprint(list(saved_state_dict(model, dtype).items()))
 
 
 def versions() -> dict[str, str]:
