@@ -7,6 +7,7 @@ search wall time, seconds per trial and a trial's cost relative to one proxy for
 Writes bench/results/search.md (+ .json) after each ratio.
 
     python bench/search_bench.py --ratios 0.2 0.3 --trials 100
+    python bench/search_bench.py --model gemma3-270m --ratios 0.2 --trials 30 --out bench/results/search-gemma3-270m
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def main() -> None:
         help="bench/results/fasp.json of a run with the same calibration and test windows: take the "
         "uniform rows' perplexity from it instead of compiling uniform again",
     )
+    ap.add_argument("--model", default="smollm2-135m", help="model reference (short name, folder, .gguf)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (float32 on every device)")
     ap.add_argument("--out", default="bench/results/search")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    lm = load_model("smollm2-135m", dtype="float32", device=args.device)
+    lm = load_model(args.model, dtype="float32", device=args.device)
     val = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation"))
     test = eval_windows(tokenize_text(lm.tokenizer, load_text("wikitext2", "test")), 2048, args.windows_2048)
     calib, heldout = search_windows(val, args.n_samples, 512, args.heldout_tokens, 256, 0)
@@ -111,7 +113,7 @@ def main() -> None:
             "best_kl": res.best_value,
             "uniform_kl": res.uniform_value,
         }
-        write_plots(res, Path(args.out).parent / plot_dir(ratio, args.knots))
+        write_plots(res, Path(args.out).parent / plot_dir(ratio, args.knots, args.model))
         plans = [("uniform", uniform_plan(lm.model, lm.adapter, spec, layers)), ("searched", res.best_plan)]
         known = uniform_rows(args.uniform_from, ratio, args) if args.uniform_from else None
         if known is not None:
@@ -129,8 +131,9 @@ def main() -> None:
         write(args, rows, dense_ppl)
 
 
-def plot_dir(ratio: float, knots: int) -> str:
-    return f"search-{round(ratio * 100)}" + (f"-knots{knots}" if knots else "")
+def plot_dir(ratio: float, knots: int, model: str = "smollm2-135m") -> str:
+    prefix = "" if model == "smollm2-135m" else f"{Path(model).name}-"
+    return f"{prefix}search-{round(ratio * 100)}" + (f"-knots{knots}" if knots else "")
 
 
 def uniform_rows(path: str, ratio: float, args: argparse.Namespace) -> tuple[float, int] | None:
@@ -148,7 +151,7 @@ def space_name(row: dict) -> str:
 
 def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
     lines = [
-        "# Searched vs uniform allocation, SmolLM2-135M, FASP + restoration",
+        f"# Searched vs uniform allocation, {args.model}, FASP + restoration",
         "",
         "Commands (each row's own is in the .json):  ",
         *[f"`{c}`  " for c in dict.fromkeys(r.get("command", "python " + " ".join(sys.argv)) for r in rows)],
@@ -178,7 +181,7 @@ def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
             f"{1 - r['searched_ppl_2048'] / r['uniform_ppl_2048']:.1%} |"
         )
     for r in rows:
-        pct, d = round(r["ratio"] * 100), plot_dir(r["ratio"], r.get("knots", 0))
+        pct, d = round(r["ratio"] * 100), plot_dir(r["ratio"], r.get("knots", 0), args.model)
         lines += [
             "",
             f"{pct}%, {space_name(r)}: best trial's per-layer allocation vs uniform, and the optimization history:",

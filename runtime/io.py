@@ -72,7 +72,7 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
     plain = (
         not added_biases(model)
         and _is_uniform(shapes)
-        and (adapter.can_save_plain_hf() or shapes[0]["num_heads"] == adapter.num_heads)
+        and adapter.can_save_plain_hf(int(shapes[0]["num_heads"]))
     )
     if "head_dim" in cfg or adapter.kv_heads_key is not None:
         cfg["head_dim"] = adapter.head_dim

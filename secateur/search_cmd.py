@@ -22,6 +22,7 @@ from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fract
 from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.runtime.data import load_text, resolve_text_source, tokenize_text
 from secateur.runtime.loader import load_model
+from secateur.runtime.timing import peak_memory
 
 
 @dataclass
@@ -163,6 +164,7 @@ def search(
         "seconds": time.perf_counter() - t0,
         "plots": [str(p) for p in plots],
         "storage": url,
+        "memory": peak_memory(lm.device),
     }
     if compile_model:
         from secateur.api import prune
