@@ -11,6 +11,8 @@ after every row.
 
     python bench/quality_bench.py                                   # every variant at 20% and 30%
     python bench/quality_bench.py --variants fasp ec obs --ratios 0.2 --append
+    python bench/quality_bench.py --model gemma3-270m --recipe-prefix gemma3- --variants fasp cfsp blockpruner \
+        --ratios 0.2 --out bench/results/quality-gemma3-270m
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
         "OBS + EC, calibration 128 x 2048",
     ),
     "cfsp": ("cfsp", [], "CFSP as in its example recipe"),
+    "blockpruner": ("blockpruner", [], "BlockPruner as in its example recipe"),
     "flap": ("flap", [], "FLAP as in its example recipe"),
 }
 
@@ -129,7 +132,7 @@ def no_boolq(r: dict) -> float:
 
 def table(rows: list[dict], dense: dict, args) -> list[str]:
     head = [
-        "# Quality engine on smollm2-135m (WikiText-2, full test set at 2048, zero-shot mean)",
+        f"# Quality engine on {args.model} (WikiText-2, full test set at 2048, zero-shot mean)",
         "",
         f"Command: `python bench/quality_bench.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}; prune in float32, evaluation in {args.eval_dtype}  ",
@@ -158,6 +161,10 @@ def main() -> None:
     ap.add_argument(
         "--limit", type=int, default=200, help="zero-shot documents per task (same for every row)"
     )
+    ap.add_argument("--model", default=MODEL, help="model reference (short name, folder, .gguf)")
+    ap.add_argument(
+        "--recipe-prefix", default="", help="use recipes_examples/PREFIX<stem>-<pct>.yaml where one exists"
+    )
     ap.add_argument("--eval-dtype", default="bfloat16")
     ap.add_argument("--windows", type=int, default=None, help="first N windows only (smoke runs)")
     ap.add_argument("--append", action="store_true")
@@ -171,7 +178,7 @@ def main() -> None:
     )
     rows = prev.get("rows", [])
     root = None
-    lm = load_model(MODEL, "float32", "cpu")
+    lm = load_model(args.model, "float32", "cpu")
     windows = eval_windows(
         tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root)), 2048, args.windows
     )
@@ -180,17 +187,20 @@ def main() -> None:
         dense = evaluate(lm.model, lm.tokenizer, windows, DTYPES[args.eval_dtype], root, args.limit)
         dense["windows"] = int(windows.shape[0])
         print(f"dense: ppl {dense['ppl']:.3f}, zero-shot mean {dense['zeroshot_mean']:.4f}", flush=True)
-    lm = load_model(MODEL, "float32", "cpu")
+    lm = load_model(args.model, "float32", "cpu")
     dense_linear = decoder_linear_params(lm.model, lm.adapter)
     cal_tokens = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation", root))
     fwd_cache: dict[tuple[int, int], float] = {}
     for ratio in args.ratios:
         for v in args.variants:
             stem, over, what = VARIANTS[v]
+            name = f"{stem}-{int(round(ratio * 100))}.yaml"
+            path = EXAMPLES / f"{args.recipe_prefix}{name}"
             recipe = load_recipe(
-                EXAMPLES / f"{stem}-{int(round(ratio * 100))}.yaml",
+                path if path.is_file() else EXAMPLES / name,
                 [
                     *over,
+                    f"model.id={args.model}",
                     f"budget.params={ratio}",
                     "evaluate.enabled=false",
                     "model.dtype=float32",

@@ -37,6 +37,12 @@ from secateur.search.study import run_search
 
 
 @torch.inference_mode()
+def plot_dir(ratio: float, sampler: str, model: str) -> str:
+    """Plot folder beside the table; other models than SmolLM2 get their name in front."""
+    prefix = "" if model == "smollm2-135m" else f"{Path(model).name}-"
+    return f"{prefix}search-{round(ratio * 100)}-{sampler}"
+
+
 def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: int = 4) -> float:
     """One dense forward over the held-out windows: the unit an evaluation's cost is compared with."""
     dev = next(model.parameters()).device
@@ -68,10 +74,14 @@ def main() -> None:
     ap.add_argument("--eval-dtype", default="bfloat16")
     ap.add_argument("--windows-2048", type=int, default=None, help="test windows (default: all)")
     ap.add_argument("--append", action="store_true", help="keep --out's rows of other (ratio, sampler) pairs")
+    ap.add_argument("--model", default="smollm2-135m", help="model reference (short name, folder, .gguf)")
+    ap.add_argument(
+        "--recipe-prefix", default="", help="e.g. gemma3- for recipes_examples/gemma3-search-NN.yaml"
+    )
     ap.add_argument("--out", default="bench/results/search")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    lm = load_model("smollm2-135m", dtype="float32", device="cpu")
+    lm = load_model(args.model, dtype="float32", device="cpu")
     test = eval_windows(tokenize_text(lm.tokenizer, load_text("wikitext2", "test")), 2048, args.windows_2048)
     fp = model_fingerprint(lm.model)
     out_json = Path(args.out).with_suffix(".json")
@@ -79,7 +89,9 @@ def main() -> None:
     rows = [r for r in old.get("rows", []) if "sampler" in r]
     cfg: dict = old.get("config", {})
     for ratio in args.ratios:
-        recipe = load_recipe(f"recipes_examples/search-{round(ratio * 100)}.yaml")
+        recipe = load_recipe(
+            f"recipes_examples/{args.recipe_prefix}search-{round(ratio * 100)}.yaml", [f"model={args.model}"]
+        )
         cal, opts = recipe.calibration, recipe.allocation.search
         tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split))
         calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
@@ -120,7 +132,7 @@ def main() -> None:
             trials = res.study.get_trials(deepcopy=False)
             durations = [x.duration.total_seconds() for x in trials if x.duration is not None]
             tokens = sum(int(x.last_step or 0) for x in trials)
-            write_plots(res, Path(args.out).parent / f"search-{round(ratio * 100)}-{sampler}")
+            write_plots(res, Path(args.out).parent / plot_dir(ratio, sampler, args.model))
             if not uniform_done:
                 ev, compile_s = compiled_eval(lm, calib, res.uniform_plan, test, args)
                 rows.append(
@@ -196,7 +208,7 @@ def write(args: argparse.Namespace, rows: list[dict], cfg: dict) -> None:
         )
     for r in rows:
         if r["sampler"] != "uniform":
-            d = f"search-{round(r['ratio'] * 100)}-{r['sampler']}"
+            d = plot_dir(r["ratio"], r["sampler"], args.model)
             lines += [
                 "",
                 f"{r['ratio']:.0%}, {r['sampler']}: kept fraction per layer and structure (winner vs uniform), "

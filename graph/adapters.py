@@ -137,8 +137,8 @@ class ModelAdapter:
             keys["num_kv_heads"] = self.kv_heads_key
         return keys
 
-    def can_save_plain_hf(self) -> bool:
-        """Whether HF's own modeling code accepts uniformly reduced head counts for this family."""
+    def can_save_plain_hf(self, num_heads: int) -> bool:
+        """Whether HF's own config and modeling code accept `num_heads` query heads in every layer."""
         return True
 
     def gguf_arch(self, heterogeneous: bool) -> str | None:
@@ -181,6 +181,11 @@ class Gemma3Adapter(ModelAdapter):
         if getattr(config, "model_type", "") == "gemma3_text":
             self.head_norms = ("self_attn.q_norm", "self_attn.k_norm")
 
+    def can_save_plain_hf(self, num_heads: int) -> bool:
+        # Gemma3TextConfig refuses hidden_size % num_attention_heads != 0 although head_dim is its
+        # own key (Gemma 3 270M: 640 wide, 4 heads; 3 heads cannot be written as a plain config)
+        return self.hidden_size % max(num_heads, 1) == 0
+
 
 @register("opt")
 class OptAdapter(ModelAdapter):
@@ -207,6 +212,6 @@ class OptAdapter(ModelAdapter):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def can_save_plain_hf(self) -> bool:
+    def can_save_plain_hf(self, num_heads: int) -> bool:
         # OPTAttention derives head_dim from hidden_size // num_heads, so fewer heads cannot be expressed.
-        return False
+        return num_heads == self.num_heads

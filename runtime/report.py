@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from secateur.runtime.timing import memory_lines
+
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 WIDTHS_PNG = "widths.png"
@@ -202,12 +204,8 @@ def _timing(report: dict[str, Any]) -> list[str]:
     total = sum(v for v in phases.values() if _num(v))
     rows.append(["**total**", f"{total:.2f}"])
     out = ["## Timing", "", *_table(["phase", "seconds"], rows)]
-    mem = report.get("memory") or {}
-    if mem.get("peak_rss_bytes"):
-        out += ["", f"Peak resident memory (RSS) of the process: {mem['peak_rss_bytes'] / 2**30:.2f} GiB"]
-    if mem.get("peak_gpu_bytes"):
-        out += [f"Peak GPU memory allocated: {mem['peak_gpu_bytes'] / 2**30:.2f} GiB"]
-    return out
+    lines = memory_lines(report.get("memory") or {})
+    return out + ([""] + lines if lines else [])
 
 
 def result_sections(report: dict[str, Any]) -> list[str]:

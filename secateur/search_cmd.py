@@ -28,6 +28,7 @@ from secateur.runtime.data import (
     tokenize_text,
 )
 from secateur.runtime.loader import load_model
+from secateur.runtime.timing import peak_memory
 
 
 @dataclass
@@ -181,6 +182,7 @@ def search(
         "plots": [str(p) for p in plots],
         "storage": url,
         "variants": result.variants,
+        "memory": peak_memory(lm.device),
     }
     if compile_model:
         from secateur.api import prune

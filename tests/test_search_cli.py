@@ -42,6 +42,7 @@ def _recipe(tmp: Path) -> Path:
 def test_search_writes_winner_that_compiles_to_the_best_plan(tmp_path: Path, capsys) -> None:
     recipe = _recipe(tmp_path)
     assert main(["search", str(recipe), "--trials", "3", "--quiet"]) == 0
+    assert "Peak resident memory (RSS) of the process" in capsys.readouterr().out
     search_dir = tmp_path / "run" / "search"
     study = optuna.load_study(study_name="tiny-search", storage=f"sqlite:///{search_dir / 'search.db'}")
     assert len([t for t in study.trials if t.state.is_finished()]) == 3
