@@ -13,6 +13,8 @@ the table.
     python bench/methods_bench.py                                  # fasp blockpruner sprint multipruner, 20% and 30%
     python bench/methods_bench.py --methods cfsp flap --ratios 0.2
     python bench/methods_bench.py --dry-run                        # resolve and explain every recipe, prune nothing
+    python bench/methods_bench.py --model gemma3-270m --recipe-prefix gemma3- --methods fasp cfsp blockpruner \
+        --ratios 0.2 --out bench/results/methods-gemma3-270m     # Gemma 3 270M from recipes_examples/gemma3-*.yaml
     python bench/methods_bench.py --model TINY_DIR --eval-seqlen 128 --seqlen 64 --n-samples 8 --out /tmp/m  # smoke
 """
 
@@ -49,7 +51,9 @@ HELDOUT_METHODS = {"blockpruner", "sprint", "multipruner", "bonsai"}  # score on
 def recipe_for(method: str, ratio: float, args: argparse.Namespace, out_dir: Path) -> tuple[Recipe, Path]:
     """The example recipe of `method` at `ratio` (or the FASP one with `method` swapped), overridden."""
     pct = int(round(ratio * 100))
-    path = EXAMPLES / f"{method}-{pct}.yaml"
+    path = EXAMPLES / f"{args.recipe_prefix}{method}-{pct}.yaml"
+    if not path.is_file():
+        path = EXAMPLES / f"{method}-{pct}.yaml"  # the method's generic recipe, model overridden
     overrides = [
         f"model.id={args.model}",
         f"model.dtype={args.dtype}",
@@ -106,6 +110,9 @@ def main() -> None:
     ap.add_argument("--windows-2048", type=int, default=8, help="first N windows of the test set")
     ap.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length")
     ap.add_argument("--model", default=MODEL, help="model reference (a tiny local folder for a smoke run)")
+    ap.add_argument(
+        "--recipe-prefix", default="", help="use recipes_examples/PREFIX<method>-<pct>.yaml where one exists"
+    )
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

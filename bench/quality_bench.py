@@ -11,6 +11,8 @@ after every row.
 
     python bench/quality_bench.py                                   # every variant at 20% and 30%
     python bench/quality_bench.py --variants fasp ec obs --ratios 0.2 --append
+    python bench/quality_bench.py --model gemma3-270m --recipe-prefix gemma3- --variants fasp cfsp blockpruner \
+        --ratios 0.2 --out bench/results/quality-gemma3-270m
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "damp0.1": ("fasp", [*PLAIN, "restore.damping=0.1"], "FASP, restoration damping 0.1"),
     "damp0.001": ("fasp", [*PLAIN, "restore.damping=0.001"], "FASP, restoration damping 0.001"),
     "cfsp": ("cfsp", [], "CFSP as in its example recipe"),
+    "blockpruner": ("blockpruner", [], "BlockPruner as in its example recipe"),
     "flap": ("flap", [], "FLAP as in its example recipe"),
 }
 
@@ -148,7 +151,7 @@ def no_boolq(r: dict) -> float:
 
 def table(rows: list[dict], dense: dict, args) -> list[str]:
     head = [
-        "# Quality engine on smollm2-135m (WikiText-2, full test set at 2048, zero-shot mean)",
+        f"# Quality engine on {args.model} (WikiText-2, full test set at 2048, zero-shot mean)",
         "",
         f"Command: `python bench/quality_bench.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}; prune in float32, evaluation in {args.eval_dtype}  ",
@@ -180,6 +183,10 @@ def main() -> None:
         default=200,
         help="zero-shot documents per task (same for every row; 0: perplexity only, for screens)",
     )
+    ap.add_argument("--model", default=MODEL, help="model reference (short name, folder, .gguf)")
+    ap.add_argument(
+        "--recipe-prefix", default="", help="use recipes_examples/PREFIX<stem>-<pct>.yaml where one exists"
+    )
     ap.add_argument("--eval-dtype", default="bfloat16")
     ap.add_argument("--windows", type=int, default=None, help="first N windows only (smoke runs)")
     ap.add_argument("--append", action="store_true")
@@ -193,7 +200,7 @@ def main() -> None:
     )
     rows = prev.get("rows", [])
     root = None
-    lm = load_model(MODEL, "float32", "cpu")
+    lm = load_model(args.model, "float32", "cpu")
     windows = eval_windows(
         tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root)), 2048, args.windows
     )
@@ -202,17 +209,20 @@ def main() -> None:
         dense = evaluate(lm.model, lm.tokenizer, windows, DTYPES[args.eval_dtype], root, args.limit)
         dense["windows"] = int(windows.shape[0])
         print(f"dense: ppl {dense['ppl']:.3f}, zero-shot mean {dense['zeroshot_mean']:.4f}", flush=True)
-    lm = load_model(MODEL, "float32", "cpu")
+    lm = load_model(args.model, "float32", "cpu")
     dense_linear = decoder_linear_params(lm.model, lm.adapter)
     cal_tokens = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation", root))
     fwd_cache: dict[tuple[int, int], float] = {}
     for ratio in args.ratios:
         for v in args.variants:
             stem, over, what = VARIANTS[v]
+            name = f"{stem}-{int(round(ratio * 100))}.yaml"
+            path = EXAMPLES / f"{args.recipe_prefix}{name}"
             recipe = load_recipe(
-                EXAMPLES / f"{stem}-{int(round(ratio * 100))}.yaml",
+                path if path.is_file() else EXAMPLES / name,
                 [
                     *over,
+                    f"model.id={args.model}",
                     f"budget.params={ratio}",
                     "evaluate.enabled=false",
                     "model.dtype=float32",

@@ -1,12 +1,14 @@
-"""Benchmark: searched vs uniform allocation on SmolLM2-135M (FASP, restoration), 20% and 30%.
+"""Benchmark: searched vs uniform allocation on SmolLM2-135M, both stitched from the variant database.
 
-Not a test. For each ratio: build the search cache once, run N trials (KL to the dense model on
-held-out calibration tokens), compile the best and the uniform plan with the sequential FASP
-pass, and evaluate WikiText-2 test perplexity at seqlen 2048 (fixed prefix). Also reports
-search wall time, seconds per trial and a trial's cost relative to one proxy forward pass.
-Writes bench/results/search.md (+ .json) after each ratio.
+Not a test. Reads recipes_examples/search-<pct>.yaml (= fasp-<pct>.yaml with `allocation: search`,
+`compile: stitched`) for calibration, budget and targets. For each ratio: the uniform plan and one
+search per sampler (`--samplers`), each winner compiled by stitching the same variants the search
+scored (so its held-out KL is the compiled model's), then WikiText-2 perplexity on the full test
+set at 2048 and the six-task zero-shot mean (`--limit` documents), evaluated in `--eval-dtype`.
+Reports the variant database build, the search time, evaluations, held-out tokens scored, and a
+candidate evaluation's cost against one dense forward over 2048 held-out tokens.
 
-    python bench/search_bench.py --ratios 0.2 0.3 --trials 100
+    python bench/search_bench.py --ratios 0.3 0.2 --samplers evolution tpe --trials 100
 """
 
 from __future__ import annotations
@@ -20,23 +22,29 @@ from pathlib import Path
 
 import torch
 from _results import machine, write_results
+from quality_bench import DTYPES, evaluate
 
 from secateur.graph.count import decoder_linear_params
-from secateur.recipe.compile import BudgetSpec, uniform_plan
-from secateur.recipe.schema import SearchOptions
-from secateur.runtime.data import calibration_windows, eval_windows, load_text, tokenize_text
-from secateur.runtime.evaluate import perplexity
+from secateur.lock import model_fingerprint
+from secateur.recipe.compile import budget_spec, eligible_layers, removal_goal
+from secateur.recipe.load import load_recipe
+from secateur.runtime.data import eval_windows, load_text, statistics_split, tokenize_text
 from secateur.runtime.loader import load_model
-from secateur.runtime.sequential import prune_sequential
 from secateur.runtime.timing import sync
-from secateur.search.cache import search_windows
+from secateur.runtime.variants import prune_stitched
 from secateur.search.plots import write_plots
 from secateur.search.study import run_search
 
 
 @torch.inference_mode()
+def plot_dir(ratio: float, sampler: str, model: str) -> str:
+    """Plot folder beside the table; other models than SmolLM2 get their name in front."""
+    prefix = "" if model == "smollm2-135m" else f"{Path(model).name}-"
+    return f"{prefix}search-{round(ratio * 100)}-{sampler}"
+
+
 def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: int = 4) -> float:
-    """One dense forward over the held-out windows: the unit a trial's cost is compared with."""
+    """One dense forward over the held-out windows: the unit an evaluation's cost is compared with."""
     dev = next(model.parameters()).device
     t = time.perf_counter()
     for s in range(0, heldout.shape[0], batch):
@@ -45,147 +53,170 @@ def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: 
     return time.perf_counter() - t
 
 
+def compiled_eval(lm, calib, plan, test, args) -> tuple[dict, float]:
+    """Compile `plan` by stitching (seconds), then evaluate perplexity and zero-shot."""
+    m = copy.deepcopy(lm.model)
+    t = time.perf_counter()
+    prune_stitched(m, lm.adapter, calib, plan, progress=False)
+    compile_s = time.perf_counter() - t
+    ev = evaluate(m, lm.tokenizer, test, DTYPES[args.eval_dtype], None, args.limit)
+    ev["decoder_linear_params"] = decoder_linear_params(m, lm.adapter)
+    del m
+    return ev, compile_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.2])
+    ap.add_argument("--samplers", nargs="+", default=["evolution", "tpe"])
     ap.add_argument("--trials", type=int, default=100)
-    ap.add_argument("--n-samples", type=int, default=32, help="calibration windows for the search statistics")
-    ap.add_argument("--compile-samples", type=int, default=128, help="calibration windows to compile plans")
-    ap.add_argument("--heldout-tokens", type=int, default=2048)
-    ap.add_argument("--windows-2048", type=int, default=8)
-    ap.add_argument("--min-keep", type=float, default=0.2)
+    ap.add_argument("--limit", type=int, default=200, help="zero-shot documents per task")
+    ap.add_argument("--eval-dtype", default="bfloat16")
+    ap.add_argument("--windows-2048", type=int, default=None, help="test windows (default: all)")
+    ap.add_argument("--append", action="store_true", help="keep --out's rows of other (ratio, sampler) pairs")
+    ap.add_argument("--model", default="smollm2-135m", help="model reference (short name, folder, .gguf)")
     ap.add_argument(
-        "--knots", type=int, default=0, help="0: a keep fraction per layer; N: N knots over depth"
+        "--recipe-prefix", default="", help="e.g. gemma3- for recipes_examples/gemma3-search-NN.yaml"
     )
-    ap.add_argument("--append", action="store_true", help="keep --out's rows of other (ratio, knots) pairs")
-    ap.add_argument(
-        "--uniform-from",
-        default=None,
-        help="bench/results/fasp.json of a run with the same calibration and test windows: take the "
-        "uniform rows' perplexity from it instead of compiling uniform again",
-    )
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (float32 on every device)")
     ap.add_argument("--out", default="bench/results/search")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    lm = load_model("smollm2-135m", dtype="float32", device=args.device)
-    val = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation"))
+    lm = load_model(args.model, dtype="float32", device="cpu")
     test = eval_windows(tokenize_text(lm.tokenizer, load_text("wikitext2", "test")), 2048, args.windows_2048)
-    calib, heldout = search_windows(val, args.n_samples, 512, args.heldout_tokens, 256, 0)
-    compile_calib = calibration_windows(val, args.compile_samples, 512, 0)
-    layers = list(range(lm.adapter.num_layers))
-    dense_ppl = perplexity(lm.model, test)
-    fwd = proxy_forward_seconds(lm.model, heldout)
+    fp = model_fingerprint(lm.model)
     out_json = Path(args.out).with_suffix(".json")
-    rows = json.loads(out_json.read_text())["rows"] if args.append and out_json.is_file() else []
+    old = json.loads(out_json.read_text()) if args.append and out_json.is_file() else {}
+    rows = [r for r in old.get("rows", []) if "sampler" in r]
+    cfg: dict = old.get("config", {})
     for ratio in args.ratios:
-        spec = BudgetSpec(fraction=ratio, multiple_of=8, min_keep=args.min_keep)
-        t = time.perf_counter()
-        res = run_search(
-            lm.model,
-            lm.adapter,
-            calib,
-            heldout,
-            spec,
-            layers,
-            SearchOptions(
-                trials=args.trials, heldout_tokens=args.heldout_tokens, pruner=True, knots=args.knots
-            ),
-            storage=None,
-            n_trials=args.trials,
-            progress=True,
+        recipe = load_recipe(
+            f"recipes_examples/{args.recipe_prefix}search-{round(ratio * 100)}.yaml", [f"model={args.model}"]
         )
-        search_s = time.perf_counter() - t
-        per_trial = [r["seconds"] for r in res.trials_table if r["state"] == "COMPLETE" and r["seconds"]]
-        n_pruned = sum(r["state"] == "PRUNED" for r in res.trials_table)
-        row = {
-            "command": "python " + " ".join(sys.argv),
-            "knots": args.knots,
-            "ratio": ratio,
-            "trials": len(res.trials_table),
-            "search_s": search_s,
-            "s_per_trial_median": sorted(per_trial)[len(per_trial) // 2] if per_trial else None,
-            "s_per_trial_all": search_s / max(len(res.trials_table), 1),
-            "pruned_trials": n_pruned,
-            "proxy_forward_s": fwd,
-            "best_kl": res.best_value,
-            "uniform_kl": res.uniform_value,
+        cal, opts = recipe.calibration, recipe.allocation.search
+        tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split))
+        calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
+        heldout = eval_windows(tail, 256, opts.heldout_tokens // 256)
+        layers = eligible_layers(recipe.targets, lm.adapter.num_layers, lm.adapter.layers_path)
+        spec = budget_spec(recipe, count=removal_goal(recipe, lm.model, lm.adapter))
+        fwd = proxy_forward_seconds(lm.model, heldout[:8])
+        cfg = {
+            "calibration": f"{cal.n_samples} x {cal.seqlen}",
+            "heldout_tokens": int(heldout.numel()),
+            "levels": opts.levels,
+            "stages": opts.stages,
+            "survivors": opts.survivors,
+            "test_windows": int(test.shape[0]),
+            "proxy_forward_2048_s": fwd,
         }
-        write_plots(res, Path(args.out).parent / plot_dir(ratio, args.knots))
-        plans = [("uniform", uniform_plan(lm.model, lm.adapter, spec, layers)), ("searched", res.best_plan)]
-        known = uniform_rows(args.uniform_from, ratio, args) if args.uniform_from else None
-        if known is not None:
-            row["uniform_ppl_2048"], row["uniform_decoder_params"] = known
-            row["uniform_from"] = args.uniform_from
-            plans = plans[1:]
-        for name, plan in plans:
-            m = copy.deepcopy(lm.model)
-            prune_sequential(m, lm.adapter, compile_calib, plan, progress=False)
-            row[f"{name}_ppl_2048"] = perplexity(m, test)
-            row[f"{name}_decoder_params"] = decoder_linear_params(m, lm.adapter)
-            del m
-        rows = [r for r in rows if (r["ratio"], r.get("knots", 0)) != (ratio, args.knots)] + [row]
-        print(json.dumps(row), flush=True)
-        write(args, rows, dense_ppl)
+        uniform_done = any(r["ratio"] == ratio and r["sampler"] == "uniform" for r in rows)
+        for sampler in args.samplers:
+            options = opts.model_copy(update={"sampler": sampler, "trials": args.trials})
+            t = time.perf_counter()
+            res = run_search(
+                lm.model,
+                lm.adapter,
+                calib,
+                heldout,
+                spec,
+                layers,
+                options,
+                storage=None,
+                n_trials=args.trials,
+                metric=recipe.importance.metric,
+                restore=recipe.restore.method,
+                damping=recipe.restore.damping,
+                progress=True,
+                cache_kwargs={"weights_fp": fp},
+            )
+            search_s = time.perf_counter() - t
+            trials = res.study.get_trials(deepcopy=False)
+            durations = [x.duration.total_seconds() for x in trials if x.duration is not None]
+            tokens = sum(int(x.last_step or 0) for x in trials)
+            write_plots(res, Path(args.out).parent / plot_dir(ratio, sampler, args.model))
+            if not uniform_done:
+                ev, compile_s = compiled_eval(lm, calib, res.uniform_plan, test, args)
+                rows.append(
+                    {
+                        "ratio": ratio,
+                        "sampler": "uniform",
+                        "kl": res.uniform_value,
+                        **ev,
+                        "compile_s": compile_s,
+                    }
+                )
+                uniform_done = True
+                print(json.dumps(rows[-1]), flush=True)
+            ev, compile_s = compiled_eval(lm, calib, res.best_plan, test, args)
+            row = {
+                "command": "python " + " ".join(sys.argv),
+                "ratio": ratio,
+                "sampler": sampler,
+                "kl": res.best_value,
+                "uniform_kl": res.uniform_value,
+                **ev,
+                "compile_s": compile_s,
+                "db_build_s": (res.variants or {}).get("build_seconds"),
+                "db_built": (res.variants or {}).get("built"),
+                "setup_s": search_s - sum(durations),
+                "search_s": search_s,
+                "evaluations": len(trials),
+                "pruned": sum(x.state.name == "PRUNED" for x in trials),
+                "tokens_scored": tokens,
+                "s_per_eval": sum(durations) / max(len(durations), 1),
+            }
+            rows = [r for r in rows if (r["ratio"], r["sampler"]) != (ratio, sampler)] + [row]
+            print(json.dumps(row), flush=True)
+            write(args, rows, cfg)
 
 
-def plot_dir(ratio: float, knots: int) -> str:
-    return f"search-{round(ratio * 100)}" + (f"-knots{knots}" if knots else "")
-
-
-def uniform_rows(path: str, ratio: float, args: argparse.Namespace) -> tuple[float, int] | None:
-    """The FASP bench's uniform FASP + restore row at `ratio`, when it used the same windows."""
-    for r in json.loads(Path(path).read_text()):
-        same = r.get("n_samples", args.compile_samples) == args.compile_samples
-        if r["variant"] == "FASP + restore" and abs(r["ratio"] - ratio) < 1e-9 and same:
-            return r["ppl_2048"], r["decoder_linear_params"]
-    return None
-
-
-def space_name(row: dict) -> str:
-    return f"{row['knots']} knots over depth" if row.get("knots") else "per layer"
-
-
-def write(args: argparse.Namespace, rows: list[dict], dense_ppl: float) -> None:
+def write(args: argparse.Namespace, rows: list[dict], cfg: dict) -> None:
+    rows = sorted(rows, key=lambda r: (-r["ratio"], r["sampler"] != "uniform", r["sampler"]))
+    uniform = {r["ratio"]: r for r in rows if r["sampler"] == "uniform"}
+    fwd = cfg["proxy_forward_2048_s"]
     lines = [
-        "# Searched vs uniform allocation, SmolLM2-135M, FASP + restoration",
+        "# Searched vs uniform allocation, SmolLM2-135M, FASP scores + least-squares restoration, stitched",
         "",
         "Commands (each row's own is in the .json):  ",
-        *[f"`{c}`  " for c in dict.fromkeys(r.get("command", "python " + " ".join(sys.argv)) for r in rows)],
-        f"Machine: {machine()}; fp32 on {args.device}  ",
-        f"Search: MLP keep fraction per layer, TPE seeded with uniform and CFSP-angular allocations, "
-        f"{args.n_samples} x 512 calibration tokens for statistics, KL to the dense model on "
-        f"{args.heldout_tokens} held-out tokens (disjoint), min_keep {args.min_keep}. Compile: sequential FASP "
-        f"with {args.compile_samples} x 512 calibration tokens. Perplexity: WikiText-2 test, first "
-        f"{args.windows_2048} windows of 2048 tokens (dense: {dense_ppl:.2f}). Proxy forward: one dense forward "
-        f"over the held-out tokens ({rows[0]['proxy_forward_s']:.1f} s)."
-        + (
-            f" Uniform rows from {args.uniform_from} (same calibration and test windows)."
-            if args.uniform_from
-            else ""
-        ),
+        *[f"`{c}`  " for c in dict.fromkeys(r["command"] for r in rows if "command" in r)],
+        f"Machine: {machine()}; search and compile in float32, evaluation in {args.eval_dtype}  ",
+        f"Recipes: recipes_examples/search-20.yaml / search-30.yaml (= fasp-20/30.yaml with `allocation: search`, "
+        f"`compile: stitched`). Calibration {cfg['calibration']} tokens of WikiText-2 validation (first 90%); "
+        f"held-out KL on {cfg['heldout_tokens']} tokens of its last 10% (disjoint), stages {cfg['stages']} tokens "
+        f"then all, {cfg['survivors']:.0%} survive each stage; {cfg['levels']} keep levels per layer. "
+        "Uniform and winners are compiled by stitching the same variants (same restoration). "
+        f"Perplexity: all {cfg['test_windows']} windows of 2048 tokens of WikiText-2 test. Zero-shot: mean acc of "
+        f"six tasks on the first {args.limit} documents each. Proxy forward: one dense fp32 forward over 2048 "
+        f"held-out tokens ({fwd:.1f} s).",
         "",
-        "| removed | space | trials (pruned early) | search s | s/trial, all incl. cache | s/complete trial (median) "
-        "| complete trial / proxy fwd | KL uniform | KL best | ppl uniform | ppl searched | ppl gain |",
+        "| removed | allocation | ppl@2048 | ppl vs uniform | zero-shot mean | KL held-out | DB build s | "
+        "search s | evaluations (pruned) | tokens scored | s/eval | eval / proxy fwd |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        spt = r["s_per_trial_median"]
+        u = uniform.get(r["ratio"])
+        gain = f"{r['ppl'] / u['ppl'] - 1:+.1%}" if u is not None and r is not u else "-"
+        if r["sampler"] == "uniform":
+            rest = "- | - | - | - | - | -"
+        else:
+            rest = (
+                f"{r['db_build_s']:.0f} ({r['db_built']} built) | {r['search_s']:.0f} | {r['evaluations']} "
+                f"({r['pruned']}) | {r['tokens_scored']:,} | {r['s_per_eval']:.1f} | {r['s_per_eval'] / fwd:.2f}"
+            )
         lines.append(
-            f"| {r['ratio']:.0%} | {space_name(r)} | {r['trials']} ({r['pruned_trials']}) | {r['search_s']:.0f} | "
-            f"{r['s_per_trial_all']:.1f} | {spt:.1f} | {spt / r['proxy_forward_s']:.2f} | "
-            f"{r['uniform_kl']:.4f} | {r['best_kl']:.4f} | {r['uniform_ppl_2048']:.2f} | {r['searched_ppl_2048']:.2f} | "
-            f"{1 - r['searched_ppl_2048'] / r['uniform_ppl_2048']:.1%} |"
+            f"| {r['ratio']:.0%} | {r['sampler']} | {r['ppl']:.2f} | {gain} | {r['zeroshot_mean']:.4f} | "
+            f"{r['kl']:.4f} | {rest} |"
         )
     for r in rows:
-        pct, d = round(r["ratio"] * 100), plot_dir(r["ratio"], r.get("knots", 0))
-        lines += [
-            "",
-            f"{pct}%, {space_name(r)}: best trial's per-layer allocation vs uniform, and the optimization history:",
-            "",
-            f"![allocation {pct}%]({d}/allocation.png) ![history {pct}%]({d}/history.png)",
-        ]
-    write_results(args.out, {"dense_ppl_2048": dense_ppl, "rows": rows}, lines)
+        if r["sampler"] != "uniform":
+            d = plot_dir(r["ratio"], r["sampler"], args.model)
+            lines += [
+                "",
+                f"{r['ratio']:.0%}, {r['sampler']}: kept fraction per layer and structure (winner vs uniform), "
+                "fitness history:",
+                "",
+                f"![allocation]({d}/allocation.png) ![history]({d}/history.png)",
+            ]
+    write_results(args.out, {"config": cfg, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

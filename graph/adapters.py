@@ -78,6 +78,11 @@ class ModelAdapter:
     heads_attr: str | None = None
     # rotary position embeddings on q/k (Secateur's own attention module supports these families)
     rope: bool = True
+    # inference-engine names per model_type: llama.cpp (GGUF) architecture for a uniform model and
+    # for one with per-layer shapes (None: llama.cpp has none), and whether vLLM's DeciLM
+    # (Nemotron-NAS, a Llama layout with per-layer blocks) can hold it
+    gguf_archs: dict[str, tuple[str, str | None]] = {}
+    decilm_types: tuple[str, ...] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -132,19 +137,33 @@ class ModelAdapter:
             keys["num_kv_heads"] = self.kv_heads_key
         return keys
 
-    def can_save_plain_hf(self) -> bool:
-        """Whether HF's own modeling code accepts uniformly reduced head counts for this family."""
+    def can_save_plain_hf(self, num_heads: int) -> bool:
+        """Whether HF's own config and modeling code accept `num_heads` query heads in every layer."""
         return True
+
+    def gguf_arch(self, heterogeneous: bool) -> str | None:
+        """llama.cpp's architecture for this family (per-layer shapes need one that reads arrays)."""
+        uniform, per_layer = self.gguf_archs.get(self.config.model_type, (None, None))
+        return per_layer if heterogeneous else uniform
+
+    def exports_decilm(self) -> bool:
+        """Whether vLLM's DeciLM model has this family's layout (Llama: RMSNorm, SwiGLU, RoPE)."""
+        return self.config.model_type in self.decilm_types
 
 
 @register("llama", "mistral", "qwen2")
 class LlamaAdapter(ModelAdapter):
     """LLaMA, Mistral and Qwen2 share the same layout (Qwen2 adds q/k/v biases)."""
 
+    gguf_archs = {"llama": ("llama", "deci"), "mistral": ("llama", "deci"), "qwen2": ("qwen2", None)}
+    decilm_types = ("llama", "mistral")
+
 
 @register("qwen3")
 class Qwen3Adapter(ModelAdapter):
     """Qwen3: LLaMA layout plus per-head q_norm/k_norm over head_dim."""
+
+    gguf_archs = {"qwen3": ("qwen3", None)}
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -161,6 +180,11 @@ class Gemma3Adapter(ModelAdapter):
         self.mlp_branch_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
         if getattr(config, "model_type", "") == "gemma3_text":
             self.head_norms = ("self_attn.q_norm", "self_attn.k_norm")
+
+    def can_save_plain_hf(self, num_heads: int) -> bool:
+        # Gemma3TextConfig refuses hidden_size % num_attention_heads != 0 although head_dim is its
+        # own key (Gemma 3 270M: 640 wide, 4 heads; 3 heads cannot be written as a plain config)
+        return self.hidden_size % max(num_heads, 1) == 0
 
 
 @register("opt")
@@ -188,6 +212,6 @@ class OptAdapter(ModelAdapter):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def can_save_plain_hf(self) -> bool:
+    def can_save_plain_hf(self, num_heads: int) -> bool:
         # OPTAttention derives head_dim from hidden_size // num_heads, so fewer heads cannot be expressed.
-        return False
+        return num_heads == self.num_heads

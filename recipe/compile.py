@@ -75,10 +75,17 @@ def set_attn_keep(lp: LayerPlan, attention: str, keep: int) -> None:
 
 def _fixed_layer(g: dict[str, Group], spec: BudgetSpec, keep: Any) -> LayerPlan:
     """A layer pinned by an allocation table: one keep fraction for all targeted structures, or
-    per-structure fractions ({mlp: .., attention: ..}, as `secateur search` writes them)."""
+    per-structure fractions ({mlp: .., attention: ..}, as `secateur search` writes them); 0 removes
+    the branch."""
     mlp_keep = getattr(keep, "mlp", keep) if not isinstance(keep, float | int) else keep
     attn_keep = getattr(keep, "attention", keep) if not isinstance(keep, float | int) else keep
     lp = LayerPlan()
+    if spec.mlp and "mlp_channel" in g and mlp_keep == 0:  # 0: the whole MLP branch goes
+        lp.mlp, lp.drop_mlp = 0, True
+        mlp_keep = None
+    if spec.attention != "none" and "kv_group" in g and attn_keep == 0:  # the whole attention branch
+        lp.kv_groups, lp.drop_attn = 0, True
+        attn_keep = None
     if spec.mlp and "mlp_channel" in g and mlp_keep is not None:
         n = g["mlp_channel"].n_units
         lp.mlp = round_keep(mlp_keep * n, n, spec.multiple_of, min_units(n, spec.min_keep))
@@ -132,6 +139,20 @@ def check_targets(spec: BudgetSpec, layers: list[int]) -> None:
         raise BudgetError("targets: nothing to prune (mlp is false and attention is none)")
 
 
+def check_attention_units(groups: dict[int, dict[str, Group]], spec: BudgetSpec) -> None:
+    """kv_group pruning must keep one KV group per layer, so a model whose eligible layers each
+    have a single KV head (Gemma 3 270M) has nothing to remove there: refuse rather than
+    silently move the whole budget to the MLPs."""
+    if spec.attention != "kv_group":
+        return
+    n_kv = [g["kv_group"].n_units for g in groups.values() if "kv_group" in g]
+    if n_kv and max(n_kv) <= 1:
+        raise BudgetError(
+            "targets.attention: kv_group cannot prune this model: every eligible layer has a single KV head, "
+            "which must stay; prune query heads (q_head) or value channels (v_channel) instead"
+        )
+
+
 def uniform_plan(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -145,6 +166,7 @@ def uniform_plan(
     check_targets(spec, layers)
     goal = target_params(model, adapter, spec)
     groups = {i: {g.kind: g for g in layer_groups(model, adapter, i)} for i in layers}
+    check_attention_units(groups, spec)
     attn_total = mlp_total = 0
     for g in groups.values():
         if spec.attention != "none" and "kv_group" in g:

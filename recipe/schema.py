@@ -34,6 +34,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # open interval (0, 1): a share to remove
 KeepFraction = Annotated[float, Field(gt=0, le=1)]  # (0, 1]: a share to keep
+TableKeep = Annotated[float, Field(ge=0, le=1)]  # [0, 1]: a table's share to keep; 0 removes the branch
 
 
 class _Section(BaseModel):
@@ -293,25 +294,58 @@ class SearchOptions(_Section):
     storage: str | None = None
     heldout_tokens: PositiveInt = 16384
     seed: int = 0
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["evolution", "tpe", "cmaes", "random"] = "tpe"
     pruner: bool = True
     # 0: one keep fraction per layer and structure; N >= 2: N knots over depth, interpolated
     knots: NonNegativeInt = 0
+    # 0: any kept count; K >= 2: K keep levels per structure, evenly spaced from whole down to the
+    # branch removed (MLP, KV groups; query heads stop at one per group), plus the few off-level
+    # counts that meet the budget exactly; candidates are stitched from the variant database
+    levels: NonNegativeInt = 0
+    # multi-fidelity: held-out tokens scored before each pruning decision (ascending; the last stage
+    # is always all `heldout_tokens`); empty: a quarter of them, then the rest
+    stages: list[PositiveInt] = Field(default_factory=list)
+    # share of the trials that reach a stage and go on past it (Optuna PercentilePruner)
+    survivors: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _levels_and_stages(self) -> SearchOptions:
+        problems: list[tuple[KeyPath, str]] = []
+        if self.levels == 1:
+            problems.append((("levels",), "levels: 1 (0 for any count, or >= 2)"))
+        if self.sampler == "evolution" and self.levels < 2:
+            problems.append((("sampler",), "sampler: evolution moves keep levels; set levels (e.g. 9)"))
+        if self.sampler == "evolution" and self.knots:
+            problems.append((("knots",), "knots: the evolution sampler searches every layer (knots: 0)"))
+        if self.stages != sorted(set(self.stages)):
+            problems.append((("stages",), f"stages: {self.stages} must be strictly ascending"))
+        elif self.stages and self.stages[-1] > self.heldout_tokens:
+            problems.append(
+                (("stages",), f"stages: {self.stages[-1]} exceeds heldout_tokens ({self.heldout_tokens})")
+            )
+        if problems:
+            raise FieldProblems(problems)
+        return self
 
 
 class StructureKeep(_Section):
     """Per-structure keep fractions of one table entry (what `secateur search` writes)."""
 
-    mlp: KeepFraction | None = None
-    attention: KeepFraction | None = None
+    mlp: TableKeep | None = None
+    attention: TableKeep | None = None
 
 
 class Allocation(_Section):
     """How the budget is spread over layers."""
 
     method: AllocationMethod = "uniform"
-    table: dict[str, KeepFraction | StructureKeep] | None = None
+    table: dict[str, TableKeep | StructureKeep] | None = None
     search: SearchOptions = Field(default_factory=SearchOptions)
+    # sequential: layer by layer on the pruned model's own statistics; stitched: every structure
+    # pruned one-shot from the dense model's statistics (the variant database a search scores)
+    compile: Literal["sequential", "stitched"] = "sequential"
+    # where the variant database lives (default $SECATEUR_VARIANTS or ~/.cache/secateur/variants)
+    variants_dir: str | None = None
 
     @field_validator("table", mode="before")
     @classmethod
@@ -417,11 +451,55 @@ class Evaluate(_Section):
     enabled: bool = True
 
 
+_SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
+
+
+class Export(_Section):
+    """One inference-engine export written into the output folder beside the safetensors:
+    `gguf` (llama.cpp) as model-OUTTYPE.gguf, `decilm` (vLLM's DeciLM / Nemotron-NAS) as decilm/."""
+
+    format: Literal["gguf", "decilm"]
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    # gguf: the GGUF to copy tokenizer metadata from (default: the source model when it is a GGUF)
+    tokenizer_gguf: str | None = None
+
+
 class Output(_Section):
-    """Where the pruned model goes. The runtime never writes outside `dir`."""
+    """Where the pruned model goes and in which dtype. The runtime never writes outside `dir`.
+
+    `dtype: source` is the dtype of the checkpoint the model came from (config.json's `dtype`; for a
+    GGUF file its float type, and bfloat16 for a quantised one). `max_shard_size` splits the weights
+    into shards with an index past that size, as `save_pretrained` does (bytes, or "500MB", "5GB")."""
 
     dir: str | None = None
     format: Literal["safetensors"] = "safetensors"
+    dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
+    max_shard_size: str | PositiveInt = "50GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str | int) -> str | int:
+        if isinstance(value, str) and not _SHARD_SIZE.match(value):
+            raise ValueError(f"a size in bytes or like '500MB' / '5GB' (units KB, MB, GB, TB), got {value!r}")
+        return value
+
+    export: list[Export] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _exports(self) -> Output:
+        problems: list[tuple[KeyPath, str]] = []
+        seen: set[tuple[str, str]] = set()
+        for i, e in enumerate(self.export):
+            if e.format == "decilm" and e.outtype == "q8_0":
+                problems.append(
+                    (("export", i, "outtype"), "decilm weights are f32, f16 or bf16 (q8_0 is gguf only)")
+                )
+            if (e.format, e.outtype) in seen:
+                problems.append((("export", i), f"{e.format} {e.outtype} is listed twice"))
+            seen.add((e.format, e.outtype))
+        if problems:
+            raise FieldProblems(problems)
+        return self
 
 
 # ---- cross-section rules ------------------------------------------------------------------------
@@ -498,6 +576,10 @@ STAGE_RULES: tuple[StageRule, ...] = (
 )
 
 
+def _dotted(path: KeyPath) -> str:
+    return "".join(f"{k}." for k in path)
+
+
 def _version(value: Any) -> Any:
     if value != SCHEMA_VERSION or isinstance(value, bool):
         raise ValueError(
@@ -555,6 +637,16 @@ class Recipe(_Section):
                 seen.add(p.name)
         elif self.method == "multipruner":
             yield (("method",), "method 'multipruner' is multi-stage: list its stages under passes")
+        for i, e in enumerate(self.output.export):
+            for stage in self.stages():
+                if stage.targets.attention == "v_channel":
+                    yield (
+                        ("output", "export", i, "format"),
+                        f"{e.format} export cannot hold value-channel pruning ({_dotted(stage.path)}targets.attention "
+                        "is 'v_channel'): it leaves value heads narrower than query heads, which llama.cpp and vLLM "
+                        "cannot run; prune attention by kv_group or q_head",
+                    )
+                    break
         for stage in self.stages():
             fields = {"method": stage.method, "metric": stage.importance.metric}
             for rule in STAGE_RULES:

@@ -17,7 +17,8 @@ Parameter accounting is the one of `recipe.compile.planned_removal` (tests check
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
@@ -39,10 +40,16 @@ class Slot:
     unit_params: int  # parameters removed per unit
     allowed: tuple[int, ...]  # allowed keep counts, ascending
     step: int  # regular rounding step in units (multiple_of for MLP, 1 for heads)
+    levels: tuple[int, ...] = ()  # keep levels of a level search (ascending, within allowed); () = allowed
 
     @property
     def name(self) -> str:
         return f"{self.kind}_{self.layer}"
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The coarse keep counts the projection rounds to first: the levels, else every allowed count."""
+        return self.levels or self.allowed
 
 
 def _allowed_keeps(n: int, min_keep: float, max_keep: float, multiple_of: int) -> tuple[tuple[int, ...], int]:
@@ -60,6 +67,15 @@ def _allowed_keeps(n: int, min_keep: float, max_keep: float, multiple_of: int) -
     return tuple(sorted(v for v in values if v <= n)) or (n,), m
 
 
+def with_levels(s: Slot, k: int, removable: bool) -> Slot:
+    """The slot with K keep levels evenly spaced from whole down to the branch removed (0, when
+    `removable`; else its smallest allowed count), rounded to its step; allowed counts gain them."""
+    lo, hi = s.allowed[0], s.allowed[-1]
+    raw = {int(round(s.n * j / (k - 1) / s.step)) * s.step for j in range(1, k - 1)} | {s.n}
+    levels = {v for v in raw if lo <= v <= hi} | {0 if removable else lo}
+    return replace(s, allowed=tuple(sorted(set(s.allowed) | levels)), levels=tuple(sorted(levels)))
+
+
 @dataclass
 class SearchSpace:
     """Searched slots of a model under a budget, plus the parameter goal they must meet."""
@@ -72,6 +88,7 @@ class SearchSpace:
     restore: str = "least_squares"
     damping: float = 0.01
     knots: int = 0  # 0: one parameter per slot; else per structure, interpolated over depth
+    levels: int = 0  # 0: any allowed count; K: K keep levels per slot (the lowest removes the branch)
 
     @classmethod
     def build(
@@ -84,11 +101,14 @@ class SearchSpace:
         restore: str = "least_squares",
         damping: float = 0.01,
         knots: int = 0,
+        levels: int = 0,
     ) -> SearchSpace:
         """Read unit counts and sizes from the dense model's groups (once per search)."""
         check_targets(spec, layers)
         if knots == 1 or knots < 0:
             raise BudgetError(f"allocation.search.knots: {knots} (0 for one parameter per layer, or >= 2)")
+        if levels == 1 or levels < 0:
+            raise BudgetError(f"allocation.search.levels: {levels} (0 for any count, or >= 2)")
         if spec.attention not in ("none", "q_head", "kv_group"):
             raise BudgetError(f"targets.attention: {spec.attention!r} cannot be searched yet")
         slots: list[Slot] = []
@@ -108,8 +128,13 @@ class SearchSpace:
                 slots.append(Slot(i, "attn", n, cost, allowed, 1))
         if not slots:
             raise BudgetError("targets: no targeted structure exists in the eligible layers")
+        if levels:
+            slots = [
+                with_levels(s, levels, removable=s.kind == "mlp" or spec.attention == "kv_group")
+                for s in slots
+            ]
         goal = target_params(model, adapter, spec)
-        return cls(spec, list(layers), slots, goal, metric, restore, damping, knots)
+        return cls(spec, list(layers), slots, goal, metric, restore, damping, knots, levels)
 
     # ---- sampling ---------------------------------------------------------------------
     @property
@@ -164,9 +189,15 @@ class SearchSpace:
             out[name] = sum(sums[near]) / len(sums[near])
         return self.clip(out)
 
+    @property
+    def sample_range(self) -> tuple[float, float]:
+        """What each sampled fraction ranges over: [min_keep, max_keep], from 0 when a level removes a branch."""
+        removable = any(s.grid[0] == 0 for s in self.slots)
+        return (0.0 if removable else self.spec.min_keep), self.spec.max_keep
+
     def clip(self, fractions: Fractions) -> Fractions:
         """Fractions clipped into the sampling range (so they can be enqueued)."""
-        lo, hi = self.spec.min_keep, self.spec.max_keep
+        lo, hi = self.sample_range
         return {k: float(min(max(v, lo), hi)) for k, v in fractions.items()}
 
     # ---- accounting ---------------------------------------------------------------------
@@ -180,6 +211,15 @@ class SearchSpace:
         """Parameters of the smallest regular rounding step: the precision the budget is met to."""
         return min(s.step * s.unit_params for s in self.slots)
 
+    @property
+    def level_step_params(self) -> int:
+        """Parameters of the smallest step between two levels: the precision level moves keep."""
+        return min(
+            min(b - a for a, b in zip(s.grid, s.grid[1:])) * s.unit_params
+            for s in self.slots
+            if len(s.grid) > 1
+        )
+
     def removal(self, keeps: dict[str, int]) -> int:
         return sum((s.n - keeps[s.name]) * s.unit_params for s in self.slots)
 
@@ -188,12 +228,13 @@ class SearchSpace:
         plan = Plan(metric=self.metric, restore=self.restore, damping=self.damping)
         for s in self.slots:
             lp = plan.layers.setdefault(s.layer, LayerPlan())
+            k = keeps[s.name]
             if s.kind == "mlp":
-                lp.mlp = keeps[s.name]
+                lp.mlp, lp.drop_mlp = k, k == 0  # 0: the branch is removed
             elif self.spec.attention == "kv_group":
-                lp.kv_groups = keeps[s.name]
+                lp.kv_groups, lp.drop_attn = k, k == 0
             else:
-                lp.q_per_group = keeps[s.name]
+                lp.q_per_group = k
         return plan
 
     def keeps_of(self, plan: Plan) -> dict[str, int]:
@@ -224,7 +265,16 @@ class SearchSpace:
             "restore": self.restore,
             "damping": self.damping,
             **({"knots": self.knots} if self.knots else {}),  # studies made before knots still match
+            **({"levels": self.levels} if self.levels else {}),
         }
+
+
+def level_plans(space: SearchSpace) -> list[Plan]:
+    """One plan per level rank (every slot at its j-th level): together they name every level variant."""
+    depth = max(len(s.grid) for s in space.slots)
+    return [
+        space.to_plan({s.name: s.grid[min(j, len(s.grid) - 1)] for s in space.slots}) for j in range(depth)
+    ]
 
 
 def _bisect_alpha(slots: list[Slot], weights: list[float], goal: float) -> float:
@@ -248,21 +298,73 @@ def _bisect_alpha(slots: list[Slot], weights: list[float], goal: float) -> float
     return hi
 
 
+def _greedy(
+    keeps: dict[str, int],
+    target: dict[str, float],
+    slots: list[Slot],
+    grid: dict[str, tuple[int, ...]],
+    goal: int,
+    tol: float,
+) -> int:
+    """Move slots one grid step at a time, the one farthest from its continuous target first, until
+    the removal is within `tol` of `goal` (or no move helps); returns the removal reached."""
+    removed = sum((s.n - keeps[s.name]) * s.unit_params for s in slots)
+    while abs(goal - removed) > tol:
+        down = goal > removed  # remove more: keep fewer
+        best: tuple[float, int, Slot, int] | None = None
+        for idx, s in enumerate(slots):
+            g = grid[s.name]
+            k = keeps[s.name]
+            nxt = [v for v in g if v < k] if down else [v for v in g if v > k]
+            if not nxt:
+                continue
+            new = max(nxt) if down else min(nxt)
+            cost = abs(k - new) * s.unit_params
+            if cost > abs(goal - removed) + tol:
+                continue  # would overshoot by more than it fixes
+            gap = (k - target[s.name]) / s.step
+            pressure = gap if down else -gap
+            if best is None or (pressure, -idx) > (best[0], -best[1]):
+                best = (pressure, idx, s, new)
+        if best is None:
+            break
+        _, _, s, new = best
+        removed += (keeps[s.name] - new) * s.unit_params
+        keeps[s.name] = new
+    return removed
+
+
+def _on_levels(fractions: Fractions, space: SearchSpace) -> dict[str, int] | None:
+    """The level counts the fractions sit on exactly (a level sampler's proposal) when they meet the
+    goal to within one level step; None otherwise."""
+    if not space.levels:
+        return None
+    keeps: dict[str, int] = {}
+    for s in space.slots:
+        k = float(fractions[s.name]) * s.n
+        near = min(s.levels, key=lambda v: abs(v - k))
+        if abs(near - k) > 1e-6:
+            return None
+        keeps[s.name] = near
+    if abs(space.goal - space.removal(keeps)) > space.level_step_params:
+        return None
+    return keeps
+
+
 def project_to_budget(fractions: Fractions, space: SearchSpace) -> Plan:
     """Sampled keep fractions -> a feasible plan removing the budget to within one rounding step.
 
     The removal shares (1 - fraction) are scaled by one common factor (their ratios are what
-    the sampler chooses), clipped to each slot's limits, rounded to the nearest allowed keep,
-    then slots are moved one step at a time, the one farthest from its continuous target
-    first, until the removal is within half a step of the goal.
+    the sampler chooses), clipped to each slot's limits, rounded to the nearest level (every
+    allowed count without levels), then slots are moved one level at a time, the one farthest
+    from its continuous target first, until the removal is within half a level of the goal, and
+    then by single rounding steps until it is within half a step. Fractions that already sit on
+    levels meeting the goal to within one level (a level sampler's candidate) skip the scaling.
     """
     slots = space.slots
     missing = [s.name for s in slots if s.name not in fractions]
     if missing:
         raise KeyError(f"fractions lack {', '.join(missing)}")
-    weights = [min(max(1.0 - float(fractions[s.name]), 0.0), 1.0) for s in slots]
-    if not any(w > 0 for w in weights):
-        weights = [1.0] * len(slots)  # nothing asked anywhere: spread evenly
     goal = space.goal
     most = sum((s.n - s.allowed[0]) * s.unit_params for s in slots)
     least = sum((s.n - s.allowed[-1]) * s.unit_params for s in slots)
@@ -277,41 +379,68 @@ def project_to_budget(fractions: Fractions, space: SearchSpace) -> Plan:
             f"budget.params: budget.max_keep={space.spec.max_keep} already removes {least:,} parameters, "
             f"more than the budget of {goal:,}"
         )
-    alpha = _bisect_alpha(slots, weights, goal)
-    target: dict[str, float] = {}
-    keeps: dict[str, int] = {}
-    for s, w in zip(slots, weights):
-        r = min(max(alpha * w, 1 - s.allowed[-1] / s.n), 1 - s.allowed[0] / s.n)
-        target[s.name] = s.n * (1 - r)
-        keeps[s.name] = min(s.allowed, key=lambda k, t=target[s.name]: (abs(k - t), k))
-    removed = space.removal(keeps)
-    while abs(goal - removed) > tol:
-        down = goal > removed  # remove more: keep fewer
-        best: tuple[float, int, Slot, int] | None = None
-        for idx, s in enumerate(slots):
-            pos = s.allowed.index(keeps[s.name])
-            nxt = pos - 1 if down else pos + 1
-            if not 0 <= nxt < len(s.allowed):
-                continue
-            new = s.allowed[nxt]
-            cost = abs(keeps[s.name] - new) * s.unit_params
-            if cost > abs(goal - removed) + tol:
-                continue  # would overshoot by more than it fixes
-            gap = (keeps[s.name] - target[s.name]) / s.step
-            pressure = gap if down else -gap
-            if best is None or (pressure, -idx) > (best[0], -best[1]):
-                best = (pressure, idx, s, new)
-        if best is None:
-            break
-        _, _, s, new = best
-        removed += (keeps[s.name] - new) * s.unit_params
-        keeps[s.name] = new
+    keeps = _on_levels(fractions, space)
+    if keeps is not None:
+        target = {s.name: float(keeps[s.name]) for s in slots}
+    else:
+        weights = [min(max(1.0 - float(fractions[s.name]), 0.0), 1.0) for s in slots]
+        if not any(w > 0 for w in weights):
+            weights = [1.0] * len(slots)  # nothing asked anywhere: spread evenly
+        alpha = _bisect_alpha(slots, weights, goal)
+        target, keeps = {}, {}
+        for s, w in zip(slots, weights):
+            r = min(max(alpha * w, 1 - s.allowed[-1] / s.n), 1 - s.allowed[0] / s.n)
+            target[s.name] = s.n * (1 - r)
+            keeps[s.name] = min(s.grid, key=lambda k, t=target[s.name]: (abs(k - t), k))
+        if space.levels:
+            _greedy(keeps, target, slots, {s.name: s.grid for s in slots}, goal, space.level_step_params / 2)
+    removed = _greedy(keeps, target, slots, {s.name: s.allowed for s in slots}, goal, tol)
     if abs(goal - removed) > space.step_params:
         raise BudgetError(
             f"budget.params: could not meet {goal:,} removed parameters within one rounding step "
             f"(got {removed:,}); loosen budget.min_keep/max_keep or multiple_of"
         )
     return space.to_plan(keeps)
+
+
+def snap_to_levels(keeps: dict[str, int], space: SearchSpace) -> dict[str, int]:
+    """Kept counts -> the nearest levels, moved level by level until the removal is within half a
+    level step of the goal: the genome a level sampler mutates."""
+    out = {s.name: min(s.levels, key=lambda v: (abs(v - keeps[s.name]), v)) for s in space.slots}
+    target = {s.name: float(keeps[s.name]) for s in space.slots}
+    _greedy(
+        out,
+        target,
+        space.slots,
+        {s.name: s.levels for s in space.slots},
+        space.goal,
+        space.level_step_params / 2,
+    )
+    return out
+
+
+def level_switch(
+    keeps: dict[str, int], space: SearchSpace, rng: random.Random, tries: int = 64
+) -> dict[str, int]:
+    """EvoPress's mutation: one slot down a level and another of the same kind up a level, chosen so
+    the parameters they move are equal, so the removal (the budget) does not change at all.
+    Returns the input unchanged when no such pair exists."""
+    by_name = {s.name: s for s in space.slots}
+    names = list(by_name)
+    for _ in range(tries):
+        a, b = rng.sample(names, 2)
+        sa, sb = by_name[a], by_name[b]
+        ia, ib = sa.levels.index(keeps[a]), sb.levels.index(keeps[b])
+        if ia == 0 or ib == len(sb.levels) - 1:
+            continue
+        down = (sa.levels[ia] - sa.levels[ia - 1]) * sa.unit_params
+        up = (sb.levels[ib + 1] - sb.levels[ib]) * sb.unit_params
+        if down != up:
+            continue
+        out = dict(keeps)
+        out[a], out[b] = sa.levels[ia - 1], sb.levels[ib + 1]
+        return out
+    return dict(keeps)
 
 
 def uniform_fractions(space: SearchSpace) -> Fractions:

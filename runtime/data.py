@@ -172,6 +172,18 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed:
     return torch.stack([flat[s : s + seqlen] for s in starts.tolist()])
 
 
+STATS_FRACTION = 0.9  # calibration statistics come from this head of the text; the tail is held out
+
+
+def statistics_split(
+    tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiler's calibration windows (random windows of the first 90% of the text) and the
+    untouched tail they never overlap (held-out tokens for quality proxies and searches)."""
+    head, tail = split_tokens(tokens, STATS_FRACTION)
+    return calibration_windows(head, n_samples, seqlen, seed), tail
+
+
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows from the start, [N // seqlen, seqlen] (the tail is dropped)."""
     flat = _flat(tokens)

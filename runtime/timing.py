@@ -225,3 +225,13 @@ def peak_memory(device: torch.device) -> dict[str, int | None]:
     rss *= 1 if sys.platform == "darwin" else 1024
     gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"peak_rss_bytes": int(rss), "peak_gpu_bytes": gpu}
+
+
+def memory_lines(mem: dict[str, int | None]) -> list[str]:
+    """`peak_memory`'s figures as the lines every run kind prints (prune report, eval, search)."""
+    out = []
+    if mem.get("peak_rss_bytes"):
+        out.append(f"Peak resident memory (RSS) of the process: {mem['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if mem.get("peak_gpu_bytes"):
+        out.append(f"Peak GPU memory allocated: {mem['peak_gpu_bytes'] / 2**30:.2f} GiB")
+    return out

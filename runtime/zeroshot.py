@@ -1,10 +1,12 @@
 """Zero-shot accuracy through lm-eval, offline, from the local jsonl copies of the standard tasks.
 
-Each local task is an inline lm-eval config over `<data_root>/zeroshot/<task>.jsonl` that
-reproduces the prompt, choices, target and metrics of lm-eval's own task of the same name (its
-piqa, arc, hellaswag, winogrande and super_glue/boolq configs), so accuracies are comparable with
-published lm-eval numbers while nothing is fetched from the hub. Files are checked row by row
-before any model is loaded, so a broken file fails in seconds rather than after a prune.
+Each local task is an lm-eval task YAML file in `runtime/tasks/` (TASKS_DIR) over
+`<data_root>/zeroshot/<task>.jsonl` that reproduces the prompt, choices, target and metrics of
+lm-eval's own task of the same name (its piqa, arc, hellaswag, winogrande and super_glue/boolq
+configs), so accuracies are comparable with published lm-eval numbers while nothing is fetched
+from the hub. `secateur eval` runs them through lm-eval's TaskManager(include_path=TASKS_DIR), and
+lm-eval's own CLI runs the same files with `--include_path`. Files are checked row by row before
+any model is loaded, so a broken file fails in seconds rather than after a prune.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import functools
 import importlib.util
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,134 +24,23 @@ from typing import Any
 from torch import nn
 
 from secateur.runtime.data import DATA_ROOT_ENV, default_data_root, iter_jsonl
+from secateur.runtime.tasks import TASKS_DIR
+from secateur.runtime.tasks.utils import SPLITS, task_file
 
-LOCAL_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
-
-# The split lm-eval scores each task on (its test split when it has one, else validation).
-_SPLIT = {
-    "piqa": "validation",
-    "arc_easy": "test",
-    "arc_challenge": "test",
-    "hellaswag": "validation",
-    "winogrande": "validation",
-    "boolq": "validation",
-}
+LOCAL_TASKS = tuple(SPLITS)
 
 
-# ----------------------------------------------------------------- prompt formats (lm-eval's)
+def task_config(task: str, data_root: str | Path | None = None) -> dict[str, Any]:
+    """The lm-eval config of local task `task`, as its YAML file in TASKS_DIR gives it (functions
+    resolved), reading `data_root` (default: as `tasks.utils.data_root` finds it)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-
-def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's hellaswag clean-up: WikiHow '[title]' markers become sentence breaks, brackets go."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag_doc(doc: dict[str, Any]) -> dict[str, Any]:
-    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return {
-        "query": hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
-        "choices": [hellaswag_preprocess(e) for e in doc["endings"]],
-        "gold": int(doc["label"]),
-    }
-
-
-def hellaswag_process_docs(dataset: Any) -> Any:
-    """lm-eval's hellaswag `process_docs`: adds query, choices and gold to every row."""
-    return dataset.map(_hellaswag_doc)
-
-
-def winogrande_doc_to_text(doc: dict[str, Any]) -> int:
-    """Partial scoring: the context is chosen by the answer (an index into the choices)."""
-    return {"1": 0, "2": 1}[doc["answer"]]
-
-
-def winogrande_doc_to_target(doc: dict[str, Any]) -> str:
-    """The sentence after the blank, scored after each filled-in prefix."""
-    idx = doc["sentence"].index("_") + 1
-    return doc["sentence"][idx:].strip()
-
-
-def winogrande_doc_to_choice(doc: dict[str, Any]) -> list[str]:
-    """The sentence up to the blank, filled with each option."""
-    idx = doc["sentence"].index("_")
-    return [doc["sentence"][:idx] + opt for opt in (doc["option1"], doc["option2"])]
-
-
-def boolq_doc_to_target(doc: dict[str, Any]) -> int:
-    """The HF boolq `answer` bool as SuperGLUE's 0/1 label (choices are no, yes)."""
-    return int(bool(doc["answer"]))
-
-
-def _metrics(norm: bool) -> list[dict[str, Any]]:
-    names = ("acc", "acc_norm") if norm else ("acc",)
-    return [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in names]
-
-
-# Everything but the data location, copied from lm-eval's task YAMLs.
-_FORMATS: dict[str, dict[str, Any]] = {
-    "piqa": {
-        "doc_to_text": "Question: {{goal}}\nAnswer:",
-        "doc_to_target": "label",
-        "doc_to_choice": "{{[sol1, sol2]}}",
-        "metric_list": _metrics(True),
-        "metadata": {"version": 1.0},
-    },
-    "arc_easy": {
-        "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_target": "gold",
-        "doc_to_choice": "{{choices.text}}",
-        "metric_list": _metrics(True),
-        "metadata": {"version": 1.0},
-    },
-    "hellaswag": {
-        "process_docs": hellaswag_process_docs,
-        "doc_to_text": "{{query}}",
-        "doc_to_target": "{{label}}",
-        "doc_to_choice": "choices",
-        "metric_list": _metrics(True),
-        "metadata": {"version": 1.0},
-    },
-    "winogrande": {
-        "doc_to_text": winogrande_doc_to_text,
-        "doc_to_target": winogrande_doc_to_target,
-        "doc_to_choice": winogrande_doc_to_choice,
-        "metric_list": _metrics(False),
-        "metadata": {"version": 1.0},
-    },
-    "boolq": {
-        "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
-        "doc_to_target": boolq_doc_to_target,
-        "doc_to_choice": ["no", "yes"],
-        "metric_list": _metrics(False),
-        "metadata": {"version": 2.0},
-    },
-}
-_FORMATS["arc_challenge"] = _FORMATS["arc_easy"]
-
-
-def task_config(task: str, path: str | Path) -> dict[str, Any]:
-    """An inline lm-eval config for local task `task` reading `path` (made absolute: lm-eval
-    resolves relative data_files against the working directory)."""
-    if task not in _FORMATS:
+    if task not in LOCAL_TASKS:
         raise ValueError(f"zeroshot: {task!r} is not a local task ({', '.join(LOCAL_TASKS)})")
-    split = _SPLIT[task]
-    fmt = copy.deepcopy(_FORMATS[task])
-    fmt["metadata"]["data_file"] = str(Path(path).resolve())
-    return {
-        "task": task,
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {split: str(Path(path).resolve())}},
-        "output_type": "multiple_choice",
-        "training_split": None,
-        "validation_split": split if split == "validation" else None,
-        "test_split": split if split == "test" else None,
-        "num_fewshot": 0,
-        **fmt,
-    }
+    cfg = load_yaml(TASKS_DIR / f"{task}.yaml", resolve_func=True, recursive=True)
+    cfg.pop("tag", None)
+    cfg["metadata"] = {**cfg.get("metadata", {}), "data_root": str(data_root) if data_root else None}
+    return cfg
 
 
 # ----------------------------------------------------------------- checking the files
@@ -222,11 +112,6 @@ _CHECKS: dict[str, Callable[[dict[str, Any]], str | None]] = {
 }
 
 
-def task_file(task: str, data_root: str | Path) -> Path:
-    """Where local task `task` is read from: `<data_root>/zeroshot/<task>.jsonl`."""
-    return Path(data_root).expanduser() / "zeroshot" / f"{task}.jsonl"
-
-
 def _check_file(task: str, path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"zeroshot task {task}: {path} not found")
@@ -243,7 +128,7 @@ def _check_file(task: str, path: Path) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _registry() -> Any:
-    """lm-eval's TaskManager over its built-in tasks (indexing them takes seconds: done once)."""
+    """lm-eval's TaskManager over its built-in tasks, to check names (indexing takes seconds: done once)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager()
@@ -260,17 +145,23 @@ def _unique(tasks: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def _local_files(tasks: list[str], data_root: str | Path | None) -> dict[str, Path]:
+def _root(tasks: list[str], data_root: str | Path | None) -> Path | None:
+    """The data root the local tasks among `tasks` read (None when there are none)."""
     local = [t for t in tasks if t in LOCAL_TASKS]
     if not local:
-        return {}
+        return None
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     if root is None:
         raise ValueError(
             f"zeroshot tasks {', '.join(local)}: no data root found; set {DATA_ROOT_ENV} "
             "(or pass data_root) to the folder holding zeroshot/<task>.jsonl"
         )
-    return {t: task_file(t, root) for t in local}
+    return root
+
+
+def _local_files(tasks: list[str], data_root: str | Path | None) -> dict[str, Path]:
+    root = _root(tasks, data_root)
+    return {t: task_file(t, root) for t in tasks if t in LOCAL_TASKS} if root else {}
 
 
 def check_tasks(tasks: Sequence[str], data_root: str | Path | None = None) -> None:
@@ -369,8 +260,12 @@ def run_zeroshot(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    specs: list[str | dict[str, Any]] = [task_config(t, files[t]) if t in files else t for t in names]
-    manager = _registry() if len(files) < len(names) else TaskManager(include_defaults=False)
+    root = _root(names, data_root)
+    manager = TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=len(files) < len(names),  # indexing lm-eval's own tasks takes seconds
+        metadata={"data_root": str(root)} if root else None,
+    )
     was_training = model.training
     try:
         # HFLM sets a pad token on the tokenizer it gets: give it a copy, not the caller's.
@@ -378,7 +273,7 @@ def run_zeroshot(
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         results = lm_eval.simple_evaluate(
             model=lm,
-            tasks=specs,
+            tasks=names,
             num_fewshot=0,
             limit=limit,
             task_manager=manager,

@@ -3,9 +3,9 @@
 One dense calibration pass, layer by layer, gives every eligible layer's consumer Gram
 matrices (o_proj / down_proj inputs), the unit scores derived from them, and each block's
 angular importance (CFSP). The dense model's next-token distributions on held-out windows
-(disjoint from calibration) are the reference of the KL proxy. Restored consumer weights are
-memoised by (layer, kept count): selection depends only on the count once scores are fixed,
-so a count tried again costs nothing.
+(disjoint from calibration) are the reference of the KL proxy. Pruned and restored
+structures are variants (`runtime.variants`): built once per (layer, structure, kept count),
+stored on disk and stitched into the dense model for every candidate that uses them.
 
 The dense reference is stored in full (fp32 log-probabilities) when it fits in
 `reference_mb` (default 1024 MiB: e.g. 4096 tokens x 49152 vocab), otherwise as the dense
@@ -15,30 +15,24 @@ that coarsened distribution is a tight lower bound of the full KL.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import layer_groups
-from secateur.graph.keep import LayerKeep
 from secateur.runtime.data import calibration_windows, eval_windows, split_tokens
-from secateur.runtime.dense import dense_statistics
 from secateur.runtime.proxy import Reference, dense_reference
-from secateur.runtime.score import unit_scores
-from secateur.runtime.sequential import restore_layer
-from secateur.runtime.stats import InputStats
+from secateur.runtime.variants import (
+    LayerStats,
+    VariantSource,
+    VariantStore,
+    default_variants_dir,
+    dense_layer_stats,
+    store_key,
+)
 
-
-@dataclass
-class LayerCache:
-    """Dense statistics of one eligible layer: consumer stats, unit scores and unit counts."""
-
-    stats: dict[str, InputStats]  # consumer module name -> input statistics
-    scores: dict[str, torch.Tensor]  # "mlp_channel" / "kv_group" / "q_head" -> one score per unit
-    n_units: dict[str, int]
+LayerCache = LayerStats  # the name earlier code used
 
 
 def search_windows(
@@ -61,16 +55,18 @@ def search_windows(
 
 @dataclass
 class SearchCache:
-    """Dense statistics, scores, block importances, held-out windows and the dense reference."""
+    """Dense statistics, scores, block importances, held-out windows, the dense reference, and the
+    variant database every candidate is stitched from."""
 
-    layers: dict[int, LayerCache]
+    layers: dict[int, LayerStats]
     angular: dict[int, float]  # block index -> angular distance between its input and output
     heldout: torch.Tensor  # [n, T] token ids
     reference: Reference
+    source: VariantSource
     metric: str = "fasp"
-    memo_mb: int = 512
-    _memo: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _memo_bytes: int = 0
+    restore: str = "least_squares"
+    damping: float = 0.01
+    build_seconds: float = 0.0  # time this process spent building the variant database
 
     @classmethod
     def build(
@@ -87,57 +83,18 @@ class SearchCache:
         reference_mb: int = 1024,
         topk: int = 256,
         memo_mb: int = 512,
+        restore: str = "least_squares",
+        damping: float = 0.01,
+        variants_dir: str | None = None,
+        weights_fp: str | None = None,
     ) -> SearchCache:
-        """One dense pass over the calibration windows plus one over the held-out windows."""
-        dense = dense_statistics(model, adapter, calib_ids, layers, mlp, attention, batch_size)
-        out = {i: cls._layer_cache(model, adapter, i, st, metric) for i, st in dense.stats.items()}
+        """One dense pass over the calibration windows plus one over the held-out windows; the
+        variant database lives under `variants_dir` (default `default_variants_dir()`)."""
+        stats, angular = dense_layer_stats(model, adapter, calib_ids, layers, mlp, attention, metric)
         ref = dense_reference(model, heldout_ids, batch_size, reference_mb, topk)
-        return cls(out, dense.angular, heldout_ids.cpu(), ref, metric, memo_mb)
-
-    @staticmethod
-    def _layer_cache(
-        model: nn.Module, adapter: ModelAdapter, i: int, stats: dict[str, InputStats], metric: str
-    ) -> LayerCache:
-        p = adapter.layer_prefix(i)
-        groups = {g.kind: g for g in layer_groups(model, adapter, i)}
-        scores: dict[str, torch.Tensor] = {}
-        mlp_name, o_name = f"{p}.{adapter.mlp_out}", f"{p}.{adapter.o}"
-        if mlp_name in stats and "mlp_channel" in groups:
-            scores["mlp_channel"] = unit_scores(model, groups["mlp_channel"], stats[mlp_name], metric).cpu()
-        if o_name in stats and "kv_group" in groups:
-            for kind in ("kv_group", "q_head"):
-                scores[kind] = unit_scores(model, groups[kind], stats[o_name], metric).cpu()
-        return LayerCache(dict(stats), scores, {k: g.n_units for k, g in groups.items()})
-
-    def restored(
-        self,
-        model: nn.Module,
-        adapter: ModelAdapter,
-        i: int,
-        key: tuple,
-        part: LayerKeep,
-        damping: float,
-        method: str,
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Restored consumer weights of layer i for the keep `part` (computed on the dense weights
-        the model holds right now), memoised under `key` within `memo_mb`."""
-        full_key = (i, key, damping, method)
-        hit = self._memo.get(full_key)
-        if hit is not None:
-            self._memo.move_to_end(full_key)
-            return hit
-        weights, _ = restore_layer(
-            model, adapter, i, part, self.layers[i].stats, damping, method, errors=False
+        key = store_key(model, calib_ids, metric, restore, damping, weights_fp)
+        store = VariantStore(variants_dir or default_variants_dir(), key, memo_mb)
+        source = VariantSource(
+            model, adapter, store, calib_ids, layers, mlp, attention, metric, restore, damping, stats
         )
-        size = sum(_nbytes(w) for w in weights.values())
-        if size <= self.memo_mb * 2**20:
-            self._memo[full_key] = weights
-            self._memo_bytes += size
-            while self._memo_bytes > self.memo_mb * 2**20:
-                _, old = self._memo.popitem(last=False)
-                self._memo_bytes -= sum(_nbytes(w) for w in old.values())
-        return weights
-
-
-def _nbytes(pair: tuple[torch.Tensor, torch.Tensor | None]) -> int:
-    return sum(t.numel() * t.element_size() for t in pair if t is not None)
+        return cls(stats, angular, heldout_ids.cpu(), ref, source, metric, restore, damping)

@@ -1,9 +1,9 @@
 """One trial: project, prune the live model from cached statistics, score the proxy, undo.
 
-Pruning a trial uses the DENSE model's statistics for every layer (one-shot), not the
-sequential statistics of the already pruned layers below it: that is what makes a trial cost
-a few restorations and one evaluation instead of a full calibration pass. The winning plan is
-compiled afterwards by `runtime.sequential.prune_sequential` on a fresh model.
+A trial stitches stored variants (`runtime.variants`: each structure of each layer pruned and
+restored one-shot from the DENSE model's statistics) into the dense model: no pruning per trial,
+only an evaluation. With `allocation.compile: stitched` the winner compiles from the very same
+variants, so the compiled model is exactly the evaluated candidate.
 
 Undo is exact and copies no weights: surgery only ever replaces parameters and modules (it
 slices into new tensors), so snapshotting each touched layer's module dictionaries before
@@ -27,9 +27,8 @@ from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.space import SearchSpace, project_to_budget
 from secateur.runtime.proxy import ProxyKind, batch_terms, proxy_value
 from secateur.runtime.select import by_score, select_units
-from secateur.runtime.sequential import write_consumers
 from secateur.runtime.snapshot import ModuleSnapshot
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.variants import stitch
 from secateur.search.cache import SearchCache
 from secateur.search.space import suggest
 
@@ -47,28 +46,18 @@ def select_from_scores(cache: SearchCache, i: int, lp: LayerPlan) -> LayerKeep:
 
 @contextmanager
 def pruned(model: nn.Module, adapter: ModelAdapter, cache: SearchCache, plan: Plan) -> Iterator[nn.Module]:
-    """The model pruned to `plan` with restored consumers, inside the block; dense again after it."""
+    """The model with the plan's stored variants stitched in, inside the block; dense again after it."""
     if plan.metric != cache.metric:
         raise ValueError(f"plan metric {plan.metric!r} differs from the cached scores' {cache.metric!r}")
-    blocks = adapter.layers(model)
-    todo = [(i, lp) for i, lp in sorted(plan.layers.items()) if not lp.is_noop()]
-    snap = ModuleSnapshot([blocks[i] for i, _ in todo])
+    if (plan.restore, float(plan.damping)) != (cache.restore, float(cache.damping)):
+        raise ValueError(
+            f"plan restoration {plan.restore!r} (damping {plan.damping}) differs from the variant "
+            f"database's {cache.restore!r} (damping {cache.damping})"
+        )
+    variants = cache.source.variants_of(plan)  # built (if new) while the model is still dense
+    snap = ModuleSnapshot([adapter.layers(model)[i] for i in variants])
     try:
-        for i, lp in todo:
-            lk = select_from_scores(cache, i, lp)
-            weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-            if lk.mlp is not None and not lk.drop_mlp:
-                part = LayerKeep(mlp=lk.mlp)
-                weights.update(
-                    cache.restored(model, adapter, i, ("mlp", lp.mlp), part, plan.damping, plan.restore)
-                )
-            if not lk.drop_attn and (lk.kv_heads is not None or lk.q_heads is not None):
-                part = LayerKeep(kv_heads=lk.kv_heads, q_heads=lk.q_heads)
-                key = ("attn", lp.kv_groups, lp.q_per_group)
-                weights.update(cache.restored(model, adapter, i, key, part, plan.damping, plan.restore))
-            apply_keep(model, adapter, {i: lk})
-            with torch.no_grad():
-                write_consumers(model, weights)  # sliced tensors are fresh, never the dense ones
+        stitch(model, adapter, variants)
         yield model
     finally:
         snap.restore()
@@ -90,6 +79,11 @@ def proxy_sum(
     return total, count
 
 
+def stage_bounds(n_windows: int, stages: list[int] | None) -> list[int]:
+    """Cumulative window counts scored before each pruning decision, ending with all windows."""
+    return sorted({max(1, min(int(b), n_windows)) for b in (stages or [])} | {n_windows})
+
+
 def evaluate_plan(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -97,28 +91,27 @@ def evaluate_plan(
     plan: Plan,
     kind: ProxyKind = "kl",
     trial: optuna.Trial | None = None,
-    first_windows: int | None = None,
+    stages: list[int] | None = None,
     batch_size: int = 4,
 ) -> float:
     """Proxy value of `plan` (mean KL to the dense model, or perplexity) on the held-out windows.
 
-    With a trial, the first `first_windows` are scored first and reported, and the trial is
-    pruned there when the pruner says so (multi-fidelity); the rest are scored only after.
+    With a trial, the windows are scored in growing stages (`stages`: cumulative window counts):
+    after each one the value so far is reported at step = tokens scored, and the trial is pruned
+    there when the pruner says so (multi-fidelity), so only survivors are scored on more tokens.
     """
     n = cache.heldout.shape[0]
-    first = n if trial is None or first_windows is None else max(1, min(first_windows, n))
+    bounds = stage_bounds(n, stages) if trial is not None else [n]
+    total, count, start = 0.0, 0, 0
     with pruned(model, adapter, cache, plan) as m:
-        total, count = proxy_sum(m, cache, 0, first, kind, batch_size)
-        if first < n:
-            trial.report(proxy_value(total, count, kind), first)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-            t2, c2 = proxy_sum(m, cache, first, n, kind, batch_size)
-            total, count = total + t2, count + c2
-    value = proxy_value(total, count, kind)
-    if trial is not None:
-        trial.report(value, n)
-    return value
+        for stop in bounds:
+            t, c = proxy_sum(m, cache, start, stop, kind, batch_size)
+            total, count, start = total + t, count + c, stop
+            if trial is not None:
+                trial.report(proxy_value(total, count, kind), count)
+                if stop < n and trial.should_prune():
+                    raise optuna.TrialPruned()
+    return proxy_value(total, count, kind)
 
 
 class Objective:
@@ -131,12 +124,12 @@ class Objective:
         cache: SearchCache,
         space: SearchSpace,
         kind: ProxyKind = "kl",
-        first_windows: int | None = None,
+        stages: list[int] | None = None,
         batch_size: int = 4,
         fixed: dict[str, Plan] | None = None,
     ) -> None:
         self.model, self.adapter, self.cache, self.space = model, adapter, cache, space
-        self.kind, self.first_windows, self.batch_size = kind, first_windows, batch_size
+        self.kind, self.stages, self.batch_size = kind, list(stages or []), batch_size
         self.fixed = dict(fixed or {})  # seed tag -> exact plan (e.g. the compiler's uniform plan)
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -147,7 +140,7 @@ class Objective:
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("removed", self.space.removal(self.space.keeps_of(plan)))
         # seeded trials (uniform, angular) are always evaluated in full: they are the floor to beat
-        first = None if init is not None else self.first_windows
+        stages = None if init is not None else self.stages
         return evaluate_plan(
-            self.model, self.adapter, self.cache, plan, self.kind, trial, first, self.batch_size
+            self.model, self.adapter, self.cache, plan, self.kind, trial, stages, self.batch_size
         )

@@ -137,7 +137,7 @@ def winner_table(plan: Plan, space: SearchSpace) -> dict[str, Any]:
     """Per-layer keep fractions for `allocation.table`: a number when one structure is searched,
     {mlp: .., attention: ..} when both are, so the compiled counts equal the plan's exactly."""
     fractions = space.fractions_of(plan)
-    lo, hi = space.spec.min_keep, space.spec.max_keep
+    lo, hi = space.sample_range
 
     def clip(v: float) -> float:
         return min(max(round(v, 6), lo), hi)
@@ -169,7 +169,12 @@ def write_winner_recipe(
     path.parent.mkdir(parents=True, exist_ok=True)
     recipe = copy.deepcopy(recipe_dict)
     recipe.pop("extends", None)
+    alloc = recipe.get("allocation", {})
     recipe["allocation"] = {"method": "table", "table": winner_table(plan, space)}
+    if alloc.get("compile", "sequential") != "sequential":  # compiled as it was scored
+        recipe["allocation"]["compile"] = alloc["compile"]
+        if alloc.get("variants_dir"):
+            recipe["allocation"]["variants_dir"] = str(Path(alloc["variants_dir"]).expanduser().resolve())
     plan_path = path.parent / "best_plan.json"
     _replace_text(plan_path, json.dumps(plan.to_dict(), indent=2) + "\n")
     header = ["# Allocation found by `secateur search`; a plain recipe, compiled without Optuna."]

@@ -12,6 +12,6 @@ from secateur.recipe.space import Fractions, SearchSpace
 
 
 def suggest(space: SearchSpace, trial: optuna.Trial) -> Fractions:
-    """Sample the parameters in [min_keep, max_keep] and expand them to one fraction per slot."""
-    lo, hi = space.spec.min_keep, space.spec.max_keep
+    """Sample the parameters in the space's range and expand them to one fraction per slot."""
+    lo, hi = space.sample_range
     return space.expand({n: trial.suggest_float(n, lo, hi) for n in space.param_names})

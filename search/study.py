@@ -43,8 +43,16 @@ from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.graph.plan import Plan
 from secateur.recipe.compile import BudgetError, BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
-from secateur.recipe.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
+from secateur.recipe.space import (
+    SearchSpace,
+    angular_fractions,
+    level_plans,
+    project_to_budget,
+    uniform_fractions,
+)
+from secateur.runtime.variants import plan_variants
 from secateur.search.cache import SearchCache
+from secateur.search.evolution import EvolutionSampler
 from secateur.search.objective import Objective, owner_tag
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -75,6 +83,7 @@ class SearchResult:
     uniform_value: float | None = None
     uniform_plan: Plan | None = None
     storage: str | None = None
+    variants: dict[str, Any] | None = None  # the variant database: folder, build seconds, variants built
 
 
 @dataclass
@@ -322,16 +331,30 @@ def fail_orphans(
     return failed
 
 
-def make_sampler(options: SearchOptions, rank: int = 0) -> optuna.samplers.BaseSampler:
-    """Seeded sampler; each worker gets its own seed so workers do not propose the same trials."""
+def make_sampler(
+    options: SearchOptions, rank: int = 0, space: SearchSpace | None = None
+) -> optuna.samplers.BaseSampler:
+    """Seeded sampler; each worker gets its own seed so workers do not propose the same trials
+    (the evolution sampler seeds by trial number instead, so any worker proposes the same child)."""
     seed = options.seed + 1000 * rank
     if options.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if options.sampler == "evolution":
+        if space is None:
+            raise SearchError("the evolution sampler needs the search space")
+        return EvolutionSampler(space, seed=options.seed)
+    if options.sampler == "cmaes":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.CmaESSampler(seed=seed, warn_independent_sampling=False)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
 def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
-    return optuna.pruners.MedianPruner(n_startup_trials=5) if options.pruner else optuna.pruners.NopPruner()
+    """Multi-fidelity selection: at each stage only the best `survivors` share goes on (percentile)."""
+    if not options.pruner:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.PercentilePruner(100.0 * options.survivors, n_startup_trials=5)
 
 
 @dataclass
@@ -350,6 +373,7 @@ def _open(
     options: SearchOptions,
     rank: int = 0,
     heartbeat: tuple[int, int] = (60, 180),
+    space: SearchSpace | None = None,
 ) -> _Opened:
     storage = open_storage(url, *heartbeat) if url is not None else None
     engine = storage.engine if storage is not None else None
@@ -363,7 +387,7 @@ def _open(
                 storage=storage,
                 study_name=study_name,
                 direction="minimize",
-                sampler=make_sampler(options, rank),
+                sampler=make_sampler(options, rank, space),
                 pruner=make_pruner(options),
                 load_if_exists=True,
             )
@@ -396,9 +420,10 @@ def open_study(
     options: SearchOptions,
     rank: int = 0,
     heartbeat: tuple[int, int] = (60, 180),
+    space: SearchSpace | None = None,
 ) -> optuna.Study:
     """Create or load the study; refuse one made for another space; fail orphaned trials."""
-    return _open(url, study_name, fingerprint, options, rank, heartbeat).study
+    return _open(url, study_name, fingerprint, options, rank, heartbeat, space).study
 
 
 def _seed(study: optuna.Study, space: SearchSpace, cache: SearchCache) -> None:
@@ -434,7 +459,7 @@ def _progress_callback(kind: str, emit: Callable[[str], None], prefix: str = "")
             shown = f"{kind}={t.value:.6g}"
         elif t.state == TrialState.PRUNED:
             last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
-            shown = f"pruned at {kind}={last:.6g} ({t.last_step} windows)" if last is not None else "pruned"
+            shown = f"pruned at {kind}={last:.6g} ({t.last_step} tokens)" if last is not None else "pruned"
         else:
             shown = t.state.name.lower()
         try:
@@ -545,7 +570,7 @@ def _optimize(
 
 
 def _build(
-    setup: _Setup, model: nn.Module, adapter: ModelAdapter
+    setup: _Setup, model: nn.Module, adapter: ModelAdapter, emit: Callable[[str], None] | None = None
 ) -> tuple[SearchSpace, SearchCache, Objective]:
     space = SearchSpace.build(
         model,
@@ -556,6 +581,7 @@ def _build(
         setup.restore,
         setup.damping,
         setup.options.knots,
+        setup.options.levels,
     )
     project_to_budget(uniform_fractions(space), space)  # an infeasible budget fails here, once
     try:  # the uniform seed is exactly what the compiler would do without a search
@@ -564,6 +590,12 @@ def _build(
         )
     except BudgetError:
         uniform = project_to_budget(uniform_fractions(space), space)
+    t0 = time.perf_counter()
+    if emit is not None:
+        emit(
+            f"search: dense statistics on {setup.calib_ids.numel():,} calibration tokens and the dense "
+            f"reference on {setup.heldout_ids.numel():,} held-out tokens"
+        )
     cache = SearchCache.build(
         model,
         adapter,
@@ -574,14 +606,41 @@ def _build(
         attention=setup.spec.attention != "none",
         metric=setup.metric,
         batch_size=setup.batch_size,
+        restore=setup.restore,
+        damping=setup.damping,
         **setup.cache_kwargs,
     )
-    n_windows = setup.heldout_ids.shape[0]
-    first = max(1, n_windows // 4) if setup.options.pruner and n_windows > 1 else None
+    if emit is not None:
+        emit(f"search: statistics and reference in {time.perf_counter() - t0:.0f} s")
+    if space.levels:  # the variant database: every level of every slot, built once (reused after)
+        wanted = sorted({v for p in level_plans(space) for v in plan_variants(p)})
+        cache.build_seconds = cache.source.build_all(wanted, progress=emit is not None)
+        if emit is not None:
+            emit(
+                f"search: variant database {cache.source.store.folder}: {len(wanted)} level variants, "
+                f"{cache.source.store.built} built in {cache.build_seconds:.0f} s"
+            )
     objective = Objective(
-        model, adapter, cache, space, setup.options.objective, first, setup.batch_size, {"uniform": uniform}
+        model,
+        adapter,
+        cache,
+        space,
+        setup.options.objective,
+        stage_windows(setup.options, setup.heldout_ids),
+        setup.batch_size,
+        {"uniform": uniform},
     )
     return space, cache, objective
+
+
+def stage_windows(options: SearchOptions, heldout_ids: torch.Tensor) -> list[int]:
+    """Cumulative held-out windows scored before each pruning decision (`stages` are in tokens)."""
+    n, seqlen = heldout_ids.shape[0], heldout_ids.shape[1]
+    if not options.pruner or n < 2:
+        return []
+    if not options.stages:
+        return [max(1, n // 4)]
+    return sorted({max(1, min(n, -(-tokens // seqlen))) for tokens in options.stages} - {n})
 
 
 def _worker(
@@ -593,8 +652,8 @@ def _worker(
     assert setup.model_factory is not None
     model = setup.model_factory()
     adapter = adapter_for(model.config)
-    _, _, objective = _build(setup, model, adapter)
-    opened = _open(setup.url, setup.study_name, fingerprint, setup.options, rank, setup.heartbeat)
+    space, _, objective = _build(setup, model, adapter)
+    opened = _open(setup.url, setup.study_name, fingerprint, setup.options, rank, setup.heartbeat, space)
     _optimize(opened, objective, n, total, _emitter(progress), prefix=f"[worker {rank}] ")
 
 
@@ -674,14 +733,18 @@ def run_search(
     if workers > 1:
         torch.set_num_threads(setup.threads)
     try:
-        space = SearchSpace.build(model, adapter, spec, setup.layers, metric, restore, damping, options.knots)
+        space = SearchSpace.build(
+            model, adapter, spec, setup.layers, metric, restore, damping, options.knots, options.levels
+        )
         fp = space_fingerprint(space, model_fingerprint, options.objective, calib_ids, heldout_ids)
-        opened = _open(url, study_name, fp, options, 0, heartbeat)
+        if options.stages or options.survivors != 0.5:
+            fp["stages"] = [options.stages, options.survivors]  # studies made before stages still match
+        opened = _open(url, study_name, fp, options, 0, heartbeat, space)
         study = opened.study
         remaining = total - finished_count(study)
         emit = _emitter(progress)
         if remaining > 0:
-            space, cache, objective = _build(setup, model, adapter)
+            space, cache, objective = _build(setup, model, adapter, emit)
             with opened.lock():  # processes starting together enqueue the seeds once
                 _seed(study, space, cache)
             shares = [remaining // workers + (r < remaining % workers) for r in range(workers)]
@@ -706,7 +769,15 @@ def run_search(
                 raise SearchError(f"{len(bad)} search worker(s) failed (exit codes {bad})")
         elif emit is not None:
             emit(f"study {study_name!r} already has {total - remaining} finished trials; nothing to run")
-        return _result(study, space, url)
+        result = _result(study, space, url)
+        if remaining > 0:
+            store = cache.source.store
+            result.variants = {
+                "folder": str(store.folder),
+                "build_seconds": cache.build_seconds,
+                "built": store.built,
+            }
+        return result
     finally:
         optuna.logging.set_verbosity(verbosity)
         torch.set_num_threads(threads)

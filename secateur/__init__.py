@@ -1,6 +1,6 @@
 """Secateur: structured pruning of decoder LLMs from declarative recipes.
 
-Public API: `load_model`, `load_pruned`, `apply_keep`, `LayerKeep`, `build_graph`.
+Public API: `load_model`, `load_pruned`, `save_pruned`, `apply_keep`, `LayerKeep`, `build_graph`.
 """
 
 from secateur.graph.adapters import adapter_for, register, supported_model_types

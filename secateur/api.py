@@ -15,21 +15,22 @@ import torch
 import yaml
 
 from secateur.checks import load_skeleton, plan_stages
+from secateur.export import check_exports, check_pruned, export_model, export_name, tokenizer_gguf_for
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
-    calibration_windows,
     eval_windows,
     load_text,
     resolve_text_source,
-    split_tokens,
+    statistics_split,
     tokenize_text,
 )
 from secateur.runtime.evaluate import perplexity
-from secateur.runtime.io import all_layer_shapes, write_model
-from secateur.runtime.loader import LoadedModel, load_model, resolve_source
+from secateur.runtime.export import ExportError
+from secateur.runtime.io import all_layer_shapes, round_to_dtype, write_model
+from secateur.runtime.loader import DTYPES, LoadedModel, hub_id, load_model, resolve_source, source_dtype
 from secateur.runtime.methods import get_method
 from secateur.runtime.outdir import atomic_dir, check_location, check_replaceable, clean_leftovers
 from secateur.runtime.sequential import PruneResult
@@ -84,6 +85,7 @@ def preflight(
     clean_leftovers(output)  # first: it may put back an output a killed run had moved aside
     check_replaceable(output, overwrite)
     model, adapter = load_skeleton(recipe.model.id, base_dir)
+    check_exports(recipe, adapter, base_dir)
     return plan_stages(recipe, model, adapter)
 
 
@@ -164,8 +166,7 @@ def _calibration(
     """Statistics from the first 90% of the calibration text, held-out windows from the rest."""
     cal = recipe.calibration
     cal_tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, _data_root(recipe), base_dir))
-    stats_tokens, heldout_tokens = split_tokens(cal_tokens, 0.9)
-    calib = calibration_windows(stats_tokens, cal.n_samples, cal.seqlen, cal.seed)
+    calib, heldout_tokens = statistics_split(cal_tokens, cal.n_samples, cal.seqlen, cal.seed)
     heldout = eval_windows(heldout_tokens, min(cal.seqlen, cal.heldout_seqlen), cal.heldout_windows)
     calib_fp = hashlib.sha256(calib.numpy().tobytes() + heldout.numpy().tobytes()).hexdigest()
     if lock_data is not None and lock_data["fingerprints"]["calibration"] != calib_fp:
@@ -243,17 +244,62 @@ def _evaluate_pruned(
     return out
 
 
+def _output_dtype(recipe: Recipe, lm: LoadedModel, lock_data: dict[str, Any] | None) -> torch.dtype:
+    """The dtype the output is saved in: a lock's own (older locks: the working dtype, as outputs
+    were saved then), else `output.dtype`, `source` being the source checkpoint's dtype."""
+    if lock_data is not None:
+        return DTYPES[lock_data.get("output_dtype") or lock_data["dtype"]]
+    if recipe.output.dtype == "source":
+        return source_dtype(lm.source)
+    return DTYPES[recipe.output.dtype]
+
+
 def _write_output(
-    out: Path, overwrite: bool, lm: LoadedModel, recipe: Recipe, lock: dict[str, Any], report: dict[str, Any]
+    out: Path,
+    overwrite: bool,
+    lm: LoadedModel,
+    recipe: Recipe,
+    lock: dict[str, Any],
+    report: dict[str, Any],
+    dtype: torch.dtype,
+    base_dir: Path | None = None,
 ) -> None:
-    """Weights, recipe, lock and report, written into a temporary sibling and renamed into place."""
+    """Weights, recipe, lock, report, model card and the recipe's exports, written into a temporary
+    sibling and renamed into place. An export the engine cannot hold is left out (the pruned model is
+    still saved, the work is not lost) and reported as an error afterwards."""
+    from secateur.runtime.card import write_card
     from secateur.runtime.report import write_report
 
+    exports, refused = [], []
+    for i, e in enumerate(recipe.output.export):
+        try:
+            given = e.tokenizer_gguf
+            if given is not None and base_dir is not None and not Path(given).is_absolute():
+                given = str(base_dir / given)
+            tok = tokenizer_gguf_for(lm.source, given, f"output.export.{i}") if e.format == "gguf" else None
+            check_pruned(lm.model, lm.adapter, e.format, tok)
+            exports.append((e, tok))
+        except ExportError as err:
+            refused.append(f"output.export.{i} ({e.format}): {err}")
     with atomic_dir(out, overwrite) as tmp:
-        write_model(lm.model, lm.adapter, tmp, lm.tokenizer)
+        plain = write_model(lm.model, lm.adapter, tmp, lm.tokenizer, dtype, recipe.output.max_shard_size)
+        write_card(tmp, report, out.name, hub_id(lm.source), plain)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         (tmp / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
         write_report(tmp, report)
+        for e, tok in exports:
+            export_model(
+                lm.model,
+                lm.adapter,
+                e.format,
+                tmp / export_name(e.format, e.outtype),
+                outtype=e.outtype,
+                tokenizer=lm.tokenizer,
+                tokenizer_gguf=tok,
+                name=f"{recipe.name or out.name} (pruned by Secateur)",
+            )
+    if refused:
+        raise ExportError(f"pruned model saved to {out}, but " + "; ".join(refused))
 
 
 def prune(
@@ -307,6 +353,7 @@ def _prune(
     t_load = time.perf_counter() - t_start
     dense_fp = model_fingerprint(lm.model)
     _check_model_lock(lock_data, lock_path, dense_fp, lm)
+    out_dtype = _output_dtype(recipe, lm, lock_data)
     cal = _calibration(recipe, lm, base_dir, lock_data, lock_path)
 
     dense_size = size_of(lm, recipe.budget.context)
@@ -324,7 +371,9 @@ def _prune(
     kept = [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]
     if lock_data is not None and kept != lock_data["kept"]:
         raise LockError(f"{lock_path}: the kept units differ from the lock (different numerics or versions)")
-    pruned_fp = model_fingerprint(lm.model)
+    # what is evaluated and fingerprinted from here on is exactly what the output holds
+    round_to_dtype(lm.model, out_dtype)
+    pruned_fp = model_fingerprint(lm.model, out_dtype)
     reproduced = None if lock_data is None else pruned_fp == lock_data["fingerprints"]["pruned_model"]
     if reproduced is False:
         raise LockError(
@@ -348,6 +397,7 @@ def _prune(
         "lock_fingerprint": pruned_fp,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
+        "output_dtype": str(out_dtype).replace("torch.", ""),
     }
     if ev.enabled:
         report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl, progress))
@@ -363,9 +413,10 @@ def _prune(
         device=str(lm.device),
         dtype=report["dtype"],
         result_fp=pruned_fp,
+        output_dtype=report["output_dtype"],
     )
     lock["recipe_dir"] = str(base_dir)
-    _write_output(out, overwrite, lm, recipe, lock, report)
+    _write_output(out, overwrite, lm, recipe, lock, report, out_dtype, base_dir)
     return PruneOutcome(out, report, lock, results, reproduced)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.recipe.compile import BudgetError, eligible_layers, stage_counts
 from secateur.recipe.schema import Recipe
-from secateur.runtime.io import pruned_skeleton
+from secateur.runtime.io import is_pruned_folder, pruned_skeleton
 from secateur.runtime.loader import load_config, resolve_source
 from secateur.runtime.methods import get_method
 from secateur.runtime.stage import CheckContext
@@ -38,7 +38,7 @@ def load_skeleton(ref: str, base_dir: str | Path | None = None) -> tuple[nn.Modu
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(ref, str(base_dir) if base_dir else None)
-    if (Path(src.path) / "secateur.json").is_file():
+    if Path(src.path).is_dir() and is_pruned_folder(src.path):
         model = pruned_skeleton(src.path)
     else:
         config = copy.deepcopy(_config(ref, str(base_dir) if base_dir else None))

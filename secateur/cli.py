@@ -58,7 +58,8 @@ def _prune(args: argparse.Namespace) -> int:
         print(
             f"lock reproduced: {'bit-identical weights' if out.reproduced else 'weights DIFFER from the lock'}"
         )
-    print(f"saved to {out.output}")
+    saved_as = out.report.get("output_dtype")
+    print(f"saved to {out.output}" + (f" ({saved_as})" if saved_as else ""))
     return 0 if out.reproduced in (None, True) else 1
 
 
@@ -142,7 +143,12 @@ def _recipe(args: argparse.Namespace) -> int:
     if args.json:
         print(
             yaml.safe_dump(
-                {"plans": [pl.to_dict() for pl in ex.plans], "stages": ex.stages, "totals": ex.totals},
+                {
+                    "plans": [pl.to_dict() for pl in ex.plans],
+                    "stages": ex.stages,
+                    "totals": ex.totals,
+                    "exports": ex.exports,
+                },
                 sort_keys=False,
             )
         )
@@ -155,13 +161,20 @@ def _eval(args: argparse.Namespace) -> int:
     from secateur.runtime.data import default_data_root, eval_windows, load_text, tokenize_text
     from secateur.runtime.evaluate import perplexity
     from secateur.runtime.loader import load_model
-    from secateur.runtime.zeroshot import LOCAL_TASKS, check_tasks, run_zeroshot
+    from secateur.runtime.timing import memory_lines, peak_memory
+    from secateur.runtime.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
 
+    if args.tasks_path:
+        print(TASKS_DIR)
+        return 0
+    if args.path is None:
+        raise CliError("PATH is required (or --tasks-path)")
     if args.limit is not None and args.limit <= 0:
         raise CliError(f"--limit must be a positive integer, got {args.limit}")
     tasks = [t for t in (args.tasks or "").split(",") if t] if args.tasks is not None else list(LOCAL_TASKS)
     root = args.data_root or default_data_root()
-    check_tasks(tasks, root)
+    if tasks:  # `--tasks ""`: perplexity only
+        check_tasks(tasks, root)
     lm = load_model(args.path, args.dtype, args.device)
     if args.ppl_seqlen:
         toks = tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root))
@@ -188,10 +201,13 @@ def _eval(args: argparse.Namespace) -> int:
             )
         if args.json:
             print(json.dumps(res, indent=2))
+    for line in memory_lines(peak_memory(lm.device)):
+        print(line)
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
+    from secateur.runtime.timing import memory_lines
     from secateur.search.study import SearchError
     from secateur.search_cmd import search
 
@@ -218,6 +234,23 @@ def _search(args: argparse.Namespace) -> int:
         print(f"plot: {p}")
     if "model" in s:
         print(f"compiled model: {s['model']}")
+    for line in memory_lines(s["memory"]):
+        print(line)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from secateur.export import export
+
+    out = export(
+        args.run_dir,
+        args.format,
+        outtype=args.outtype,
+        output=args.output,
+        tokenizer_gguf=args.tokenizer_gguf,
+        overwrite=args.overwrite,
+    )
+    print(f"exported {args.format} ({args.outtype}) to {out}")
     return 0
 
 
@@ -253,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--json", action="store_true", help="explain: machine-readable plan")
     rc.set_defaults(func=_recipe)
     ev = sub.add_parser("eval", help="zero-shot accuracy (lm-eval, local data) and perplexity of a model")
-    ev.add_argument("path", help="a pruned output folder or any model the loader accepts")
+    ev.add_argument("path", nargs="?", help="a pruned output folder or any model the loader accepts")
     ev.add_argument("--tasks", help="comma-separated tasks (default: the six local ones; '' for none)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -265,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument(
+        "--tasks-path",
+        action="store_true",
+        help="print the folder of the local tasks' lm-eval YAML files (for lm_eval --include_path) and exit",
+    )
     ev.set_defaults(func=_eval)
     se = sub.add_parser("search", help="Optuna search of the per-layer allocation (resumable)")
     se.add_argument("recipe")
@@ -278,6 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--compile", action="store_true", help="also prune the model with the winner recipe")
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=_search)
+    ex = sub.add_parser("export", help="a pruned output to GGUF (llama.cpp) or a DeciLM checkpoint (vLLM)")
+    ex.add_argument("run_dir", help="a pruned output folder")
+    ex.add_argument("--format", required=True, choices=["gguf", "decilm"])
+    ex.add_argument(
+        "--outtype",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="weight type (q8_0: gguf only; norms and biases stay f32)",
+    )
+    ex.add_argument(
+        "--output", "-o", help="output file/folder (default: beside RUN_DIR, RUN_DIR-OUTTYPE.gguf)"
+    )
+    ex.add_argument(
+        "--tokenizer-gguf", help="GGUF to copy tokenizer metadata from (default: the source model's own GGUF)"
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ex.set_defaults(func=_export)
     rp = sub.add_parser("report", help="print the report of a pruned output")
     rp.add_argument("dir")
     rp.set_defaults(func=_report)

@@ -7,13 +7,14 @@ the plan is applied to that skeleton with placeholder unit choices to count what
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from secateur.checks import load_skeleton, plan_stages
+from secateur.export import check_exports
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.graph.groups import layer_shapes
@@ -55,6 +56,7 @@ class Explanation:
     rows: list[dict[str, Any]]
     totals: dict[str, dict[str, int]]
     stages: list[dict[str, Any]]
+    exports: list[str] = field(default_factory=list)
 
 
 def explain(
@@ -121,7 +123,8 @@ def explain(
             "flops_per_token": flops_per_token(m, adapter, context),
         }
 
-    return Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages)
+    exports = check_exports(recipe, adapter, Path(base_dir) if base_dir is not None else None)
+    return Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, exports)
 
 
 def format_explanation(ex: Explanation) -> str:
@@ -143,4 +146,5 @@ def format_explanation(ex: Explanation) -> str:
         lines.append(f"stage {n}: {st['method']} removes {st['params_to_remove']:,} parameters{note}")
     for k in ("params", "decoder_linear_params", "flops_per_token"):
         lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
+    lines += [f"export {line}" for line in ex.exports]
     return "\n".join(lines)

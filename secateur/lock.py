@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -10,7 +9,10 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
+
+from secateur.runtime.fingerprint import model_fingerprint as model_fingerprint
+from secateur.runtime.fingerprint import tensor_fingerprint as tensor_fingerprint
+from secateur.runtime.loader import DTYPES
 
 LOCK_NAME = "recipe.lock.yaml"
 LOCK_VERSION = 1
@@ -18,28 +20,6 @@ LOCK_VERSION = 1
 
 class LockError(ValueError):
     """A lock that cannot be applied here (other model, malformed file)."""
-
-
-def tensor_fingerprint(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names, shapes, dtypes and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(tensors, key=lambda x: x[0]):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of a model's weights (tied tensors counted once)."""
-    seen: set[int] = set()
-    items = []
-    for name, p in model.state_dict().items():
-        if p.data_ptr() in seen and p.numel():
-            continue
-        seen.add(p.data_ptr())
-        items.append((name, p))
-    return tensor_fingerprint(items)
 
 
 def versions() -> dict[str, str]:
@@ -63,6 +43,7 @@ def build_lock(
     device: str,
     dtype: str,
     result_fp: str,
+    output_dtype: str | None = None,
 ) -> dict[str, Any]:
     """The lock document (plain data, YAML-safe)."""
     return {
@@ -74,6 +55,8 @@ def build_lock(
         "seeds": {"calibration": recipe.get("calibration", {}).get("seed")},
         "device": device,
         "dtype": dtype,
+        # the dtype the weights were saved (and fingerprinted) in; absent in older locks: `dtype`
+        "output_dtype": output_dtype or dtype,
         # CPU matmuls reduce in a thread-count-dependent order: the same count is part of "bit-identical"
         "threads": torch.get_num_threads(),
         "versions": versions(),
@@ -108,6 +91,9 @@ def read_lock(path: str | Path) -> dict[str, Any]:
         v = fps.get(k)
         if not (isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)):
             raise LockError(f"{p}: fingerprints.{k}: expected a sha256 hex digest, got {v!r}")
+    out_dtype = data.get("output_dtype", data.get("dtype"))
+    if out_dtype not in DTYPES:
+        raise LockError(f"{p}: output_dtype: expected one of {', '.join(DTYPES)}, got {out_dtype!r}")
     check_kept(data["kept"], p)
     return data
 

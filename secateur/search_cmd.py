@@ -20,8 +20,15 @@ from secateur.graph.count import decoder_linear_params
 from secateur.lock import model_fingerprint
 from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fraction, removal_goal
 from secateur.recipe.load import load_recipe, resolved_dict
-from secateur.runtime.data import load_text, resolve_text_source, tokenize_text
+from secateur.runtime.data import (
+    eval_windows,
+    load_text,
+    resolve_text_source,
+    statistics_split,
+    tokenize_text,
+)
 from secateur.runtime.loader import load_model
+from secateur.runtime.timing import peak_memory
 
 
 @dataclass
@@ -108,7 +115,17 @@ def search(
             f"feasible budget is params: {limit:.4f}"
         )
     tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, cal.data_root, base))
-    calib, heldout = search_windows(tokens, cal.n_samples, cal.seqlen, opts.heldout_tokens, 256, cal.seed)
+    stitched = recipe.allocation.compile == "stitched"
+    if stitched:  # the compiler's own calibration windows, so the winner compiles from the same variants
+        calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
+        heldout = eval_windows(tail, 256, max(1, opts.heldout_tokens // 256))
+        if heldout.numel() < opts.heldout_tokens:
+            warn(
+                f"allocation.search.heldout_tokens: {opts.heldout_tokens} asked, the held-out tail of the "
+                f"calibration text has {heldout.numel()}; scoring those"
+            )
+    else:
+        calib, heldout = search_windows(tokens, cal.n_samples, cal.seqlen, opts.heldout_tokens, 256, cal.seed)
     fp = model_fingerprint(lm.model)
     out.mkdir(parents=True, exist_ok=True)
     log(
@@ -136,6 +153,7 @@ def search(
             reload_model, recipe.model.id, recipe.model.dtype, recipe.model.device, str(base)
         ),
         progress=progress,
+        cache_kwargs={"weights_fp": fp, "variants_dir": recipe.allocation.variants_dir},
     )
     winner = absolutize(resolved_dict(recipe), base)
     winner["name"] = f"{recipe.name or 'search'}-winner"
@@ -163,6 +181,8 @@ def search(
         "seconds": time.perf_counter() - t0,
         "plots": [str(p) for p in plots],
         "storage": url,
+        "variants": result.variants,
+        "memory": peak_memory(lm.device),
     }
     if compile_model:
         from secateur.api import prune

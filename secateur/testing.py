@@ -8,12 +8,20 @@ import torch
 from torch import nn
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt")
+# real checkpoints' shapes that the GQA families above do not cover: Gemma 3 270M has one KV
+# head shared by all query heads (kv_group pruning has nothing to remove there)
+TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma3_1kv": ("gemma3_text", {"num_key_value_heads": 1})
+}
 
 
 def tiny_config(family: str, **over: Any) -> Any:
     """A small config of `family` with GQA (2 KV groups x 2 query heads) where the family has it."""
     from transformers import AutoConfig
 
+    if family in TINY_VARIANTS:
+        base, extra = TINY_VARIANTS[family]
+        return tiny_config(base, **{**extra, **over})
     common: dict[str, Any] = dict(
         vocab_size=128,
         hidden_size=64,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SECATEUR_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the variant database of every test run (subprocesses too) lives in a fresh folder, never ~/.cache
+os.environ.setdefault("SECATEUR_VARIANTS", tempfile.mkdtemp(prefix="secateur-variants-"))
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +91,7 @@ class SearchCli:
         self.logs = root / "logs"
         self.logs.mkdir()
 
-    def recipe(self, name: str = "tiny-search", trials: int = 6) -> Path:
+    def recipe(self, name: str = "tiny-search", trials: int = 6, **search: object) -> Path:
         import yaml
 
         from secateur.testing import save_tiny
@@ -107,7 +110,13 @@ class SearchCli:
             "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
             "allocation": {
                 "method": "search",
-                "search": {"trials": trials, "heldout_tokens": 256, "pruner": False, "sampler": "random"},
+                "search": {
+                    "trials": trials,
+                    "heldout_tokens": 256,
+                    "pruner": False,
+                    "sampler": "random",
+                    **search,
+                },
             },
             "evaluate": {"enabled": False},
             "output": {"dir": str(self.root / "run")},

@@ -111,3 +111,21 @@ def test_prune_and_report(tiny_dir: Path, tmp_path: Path, capsys) -> None:
         == 0
     )
     assert "bit-identical" in capsys.readouterr().out
+
+
+def test_eval_tasks_path_prints_the_shipped_lm_eval_tasks(capsys) -> None:
+    assert main(["eval", "--tasks-path"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    names = {p.stem for p in folder.glob("*.yaml")}
+    assert names == {"piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"}
+    assert main(["eval"]) == 2
+    assert "PATH is required" in capsys.readouterr().err
+
+
+def test_eval_prints_perplexity_and_peak_memory(tiny_dir: Path, data_root: Path, capsys) -> None:
+    args = ["eval", str(tiny_dir), "--tasks", "", "--ppl-seqlen", "32", "--ppl-windows", "2"]
+    assert main([*args, "--data-root", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "wikitext2 test perplexity (seqlen 32, 2 windows)" in out
+    rss = float(out.split("Peak resident memory (RSS) of the process: ")[1].split(" GiB")[0])
+    assert rss > 0.05  # torch alone is bigger than that

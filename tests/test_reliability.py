@@ -297,7 +297,7 @@ def test_pickle_only_model_folder_is_refused(tmp_path: Path) -> None:
         load_model(str(d))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bad-json", "no-meta", "no-weights", "bad-layers"])
+@pytest.mark.parametrize("damage", ["truncated", "bad-json", "no-config", "no-weights", "bad-layers"])
 def test_damaged_output_gives_a_clear_error(tmp_path: Path, damage: str) -> None:
     out = _saved_with_removed_branch(tmp_path)
     if damage == "truncated":
@@ -305,17 +305,24 @@ def test_damaged_output_gives_a_clear_error(tmp_path: Path, damage: str) -> None
         w.write_bytes(w.read_bytes()[:100])
     elif damage == "bad-json":
         (out / "config.json").write_text("{not json")
-    elif damage == "no-meta":
-        (out / "secateur.json").unlink()
+    elif damage == "no-config":
+        (out / "config.json").unlink()
     elif damage == "no-weights":
         (out / "model.safetensors").unlink()
     else:
         meta = json.loads((out / "secateur.json").read_text())
         meta["layers"] = meta["layers"][:1]
         (out / "secateur.json").write_text(json.dumps(meta))
-    err = FileNotFoundError if damage == "no-meta" else PrunedFolderError
+    err = FileNotFoundError if damage == "no-config" else PrunedFolderError
     with pytest.raises(err, match=str(out)):
         load_pruned(out)
+
+
+def test_output_without_secateur_json_loads_from_the_weights_headers(tmp_path: Path) -> None:
+    out = _saved_with_removed_branch(tmp_path)
+    (out / "secateur.json").unlink()
+    lm = load_model(str(out))
+    assert lm.model.model.layers[1].self_attn.__class__.__name__ == "SkippedAttention"
 
 
 def test_exponent_without_dot_gets_a_hint(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ def _recipe(tmp: Path) -> Path:
 def test_search_writes_winner_that_compiles_to_the_best_plan(tmp_path: Path, capsys) -> None:
     recipe = _recipe(tmp_path)
     assert main(["search", str(recipe), "--trials", "3", "--quiet"]) == 0
+    assert "Peak resident memory (RSS) of the process" in capsys.readouterr().out
     search_dir = tmp_path / "run" / "search"
     study = optuna.load_study(study_name="tiny-search", storage=f"sqlite:///{search_dir / 'search.db'}")
     assert len([t for t in study.trials if t.state.is_finished()]) == 3
@@ -74,3 +75,48 @@ def test_prune_refuses_search_recipe_before_loading(tmp_path: Path, capsys) -> N
     recipe = _recipe(tmp_path)
     assert main(["prune", str(recipe), "--quiet"]) == 2
     assert "secateur search" in capsys.readouterr().err
+
+
+def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path, capsys) -> None:
+    import torch
+
+    from secateur.graph.plan import Plan
+    from secateur.runtime.data import load_text, statistics_split, tokenize_text
+    from secateur.runtime.loader import load_model
+    from secateur.runtime.variants import prune_stitched
+
+    recipe = _recipe(tmp_path)
+    doc = yaml.safe_load(recipe.read_text())
+    db = tmp_path / "db"
+    doc["allocation"] = {
+        "method": "search",
+        "compile": "stitched",
+        "search": {
+            "trials": 4,
+            "heldout_tokens": 512,
+            "sampler": "evolution",
+            "levels": 5,
+            "stages": [256],
+            "survivors": 0.5,
+        },
+        "variants_dir": str(db),
+    }
+    recipe.write_text(yaml.safe_dump(doc))
+    assert main(["search", str(recipe), "--quiet"]) == 0
+    search_dir = tmp_path / "run" / "search"
+    winner = yaml.safe_load((search_dir / "winner.yaml").read_text())
+    assert winner["allocation"]["method"] == "table" and winner["allocation"]["compile"] == "stitched"
+    stored = sorted(db.rglob("*.safetensors"))
+    assert stored
+    capsys.readouterr()
+    assert main(["prune", str(search_dir / "winner.yaml"), "--quiet"]) == 0
+    assert sorted(db.rglob("*.safetensors")) == stored  # compiled from the stored variants only
+    best = Plan.from_dict(json.loads((search_dir / "best_plan.json").read_text()))
+    lm = load_model(str(tmp_path / "m"), "float32", "cpu")
+    tokens = tokenize_text(lm.tokenizer, load_text("c.txt", "validation", base_dir=tmp_path))
+    calib, _ = statistics_split(tokens, 8, 32, 0)
+    prune_stitched(lm.model, lm.adapter, calib, best, db, progress=False)
+    compiled = load_pruned(tmp_path / "run" / "model")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(compiled(ids).logits, lm.model(ids).logits)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from optuna.trial import TrialState
 
@@ -75,8 +76,12 @@ def _states(db: Path) -> list[str]:
         return []
 
 
-def test_kill_9_then_the_same_command_counts_every_trial_once(search_cli) -> None:
-    recipe = search_cli.recipe(trials=12)
+EVOLUTION = {"sampler": "evolution", "levels": 5, "pruner": True, "heldout_tokens": 512, "stages": [256]}
+
+
+@pytest.mark.parametrize("search", [{}, EVOLUTION], ids=["random", "evolution"])
+def test_kill_9_then_the_same_command_counts_every_trial_once(search_cli, search) -> None:
+    recipe = search_cli.recipe(trials=12, **search)
     db = search_cli.search_dir / "search.db"
     proc = search_cli.start(str(recipe), "--quiet", tag="killed")
     try:

@@ -87,3 +87,16 @@ def test_smollm2_prune_and_lock_reproduce_bit_identical(smollm2, tmp_path) -> No
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors"
     ).read_bytes()
+    # saved in the original checkpoint's dtype (bf16 for SmolLM2; the GGUF is Q4_1), with the
+    # GGUF's bos/eos ids in generation_config.json and the hub id as the card's base model
+    import json
+
+    from huggingface_hub import ModelCard
+
+    a = tmp_path / "a"
+    assert json.loads((a / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_pruned(a).dtype == torch.bfloat16
+    gen = json.loads((a / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    assert ModelCard.load(a / "README.md").data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (a / "model.safetensors").stat().st_size < 135_000_000 * 2 * 1.05

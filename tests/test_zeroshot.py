@@ -309,7 +309,7 @@ def _upstream_row(task: str, row: dict) -> dict:
 def test_prompts_match_lm_eval_tasks(root: Path, tmp_path: Path, task: str) -> None:
     from lm_eval.api.task import ConfigurableTask
 
-    ours = ConfigurableTask(config=task_config(task, root / "zeroshot" / f"{task}.jsonl"))
+    ours = ConfigurableTask(config=task_config(task, root))
     upstream_file = _write(tmp_path / "upstream", task, [_upstream_row(task, r) for r in ROWS[task]])
     ref = _lm_eval_task(task, upstream_file)
     for t in (ours, ref):
@@ -327,3 +327,34 @@ def test_smollm2_piqa_arc_easy(smollm2, data_root: Path) -> None:
         assert all(0.0 <= v <= 1.0 for v in res[task].values())
         assert 0.0 < res[task]["acc_stderr"] < 0.2  # 20 documents: sqrt(p (1 - p) / 19)
     assert res["piqa"]["acc"] > 0.5, res
+
+
+def test_lm_eval_cli_runs_the_shipped_tasks_on_a_saved_model(root: Path, tmp_path: Path) -> None:
+    """lm-eval's own CLI, given the task folder Secateur ships, evaluates a uniform output offline."""
+    import os
+    import subprocess
+    import sys
+
+    from secateur.graph.adapters import adapter_for
+    from secateur.graph.keep import LayerKeep
+    from secateur.runtime.io import save_pruned
+    from secateur.runtime.surgery import apply_keep
+    from secateur.runtime.tasks import TASKS_DIR
+    from secateur.testing import tiny_tokenizer
+
+    model = tiny_model("llama")
+    apply_keep(model, adapter_for(model.config), {i: LayerKeep(mlp=list(range(48))) for i in range(3)})
+    out = save_pruned(model, tmp_path / "pruned", tiny_tokenizer())
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), HF_HUB_OFFLINE="1")
+    env.pop("SECATEUR_DATA_ROOT", None)
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={out}",
+        "--include_path", str(TASKS_DIR), "--tasks", "piqa,winogrande", "--limit", "2", "--device", "cpu",
+        "--metadata", json.dumps({"data_root": str(root)}), "--output_path", str(tmp_path / "res"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res_file,) = (tmp_path / "res").rglob("results_*.json")
+    results = json.loads(res_file.read_text())["results"]
+    assert set(results) == {"piqa", "winogrande"}
+    assert results["piqa"]["acc,none"] in (0.0, 0.5, 1.0) and "acc_stderr,none" in results["winogrande"]

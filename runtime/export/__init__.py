@@ -1,0 +1,44 @@
+"""Export of pruned models to inference engines: GGUF for llama.cpp, DeciLM checkpoints for vLLM.
+
+Each writer first decides whether the engine can express the model exactly and refuses, naming
+the layer and the reason, before anything is written; files appear atomically (temporary
+sibling renamed into place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+FORMATS = ("gguf", "decilm")
+
+
+class ExportError(ValueError):
+    """A model the target engine cannot run exactly, or an export that cannot be written."""
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling path (file or folder) that replaces `out` only if the block succeeds."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    target = tmp / out.name
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        yield target
+        for root, _dirs, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        os.replace(target, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,294 @@
+"""GGUF for llama.cpp, written with the `gguf` package.
+
+A uniform Llama-family model becomes llama.cpp's `llama` architecture; one with per-layer shapes
+(MLP widths, KV or query heads, removed branches) becomes `deci`, whose loader reads
+`head_count`, `head_count_kv` and `feed_forward_length` as per-layer arrays. Qwen2/Qwen3 have only
+a uniform architecture in llama.cpp. Two details of llama.cpp's deci code (checked in the source
+llama-cpp-python 0.3.36 vendors, src/models/deci.cpp and llama-model.cpp) shape the layout:
+
+- head dims are derived only when layer 0 has heads (`if (hparams.n_head() > 0)`), so a removed
+  attention branch in layer 0 is written as one all-zero head (an exact zero contribution);
+- a layer with `feed_forward_length` 0 `continue`s before its residual add, dropping that layer's
+  attention output too, so a removed MLP behind a kept attention branch is written as one zero
+  channel (exact). A layer with both branches removed keeps 0 / 0 (an identity).
+
+llama.cpp's `llama` and `deci` rotate query/key pairs (2i, 2i+1) where HF rotates (i, i + d/2),
+so q/k rows are permuted per head as llama.cpp's own converter does. Tokenizer metadata is copied
+from a GGUF of the source model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_shapes
+from secateur.runtime.export import ExportError, atomic_path
+
+Q = gguf.GGMLQuantizationType
+OUTTYPES: dict[str, Any] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+_QKV = frozenset({"attn_q", "attn_k", "attn_v"})
+_LLAMA_BIASES = _QKV | {"attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What one llama.cpp architecture accepts (read from its load_arch_tensors)."""
+
+    rope_pairs_adjacent: bool  # NORM rope: q/k rows must be permuted from HF's rotate_half order
+    per_layer: bool  # reads head/KV-head/FFN counts per layer
+    bias_slots: frozenset[str]  # tensors whose optional ".bias" the architecture loads
+
+
+ARCHES = {
+    "llama": ArchSpec(True, False, _LLAMA_BIASES),
+    "deci": ArchSpec(True, True, _LLAMA_BIASES),
+    "qwen2": ArchSpec(False, False, _QKV),
+    "qwen3": ArchSpec(False, False, _QKV),
+}
+
+
+@dataclass
+class LayerLayout:
+    """One decoder layer as llama.cpp will see it."""
+
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    zero_attention: bool = False  # removed branch written as one all-zero head
+    zero_mlp: bool = False  # removed branch written as one all-zero channel
+
+
+@dataclass
+class GgufLayout:
+    """The architecture and per-layer counts a model is written with."""
+
+    arch: str
+    head_dim: int
+    layers: list[LayerLayout] = field(default_factory=list)
+
+    def counts(self, key: str) -> int | list[int]:
+        """One value when every layer agrees (the plain `llama` key), else the per-layer array."""
+        values = [getattr(lay, key) for lay in self.layers]
+        return values[0] if not ARCHES[self.arch].per_layer else values
+
+
+def _rope_theta(config: Any) -> float:
+    """RoPE base; refuses scaled RoPE variants llama.cpp would need extra tensors or keys for."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ExportError(f"config rope type {kind!r}: only plain RoPE is exported to GGUF so far")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ExportError("config has no rope_theta")
+    return float(theta)
+
+
+def gguf_layout(model: nn.Module, adapter: ModelAdapter) -> GgufLayout:
+    """Decide how llama.cpp can hold the model exactly, or refuse naming the layer and the reason."""
+    cfg = adapter.config
+    mt = cfg.model_type
+    shapes = [layer_shapes(model, adapter, i) for i in range(adapter.num_layers)]
+    for i, s in enumerate(shapes):
+        if not s["skip_attention"] and s["v_head_dim"] != s["head_dim"]:
+            raise ExportError(
+                f"layer {i}: value heads are {s['v_head_dim']} wide but query/key heads {s['head_dim']} "
+                "(value-channel pruning, e.g. the fasp-vchannel recipes); llama.cpp's attention needs one "
+                "head size for q, k and v. Prune attention by kv_group or q_head to export"
+            )
+    first = shapes[0]
+    uniform = all(s == first for s in shapes) and not first["skip_attention"] and not first["skip_mlp"]
+    arch = adapter.gguf_arch(heterogeneous=not uniform)
+    if arch is None:
+        if adapter.gguf_arch(heterogeneous=False) is None:
+            raise ExportError(f"model_type {mt!r}: no llama.cpp architecture is mapped for GGUF export")
+        i = next(i for i, s in enumerate(shapes) if s != first or s["skip_attention"] or s["skip_mlp"])
+        raise ExportError(
+            f"layer {i}: shape {_brief(shapes[i])} differs from layer 0 ({_brief(first)}) or removes a branch; "
+            f"llama.cpp's {adapter.gguf_arch(False)} architecture reads one width for all layers (only the "
+            "Llama family has a per-layer architecture, deci)"
+        )
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
+        raise ExportError(
+            f"config sliding_window {window}: llama.cpp's {arch} architecture has no sliding-window attention"
+        )
+    _rope_theta(cfg)
+    last = len(shapes) - 1
+    layers = []
+    for i, s in enumerate(shapes):
+        lay = LayerLayout(int(s["num_heads"]), int(s["num_kv_heads"]), int(s["intermediate_size"]))
+        if s["skip_attention"] and i == 0:
+            lay.n_head, lay.n_head_kv, lay.zero_attention = 1, 1, True
+        if s["skip_mlp"] and (not s["skip_attention"] or i == 0 or i == last):
+            lay.n_ff, lay.zero_mlp = 1, True
+        layers.append(lay)
+    return GgufLayout(arch, adapter.head_dim, layers)
+
+
+def _brief(s: dict[str, Any]) -> str:
+    return (
+        f"heads {s['num_heads']}, kv heads {s['num_kv_heads']}, mlp {s['intermediate_size']}"
+        + (", attention removed" if s["skip_attention"] else "")
+        + (", mlp removed" if s["skip_mlp"] else "")
+    )
+
+
+def read_tokenizer_fields(path: str | Path) -> list[tuple[str, Any, Any, Any]]:
+    """`tokenizer.*` metadata of a GGUF file as (key, value, type, array item type).
+
+    Parsing a 49k-token vocabulary takes GGUFReader seconds, so results are kept per file version."""
+    p = Path(path).resolve()
+    try:
+        stat = p.stat()
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read the tokenizer GGUF ({e.strerror})") from e
+    return list(_tokenizer_fields(p, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(path: Path, _mtime: int, _size: int) -> tuple[tuple[str, Any, Any, Any], ...]:
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: not a readable GGUF file ({e})") from e
+    out = []
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            out.append((key, f.contents(), f.types[0], sub))
+    if not any(k == "tokenizer.ggml.tokens" for k, *_ in out):
+        raise ExportError(f"{path}: has no tokenizer.ggml.tokens; give a GGUF of the source model")
+    return tuple(out)
+
+
+def check_tokenizer(model: nn.Module, tokenizer_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
+    """The tokenizer fields, refused when their vocabulary does not match the model's embedding."""
+    tok = read_tokenizer_fields(tokenizer_gguf)
+    n_tokens = len(next(v for k, v, *_ in tok if k == "tokenizer.ggml.tokens"))
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    if n_tokens != vocab:
+        raise ExportError(
+            f"{tokenizer_gguf}: its tokenizer has {n_tokens} tokens but the model's embedding has {vocab} rows"
+        )
+    return tok
+
+
+def _permute_rope(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """HF rotate_half row order -> llama.cpp's adjacent pairs, per head (weights or biases)."""
+    rest = w.shape[1:]
+    return w.reshape(-1, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode(data: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
+    """Norms and biases stay f32 (as llama.cpp's converter does); matrices in the out type, q8_0
+    falling back to f16 where a row is not a whole number of 32-value blocks."""
+    qtype = OUTTYPES[outtype]
+    if data.ndim == 1:
+        qtype = Q.F32
+    elif qtype == Q.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        qtype = Q.F16
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def _tensors(model: nn.Module, adapter: ModelAdapter, layout: GgufLayout) -> dict[str, np.ndarray]:
+    """Every tensor under its GGUF name, in float32, q/k permuted where the architecture needs it."""
+    spec = ARCHES[layout.arch]
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[layout.arch]
+    names = gguf.get_tensor_name_map(arch_enum, adapter.num_layers)
+    rope_rows = set()
+    for i in range(adapter.num_layers):
+        rope_rows |= {
+            f"{adapter.layer_prefix(i)}.{m}.{p}" for m in (adapter.q, adapter.k) for p in ("weight", "bias")
+        }
+    out: dict[str, np.ndarray] = {}
+    for name, p in model.named_parameters():
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ExportError(f"{name}: no GGUF tensor name in llama.cpp's {layout.arch} architecture")
+        if new.endswith(".bias") and new.split(".")[-2] not in spec.bias_slots:
+            raise ExportError(
+                f"{name}: llama.cpp's {layout.arch} architecture has no bias on {new[: -len('.bias')]} "
+                "(FLAP's bias compensation adds biases on o_proj and down_proj, which only the Llama "
+                "family's llama/deci architectures load)"
+            )
+        data = p.detach().to("cpu", torch.float32).numpy()
+        if spec.rope_pairs_adjacent and name in rope_rows:
+            data = _permute_rope(data, layout.head_dim)
+        out[new] = data
+    hidden, hd = adapter.hidden_size, layout.head_dim
+    for i, lay in enumerate(layout.layers):
+        if lay.zero_attention:
+            out[f"blk.{i}.attn_norm.weight"] = np.ones(hidden, np.float32)
+            for t in ("attn_q", "attn_k", "attn_v"):
+                out[f"blk.{i}.{t}.weight"] = np.zeros((hd, hidden), np.float32)
+            out[f"blk.{i}.attn_output.weight"] = np.zeros((hidden, hd), np.float32)
+        if lay.zero_mlp:
+            out[f"blk.{i}.ffn_norm.weight"] = np.ones(hidden, np.float32)
+            for t in ("ffn_gate", "ffn_up"):
+                out[f"blk.{i}.{t}.weight"] = np.zeros((1, hidden), np.float32)
+            out[f"blk.{i}.ffn_down.weight"] = np.zeros((hidden, 1), np.float32)
+    return out
+
+
+def write_gguf(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    out: str | Path,
+    tokenizer_gguf: str | Path,
+    outtype: str = "f16",
+    name: str | None = None,
+    overwrite: bool = False,
+) -> GgufLayout:
+    """Write `model` as one GGUF file llama.cpp runs; refuses (before writing) what it cannot hold."""
+    if outtype not in OUTTYPES:
+        raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    layout = gguf_layout(model, adapter)
+    tok = check_tokenizer(model, tokenizer_gguf)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    tensors = _tensors(model, adapter, layout)
+    cfg = adapter.config
+    with atomic_path(Path(out), overwrite) as tmp:
+        w = gguf.GGUFWriter(str(tmp), layout.arch)
+        w.add_type(gguf.GGUFType.MODEL)
+        if name:
+            w.add_name(name)
+        w.add_block_count(adapter.num_layers)
+        w.add_context_length(int(cfg.max_position_embeddings))
+        w.add_embedding_length(adapter.hidden_size)
+        w.add_feed_forward_length(layout.counts("n_ff"))
+        w.add_head_count(layout.counts("n_head"))
+        w.add_head_count_kv(layout.counts("n_head_kv"))
+        w.add_key_length(layout.head_dim)
+        w.add_value_length(layout.head_dim)
+        w.add_rope_dimension_count(layout.head_dim)
+        w.add_rope_freq_base(_rope_theta(cfg))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_vocab_size(vocab)
+        w.add_file_type(FILE_TYPES[outtype])
+        for key, value, vtype, sub in tok:
+            w.add_key_value(key, value, vtype, sub_type=sub)
+        for tname, data in tensors.items():
+            enc, qtype = _encode(data, outtype)
+            w.add_tensor(tname, enc, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return layout

@@ -1,0 +1,102 @@
+"""An EvoPress-style evolutionary sampler for Optuna (Sieberling et al., 2024).
+
+The genome is one keep level per searched slot (`allocation.search.levels`). Each new trial is
+an offspring of the best complete trial so far (elitist (1 + lambda) selection: the parent is
+replaced only when a child beats it at full fidelity): its plan is snapped to levels and mutated
+by 1 to `max_switches` level switches (one slot down a level, another of the same kind up one,
+moving equal parameter counts), so every child removes exactly what its parent removes. The
+multi-fidelity selection of EvoPress (a child scored on few tokens first, only the best scored on
+more) is the study's pruner, at the stages the objective reports.
+
+All state is read from the study's storage (trials, their plans and values), so the sampler
+resumes after a kill and several processes sharing one storage evolve the same population. A
+child is drawn from a generator seeded by (seed, trial number): the same trial number proposes
+the same child, whichever process runs it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from secateur.graph.plan import Plan
+from secateur.recipe.space import (
+    SearchSpace,
+    level_switch,
+    project_to_budget,
+    snap_to_levels,
+    uniform_fractions,
+)
+
+
+class EvolutionSampler(optuna.samplers.BaseSampler):
+    """Level-switch mutations of the best complete trial; budget-neutral by construction."""
+
+    def __init__(self, space: SearchSpace, seed: int = 0, max_switches: int = 3, tries: int = 16) -> None:
+        if not space.levels:
+            raise ValueError("the evolution sampler needs a level space (allocation.search.levels >= 2)")
+        self.space, self.seed, self.max_switches, self.tries = space, seed, max_switches, tries
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self._proposals: dict[int, dict[str, float]] = {}
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        proposal = self._proposals.get(trial._trial_id)
+        if proposal is None:
+            proposal = self._proposals[trial._trial_id] = self.propose(study, trial.number)
+        if param_name in proposal:
+            return proposal[param_name]
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: list[float] | None
+    ) -> None:
+        self._proposals.pop(trial._trial_id, None)
+
+    def parent(self, study: optuna.Study) -> dict[str, int]:
+        """Level genome of the best complete trial (the uniform allocation before any completes)."""
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done = [t for t in done if "plan" in t.user_attrs]
+        if done:
+            best = min(done, key=lambda t: (t.value, t.number))
+            keeps = self.space.keeps_of(Plan.from_dict(best.user_attrs["plan"]))
+        else:
+            keeps = self.space.keeps_of(project_to_budget(uniform_fractions(self.space), self.space))
+        return snap_to_levels(keeps, self.space)
+
+    def mutate(self, genome: dict[str, int], rng: random.Random) -> dict[str, int]:
+        """1 to `max_switches` budget-neutral level switches."""
+        child = dict(genome)
+        for _ in range(rng.randint(1, self.max_switches)):
+            child = level_switch(child, self.space, rng)
+        return child
+
+    def propose(self, study: optuna.Study, number: int) -> dict[str, float]:
+        """A child of the current parent as per-slot keep fractions, avoiding allocations already tried."""
+        rng = random.Random(self.seed * 1_000_003 + number)
+        parent = self.parent(study)
+        seen = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False) if t.params}
+        child = parent
+        for _ in range(self.tries):
+            child = self.mutate(parent, rng)
+            if tuple(sorted(self._fractions(child).items())) not in seen:
+                break
+        return self._fractions(child)
+
+    def _fractions(self, keeps: dict[str, int]) -> dict[str, float]:
+        return {s.name: keeps[s.name] / s.n for s in self.space.slots}

@@ -1,0 +1,167 @@
+"""`secateur export`: a pruned output folder to GGUF (llama.cpp) or a DeciLM checkpoint (vLLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.lock import LOCK_NAME
+from secateur.runtime.export import FORMATS, ExportError
+from secateur.runtime.loader import ModelSource, resolve_source
+
+
+def source_of(run_dir: Path) -> ModelSource | None:
+    """The model a Secateur output was pruned from, as its lock recorded it (None: not recorded)."""
+    lock_file = run_dir / LOCK_NAME
+    if not lock_file.is_file():
+        return None
+    try:
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+        ref = lock["recipe"]["model"]["id"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ExportError(f"{lock_file}: cannot read the source model from it ({e!r})") from e
+    return resolve_source(str(ref), lock.get("recipe_dir"))
+
+
+def tokenizer_gguf_for(source: ModelSource | None, given: str | Path | None, where: str) -> Path:
+    """The GGUF whose tokenizer metadata the export carries over: given, or the source model's own."""
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise ExportError(f"--tokenizer-gguf: no such file: {path}")
+        return path
+    if source is not None and source.gguf_file:
+        return Path(source.path) / source.gguf_file
+    ref = source.ref if source is not None else "unknown (no recipe.lock.yaml)"
+    raise ExportError(
+        f"{where}: the source model ({ref}) is not a GGUF file, so there is no llama.cpp tokenizer to carry "
+        "over; pass --tokenizer-gguf FILE (recipe: output.export[].tokenizer_gguf), any GGUF of the same "
+        "base model, e.g. from llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def default_output(run_dir: Path, fmt: str, outtype: str) -> Path:
+    """Beside the run folder (a Secateur output lists its files, so nothing is added inside it)."""
+    return run_dir.parent / (f"{run_dir.name}-{outtype}.gguf" if fmt == "gguf" else f"{run_dir.name}-decilm")
+
+
+def export_name(fmt: str, outtype: str) -> str:
+    """File or folder name of a recipe export inside the output folder."""
+    return f"model-{outtype}.gguf" if fmt == "gguf" else "decilm"
+
+
+def check_exports(recipe: Any, adapter: ModelAdapter, base_dir: Path | None) -> list[str]:
+    """What `output.export` will write, checked before any weights load (family, tokenizer source);
+    one line per export. Shapes are checked again on the pruned model before anything is written."""
+    lines = []
+    for i, e in enumerate(recipe.output.export):
+        where = f"output.export.{i}"
+        if e.format == "gguf":
+            if adapter.gguf_arch(False) is None:
+                raise ExportError(
+                    f"{where}: model_type {adapter.config.model_type!r} has no llama.cpp architecture"
+                )
+            given = e.tokenizer_gguf
+            if given is not None and base_dir is not None and not Path(given).is_absolute():
+                given = str(Path(base_dir) / given)
+            src = resolve_source(recipe.model.id, base_dir)
+            tok = tokenizer_gguf_for(src, given, where)
+            per_layer = adapter.gguf_arch(True)
+            arch = adapter.gguf_arch(False) + (
+                f", {per_layer} when layers differ" if per_layer else " (uniform only)"
+            )
+            lines.append(
+                f"{where}: gguf {e.outtype} -> {export_name(e.format, e.outtype)} (llama.cpp {arch}; tokenizer from {tok.name})"
+            )
+        else:
+            if not adapter.exports_decilm():
+                raise ExportError(
+                    f"{where}: vLLM's DeciLM model has the Llama layout only, not {adapter.config.model_type!r}"
+                )
+            lines.append(
+                f"{where}: decilm {e.outtype} -> decilm/ (vLLM DeciLMForCausalLM, --trust-remote-code)"
+            )
+    return lines
+
+
+def check_pruned(
+    model: nn.Module, adapter: ModelAdapter, fmt: str, tokenizer_gguf: Path | None = None
+) -> None:
+    """Raise ExportError when the engine cannot hold this pruned model exactly (nothing written)."""
+    if fmt == "gguf":
+        from secateur.runtime.export.gguf import check_tokenizer, gguf_layout
+
+        gguf_layout(model, adapter)
+        if tokenizer_gguf is not None:
+            check_tokenizer(model, tokenizer_gguf)
+    else:
+        from secateur.runtime.export.decilm import decilm_config
+
+        decilm_config(model, adapter)
+
+
+def export_model(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    fmt: str,
+    out: Path,
+    *,
+    outtype: str = "f16",
+    tokenizer: Any = None,
+    tokenizer_gguf: Path | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one export of an in-memory model (used by `export` and by a recipe's output.export)."""
+    if fmt == "gguf":
+        from secateur.runtime.export.gguf import write_gguf
+
+        if tokenizer_gguf is None:
+            raise ExportError("gguf export needs a GGUF file to take the tokenizer from")
+        write_gguf(model, adapter, out, tokenizer_gguf, outtype, name=name, overwrite=overwrite)
+    elif fmt == "decilm":
+        from secateur.runtime.export.decilm import write_decilm
+
+        write_decilm(model, adapter, out, tokenizer=tokenizer, dtype=outtype, overwrite=overwrite)
+    else:
+        raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    return out
+
+
+def export(
+    run_dir: str | Path,
+    fmt: str,
+    outtype: str = "f16",
+    output: str | Path | None = None,
+    tokenizer_gguf: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export a pruned output folder; everything checkable is checked before the model loads."""
+    from secateur.runtime.loader import load_model
+
+    run = Path(run_dir)
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such folder")
+    out = Path(output) if output is not None else default_output(run, fmt, outtype)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    tok_gguf = tokenizer_gguf_for(source_of(run), tokenizer_gguf, str(run)) if fmt == "gguf" else None
+    has_tokenizer = any((run / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    lm = load_model(str(run), dtype="float32", device="cpu", tokenizer=fmt == "decilm" and has_tokenizer)
+    return export_model(
+        lm.model,
+        lm.adapter,
+        fmt,
+        out,
+        outtype=outtype,
+        tokenizer=lm.tokenizer,
+        tokenizer_gguf=tok_gguf,
+        name=f"{run.name} (pruned by Secateur)",
+        overwrite=overwrite,
+    )
