@@ -232,6 +232,14 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
+class _NoCustomDatasetHint(logging.Filter):
+    """lm-eval warns, for every task with a `custom_dataset` (ours), that kwargs can be passed with
+    --metadata: Secateur passes the data root that way itself, so the hint is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
 def run_zeroshot(
     model: nn.Module,
     tokenizer: Any,
@@ -267,6 +275,8 @@ def run_zeroshot(
         metadata={"data_root": str(root)} if root else None,
     )
     was_training = model.training
+    hint = _NoCustomDatasetHint()
+    logging.getLogger("lm_eval.api.task").addFilter(hint)
     try:
         # HFLM sets a pad token on the tokenizer it gets: give it a copy, not the caller's.
         with _quiet("lm_eval.models.huggingface"):
@@ -281,6 +291,7 @@ def run_zeroshot(
             log_samples=False,
         )
     finally:
+        logging.getLogger("lm_eval.api.task").removeFilter(hint)
         model.train(was_training)
     if results is None:
         raise RuntimeError("zeroshot: lm-eval returned no results (non-zero rank?)")

@@ -28,14 +28,20 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids()).logits
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_heterogeneous_round_trip(family: str, tmp_path) -> None:
+def _hetero(family: str):
+    """A tiny model of `family` cut to HETERO (OPT, without GQA, drops whole heads in layer 0)."""
     model = tiny_model(family)
     adapter = adapter_for(model.config)
     keep = dict(HETERO)
     if family == "opt":
         keep[0] = LayerKeep(mlp=list(range(0, 96, 3)), kv_heads=[1, 3])
     apply_keep(model, adapter, keep)
+    return model, adapter
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_heterogeneous_round_trip(family: str, tmp_path) -> None:
+    model, adapter = _hetero(family)
     ref = _logits(model)
     out = save_pruned(model, adapter, tmp_path / "out")
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())
@@ -91,12 +97,7 @@ def _add_bias(model, name: str) -> None:
 def test_heterogeneous_model_survives_save_pretrained(family: str, tmp_path) -> None:
     """A user loads a pruned model, changes it and saves it the usual way: it loads back exactly with
     load_pruned (shapes and added biases from the safetensors headers, sharded), never with plain HF."""
-    model = tiny_model(family)
-    adapter = adapter_for(model.config)
-    keep = dict(HETERO)
-    if family == "opt":
-        keep[0] = LayerKeep(mlp=list(range(0, 96, 3)), kv_heads=[1, 3])
-    apply_keep(model, adapter, keep)
+    model, adapter = _hetero(family)
     if family != "opt":
         _add_bias(model, "model.layers.0.mlp.down_proj")
     save_pruned(model, tmp_path / "a")

@@ -117,3 +117,16 @@ def test_bad_shard_size_is_a_recipe_error(tmp_path: Path, bad) -> None:
     r = _recipe(tmp_path, output={"max_shard_size": bad})
     with pytest.raises(RecipeError, match="output.max_shard_size"):
         load_recipe(r)
+
+
+def test_card_of_an_output_plain_transformers_cannot_load() -> None:
+    from huggingface_hub import ModelCard
+
+    from secateur.runtime.card import render_card
+
+    report = {"stages": [{"method": "flap"}], "size": {"dense": {"params": 10}, "pruned": {"params": 8}}}
+    text = render_card(report, "flap-20", "HuggingFaceTB/SmolLM2-135M-Instruct", plain=False)
+    card = ModelCard(text)
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.library_name is None
+    assert "from_pretrained(" not in text.replace("AutoTokenizer.from_pretrained(", "")
+    assert "secateur.load_pruned" in text and "8 of 10 parameters (80.0%)" in text

@@ -43,7 +43,7 @@ def _full_report() -> dict:
                 "mean": {"acc": 0.60225, "acc_norm": 0.6701},
             },
             "pruned": {
-                "piqa": {"acc": 0.6123, "acc_norm": 0.6034},
+                "piqa": {"acc": 0.6123, "acc_norm": 0.6034, "acc_stderr": 0.0114, "acc_norm_stderr": 0.0115},
                 "winogrande": {"acc": 0.5012},
                 "mean": {"acc": 0.55675, "acc_norm": 0.6034},
             },
@@ -91,6 +91,8 @@ def test_full_report(tmp_path: Path) -> None:
     assert "20.99" in md and "31.42" in md  # perplexity, 2 decimals
     assert "0.6812" in md and "0.6123" in md and "-0.0689" in md  # piqa acc and its change
     assert md.index("| piqa") < md.index("| **mean**")
+    assert "0.6123 ± 0.0114" in md and "0.6034 ± 0.0115" in md  # lm-eval's standard errors beside
+    assert "0.5012 |" in md  # no stderr recorded: none shown
     assert "1,234.5" in md and "1,800.2" in md and "1.458x" in md  # throughput and speedup
     assert "| 0 | 6/9 (0.67) | 3/3 (1.00) | 1024/1536 (0.67) | kept | kept |" in md.replace(",", "")
     assert "| 1 | 0/9 (0.00) | 0/3 (0.00) | 768/1536 (0.50) | removed | kept |" in md.replace(",", "")

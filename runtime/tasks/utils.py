@@ -51,34 +51,21 @@ def _load(task: str, kwargs: dict[str, Any]) -> Any:
     return datasets.load_dataset("json", data_files={SPLITS[task]: str(path.resolve())})
 
 
-def piqa(**kwargs: Any) -> Any:
-    """lm-eval `custom_dataset`: the local piqa rows (kwargs: the task's metadata)."""
-    return _load("piqa", kwargs)
+def _loader(task: str) -> Any:
+    def load(**kwargs: Any) -> Any:
+        return _load(task, kwargs)
+
+    load.__doc__ = f"lm-eval `custom_dataset`: the local {task} rows (kwargs: the task's metadata)."
+    return load
 
 
-def arc_easy(**kwargs: Any) -> Any:
-    """lm-eval `custom_dataset`: the local ARC-Easy rows."""
-    return _load("arc_easy", kwargs)
-
-
-def arc_challenge(**kwargs: Any) -> Any:
-    """lm-eval `custom_dataset`: the local ARC-Challenge rows."""
-    return _load("arc_challenge", kwargs)
-
-
-def hellaswag(**kwargs: Any) -> Any:
-    """lm-eval `custom_dataset`: the local HellaSwag rows."""
-    return _load("hellaswag", kwargs)
-
-
-def winogrande(**kwargs: Any) -> Any:
-    """lm-eval `custom_dataset`: the local WinoGrande rows."""
-    return _load("winogrande", kwargs)
-
-
-def boolq(**kwargs: Any) -> Any:
-    """lm-eval `custom_dataset`: the local BoolQ rows."""
-    return _load("boolq", kwargs)
+# one lm-eval `custom_dataset` per task (the YAML files name them: `!function utils.piqa`)
+piqa = _loader("piqa")
+arc_easy = _loader("arc_easy")
+arc_challenge = _loader("arc_challenge")
+hellaswag = _loader("hellaswag")
+winogrande = _loader("winogrande")
+boolq = _loader("boolq")
 
 
 def hellaswag_preprocess(text: str) -> str:
