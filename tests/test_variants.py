@@ -217,3 +217,29 @@ def test_database_is_reused_and_rebuilt_when_its_key_changes(tmp_path):
         a.layers(other)[0].mlp.up_proj.weight.mul_(1.01)
     assert build(model=other).built == len(wanted)
     assert not list(tmp_path.rglob("*.tmp.*"))  # written, then renamed: no temporary leftovers
+
+
+def test_evolution_search_scores_in_stages_and_keeps_the_budget(setup):
+    from optuna.trial import TrialState
+
+    from secateur.recipe.schema import SearchOptions
+    from secateur.search.study import run_search
+
+    m, a, _, root = setup
+    spec = BudgetSpec(fraction=0.3, attention="kv_group", multiple_of=4)
+    opts = SearchOptions(
+        trials=12, sampler="evolution", levels=5, heldout_tokens=128, stages=[64], survivors=0.1
+    )
+    res = run_search(
+        m, a, CALIB, HELDOUT, spec, LAYERS, opts, progress=False, cache_kwargs={"variants_dir": str(root)}
+    )
+    trials = res.study.get_trials()
+    assert len([t for t in trials if t.state.is_finished()]) == 12
+    first, full = 2 * 31, 4 * 31  # tokens scored after the first stage (2 of 4 windows) and in all
+    for t in trials:
+        steps = sorted(t.intermediate_values)
+        assert steps == ([first] if t.state == TrialState.PRUNED else [first, full])
+        assert abs(t.user_attrs["removed"] - res.space.goal) <= res.space.step_params / 2
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    children = [t for t in trials if "init" not in t.user_attrs]
+    assert len({tuple(sorted(t.params.items())) for t in children}) == len(children)  # no repeats
