@@ -243,3 +243,25 @@ def test_evolution_search_scores_in_stages_and_keeps_the_budget(setup):
     assert any(t.state == TrialState.PRUNED for t in trials)
     children = [t for t in trials if "init" not in t.user_attrs]
     assert len({tuple(sorted(t.params.items())) for t in children}) == len(children)  # no repeats
+
+
+def test_winner_table_with_a_removed_branch_compiles_to_the_same_plan(tmp_path):
+    import yaml
+
+    from secateur.recipe.compile import allocate, table_fractions
+    from secateur.recipe.load import load_recipe
+    from secateur.search.plots import write_winner_recipe
+
+    m, a = _model()
+    space = _space(m, a, "none", 0.3, levels=5)
+    keeps = space.keeps_of(project_to_budget({n: 0.7 for n in space.names}, space))
+    keeps[space.slots[1].name] = 0
+    plan = space.to_plan(keeps)
+    base = yaml.safe_load(open("recipes_examples/search-30.yaml"))
+    base["budget"]["multiple_of"] = 4
+    path = write_winner_recipe(base, plan, tmp_path / "winner.yaml", space)
+    recipe = load_recipe(path)
+    assert recipe.allocation.compile == "stitched"
+    fixed = table_fractions(recipe.allocation.table, a.num_layers)
+    got = allocate(m, a, space.spec, LAYERS, fixed)
+    assert {i: lp for i, lp in got.layers.items()} == plan.layers
