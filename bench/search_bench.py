@@ -106,6 +106,7 @@ def main() -> None:
             "stages": opts.stages,
             "survivors": opts.survivors,
             "test_windows": int(test.shape[0]),
+            "test_all": args.windows_2048 is None,
             "proxy_forward_2048_s": fwd,
         }
         uniform_done = any(r["ratio"] == ratio and r["sampler"] == "uniform" for r in rows)
@@ -184,7 +185,8 @@ def write(args: argparse.Namespace, rows: list[dict], cfg: dict) -> None:
         f"held-out KL on {cfg['heldout_tokens']} tokens of its last 10% (disjoint), stages {cfg['stages']} tokens "
         f"then all, {cfg['survivors']:.0%} survive each stage; {cfg['levels']} keep levels per layer. "
         "Uniform and winners are compiled by stitching the same variants (same restoration). "
-        f"Perplexity: all {cfg['test_windows']} windows of 2048 tokens of WikiText-2 test. Zero-shot: mean acc of "
+        f"Perplexity: {'all' if cfg.get('test_all') else 'the first'} {cfg['test_windows']} windows of 2048 tokens "
+        "of WikiText-2 test. Zero-shot: mean acc of "
         f"six tasks on the first {args.limit} documents each. Proxy forward: one dense fp32 forward over 2048 "
         f"held-out tokens ({fwd:.1f} s).",
         "",

@@ -647,16 +647,20 @@ class Recipe(_Section):
                         "cannot run; prune attention by kv_group or q_head",
                     )
                     break
+        if self.allocation.compile == "stitched" and (self.passes or self.method != "fasp"):
+            yield (
+                ("allocation", "compile"),
+                "'stitched' compiles one fasp stage from stored variants; "
+                f"method {self.method!r}{' with passes' if self.passes else ''} needs 'sequential'",
+            )
         for stage in self.stages():
             fields = {"method": stage.method, "metric": stage.importance.metric}
             for rule in STAGE_RULES:
                 if rule.broken(stage):
                     yield (stage.path + rule.key, rule.message.format(**fields))
         for key, entry in (self.allocation.table or {}).items():
-            values = (
-                [entry] if isinstance(entry, float | int) else [v for v in (entry.mlp, entry.attention) if v]
-            )
-            for keep in values:
+            values = [entry] if isinstance(entry, float | int) else [entry.mlp, entry.attention]
+            for keep in (v for v in values if v):  # 0 removes the branch, whatever min_keep says
                 if not (self.budget.min_keep <= keep <= self.budget.max_keep):
                     yield (
                         ("allocation", "table", key),

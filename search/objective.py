@@ -93,12 +93,14 @@ def evaluate_plan(
     trial: optuna.Trial | None = None,
     stages: list[int] | None = None,
     batch_size: int = 4,
+    prunable: bool = True,
 ) -> float:
     """Proxy value of `plan` (mean KL to the dense model, or perplexity) on the held-out windows.
 
     With a trial, the windows are scored in growing stages (`stages`: cumulative window counts):
     after each one the value so far is reported at step = tokens scored, and the trial is pruned
-    there when the pruner says so (multi-fidelity), so only survivors are scored on more tokens.
+    there when the pruner says so (multi-fidelity), so only survivors are scored on more tokens;
+    a trial that is not `prunable` (a seed) reports every stage and always goes on.
     """
     n = cache.heldout.shape[0]
     bounds = stage_bounds(n, stages) if trial is not None else [n]
@@ -109,7 +111,7 @@ def evaluate_plan(
             total, count, start = total + t, count + c, stop
             if trial is not None:
                 trial.report(proxy_value(total, count, kind), count)
-                if stop < n and trial.should_prune():
+                if prunable and stop < n and trial.should_prune():
                     raise optuna.TrialPruned()
     return proxy_value(total, count, kind)
 
@@ -140,7 +142,14 @@ class Objective:
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("removed", self.space.removal(self.space.keeps_of(plan)))
         # seeded trials (uniform, angular) are always evaluated in full: they are the floor to beat
-        stages = None if init is not None else self.stages
         return evaluate_plan(
-            self.model, self.adapter, self.cache, plan, self.kind, trial, stages, self.batch_size
+            self.model,
+            self.adapter,
+            self.cache,
+            plan,
+            self.kind,
+            trial,
+            self.stages,
+            self.batch_size,
+            init is None,
         )

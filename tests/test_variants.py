@@ -217,3 +217,51 @@ def test_database_is_reused_and_rebuilt_when_its_key_changes(tmp_path):
         a.layers(other)[0].mlp.up_proj.weight.mul_(1.01)
     assert build(model=other).built == len(wanted)
     assert not list(tmp_path.rglob("*.tmp.*"))  # written, then renamed: no temporary leftovers
+
+
+def test_evolution_search_scores_in_stages_and_keeps_the_budget(setup):
+    from optuna.trial import TrialState
+
+    from secateur.recipe.schema import SearchOptions
+    from secateur.search.study import run_search
+
+    m, a, _, root = setup
+    spec = BudgetSpec(fraction=0.3, attention="kv_group", multiple_of=4)
+    opts = SearchOptions(
+        trials=12, sampler="evolution", levels=5, heldout_tokens=128, stages=[64], survivors=0.1
+    )
+    res = run_search(
+        m, a, CALIB, HELDOUT, spec, LAYERS, opts, progress=False, cache_kwargs={"variants_dir": str(root)}
+    )
+    trials = res.study.get_trials()
+    assert len([t for t in trials if t.state.is_finished()]) == 12
+    first, full = 2 * 31, 4 * 31  # tokens scored after the first stage (2 of 4 windows) and in all
+    for t in trials:
+        steps = sorted(t.intermediate_values)
+        assert steps == ([first] if t.state == TrialState.PRUNED else [first, full])
+        assert abs(t.user_attrs["removed"] - res.space.goal) <= res.space.step_params / 2
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    children = [t for t in trials if "init" not in t.user_attrs]
+    assert len({tuple(sorted(t.params.items())) for t in children}) == len(children)  # no repeats
+
+
+def test_winner_table_with_a_removed_branch_compiles_to_the_same_plan(tmp_path):
+    import yaml
+
+    from secateur.recipe.compile import allocate, table_fractions
+    from secateur.recipe.load import load_recipe
+    from secateur.search.plots import write_winner_recipe
+
+    m, a = _model()
+    space = _space(m, a, "none", 0.3, levels=5)
+    keeps = space.keeps_of(project_to_budget({n: 0.7 for n in space.names}, space))
+    keeps[space.slots[1].name] = 0
+    plan = space.to_plan(keeps)
+    base = yaml.safe_load(open("recipes_examples/search-30.yaml"))
+    base["budget"]["multiple_of"] = 4
+    path = write_winner_recipe(base, plan, tmp_path / "winner.yaml", space)
+    recipe = load_recipe(path)
+    assert recipe.allocation.compile == "stitched"
+    fixed = table_fractions(recipe.allocation.table, a.num_layers)
+    got = allocate(m, a, space.spec, LAYERS, fixed)
+    assert {i: lp for i, lp in got.layers.items()} == plan.layers
