@@ -28,6 +28,7 @@ from secateur.graph.count import decoder_linear_params, flops_per_token
 from secateur.runtime.data import eval_windows, load_text, tokenize_text
 from secateur.runtime.evaluate import perplexity
 from secateur.runtime.export import llamacpp as lc
+from secateur.runtime.export.decilm import read_decilm, write_decilm
 from secateur.runtime.export.gguf import gguf_layout
 from secateur.runtime.loader import LoadedModel, load_model
 
@@ -66,6 +67,11 @@ def ppl(args: argparse.Namespace) -> None:
         }
         for ot in args.outtypes:
             row[ot] = lc.perplexity(_gguf(lm, tok, name, ot, args.workdir), windows, threads=args.threads)
+        if args.decilm:  # the DeciLM checkpoint read back as vLLM reads block_configs (vLLM itself not run)
+            folder = args.workdir / f"{name}-decilm"
+            if not folder.is_dir():
+                write_decilm(lm.model, lm.adapter, folder, dtype="f32")
+            row["decilm"] = perplexity(read_decilm(folder), windows)
         rows.append(row)
         print(row, flush=True)
     lines = [
@@ -82,7 +88,10 @@ def ppl(args: argparse.Namespace) -> None:
         "|---|---|---|" + "---|---|" * len(args.outtypes),
     ]
     for r in rows:
-        cells = [f"{r[o]:.3f} | {r[o] / r['torch'] - 1:+.3%}" for o in args.outtypes]
+        cells = [
+            f"{r[o]:.3f} | {r[o] / r['torch'] - 1:+.3%}"
+            for o in args.outtypes + (["decilm"] if args.decilm else [])
+        ]
         lines.append(f"| {r['model']} | {r['arch']} | {r['torch']:.3f} | " + " | ".join(cells) + " |")
     write_results(
         args.out or "bench/results/export-ppl",
@@ -199,6 +208,9 @@ def main() -> None:
             p.add_argument("--windows", type=int, default=4)
             p.add_argument("--seqlen", type=int, default=512)
             p.add_argument("--outtypes", nargs="+", default=["f32", "f16"])
+            p.add_argument(
+                "--decilm", action="store_true", help="also the DeciLM checkpoint, read back in PyTorch"
+            )
         else:
             p.add_argument("--outtype", default="f16")
             p.add_argument("--prefill", type=int, default=256)
