@@ -16,6 +16,7 @@ Not a test. Two tables, each with its command and machine:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -45,19 +46,26 @@ def _gguf(lm: LoadedModel, tok: Path, name: str, outtype: str, workdir: Path) ->
     return out
 
 
-def _models(runs: list[str]) -> tuple[Path, list[tuple[str, LoadedModel]]]:
+def _models(runs: list[str], skip: set[str] = frozenset()) -> tuple[Path, list[tuple[str, LoadedModel]]]:
     """The dense source model (recorded by the first run's lock) and every pruned run."""
     src = source_of(Path(runs[0]))
     tok = tokenizer_gguf_for(src, None, runs[0])
-    models = [("dense", _load(src.ref if src else "smollm2-135m"))]
-    models += [(Path(r).name, _load(r)) for r in runs]
+    models = [] if "dense" in skip else [("dense", _load(src.ref if src else "smollm2-135m"))]
+    models += [(Path(r).name, _load(r)) for r in runs if Path(r).name not in skip]
     return tok, models
 
 
+def _kept_rows(args: argparse.Namespace, default: str) -> list[dict]:
+    """--append: the rows an earlier run of the same table measured (their models are not redone)."""
+    path = Path(args.out or default).with_suffix(".json")
+    return json.loads(path.read_text())["rows"] if args.append and path.is_file() else []
+
+
 def ppl(args: argparse.Namespace) -> None:
-    tok, models = _models(args.runs)
+    rows = _kept_rows(args, "bench/results/export-ppl")
+    done = {r["model"] for r in rows}
+    tok, models = _models(args.runs, skip=done)
     text = load_text("wikitext2", "test")
-    rows = []
     for name, lm in models:
         windows = eval_windows(tokenize_text(lm.tokenizer, text), args.seqlen, args.windows)
         row = {
@@ -89,7 +97,7 @@ def ppl(args: argparse.Namespace) -> None:
     ]
     for r in rows:
         cells = [
-            f"{r[o]:.3f} | {r[o] / r['torch'] - 1:+.3%}"
+            f"{r[o]:.3f} | {r[o] / r['torch'] - 1:+.3%}" if o in r else "- | -"
             for o in args.outtypes + (["decilm"] if args.decilm else [])
         ]
         lines.append(f"| {r['model']} | {r['arch']} | {r['torch']:.3f} | " + " | ".join(cells) + " |")
@@ -208,6 +216,7 @@ def main() -> None:
             p.add_argument("--windows", type=int, default=4)
             p.add_argument("--seqlen", type=int, default=512)
             p.add_argument("--outtypes", nargs="+", default=["f32", "f16"])
+            p.add_argument("--append", action="store_true", help="keep the rows already in the table")
             p.add_argument(
                 "--decilm", action="store_true", help="also the DeciLM checkpoint, read back in PyTorch"
             )
