@@ -92,8 +92,8 @@ def ppl(args: argparse.Namespace) -> None:
         "",
         "| model | llama.cpp arch | PyTorch ppl | "
         + " | ".join(f"llama.cpp {o} | diff {o}" for o in args.outtypes)
-        + " |",
-        "|---|---|---|" + "---|---|" * len(args.outtypes),
+        + (" | DeciLM read back | diff |" if args.decilm else " |"),
+        "|---|---|---|" + "---|---|" * (len(args.outtypes) + bool(args.decilm)),
     ]
     for r in rows:
         cells = [
