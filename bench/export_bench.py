@@ -120,9 +120,8 @@ def _flops(lm: LoadedModel, prefill: int, decode: int) -> tuple[float, float]:
 def speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tok, models = _models(args.runs)
-    ids = tokenize_text(models[0][1].tokenizer, load_text("wikitext2", "test"))[
-        : args.prefill + args.decode
-    ].tolist()
+    text_ids = tokenize_text(models[0][1].tokenizer, load_text("wikitext2", "test")).reshape(-1)
+    ids = text_ids[: args.prefill + args.decode].tolist()
     prompt, steps = ids[: args.prefill], ids[args.prefill :]
     files = {name: _gguf(lm, tok, name, args.outtype, args.workdir) for name, lm in models}
     meas: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in models}
