@@ -16,6 +16,7 @@ Not a test. Two tables, each with its command and machine:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from secateur.graph.count import decoder_linear_params, flops_per_token
 from secateur.runtime.data import eval_windows, load_text, tokenize_text
 from secateur.runtime.evaluate import perplexity
 from secateur.runtime.export import llamacpp as lc
+from secateur.runtime.export.decilm import read_decilm, write_decilm
 from secateur.runtime.export.gguf import gguf_layout
 from secateur.runtime.loader import LoadedModel, load_model
 
@@ -44,19 +46,26 @@ def _gguf(lm: LoadedModel, tok: Path, name: str, outtype: str, workdir: Path) ->
     return out
 
 
-def _models(runs: list[str]) -> tuple[Path, list[tuple[str, LoadedModel]]]:
+def _models(runs: list[str], skip: set[str] = frozenset()) -> tuple[Path, list[tuple[str, LoadedModel]]]:
     """The dense source model (recorded by the first run's lock) and every pruned run."""
     src = source_of(Path(runs[0]))
     tok = tokenizer_gguf_for(src, None, runs[0])
-    models = [("dense", _load(src.ref if src else "smollm2-135m"))]
-    models += [(Path(r).name, _load(r)) for r in runs]
+    models = [] if "dense" in skip else [("dense", _load(src.ref if src else "smollm2-135m"))]
+    models += [(Path(r).name, _load(r)) for r in runs if Path(r).name not in skip]
     return tok, models
 
 
+def _kept_rows(args: argparse.Namespace, default: str) -> list[dict]:
+    """--append: the rows an earlier run of the same table measured (their models are not redone)."""
+    path = Path(args.out or default).with_suffix(".json")
+    return json.loads(path.read_text())["rows"] if args.append and path.is_file() else []
+
+
 def ppl(args: argparse.Namespace) -> None:
-    tok, models = _models(args.runs)
+    rows = _kept_rows(args, "bench/results/export-ppl")
+    done = {r["model"] for r in rows}
+    tok, models = _models(args.runs, skip=done)
     text = load_text("wikitext2", "test")
-    rows = []
     for name, lm in models:
         windows = eval_windows(tokenize_text(lm.tokenizer, text), args.seqlen, args.windows)
         row = {
@@ -66,6 +75,11 @@ def ppl(args: argparse.Namespace) -> None:
         }
         for ot in args.outtypes:
             row[ot] = lc.perplexity(_gguf(lm, tok, name, ot, args.workdir), windows, threads=args.threads)
+        if args.decilm:  # the DeciLM checkpoint read back as vLLM reads block_configs (vLLM itself not run)
+            folder = args.workdir / f"{name}-decilm"
+            if not folder.is_dir():
+                write_decilm(lm.model, lm.adapter, folder, dtype="f32")
+            row["decilm"] = perplexity(read_decilm(folder), windows)
         rows.append(row)
         print(row, flush=True)
     lines = [
@@ -78,11 +92,14 @@ def ppl(args: argparse.Namespace) -> None:
         "",
         "| model | llama.cpp arch | PyTorch ppl | "
         + " | ".join(f"llama.cpp {o} | diff {o}" for o in args.outtypes)
-        + " |",
-        "|---|---|---|" + "---|---|" * len(args.outtypes),
+        + (" | DeciLM read back | diff |" if args.decilm else " |"),
+        "|---|---|---|" + "---|---|" * (len(args.outtypes) + bool(args.decilm)),
     ]
     for r in rows:
-        cells = [f"{r[o]:.3f} | {r[o] / r['torch'] - 1:+.3%}" for o in args.outtypes]
+        cells = [
+            f"{r[o]:.3f} | {r[o] / r['torch'] - 1:+.3%}" if o in r else "- | -"
+            for o in args.outtypes + (["decilm"] if args.decilm else [])
+        ]
         lines.append(f"| {r['model']} | {r['arch']} | {r['torch']:.3f} | " + " | ".join(cells) + " |")
     write_results(
         args.out or "bench/results/export-ppl",
@@ -103,9 +120,8 @@ def _flops(lm: LoadedModel, prefill: int, decode: int) -> tuple[float, float]:
 def speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tok, models = _models(args.runs)
-    ids = tokenize_text(models[0][1].tokenizer, load_text("wikitext2", "test"))[
-        : args.prefill + args.decode
-    ].tolist()
+    text_ids = tokenize_text(models[0][1].tokenizer, load_text("wikitext2", "test")).reshape(-1)
+    ids = text_ids[: args.prefill + args.decode].tolist()
     prompt, steps = ids[: args.prefill], ids[args.prefill :]
     files = {name: _gguf(lm, tok, name, args.outtype, args.workdir) for name, lm in models}
     meas: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in models}
@@ -199,6 +215,10 @@ def main() -> None:
             p.add_argument("--windows", type=int, default=4)
             p.add_argument("--seqlen", type=int, default=512)
             p.add_argument("--outtypes", nargs="+", default=["f32", "f16"])
+            p.add_argument("--append", action="store_true", help="keep the rows already in the table")
+            p.add_argument(
+                "--decilm", action="store_true", help="also the DeciLM checkpoint, read back in PyTorch"
+            )
         else:
             p.add_argument("--outtype", default="f16")
             p.add_argument("--prefill", type=int, default=256)
