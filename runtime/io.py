@@ -115,8 +115,13 @@ def _state_dict_untied(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_model(model: nn.Module, adapter: ModelAdapter, folder: Path, tokenizer: Any = None) -> bool:
     """Write weights, configs and tokenizer into `folder` (no atomicity here)."""
-    cfg, plain, per_layer = pruned_config(model, adapter)
     save_file(_state_dict_untied(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return write_metadata(model, adapter, folder, tokenizer)
+
+
+def write_metadata(model: nn.Module, adapter: ModelAdapter, folder: Path, tokenizer: Any = None) -> bool:
+    """Configs, per-layer shapes and tokenizer (the weights are written apart: whole or as shards)."""
+    cfg, plain, per_layer = pruned_config(model, adapter)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
     meta = {
         "format_version": FORMAT_VERSION,
@@ -250,6 +255,25 @@ def pruned_skeleton(folder: str | Path) -> nn.Module:
         raise PrunedFolderError(f"{meta_file}: layer shapes cannot be rebuilt ({e!r})") from e
 
 
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Secateur output: model.safetensors, or the shards its index lists."""
+    from secateur.runtime.weights import INDEX_NAME, SafetensorsSource, WeightSourceError
+
+    weights = folder / "model.safetensors"
+    if (folder / INDEX_NAME).is_file():
+        try:
+            src = SafetensorsSource(folder)
+            return {k: src.get(k) for k in sorted(src.names())}
+        except WeightSourceError as e:
+            raise PrunedFolderError(str(e)) from e
+    if not weights.is_file():
+        raise PrunedFolderError(f"{folder}: model.safetensors is missing")
+    try:
+        return load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise PrunedFolderError(f"{weights}: damaged or not a safetensors file ({e})") from e
+
+
 def load_pruned(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -257,13 +281,7 @@ def load_pruned(
     folder = Path(path)
     model = pruned_skeleton(folder)
     config = model.config
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise PrunedFolderError(f"{folder}: model.safetensors is missing")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise PrunedFolderError(f"{weights}: damaged or not a safetensors file ({e})") from e
+    state = _read_weights(folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:

@@ -157,6 +157,7 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    stream: Any = None  # a runtime.stream.StreamedModel when the layers stay on disk
 
 
 def load_model(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+
+from secateur.runtime.fingerprint import Fingerprint
 
 LOCK_NAME = "recipe.lock.yaml"
 LOCK_VERSION = 1
@@ -21,13 +22,11 @@ class LockError(ValueError):
 
 
 def tensor_fingerprint(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names, shapes, dtypes and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(tensors, key=lambda x: x[0]):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """sha256 over every tensor's name, shape, dtype and raw bytes (see runtime.fingerprint)."""
+    fp = Fingerprint()
+    for name, t in tensors:
+        fp.add(name, t)
+    return fp.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -1,0 +1,238 @@
+"""The streaming runtime: a model whose decoder layers are read from disk one at a time.
+
+The model is a skeleton (meta tensors) with only the embeddings, final norm and head resident.
+The sequential pass asks for layer i (`load_layer`), prunes and runs it, then the layer is
+written to its own safetensors shard and dropped (`release_layer`). Perplexity streams the same
+way: every window's hidden states go through the layers one layer at a time, and the head runs
+last. Peak memory is then about two copies of one layer (the dense one being pruned and the
+sliced result) plus embeddings, head and the calibration activations, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.runtime.capture import capture_inputs, run_layer
+from secateur.runtime.evaluate import window_nll
+from secateur.runtime.fingerprint import Fingerprint
+from secateur.runtime.loader import (
+    LoadedModel,
+    ModelLoadError,
+    load_config,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
+from secateur.runtime.weights import INDEX_NAME, GGUFSource, SafetensorsSource, WeightSource, check_complete
+
+
+class StreamedModel:
+    """A skeleton model plus a weight source; decoder layers are materialised on request."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        source: WeightSource,
+        dtype: torch.dtype,
+        device: torch.device,
+        where: str,
+    ) -> None:
+        self.model, self.adapter, self.source = model, adapter, source
+        self.dtype, self.device, self.where = dtype, device, where
+        self.dense_fingerprint = Fingerprint()  # of the tensors as read by the prune pass
+        self.tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        check_complete(source, names, self.tied, where)
+        self._load_resident()
+
+    def _layer_prefix(self, i: int) -> str:
+        return self.adapter.layer_prefix(i) + "."
+
+    def _assign(self, name: str, t: torch.Tensor) -> None:
+        mod_name, pname = name.rsplit(".", 1)
+        mod = self.model.get_submodule(mod_name)
+        mod._parameters[pname] = nn.Parameter(t.to(device=self.device, dtype=self.dtype))
+
+    def _load_resident(self) -> None:
+        """Embeddings, final norm, head: everything outside the decoder layers (tied head last)."""
+        layers_path = self.adapter.layers_path + "."
+        for name, _ in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(layers_path) and name not in self.tied:
+                self._assign(name, self.source.get(name))
+        if self.tied:
+            self.model.tie_weights()
+        for name, t in self.resident_state().items():
+            self.dense_fingerprint.add(name, t)
+
+    def resident_state(self) -> dict[str, torch.Tensor]:
+        """State outside the decoder layers, tied aliases once (the model's state_dict order)."""
+        layers_path = self.adapter.layers_path + "."
+        seen: set[int] = set()
+        out = {}
+        for k, v in self.model.state_dict().items():
+            if k.startswith(layers_path) or (v.data_ptr() in seen and v.numel()):
+                continue
+            seen.add(v.data_ptr())
+            out[k] = v.detach().to("cpu").contiguous()
+        return out
+
+    def load_layer(self, i: int, record: bool = False) -> None:
+        """Read layer i's weights from the source (`record`: into the dense fingerprint)."""
+        prefix = self._layer_prefix(i)
+        layer = self.adapter.layers(self.model)[i]
+        for name, _ in list(layer.named_parameters()):
+            t = self.source.get(prefix + name)
+            if record:
+                self.dense_fingerprint.add(prefix + name, t.to(self.dtype))
+            self._assign(prefix + name, t)
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's current tensors under their full names, contiguous on the CPU."""
+        layer = self.adapter.layers(self.model)[i]
+        return {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in layer.state_dict(prefix=self._layer_prefix(i)).items()
+        }
+
+    def release_layer(self, i: int) -> None:
+        """Drop layer i's weights, keeping their (possibly pruned) shapes on the meta device."""
+        layer = self.adapter.layers(self.model)[i]
+        for mod in layer.modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[pname] = nn.Parameter(
+                        torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
+                    )
+
+
+class ShardWriter:
+    """Writes a model as numbered safetensors shards plus HF's index, one `write` per shard."""
+
+    def __init__(self, folder: Path, n_shards: int) -> None:
+        self.folder, self.n = Path(folder), n_shards
+        self.k = 0
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self.fingerprint = Fingerprint()
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.k += 1
+        if self.k > self.n:
+            raise RuntimeError(f"shard writer: more than the {self.n} shards announced")
+        name = f"model-{self.k:05d}-of-{self.n:05d}.safetensors"
+        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            self.weight_map[key] = name
+            self.total += t.numel() * t.element_size()
+            self.fingerprint.add(key, t)
+
+    def finish(self) -> None:
+        if self.k != self.n:
+            raise RuntimeError(f"shard writer: {self.k} shards written, {self.n} announced")
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+class StreamPass:
+    """The sequential pass's layer hooks: read layer i before it runs, write and drop it after."""
+
+    def __init__(self, streamed: StreamedModel, writer: ShardWriter) -> None:
+        self.streamed, self.writer = streamed, writer
+
+    def load(self, i: int) -> None:
+        self.streamed.load_layer(i, record=True)
+
+    def done(self, i: int) -> None:
+        self.writer.write(self.streamed.layer_state(i))
+        self.streamed.release_layer(i)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns precomputed outputs (or passes hidden states on)."""
+
+    def __init__(self, outputs: list[torch.Tensor] | None) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.calls = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.outputs is None:
+            return hidden_states
+        out = self.outputs[self.calls]
+        self.calls += 1
+        return out
+
+
+def stream_window_nll(streamed: StreamedModel, windows: torch.Tensor, progress: bool | str = False) -> float:
+    """window_nll (batch size 1) with the decoder layers read one at a time from the source."""
+    model, adapter = streamed.model, streamed.adapter
+    inputs = capture_inputs(model, adapter, windows, batch_size=1)
+    hidden = inputs.hidden
+    layers = adapter.layers(model)
+    steps = range(len(layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{progress if isinstance(progress, str) else 'perplexity'} (streamed)")
+    for i in steps:
+        streamed.load_layer(i)
+        hidden = run_layer(layers[i], hidden, inputs.kwargs[i])
+        streamed.release_layer(i)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Replay(hidden if i == 0 else None)
+    try:
+        return window_nll(model, windows, batch_size=1)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def load_streamed(
+    ref: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    base_dir: str | Path | None = None,
+    tokenizer: bool = True,
+) -> LoadedModel:
+    """A streamed model: skeleton + resident embeddings/head, layers left on disk."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from secateur.runtime.io import pruned_skeleton
+
+    src = resolve_source(ref, base_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    folder = Path(src.path)
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model.stream: {ref!r} is not a local folder or GGUF file; streaming reads local weights "
+            f"(download the model first)"
+        )
+    config = load_config(src)
+    adapter_for(config)
+    if (folder / "secateur.json").is_file():
+        model = pruned_skeleton(folder)
+    else:
+        config.__dict__.pop("quantization_config", None)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    model.config.dtype = dt
+    model.tie_weights()
+    model.eval()
+    where = str(folder / src.gguf_file) if src.gguf_file else str(folder)
+    source = GGUFSource(folder / src.gguf_file, model) if src.gguf_file else SafetensorsSource(folder)
+    lm = LoadedModel(model, adapter_for(model.config), None, src, dev, dt)
+    lm.stream = StreamedModel(model, lm.adapter, source, dt, dev, where)
+    if tokenizer:
+        lm.tokenizer = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs())
+    return lm
