@@ -11,6 +11,7 @@ sliced result) plus embeddings, head and the calibration activations, whatever t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,7 @@ from secateur.runtime.fingerprint import Fingerprint
 from secateur.runtime.loader import (
     LoadedModel,
     ModelLoadError,
-    load_config,
-    resolve_device,
-    resolve_dtype,
-    resolve_source,
+    ModelSource,
 )
 from secateur.runtime.weights import INDEX_NAME, GGUFSource, SafetensorsSource, WeightSource, check_complete
 
@@ -196,30 +194,51 @@ def stream_window_nll(streamed: StreamedModel, windows: torch.Tensor, progress: 
             layers[i] = layer
 
 
-def load_streamed(
-    ref: str,
-    dtype: str = "auto",
-    device: str = "auto",
-    base_dir: str | Path | None = None,
-    tokenizer: bool = True,
-) -> LoadedModel:
-    """A streamed model: skeleton + resident embeddings/head, layers left on disk."""
+def memory_bound(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    dtype: torch.dtype,
+    calib_tokens: int,
+    dense_stream: bool = False,
+) -> dict[str, int]:
+    """The streaming prune's resident bytes, term by term (the formula the benchmark checks):
+
+    2 x largest layer (the dense layer and its pruned slices) + embeddings, norm and head
+    + calibration activations (the layer's inputs and outputs, twice with error correction)
+    + consumer statistics (fp32 Gram matrices of o_proj and down_proj).
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    layers = adapter.layers(model)
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * size
+    layer_ids = {id(p) for p in layers.parameters()}
+    resident = sum(
+        p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in layer_ids
+    )
+    acts = calib_tokens * adapter.hidden_size * size * 2 * (2 if dense_stream else 1)
+    grams = 4 * (adapter.intermediate_size**2 + (adapter.num_heads * adapter.head_dim) ** 2)
+    terms = {"layer_x2": 2 * layer, "resident": resident * size, "activations": acts, "statistics": grams}
+    return {**terms, "total": sum(terms.values())}
+
+
+def stream_perplexity(streamed: StreamedModel, windows: torch.Tensor, progress: bool | str = False) -> float:
+    """exp of stream_window_nll: the same figure `evaluate.perplexity` gives in memory."""
+    return math.exp(stream_window_nll(streamed, windows, progress))
+
+
+def streamed_model(src: ModelSource, dev: torch.device, dt: torch.dtype, config: Any) -> LoadedModel:
+    """A streamed model (loader.load_model(..., stream=True)): skeleton + resident embeddings/head,
+    layers left on disk."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from secateur.runtime.io import pruned_skeleton
 
-    src = resolve_source(ref, base_dir)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     folder = Path(src.path)
     if not folder.is_dir():
         raise ModelLoadError(
-            f"model.stream: {ref!r} is not a local folder or GGUF file; streaming reads local weights "
+            f"model.stream: {src.ref!r} is not a local folder or GGUF file; streaming reads local weights "
             f"(download the model first)"
         )
-    config = load_config(src)
-    adapter_for(config)
     if (folder / "secateur.json").is_file():
         model = pruned_skeleton(folder)
     else:
@@ -233,6 +252,4 @@ def load_streamed(
     source = GGUFSource(folder / src.gguf_file, model) if src.gguf_file else SafetensorsSource(folder)
     lm = LoadedModel(model, adapter_for(model.config), None, src, dev, dt)
     lm.stream = StreamedModel(model, lm.adapter, source, dt, dev, where)
-    if tokenizer:
-        lm.tokenizer = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs())
     return lm

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from secateur.checks import load_skeleton, plan_stages
+from secateur.checks import check_streamable, load_skeleton, plan_stages
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
@@ -69,6 +68,8 @@ def preflight(
         raise ValueError(
             "allocation.method: 'search' recipes run with `secateur search`, which writes a winner recipe"
         )
+    if recipe.model.stream:
+        check_streamable(recipe)
     cal = recipe.calibration
     read = [resolve_text_source(cal.dataset, cal.split, _data_root(recipe), base_dir)]
     if recipe.evaluate.enabled:
@@ -109,9 +110,9 @@ def evaluate_ppl(
             cache[key] = eval_windows(toks, ps.seqlen, ps.max_windows)
         label = f"{progress} perplexity {key}" if isinstance(progress, str) else progress
         if lm.stream is not None:
-            from secateur.runtime.stream import stream_window_nll
+            from secateur.runtime.stream import stream_perplexity
 
-            out[key] = math.exp(stream_window_nll(lm.stream, cache[key], label))
+            out[key] = stream_perplexity(lm.stream, cache[key], label)
         else:
             out[key] = perplexity(lm.model, cache[key], batch_size=1, progress=label)
     return out
@@ -284,9 +285,14 @@ def prune(
     lock_path: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    stream: bool = False,
 ) -> PruneOutcome:
-    """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
+    """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically
+    (`stream`: as with model.stream: true, one decoder layer in memory at a time)."""
     recipe, lock_data, base_dir, out = _resolve(recipe_path, recipe, output, overrides, lock_path)
+    if stream and not recipe.model.stream:
+        recipe = recipe.model_copy(deep=True)
+        recipe.model.stream = True
     with _locked_threads((lock_data or {}).get("threads"), log):
         return _prune(recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path)
 

@@ -11,15 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from secateur.checks import load_skeleton, plan_stages
+from secateur.checks import check_streamable, load_skeleton, plan_stages
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.schema import Recipe
+from secateur.runtime.loader import DTYPES
+from secateur.runtime.stream import memory_bound
 from secateur.runtime.surgery import apply_keep
 
 
@@ -55,6 +58,7 @@ class Explanation:
     rows: list[dict[str, Any]]
     totals: dict[str, dict[str, int]]
     stages: list[dict[str, Any]]
+    stream: dict[str, int] | None = None  # runtime.stream.memory_bound terms when model.stream is set
 
 
 def explain(
@@ -121,7 +125,14 @@ def explain(
             "flops_per_token": flops_per_token(m, adapter, context),
         }
 
-    return Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages)
+    stream = None
+    if recipe.model.stream:
+        check_streamable(recipe)
+        c = recipe.calibration
+        dtype = DTYPES.get(recipe.model.dtype, torch.float32)
+        corr = any(st.restore.error_correction > 0 for st in recipe.stages())
+        stream = memory_bound(model, adapter, dtype, c.n_samples * c.seqlen, corr)
+    return Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, stream)
 
 
 def format_explanation(ex: Explanation) -> str:
@@ -143,4 +154,11 @@ def format_explanation(ex: Explanation) -> str:
         lines.append(f"stage {n}: {st['method']} removes {st['params_to_remove']:,} parameters{note}")
     for k in ("params", "decoder_linear_params", "flops_per_token"):
         lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
+    if ex.stream is not None:
+        gib = {k: v / 2**30 for k, v in ex.stream.items()}
+        lines.append(
+            f"streaming: one decoder layer in memory at a time, output in {len(ex.rows) + 1} shards; resident "
+            f"about {gib['total']:.2f} GiB = 2 x layer {gib['layer_x2'] / 2:.2f} + embeddings/head "
+            f"{gib['resident']:.2f} + activations {gib['activations']:.2f} + statistics {gib['statistics']:.2f}"
+        )
     return "\n".join(lines)

@@ -32,50 +32,11 @@ from secateur.api import (
 from secateur.lock import check_kept_ranges
 from secateur.recipe.schema import Recipe
 from secateur.runtime.io import all_layer_shapes, write_metadata
-from secateur.runtime.methods import get_method
+from secateur.runtime.loader import load_model
 from secateur.runtime.outdir import atomic_dir
-from secateur.runtime.stream import ShardWriter, StreamPass, load_streamed
+from secateur.runtime.stream import ShardWriter, StreamPass, memory_bound
 from secateur.runtime.timing import peak_memory
 from secateur.runtime.weights import SafetensorsSource
-
-# why a method cannot stream (methods registered with streams=True need no entry)
-WHOLE_MODEL_REASONS = {
-    "bonsai": "it scores perturbed sub-models by running the whole model many times",
-    "blockpruner": "its candidate scoring runs the whole model once per candidate block",
-    "sprint": "its candidate scoring runs the whole model once per candidate block",
-    "cfsp": "its proportional allocation needs every layer's importance before the first layer is pruned",
-    "flap": "its global ranking needs every layer's statistics before the first layer is pruned",
-}
-
-
-class StreamError(ValueError):
-    """A recipe that cannot run with model.stream, named by its key."""
-
-
-def check_streamable(recipe: Recipe) -> None:
-    """Refuse, before any work, what needs the whole model at once."""
-    stages = recipe.stages()
-    if len(stages) > 1:
-        raise StreamError(
-            f"model.stream: a recipe with {len(stages)} passes cannot stream (each pass would need the "
-            f"previous one's whole output); run the passes as separate prunes, or set model.stream: false"
-        )
-    method = stages[0].method
-    if not get_method(method).streams:
-        why = WHOLE_MODEL_REASONS.get(method, "it needs the whole model in memory")
-        raise StreamError(
-            f"model.stream: method {method!r} cannot stream: {why}; use method fasp, or set model.stream: false"
-        )
-    if recipe.allocation.method not in ("uniform", "table"):
-        raise StreamError(
-            f"model.stream: allocation.method {recipe.allocation.method!r} needs every layer's statistics "
-            f"before pruning; streaming supports 'uniform' and 'table'"
-        )
-    if recipe.evaluate.enabled and recipe.evaluate.tasks:
-        raise StreamError(
-            "model.stream: evaluate.tasks (zero-shot) needs the whole model; set evaluate.tasks: [] and run "
-            "`secateur eval` on the output where it fits in memory"
-        )
 
 
 def prune_streamed(
@@ -90,10 +51,9 @@ def prune_streamed(
     recipe_path: str | Path | None,
 ) -> PruneOutcome:
     """The streaming counterpart of api._prune: same checks, same report and lock, sharded output."""
-    check_streamable(recipe)
     plan = preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
     t_start = time.perf_counter()
-    lm = load_streamed(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir)
+    lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir, stream=True)
     t_load = time.perf_counter() - t_start
     if lock_data is not None:
         check_kept_ranges(lock_data["kept"], all_layer_shapes(lm.model, lm.adapter), lock_path)
@@ -131,7 +91,11 @@ def prune_streamed(
         pruned_fp = writer.fingerprint.hexdigest()
         reproduced = check_lock_result(lock_data, lock_path, kept, pruned_fp)
         report = base_report(recipe, lm, plan, results, dense_size, dense_layer, t_load, pruned_fp)
-        report["stream"] = {"shards": writer.n, "dense_eval_s": t_dense_eval}
+        c = recipe.calibration
+        bound = memory_bound(
+            lm.model, lm.adapter, lm.dtype, c.n_samples * c.seqlen, plan[0][0].restore.error_correction > 0
+        )
+        report["stream"] = {"shards": writer.n, "dense_eval_s": t_dense_eval, "memory_bound_bytes": bound}
         if ev.enabled:
             t = time.perf_counter()
             lm.stream.source = SafetensorsSource(tmp)  # the pruned layers, as just written
