@@ -195,6 +195,16 @@ def _timing(report: dict[str, Any]) -> list[str]:
         out += ["", f"Peak resident memory (RSS) of the process: {mem['peak_rss_bytes'] / 2**30:.2f} GiB"]
     if mem.get("peak_gpu_bytes"):
         out += [f"Peak GPU memory allocated: {mem['peak_gpu_bytes'] / 2**30:.2f} GiB"]
+    bound = (report.get("stream") or {}).get("memory_bound_bytes")
+    if bound:
+        g = {k: v / 2**30 for k, v in bound.items()}
+        out += [
+            "",
+            f"Streamed: one decoder layer in memory at a time. Expected resident memory {g['total']:.2f} GiB = "
+            f"2 x largest layer {g['layer_x2']:.2f} + embeddings/norm/head {g['resident']:.2f} + calibration "
+            f"activations {g['activations']:.2f} + Gram matrices {g['statistics']:.2f} (plus the Python and "
+            f"torch runtime)",
+        ]
     return out
 
 

@@ -132,7 +132,7 @@ def test_stream_refuses_zero_shot_tasks(tmp_path: Path) -> None:
         prune(rec, output=tmp_path / "out", stream=True, progress=False, log=lambda s: None)
 
 
-def test_stream_report_carries_peak_memory_and_bound(tmp_path: Path) -> None:
+def test_stream_report_carries_peak_memory_and_bound_and_lock_reapplies(tmp_path: Path) -> None:
     save_tiny(str(tmp_path / "model"), "llama")
     rec = _recipe(tmp_path, str(tmp_path / "model"))
     rec.write_text(rec.read_text().replace("device: cpu", "device: cpu\n  stream: true"))
@@ -143,9 +143,12 @@ def test_stream_report_carries_peak_memory_and_bound(tmp_path: Path) -> None:
     assert (
         bound["total"] == bound["layer_x2"] + bound["resident"] + bound["activations"] + bound["statistics"]
     )
-    assert "Peak resident memory" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Peak resident memory" in md and "Expected resident memory" in md
     lock = yaml.safe_load((tmp_path / "out" / "recipe.lock.yaml").read_text())
     assert lock["recipe"]["model"]["stream"] is True
+    again = prune(lock_path=tmp_path / "out" / "recipe.lock.yaml", output=tmp_path / "again", progress=False)
+    assert again.reproduced is True
 
 
 @pytest.mark.integration
