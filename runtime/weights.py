@@ -74,39 +74,67 @@ class SafetensorsSource:
         return self._handles[self._where[name]].get_tensor(name)
 
 
+# Hugging Face model types whose gguf-py architecture name differs (as transformers maps them)
+GGUF_ARCH_NAMES = {
+    "gemma3_text": "gemma3",
+    "cohere": "command-r",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+}
+
+
 class GGUFSource:
-    """A GGUF file's tensors under their HF names, dequantised one at a time (file memory-mapped)."""
+    """A GGUF file's tensors under their HF names, dequantised one at a time (file memory-mapped).
+
+    The header is read with transformers' lazy GGUF reader (the tokenizer arrays are skipped, so
+    opening a 7B file takes well under a second), names are mapped with gguf-py's tensor name map,
+    and each tensor is dequantised by gguf-py and passed through transformers' per-architecture
+    processor (q/k un-permutation, Gemma norm offsets), as `from_pretrained` does for a whole file."""
 
     def __init__(self, path: str | Path, skeleton: nn.Module) -> None:
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
-        )
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        from transformers.integrations.gguf import GgufHeader, load_gguf_state_dict
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
         self.path = Path(path)
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
-        self._reader = GGUFReader(str(self.path))
-        arch = str(bytes(self._reader.fields["general.architecture"].parts[-1]), "utf-8")
-        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
-        gguf_to_hf = get_gguf_hf_weights_map(skeleton, self._processor)
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        self._where = {hf: g for g, hf in gguf_to_hf.items() if g in self._tensors}
+        try:
+            header = GgufHeader.from_file(str(self.path))
+        except (ValueError, KeyError, IndexError) as e:
+            raise WeightSourceError(f"{self.path}: not a readable GGUF file ({e})") from e
+        self._tensors = load_gguf_state_dict(header)
+        config = skeleton.config
+        self._processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(
+            config={
+                "num_attention_heads": getattr(config, "num_attention_heads", None),
+                "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+            }
+        )
+        model_type = GGUF_ARCH_NAMES.get(config.model_type, config.model_type)
+        arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == model_type), None)
+        if arch is None:
+            raise WeightSourceError(f"{self.path}: gguf-py has no tensor names for model type {model_type!r}")
+        names = get_tensor_name_map(arch, config.num_hidden_layers)
+        self._where = {}
+        for hf in skeleton.state_dict():
+            base, _, suffix = hf.rpartition(".")
+            g = names.get_name(base)
+            if g is not None and f"{g}.{suffix}" in self._tensors:
+                self._where[hf] = f"{g}.{suffix}"
 
     def names(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        from gguf import dequantize
+        from gguf import GGMLQuantizationType, dequantize
 
         if name not in self._where:
             raise WeightSourceError(f"{self.path}: no GGUF tensor maps to {name!r}")
-        t = self._tensors[self._where[name]]
+        gname = self._where[name]
+        lazy = self._tensors[gname]
+        rows = lazy.data.reshape(*lazy.shape[:-1], -1)  # the file's bytes, one row per output row
         res = self._processor.process(
-            weights=dequantize(t.data, t.tensor_type),
-            name=t.name,
+            weights=dequantize(rows, GGMLQuantizationType(lazy.ggml_type)),
+            name=gname,
             tensor_key_mapping={},
             parsed_parameters={},
         )
