@@ -60,6 +60,10 @@ def prune_streamed(
     cal = _calibration(recipe, lm, base_dir, lock_data, lock_path)
     dense_size = size_of(lm, recipe.budget.context)
     dense_layer = all_layer_shapes(lm.model, lm.adapter)[0]
+    c = recipe.calibration
+    bound = memory_bound(
+        lm.model, lm.adapter, lm.dtype, c.n_samples * c.seqlen, plan[0][0].restore.error_correction > 0
+    )
     ev = recipe.evaluate
     ppl_cache: dict[str, torch.Tensor] = {}
     t = time.perf_counter()
@@ -91,10 +95,6 @@ def prune_streamed(
         pruned_fp = writer.fingerprint.hexdigest()
         reproduced = check_lock_result(lock_data, lock_path, kept, pruned_fp)
         report = base_report(recipe, lm, plan, results, dense_size, dense_layer, t_load, pruned_fp)
-        c = recipe.calibration
-        bound = memory_bound(
-            lm.model, lm.adapter, lm.dtype, c.n_samples * c.seqlen, plan[0][0].restore.error_correction > 0
-        )
         report["stream"] = {"shards": writer.n, "dense_eval_s": t_dense_eval, "memory_bound_bytes": bound}
         if ev.enabled:
             t = time.perf_counter()
