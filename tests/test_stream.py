@@ -116,6 +116,10 @@ def test_streamed_output_honours_output_dtype_and_max_shard_size(tmp_path: Path)
     assert not list(out.glob("*.partial"))
     reloaded, ref = load_pruned(out), load_pruned(tmp_path / "mem")
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    # the in-memory run's lock reproduces streamed
+    lock = tmp_path / "mem" / "recipe.lock.yaml"
+    again = prune(lock_path=lock, output=tmp_path / "again", stream=True, progress=False, log=lambda s: None)
+    assert again.reproduced is True and again.lock["fingerprints"] == mem.lock["fingerprints"]
 
 
 def test_stream_refuses_recipe_exports(tmp_path: Path) -> None:
