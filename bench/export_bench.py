@@ -126,19 +126,14 @@ def speed(args: argparse.Namespace) -> None:
     files = {name: _gguf(lm, tok, name, args.outtype, args.workdir) for name, lm in models}
     meas: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in models}
     ctx = args.prefill + args.decode + 8
-    opened = {}
-    try:
+    # one llama.cpp model open at a time: two Llama objects alive in one process segfault in
+    # llama-cpp-python 0.3.36 (libllama.so); each round opens, warms up and measures every model in turn
+    for rep in range(args.repeats):
         for name, _ in models:
-            opened[name] = lc.open_gguf(files[name], ctx, args.threads, all_logits=False).__enter__()
-        for name in opened:  # warm-up: weights paged in, threads started
-            lc.speed(opened[name], prompt[:32], steps[:2])
-        for rep in range(args.repeats):
-            for name, llm in opened.items():
+            with lc.open_gguf(files[name], ctx, args.threads, all_logits=False) as llm:
+                lc.speed(llm, prompt[:32], steps[:2])  # warm-up: weights paged in, threads started
                 meas[name].append(lc.speed(llm, prompt, steps))
-            print(f"repeat {rep + 1}/{args.repeats}", {n: m[-1] for n, m in meas.items()}, flush=True)
-    finally:
-        for llm in opened.values():
-            llm.close()
+        print(f"repeat {rep + 1}/{args.repeats}", {n: m[-1] for n, m in meas.items()}, flush=True)
     dense = next(lm for name, lm in models if name == "dense")
     d_pre, d_dec = _flops(dense, args.prefill, args.decode)
     d_lin = decoder_linear_params(dense.model, dense.adapter)

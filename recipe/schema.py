@@ -142,6 +142,9 @@ class ModelSpec(_Section):
     id: str = Field("smollm2-135m", min_length=1)
     dtype: Dtype = "auto"
     device: str = "auto"
+    # read the weights one decoder layer at a time from the source and write the output shard by
+    # shard (models larger than memory); methods and options that need the whole model refuse
+    stream: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -1,4 +1,9 @@
-"""Fingerprints of tensors and model weights: what locks and the variant database are keyed by."""
+"""Fingerprints of tensors and model weights: what locks and the variant database are keyed by.
+
+Each tensor is hashed on its own (name, shape, dtype, raw bytes) and the fingerprint is the hash
+of those digests in name order, so the streaming runtime, which sees a model's tensors layer by
+layer, gives the same fingerprint as a pass over a whole model in memory.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,33 @@ import torch
 from torch import nn
 
 
-def tensor_fingerprint(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names, shapes, dtypes and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(tensors, key=lambda x: x[0]):
+class Fingerprint:
+    """Accumulates per-tensor digests; `hexdigest` combines them in name order."""
+
+    def __init__(self) -> None:
+        self._digests: dict[str, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self._digests:
+            raise ValueError(f"fingerprint: tensor {name!r} added twice")
         t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h = hashlib.sha256(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        self._digests[name] = h.hexdigest()
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self._digests):
+            h.update(f"{name}={self._digests[name]};".encode())
+        return h.hexdigest()
+
+
+def tensor_fingerprint(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over every tensor's name, shape, dtype and raw bytes (order-free: see Fingerprint)."""
+    fp = Fingerprint()
+    for name, t in tensors:
+        fp.add(name, t)
+    return fp.hexdigest()
 
 
 def saved_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -28,11 +52,16 @@ def saved_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
         if key in seen and v.numel() > 0:
             continue
         seen.add(key)
-        t = v.detach().to("cpu")
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        out[k] = t.contiguous()
+        out[k] = saved_tensor(v, dtype)
     return out
+
+
+def saved_tensor(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor as saved: on CPU, contiguous, cast to `dtype` when floating."""
+    t = t.detach().to("cpu")
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous()
 
 
 def model_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:

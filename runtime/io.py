@@ -152,11 +152,23 @@ def write_model(
 ) -> bool:
     """Write weights (in `dtype`, default the model's), configs and tokenizer into `folder` (no
     atomicity here)."""
-    cfg, plain, per_layer = pruned_config(model, adapter)
     dtype = dtype or next(model.parameters()).dtype
-    cfg["dtype"] = _dtype_name(dtype)
-    cfg.pop("torch_dtype", None)
     write_weights(model, folder, dtype, max_shard_size)
+    return write_metadata(model, adapter, folder, tokenizer, dtype)
+
+
+def write_metadata(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    folder: Path,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> bool:
+    """Configs, generation config, per-layer shapes and tokenizer; the weights are written apart
+    (whole by `write_weights`, or layer by layer by the streaming runtime's shard writer)."""
+    cfg, plain, per_layer = pruned_config(model, adapter)
+    cfg["dtype"] = _dtype_name(dtype or next(model.parameters()).dtype)
+    cfg.pop("torch_dtype", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
     gen = getattr(model, "generation_config", None)
     if gen is not None:

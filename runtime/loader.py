@@ -267,6 +267,19 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    stream: Any = None  # a runtime.stream.StreamedModel when the layers stay on disk
+
+
+def resolve_load(
+    ref: str, dtype: str, device: str, base_dir: str | Path | None
+) -> tuple[ModelSource, torch.device, torch.dtype, Any]:
+    """Files, device, dtype and config of a model, checked (family supported) before weights load."""
+    src = resolve_source(ref, base_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = load_config(src)
+    adapter_for(config)
+    return src, dev, dt, config
 
 
 def load_model(
@@ -275,15 +288,21 @@ def load_model(
     device: str = "auto",
     base_dir: str | Path | None = None,
     tokenizer: bool = True,
+    stream: bool = False,
 ) -> LoadedModel:
-    """Load any supported model; everything that can fail cheaply is checked first."""
+    """Load any supported model; everything that can fail cheaply is checked first
+    (`stream`: only embeddings and head now, decoder layers read later one at a time)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = resolve_source(ref, base_dir)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    config = load_config(src)
-    adapter_for(config)
+    src, dev, dt, config = resolve_load(ref, dtype, device, base_dir)
+    if stream:
+        from secateur.runtime.stream import streamed_model
+
+        lm = streamed_model(src, dev, dt, config)
+        lm.tokenizer = (
+            AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs()) if tokenizer else None
+        )
+        return lm
     if _is_pruned(src):
         from secateur.runtime.io import load_pruned
 

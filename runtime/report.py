@@ -205,6 +205,16 @@ def _timing(report: dict[str, Any]) -> list[str]:
     rows.append(["**total**", f"{total:.2f}"])
     out = ["## Timing", "", *_table(["phase", "seconds"], rows)]
     lines = memory_lines(report.get("memory") or {})
+    bound = (report.get("stream") or {}).get("memory_bound_bytes")
+    if bound:
+        g = {k: v / 2**30 for k, v in bound.items()}
+        lines += [
+            "",
+            f"Streamed: one decoder layer in memory at a time. Expected resident memory {g['total']:.2f} GiB = "
+            f"2 x largest layer {g['layer_x2']:.2f} + embeddings/norm/head {g['resident']:.2f} + calibration "
+            f"activations {g['activations']:.2f} + Gram matrices {g['statistics']:.2f} (plus the Python and "
+            f"torch runtime)",
+        ]
     return out + ([""] + lines if lines else [])
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -245,6 +246,25 @@ def _paired_statistics(
     return stats, outs
 
 
+class LayerIO(Protocol):
+    """Where layer weights come from and go (the streaming runtime): `load(i)` before layer i
+    runs, `done(i)` once its outputs are computed."""
+
+    def load(self, i: int) -> None: ...
+
+    def done(self, i: int) -> None: ...
+
+
+class _Resident:
+    """Every layer already in memory: nothing to load or write."""
+
+    def load(self, i: int) -> None:
+        return None
+
+    def done(self, i: int) -> None:
+        return None
+
+
 def needs_statistics(plan: Plan) -> bool:
     """Whether the plan's scoring or restoration reads calibration statistics."""
     return plan.metric != "magnitude" or plan.restore != "none" or plan.selection != "score"
@@ -258,12 +278,15 @@ def prune_sequential(
     batch_size: int = 8,
     progress: bool = True,
     on_layer: Callable[[LayerLog], None] | None = None,
+    layer_io: LayerIO | None = None,
 ) -> PruneResult:
-    """Execute `plan` on `model` in place, layer by layer, with FASP scoring and restoration."""
+    """Execute `plan` on `model` in place, layer by layer, with FASP scoring and restoration
+    (`layer_io`: layers read before and written after their turn, for streaming)."""
     phases = {"capture": 0.0, "statistics": 0.0, "scoring": 0.0, "restoration": 0.0, "forward": 0.0}
     t0 = time.perf_counter()
+    io = layer_io or _Resident()
     if not needs_statistics(plan):
-        return _prune_without_data(model, adapter, plan, phases, t0)
+        return _prune_without_data(model, adapter, plan, phases, t0, io)
     inputs = capture_inputs(model, adapter, calib_ids, batch_size)
     phases["capture"] = time.perf_counter() - t0
     hidden = inputs.hidden
@@ -276,6 +299,7 @@ def prune_sequential(
     bar = tqdm(range(len(layers)), desc="pruning", unit="layer", disable=not progress)
     for i in bar:
         t_layer = time.perf_counter()
+        io.load(i)
         lp = plan.layers.get(i, LayerPlan())
         errors: dict[str, dict[str, float]] = {}
         if not lp.is_noop():
@@ -316,6 +340,7 @@ def prune_sequential(
         t = time.perf_counter()
         hidden = run_layer(layers[i], hidden, inputs.kwargs[i])
         phases["forward"] += time.perf_counter() - t
+        io.done(i)
         log = LayerLog(i, time.perf_counter() - t_layer, keep[i].to_dict() if i in keep else {}, errors)
         logs.append(log)
         if errors:
@@ -329,18 +354,20 @@ def prune_sequential(
 
 
 def _prune_without_data(
-    model: nn.Module, adapter: ModelAdapter, plan: Plan, phases: dict[str, float], t0: float
+    model: nn.Module, adapter: ModelAdapter, plan: Plan, phases: dict[str, float], t0: float, io: LayerIO
 ) -> PruneResult:
     """Weight-only plans (magnitude, no restoration) read no activations: skip every forward."""
     keep: dict[int, LayerKeep] = {}
     logs: list[LayerLog] = []
-    for i, lp in plan.layers.items():
-        if lp.is_noop():
-            continue
-        t = time.perf_counter()
-        keep[i] = select_layer(model, adapter, i, lp, {}, plan.metric)
-        apply_keep(model, adapter, {i: keep[i]})
-        phases["scoring"] += time.perf_counter() - t
-        logs.append(LayerLog(i, time.perf_counter() - t, keep[i].to_dict(), {}))
+    for i in range(adapter.num_layers):
+        lp = plan.layers.get(i, LayerPlan())
+        io.load(i)
+        if not lp.is_noop():
+            t = time.perf_counter()
+            keep[i] = select_layer(model, adapter, i, lp, {}, plan.metric)
+            apply_keep(model, adapter, {i: keep[i]})
+            phases["scoring"] += time.perf_counter() - t
+            logs.append(LayerLog(i, time.perf_counter() - t, keep[i].to_dict(), {}))
+        io.done(i)
     phases["total"] = time.perf_counter() - t0
     return PruneResult(keep, logs, phases, plan)

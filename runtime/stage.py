@@ -47,6 +47,7 @@ class StageContext:
     progress: bool = True
     log: Callable[[str], None] = print
     cache_dir: str | None = None
+    layer_io: Any = None  # runtime.sequential.LayerIO when the layers stream from disk
 
 
 def check_plan_shapes(ctx: CheckContext) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from secateur.checks import load_skeleton, plan_stages
+from secateur.checks import check_streamable, load_skeleton, plan_stages
 from secateur.export import check_exports, check_pruned, export_model, export_name, tokenizer_gguf_for
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
@@ -69,6 +69,8 @@ def preflight(
         raise ValueError(
             "allocation.method: 'search' recipes run with `secateur search`, which writes a winner recipe"
         )
+    if recipe.model.stream:
+        check_streamable(recipe)
     cal = recipe.calibration
     read = [resolve_text_source(cal.dataset, cal.split, _data_root(recipe), base_dir)]
     if recipe.evaluate.enabled:
@@ -109,7 +111,12 @@ def evaluate_ppl(
             toks = tokenize_text(lm.tokenizer, load_text(ps.dataset, ps.split, _data_root(recipe), base_dir))
             cache[key] = eval_windows(toks, ps.seqlen, ps.max_windows)
         label = f"{progress} perplexity {key}" if isinstance(progress, str) else progress
-        out[key] = perplexity(lm.model, cache[key], batch_size=1, progress=label)
+        if lm.stream is not None:
+            from secateur.runtime.stream import stream_perplexity
+
+            out[key] = stream_perplexity(lm.stream, cache[key], label)
+        else:
+            out[key] = perplexity(lm.model, cache[key], batch_size=1, progress=label)
     return out
 
 
@@ -153,6 +160,11 @@ def _check_model_lock(
     if lock_data is None:
         return
     check_kept_ranges(lock_data["kept"], all_layer_shapes(lm.model, lm.adapter), lock_path)
+    check_lock_model(lock_data, lock_path, dense_fp)
+
+
+def check_lock_model(lock_data: dict[str, Any], lock_path: Any, dense_fp: str) -> None:
+    """A lock applies only to the model it was made from."""
     if lock_data["fingerprints"]["model"] != dense_fp:
         raise LockError(
             f"{lock_path}: the lock was made from another model (fingerprint {lock_data['fingerprints']['model'][:12]}"
@@ -184,6 +196,7 @@ def _run_stages(
     dense_linear: int,
     progress: bool,
     log: Callable[[str], None],
+    layer_io: Any = None,
 ) -> list[PruneResult]:
     """Run every stage in order; each aims at the cumulative target (whole sublayers overshoot)."""
     stages, counts, stage_layers = plan
@@ -199,6 +212,7 @@ def _run_stages(
         ctx = StageContext(
             lm.model, lm.adapter, cal.calib, cal.heldout, st, recipe, count, layers, progress, log
         )
+        ctx.layer_io = layer_io
         results.append(get_method(st.method).run(ctx))
     return results
 
@@ -267,9 +281,6 @@ def _write_output(
     """Weights, recipe, lock, report, model card and the recipe's exports, written into a temporary
     sibling and renamed into place. An export the engine cannot hold is left out (the pruned model is
     still saved, the work is not lost) and reported as an error afterwards."""
-    from secateur.runtime.card import write_card
-    from secateur.runtime.report import write_report
-
     exports, refused = [], []
     for i, e in enumerate(recipe.output.export):
         try:
@@ -283,10 +294,7 @@ def _write_output(
             refused.append(f"output.export.{i} ({e.format}): {err}")
     with atomic_dir(out, overwrite) as tmp:
         plain = write_model(lm.model, lm.adapter, tmp, lm.tokenizer, dtype, recipe.output.max_shard_size)
-        write_card(tmp, report, out.name, hub_id(lm.source), plain)
-        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        (tmp / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
-        write_report(tmp, report)
+        write_run_files(tmp, out, lm, recipe, lock, report, plain)
         for e, tok in exports:
             export_model(
                 lm.model,
@@ -302,6 +310,25 @@ def _write_output(
         raise ExportError(f"pruned model saved to {out}, but " + "; ".join(refused))
 
 
+def write_run_files(
+    folder: Path,
+    out: Path,
+    lm: LoadedModel,
+    recipe: Recipe,
+    lock: dict[str, Any],
+    report: dict[str, Any],
+    plain: bool,
+) -> None:
+    """Model card, recipe, lock and report beside the weights (in-memory and streamed outputs)."""
+    from secateur.runtime.card import write_card
+    from secateur.runtime.report import write_report
+
+    write_card(folder, report, out.name, hub_id(lm.source), plain)
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+    (folder / LOCK_NAME).write_text(yaml.safe_dump(lock, sort_keys=False))
+    write_report(folder, report)
+
+
 def prune(
     recipe_path: str | Path | None = None,
     *,
@@ -312,9 +339,14 @@ def prune(
     lock_path: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    stream: bool = False,
 ) -> PruneOutcome:
-    """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically."""
+    """Run a recipe end to end (or re-apply a lock) and write the pruned model folder atomically
+    (`stream`: as with model.stream: true, one decoder layer in memory at a time)."""
     recipe, lock_data, base_dir, out = _resolve(recipe_path, recipe, output, overrides, lock_path)
+    if stream and not recipe.model.stream:
+        recipe = recipe.model_copy(deep=True)
+        recipe.model.stream = True
     with _locked_threads((lock_data or {}).get("threads"), log):
         return _prune(recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path)
 
@@ -346,6 +378,12 @@ def _prune(
     recipe_path: str | Path | None,
 ) -> PruneOutcome:
     """The phases of `prune` once the recipe, lock and output are known."""
+    if recipe.model.stream:
+        from secateur.streamed import prune_streamed
+
+        return prune_streamed(
+            recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path
+        )
     plan = preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
 
     t_start = time.perf_counter()
@@ -368,21 +406,38 @@ def _prune(
     dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
 
     results = _run_stages(recipe, lm, cal, plan, dense_size["decoder_linear_params"], progress, log)
-    kept = [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]
-    if lock_data is not None and kept != lock_data["kept"]:
-        raise LockError(f"{lock_path}: the kept units differ from the lock (different numerics or versions)")
+    kept = kept_units(results)
     # what is evaluated and fingerprinted from here on is exactly what the output holds
     round_to_dtype(lm.model, out_dtype)
     pruned_fp = model_fingerprint(lm.model, out_dtype)
-    reproduced = None if lock_data is None else pruned_fp == lock_data["fingerprints"]["pruned_model"]
-    if reproduced is False:
-        raise LockError(
-            f"{lock_path}: the pruned weights differ from the locked ones (same kept units, different "
-            f"numerics: versions {lock_data.get('versions')}, device {lock_data.get('device')}); nothing was written"
-        )
+    reproduced = check_lock_result(lock_data, lock_path, kept, pruned_fp)
 
+    report = base_report(recipe, lm, plan, results, dense_size, dense_layer, t_load, pruned_fp, out_dtype)
+    if ev.enabled:
+        report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl, progress))
+        del dense_copy
+
+    report["memory"] = peak_memory(lm.device)
+    lock = make_lock(recipe, results, kept, dense_fp, cal.fingerprint, report, pruned_fp)
+    lock["recipe_dir"] = str(base_dir)
+    _write_output(out, overwrite, lm, recipe, lock, report, out_dtype, base_dir)
+    return PruneOutcome(out, report, lock, results, reproduced)
+
+
+def base_report(
+    recipe: Recipe,
+    lm: LoadedModel,
+    plan: tuple[list[Any], list[int], list[list[int]]],
+    results: list[PruneResult],
+    dense_size: dict[str, int],
+    dense_layer: dict[str, Any],
+    t_load: float,
+    pruned_fp: str,
+    out_dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The report's sizes, shapes, phases and logs (evaluation and memory are added after)."""
     stages, counts, _ = plan
-    report: dict[str, Any] = {
+    return {
         "recipe_yaml": dump_recipe(recipe),
         "size": {"dense": dense_size, "pruned": size_of(lm, recipe.budget.context)},
         "flops_context": recipe.budget.context,
@@ -399,25 +454,50 @@ def _prune(
         "dtype": str(lm.dtype).replace("torch.", ""),
         "output_dtype": str(out_dtype).replace("torch.", ""),
     }
-    if ev.enabled:
-        report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl, progress))
-        del dense_copy
 
-    report["memory"] = peak_memory(lm.device)
-    lock = build_lock(
+
+def make_lock(
+    recipe: Recipe,
+    results: list[PruneResult],
+    kept: list[dict[str, Any]],
+    dense_fp: str,
+    calib_fp: str,
+    report: dict[str, Any],
+    pruned_fp: str,
+) -> dict[str, Any]:
+    """The lock of a finished prune."""
+    return build_lock(
         resolved_dict(recipe),
         [r.plan.to_dict() if r.plan else dict(r.extra) for r in results],
         kept,
         model_fp=dense_fp,
-        calib_fp=cal.fingerprint,
-        device=str(lm.device),
+        calib_fp=calib_fp,
+        device=report["device"],
         dtype=report["dtype"],
         result_fp=pruned_fp,
         output_dtype=report["output_dtype"],
     )
-    lock["recipe_dir"] = str(base_dir)
-    _write_output(out, overwrite, lm, recipe, lock, report, out_dtype, base_dir)
-    return PruneOutcome(out, report, lock, results, reproduced)
+
+
+def kept_units(results: list[PruneResult]) -> list[dict[str, Any]]:
+    """Kept indices of every stage, as the lock records them."""
+    return [{str(i): k.to_dict() for i, k in sorted(r.keep.items())} for r in results]
+
+
+def check_lock_result(
+    lock_data: dict[str, Any] | None, lock_path: Any, kept: list[dict[str, Any]], pruned_fp: str
+) -> bool | None:
+    """Whether a re-applied lock was reproduced (None: no lock); a mismatch raises before writing."""
+    if lock_data is None:
+        return None
+    if kept != lock_data["kept"]:
+        raise LockError(f"{lock_path}: the kept units differ from the lock (different numerics or versions)")
+    if pruned_fp != lock_data["fingerprints"]["pruned_model"]:
+        raise LockError(
+            f"{lock_path}: the pruned weights differ from the locked ones (same kept units, different "
+            f"numerics: versions {lock_data.get('versions')}, device {lock_data.get('device')}); nothing was written"
+        )
+    return True
 
 
 def merge_phases(results: list[PruneResult]) -> dict[str, float]:

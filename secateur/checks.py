@@ -74,3 +74,54 @@ def plan_stages(
         get_method(st.method).check(CheckContext(model, adapter, st, recipe, count, layers))
         stage_layers.append(layers)
     return stages, counts, stage_layers
+
+
+# why a method cannot stream (methods registered with streams=True need no entry)
+WHOLE_MODEL_REASONS = {
+    "bonsai": "it scores perturbed sub-models by running the whole model many times",
+    "blockpruner": "its candidate scoring runs the whole model once per candidate block",
+    "sprint": "its candidate scoring runs the whole model once per candidate block",
+    "cfsp": "its proportional allocation needs every layer's importance before the first layer is pruned",
+    "flap": "its global ranking needs every layer's statistics before the first layer is pruned",
+}
+
+
+class StreamError(ValueError):
+    """A recipe that cannot run with model.stream, named by its key."""
+
+
+def check_streamable(recipe: Recipe) -> None:
+    """Refuse, before any work, what needs the whole model at once."""
+    stages = recipe.stages()
+    if len(stages) > 1:
+        raise StreamError(
+            f"model.stream: a recipe with {len(stages)} passes cannot stream (each pass would need the "
+            f"previous one's whole output); run the passes as separate prunes, or set model.stream: false"
+        )
+    method = stages[0].method
+    if not get_method(method).streams:
+        why = WHOLE_MODEL_REASONS.get(method, "it needs the whole model in memory")
+        raise StreamError(
+            f"model.stream: method {method!r} cannot stream: {why}; use method fasp, or set model.stream: false"
+        )
+    if recipe.allocation.method not in ("uniform", "table"):
+        raise StreamError(
+            f"model.stream: allocation.method {recipe.allocation.method!r} needs every layer's statistics "
+            f"before pruning; streaming supports 'uniform' and 'table'"
+        )
+    if recipe.allocation.compile == "stitched":
+        raise StreamError(
+            "model.stream: allocation.compile 'stitched' builds its one-shot variants on the whole model; "
+            "use allocation.compile: sequential to stream"
+        )
+    if recipe.output.export:
+        formats = ", ".join(sorted({e.format for e in recipe.output.export}))
+        raise StreamError(
+            f"model.stream: output.export ({formats}) converts the whole pruned model in memory; drop "
+            f"output.export and run `secateur export OUTPUT --format FORMAT` on the output where it fits"
+        )
+    if recipe.evaluate.enabled and recipe.evaluate.tasks:
+        raise StreamError(
+            "model.stream: evaluate.tasks (zero-shot) needs the whole model; set evaluate.tasks: [] and run "
+            "`secateur eval` on the output where it fits in memory"
+        )

@@ -52,6 +52,7 @@ def _prune(args: argparse.Namespace) -> int:
         overrides=args.set or (),
         lock_path=args.lock,
         progress=not args.quiet,
+        stream=args.stream,
     )
     print(format_summary(out.report))
     if out.reproduced is not None:
@@ -148,6 +149,7 @@ def _recipe(args: argparse.Namespace) -> int:
                     "stages": ex.stages,
                     "totals": ex.totals,
                     "exports": ex.exports,
+                    "stream_memory_bytes": ex.stream,
                 },
                 sort_keys=False,
             )
@@ -161,6 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
     from secateur.runtime.data import default_data_root, eval_windows, load_text, tokenize_text
     from secateur.runtime.evaluate import perplexity
     from secateur.runtime.loader import load_model
+    from secateur.runtime.stream import stream_perplexity
     from secateur.runtime.timing import memory_lines, peak_memory
     from secateur.runtime.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
 
@@ -172,16 +175,22 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit <= 0:
         raise CliError(f"--limit must be a positive integer, got {args.limit}")
     tasks = [t for t in (args.tasks or "").split(",") if t] if args.tasks is not None else list(LOCAL_TASKS)
+    if args.stream and args.tasks is None:
+        tasks = []  # zero-shot tasks need the whole model; streaming evaluates perplexity only
+    if args.stream and tasks:
+        raise CliError(
+            "--stream evaluates perplexity only: zero-shot tasks need the whole model (drop --tasks)"
+        )
     root = args.data_root or default_data_root()
     if tasks:  # `--tasks ""`: perplexity only
         check_tasks(tasks, root)
-    lm = load_model(args.path, args.dtype, args.device)
+    lm = load_model(args.path, args.dtype, args.device, stream=args.stream)
     if args.ppl_seqlen:
         toks = tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root))
         windows = eval_windows(toks, args.ppl_seqlen, args.ppl_windows)
         print(
             f"wikitext2 test perplexity (seqlen {args.ppl_seqlen}, {windows.shape[0]} windows): "
-            f"{perplexity(lm.model, windows):.3f}"
+            f"{stream_perplexity(lm.stream, windows) if args.stream else perplexity(lm.model, windows):.3f}"
         )
     if tasks:
         res = run_zeroshot(lm.model, lm.tokenizer, tasks, root, args.limit, args.batch_size)
@@ -277,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     pr.add_argument("--lock", help="re-apply a recipe.lock.yaml instead of a recipe")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.add_argument(
+        "--stream",
+        action="store_true",
+        help="read and write one decoder layer at a time (model.stream: true)",
+    )
     pr.set_defaults(func=_prune)
     rc = sub.add_parser("recipe", help="schema | validate | show | explain")
     rc.add_argument("action", choices=["schema", "validate", "show", "explain"])
@@ -302,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks-path",
         action="store_true",
         help="print the folder of the local tasks' lm-eval YAML files (for lm_eval --include_path) and exit",
+    )
+    ev.add_argument(
+        "--stream",
+        action="store_true",
+        help="perplexity with one decoder layer in memory at a time (no tasks)",
     )
     ev.set_defaults(func=_eval)
     se = sub.add_parser("search", help="Optuna search of the per-layer allocation (resumable)")

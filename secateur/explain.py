@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from secateur.checks import load_skeleton, plan_stages
+from secateur.checks import check_streamable, load_skeleton, plan_stages
 from secateur.export import check_exports
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
@@ -21,6 +22,8 @@ from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.schema import Recipe
+from secateur.runtime.loader import DTYPES
+from secateur.runtime.stream import memory_bound
 from secateur.runtime.surgery import apply_keep
 
 
@@ -57,6 +60,7 @@ class Explanation:
     totals: dict[str, dict[str, int]]
     stages: list[dict[str, Any]]
     exports: list[str] = field(default_factory=list)
+    stream: dict[str, int] | None = None  # runtime.stream.memory_bound terms when model.stream is set
 
 
 def explain(
@@ -124,7 +128,16 @@ def explain(
         }
 
     exports = check_exports(recipe, adapter, Path(base_dir) if base_dir is not None else None)
-    return Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, exports)
+    stream = None
+    if recipe.model.stream:
+        check_streamable(recipe)
+        c = recipe.calibration
+        dtype = DTYPES.get(recipe.model.dtype, torch.float32)
+        corr = any(st.restore.error_correction > 0 for st in recipe.stages())
+        stream = memory_bound(model, adapter, dtype, c.n_samples * c.seqlen, corr)
+    return Explanation(
+        plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, exports, stream
+    )
 
 
 def format_explanation(ex: Explanation) -> str:
@@ -147,4 +160,12 @@ def format_explanation(ex: Explanation) -> str:
     for k in ("params", "decoder_linear_params", "flops_per_token"):
         lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
     lines += [f"export {line}" for line in ex.exports]
+    if ex.stream is not None:
+        gib = {k: v / 2**30 for k, v in ex.stream.items()}
+        lines.append(
+            f"streaming: one decoder layer in memory at a time, written shard by shard (one or more shards "
+            f"per layer, each at most output.max_shard_size); resident about {gib['total']:.2f} GiB = "
+            f"2 x layer {gib['layer_x2'] / 2:.2f} + embeddings/head {gib['resident']:.2f} + activations "
+            f"{gib['activations']:.2f} + statistics {gib['statistics']:.2f}"
+        )
     return "\n".join(lines)

@@ -92,6 +92,11 @@ def search(
         raise ValueError(
             f"{recipe_path}: allocation.method is {recipe.allocation.method!r}; set it to 'search'"
         )
+    if recipe.model.stream:
+        raise ValueError(
+            f"{recipe_path}: model.stream: the search scores every trial on the whole model held in memory; "
+            f"search with model.stream: false (a smaller proxy model), then prune the winner recipe streamed"
+        )
     opts = recipe.allocation.search
     out = Path(output or (Path(recipe.output.dir or "runs/search") / "search"))
     base = Path(recipe_path).resolve().parent

@@ -91,3 +91,65 @@ def save_tiny(folder: str, family: str = "llama", seed: int = 0, **over: Any) ->
     model.save_pretrained(folder)
     tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte-to-unicode table: the 256 symbols of a byte-level BPE vocabulary."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def _llama_cpp_permute(w: Any, n_head: int) -> Any:
+    """The q/k row order llama.cpp's converter writes (transformers undoes it when loading)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def save_tiny_gguf(path: str, seed: int = 0) -> nn.Module:
+    """Write a tiny LLaMA as a GGUF file (Q8_0 matrices, byte-level tokenizer) and return the model.
+
+    The file is what llama.cpp's converter would make of the model, so loading it exercises the
+    same dequantisation and q/k un-permutation as a real GGUF."""
+    import gguf
+
+    model = tiny_model("llama", seed, vocab_size=256)
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(_byte_symbols())
+    w.add_token_types([1] * 256)
+    w.add_token_scores([0.0] * 256)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for key, t in model.state_dict().items():
+        base, suffix = key.rsplit(".", 1)
+        name = names.get_name(base)
+        if name is None:
+            continue
+        a = t.float().numpy()
+        if ".attn_q" in name:
+            a = _llama_cpp_permute(a, c.num_attention_heads)
+        elif ".attn_k" in name:
+            a = _llama_cpp_permute(a, c.num_key_value_heads)
+        if a.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(a, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(f"{name}.{suffix}", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model

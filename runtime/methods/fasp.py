@@ -22,7 +22,7 @@ def check(ctx: CheckContext) -> None:
             raise ValueError("allocation.compile: 'stitched' has no variants of v_channel units")
 
 
-@register_method("fasp", check=check)
+@register_method("fasp", check=check, streams=True)
 def fasp(ctx: StageContext) -> PruneResult:
     """The recipe's allocation (uniform, table, global) executed by the sequential pass, or by
     stitching one-shot variants (`allocation.compile: stitched`, what a level search scores)."""
@@ -30,4 +30,6 @@ def fasp(ctx: StageContext) -> PruneResult:
     alloc = ctx.recipe.allocation
     if alloc.compile == "stitched":
         return prune_stitched(ctx.model, ctx.adapter, ctx.calib, plan, alloc.variants_dir, ctx.progress)
-    return prune_sequential(ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress)
+    return prune_sequential(
+        ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress, layer_io=ctx.layer_io
+    )

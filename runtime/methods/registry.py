@@ -24,6 +24,7 @@ class Method:
     name: str
     run: RunFn
     check: CheckFn
+    streams: bool = False  # runs with the layers read from disk one at a time (model.stream)
 
     def __call__(self, ctx: StageContext) -> PruneResult:
         return self.run(ctx)
@@ -36,13 +37,16 @@ def _no_check(ctx: CheckContext) -> None:
     return None
 
 
-def register_method(name: str, check: CheckFn | None = None) -> Callable[[RunFn], RunFn]:
-    """Decorator registering `run` under the recipe name `method: NAME`, with its preflight check."""
+def register_method(
+    name: str, check: CheckFn | None = None, streams: bool = False
+) -> Callable[[RunFn], RunFn]:
+    """Decorator registering `run` under the recipe name `method: NAME`, with its preflight check
+    (`streams`: the method passes `ctx.layer_io` to the sequential pass and needs no whole model)."""
 
     def wrap(fn: RunFn) -> RunFn:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = Method(name, fn, check or _no_check)
+        _METHODS[name] = Method(name, fn, check or _no_check, streams)
         return fn
 
     return wrap

@@ -1,0 +1,208 @@
+"""Streaming runtime (model.stream): same saved tensors as the in-memory path, sharded output,
+safetensors (sharded) and GGUF sources, refusals of what needs the whole model, peak memory."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from secateur.api import prune
+from secateur.checks import StreamError
+from secateur.cli import main
+from secateur.runtime.io import INDEX_NAME, load_pruned
+from secateur.runtime.loader import resolve_source
+from secateur.runtime.outdir import MANIFEST
+from secateur.runtime.weights import SafetensorsSource
+from secateur.testing import TINY_FAMILIES, save_tiny, save_tiny_gguf, tiny_model, tiny_tokenizer
+
+
+def _text(path: Path) -> Path:
+    rng = random.Random(0)
+    words = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly"]
+    path.write_text(" ".join(rng.choice(words) for _ in range(4000)))
+    return path
+
+
+def _recipe(tmp: Path, model: str, evaluate: bool = False, **over) -> Path:
+    _text(tmp / "calib.txt")
+    doc = {
+        "version": 1,
+        "model": {"id": model, "dtype": "float32", "device": "cpu"},
+        "calibration": {"dataset": "calib.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
+        "targets": {"mlp": True, "attention": "q_head"},
+        "budget": {"params": 0.3, "multiple_of": 4},
+        "evaluate": {
+            "enabled": evaluate,
+            "perplexity": [{"dataset": "calib.txt", "split": "test", "seqlen": 32, "max_windows": 3}],
+            "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1},
+        },
+        **over,
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    src = SafetensorsSource(folder)
+    return {k: src.get(k) for k in sorted(src.names())}
+
+
+def _both(recipe: Path, tmp: Path):
+    quiet = dict(overwrite=True, progress=False, log=lambda s: None)
+    mem = prune(recipe, output=tmp / "mem", **quiet)
+    streamed = prune(recipe, output=tmp / "stream", stream=True, **quiet)
+    return mem, streamed
+
+
+def _assert_identical(tmp: Path, mem, streamed) -> None:
+    a, b = _tensors(tmp / "mem"), _tensors(tmp / "stream")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert mem.lock["fingerprints"] == streamed.lock["fingerprints"]
+    assert mem.lock["kept"] == streamed.lock["kept"]
+    for name in ("config.json", "secateur.json", "generation_config.json"):
+        assert (tmp / "mem" / name).read_text() == (tmp / "stream" / name).read_text()
+    manifest = set(json.loads((tmp / "stream" / MANIFEST).read_text())["files"])
+    on_disk = {str(p.relative_to(tmp / "stream")) for p in (tmp / "stream").rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST} <= manifest and "README.md" in manifest
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_streamed_prune_saves_the_same_tensors(tmp_path: Path, family: str) -> None:
+    save_tiny(str(tmp_path / "model"), family)
+    attention = "kv_group" if family == "opt" else "q_head"
+    rec = _recipe(tmp_path, str(tmp_path / "model"), targets={"mlp": True, "attention": attention})
+    mem, streamed = _both(rec, tmp_path)
+    _assert_identical(tmp_path, mem, streamed)
+    out = tmp_path / "stream"
+    n = mem.report["layers"].__len__() + 1  # one shard per layer + embeddings/head under the default size
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert shards == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert set(json.loads((out / MANIFEST).read_text())["files"]) >= {*shards, INDEX_NAME}
+    reloaded = load_pruned(out)
+    ref = load_pruned(tmp_path / "mem")
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_streamed_output_honours_output_dtype_and_max_shard_size(tmp_path: Path) -> None:
+    save_tiny(str(tmp_path / "model"), "llama")
+    limit = 24_000
+    rec = _recipe(tmp_path, str(tmp_path / "model"), output={"dtype": "bfloat16", "max_shard_size": limit})
+    mem, streamed = _both(rec, tmp_path)
+    _assert_identical(tmp_path, mem, streamed)
+    assert streamed.lock["output_dtype"] == mem.lock["output_dtype"] == "bfloat16"
+    out = tmp_path / "stream"
+    index = json.loads((out / INDEX_NAME).read_text())
+    per_shard: dict[str, list[str]] = {}
+    for k, f in index["weight_map"].items():
+        per_shard.setdefault(f, []).append(k)
+    tensors = _tensors(out)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    n_layers = len(mem.report["layers"])
+    assert len(per_shard) > n_layers + 1  # some layers are over the limit and split
+    for names in per_shard.values():  # HF's rule: at most the limit, unless one tensor alone exceeds it
+        assert len(names) == 1 or sum(tensors[k].numel() * 2 for k in names) <= limit
+    shards = sorted(per_shard)
+    assert shards == [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    assert not list(out.glob("*.partial"))
+    reloaded, ref = load_pruned(out), load_pruned(tmp_path / "mem")
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    # the in-memory run's lock reproduces streamed
+    lock = tmp_path / "mem" / "recipe.lock.yaml"
+    again = prune(lock_path=lock, output=tmp_path / "again", stream=True, progress=False, log=lambda s: None)
+    assert again.reproduced is True and again.lock["fingerprints"] == mem.lock["fingerprints"]
+
+
+def test_stream_refuses_recipe_exports(tmp_path: Path) -> None:
+    rec = _recipe(tmp_path, "x", output={"export": [{"format": "gguf"}]})
+    with pytest.raises(StreamError, match="output.export"):
+        prune(rec, output=tmp_path / "out", stream=True, progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_safetensors_source_streams(tmp_path: Path) -> None:
+    model = tiny_model("qwen2")
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(str(tmp_path / "model"), max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(str(tmp_path / "model"))
+    assert len(list((tmp_path / "model").glob("model-*.safetensors"))) > 2
+    mem, streamed = _both(_recipe(tmp_path, str(tmp_path / "model")), tmp_path)
+    _assert_identical(tmp_path, mem, streamed)
+
+
+def test_gguf_source_streams(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    save_tiny_gguf(str(tmp_path / "tiny.gguf"))
+    rec = _recipe(tmp_path, str(tmp_path / "tiny.gguf"), evaluate=True)
+    mem, streamed = _both(rec, tmp_path)
+    _assert_identical(tmp_path, mem, streamed)
+    assert streamed.report["perplexity"] == mem.report["perplexity"]
+    # the streamed output evaluates streamed from the CLI as the in-memory output does in memory
+    capsys.readouterr()
+    ppl = ["--ppl-seqlen", "64", "--ppl-windows", "2", "--dtype", "float32", "--device", "cpu"]
+    assert main(["eval", str(tmp_path / "stream"), "--stream", *ppl]) == 0
+    streamed_out = [ln for ln in capsys.readouterr().out.splitlines() if "perplexity" in ln]
+    assert main(["eval", str(tmp_path / "mem"), "--tasks", "", *ppl]) == 0
+    assert streamed_out and streamed_out == [
+        ln for ln in capsys.readouterr().out.splitlines() if "perplexity" in ln
+    ]
+
+
+@pytest.mark.parametrize("method", ["flap", "cfsp", "bonsai", "blockpruner", "sprint"])
+def test_method_that_cannot_stream_refuses_by_name(tmp_path: Path, method: str) -> None:
+    targets = {"sublayers": True} if method in ("blockpruner", "sprint") else {"mlp": True}
+    rec = _recipe(tmp_path, str(tmp_path / "absent-model"), method=method, targets=targets)
+    with pytest.raises(StreamError, match=f"method '{method}' cannot stream"):
+        prune(rec, output=tmp_path / "out", stream=True, progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stream_refuses_zero_shot_tasks(tmp_path: Path) -> None:
+    rec = _recipe(tmp_path, "x", evaluate=True)
+    doc = yaml.safe_load(rec.read_text())
+    doc["evaluate"]["tasks"] = ["piqa"]
+    rec.write_text(yaml.safe_dump(doc))
+    with pytest.raises(StreamError, match="evaluate.tasks"):
+        prune(rec, output=tmp_path / "out", stream=True, progress=False, log=lambda s: None)
+
+
+def test_stream_report_carries_peak_memory_and_bound_and_lock_reapplies(tmp_path: Path) -> None:
+    save_tiny(str(tmp_path / "model"), "llama")
+    rec = _recipe(tmp_path, str(tmp_path / "model"))
+    rec.write_text(rec.read_text().replace("device: cpu", "device: cpu\n  stream: true"))
+    assert main(["prune", str(rec), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["memory"]["peak_rss_bytes"] > 0
+    bound = rep["stream"]["memory_bound_bytes"]
+    assert (
+        bound["total"] == bound["layer_x2"] + bound["resident"] + bound["activations"] + bound["statistics"]
+    )
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Peak resident memory" in md and "Expected resident memory" in md
+    lock = yaml.safe_load((tmp_path / "out" / "recipe.lock.yaml").read_text())
+    assert lock["recipe"]["model"]["stream"] is True
+    again = prune(lock_path=tmp_path / "out" / "recipe.lock.yaml", output=tmp_path / "again", progress=False)
+    assert again.reproduced is True
+
+
+@pytest.mark.integration
+def test_smollm2_streamed_equals_in_memory(tmp_path: Path, data_root: Path) -> None:
+    if resolve_source("smollm2-135m").gguf_file is None:
+        pytest.skip("SmolLM2 GGUF not installed")
+    rec = _recipe(
+        tmp_path,
+        "smollm2-135m",
+        calibration={"dataset": "wikitext2", "n_samples": 2, "seqlen": 64, "data_root": str(data_root)},
+        targets={"mlp": True, "attention": "q_head"},
+        budget={"params": 0.2, "multiple_of": 8},
+    )
+    mem, streamed = _both(rec, tmp_path)
+    _assert_identical(tmp_path, mem, streamed)
