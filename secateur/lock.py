@@ -15,7 +15,7 @@ from secateur.runtime.fingerprint import tensor_fingerprint as tensor_fingerprin
 from secateur.runtime.loader import DTYPES
 
 LOCK_NAME = "recipe.lock.yaml"
-LOCK_VERSION = 1
+LOCK_VERSION = 2  # 2: weight fingerprints hash tensor by tensor (streamed and in-memory runs agree)
 
 
 class LockError(ValueError):
@@ -77,6 +77,12 @@ def read_lock(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise LockError(f"{p}: not valid YAML for a lock (python tags are refused): {e}") from e
+    if isinstance(data, dict) and data.get("lock_version") == 1:
+        raise LockError(
+            f"{p}: lock_version 1 was written by an older Secateur whose weight fingerprints are computed "
+            "differently, so its weights cannot be checked here; prune its recipe again "
+            f"(the `recipe` key) to get a version {LOCK_VERSION} lock"
+        )
     if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION:
         raise LockError(f"{p}: not a Secateur lock (lock_version {LOCK_VERSION} expected)")
     for key in ("recipe", "kept", "fingerprints"):

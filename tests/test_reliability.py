@@ -389,3 +389,12 @@ def test_report_records_peak_memory_and_config_names_its_class(tmp_path: Path) -
     assert "Peak resident memory" in (out.output / "report.md").read_text()
     cfg = json.loads((out.output / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and "_name_or_path" not in cfg
+
+
+def test_a_lock_from_the_older_fingerprint_format_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from secateur.lock import read_lock
+
+    old = tmp_path / LOCK_NAME
+    old.write_text(yaml.safe_dump({"lock_version": 1, "recipe": {}, "kept": [], "fingerprints": {}}))
+    with pytest.raises(LockError, match="lock_version 1 was written by an older Secateur"):
+        read_lock(old)
