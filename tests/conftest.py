@@ -157,3 +157,12 @@ class SearchCli:
 @pytest.fixture()
 def search_cli(tmp_path: Path) -> SearchCli:
     return SearchCli(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls are fastest on one thread, and immune to a busy second core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -41,12 +41,7 @@ LAYERS = [0, 1, 2, 3]
 TINY = dict(num_hidden_layers=4, intermediate_size=96)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls on one thread
 
 
 def _ids(n: int, t: int, seed: int) -> torch.Tensor:
