@@ -139,7 +139,7 @@ def test_sharded_safetensors_source_streams(tmp_path: Path) -> None:
     _assert_identical(tmp_path, mem, streamed)
 
 
-def test_gguf_source_streams(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_gguf_source_streams(tmp_path: Path, capsys: pytest.CaptureFixture, data_root: Path) -> None:
     save_tiny_gguf(str(tmp_path / "tiny.gguf"))
     rec = _recipe(tmp_path, str(tmp_path / "tiny.gguf"), evaluate=True)
     mem, streamed = _both(rec, tmp_path)
@@ -148,6 +148,7 @@ def test_gguf_source_streams(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     # the streamed output evaluates streamed from the CLI as the in-memory output does in memory
     capsys.readouterr()
     ppl = ["--ppl-seqlen", "64", "--ppl-windows", "2", "--dtype", "float32", "--device", "cpu"]
+    ppl += ["--data-root", str(data_root)]
     assert main(["eval", str(tmp_path / "stream"), "--stream", *ppl]) == 0
     streamed_out = [ln for ln in capsys.readouterr().out.splitlines() if "perplexity" in ln]
     assert main(["eval", str(tmp_path / "mem"), "--tasks", "", *ppl]) == 0
