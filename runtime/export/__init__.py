@@ -13,12 +13,32 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_shapes
 
 FORMATS = ("gguf", "decilm")
 
 
 class ExportError(ValueError):
     """A model the target engine cannot run exactly, or an export that cannot be written."""
+
+
+def one_head_size_shapes(model: nn.Module, adapter: ModelAdapter, engine: str) -> list[dict[str, Any]]:
+    """Every layer's shapes, refusing value heads narrower than query/key heads: neither llama.cpp nor
+    vLLM has an attention with a separate value head size."""
+    shapes = [layer_shapes(model, adapter, i) for i in range(adapter.num_layers)]
+    for i, s in enumerate(shapes):
+        if not s["skip_attention"] and s["v_head_dim"] != s["head_dim"]:
+            raise ExportError(
+                f"layer {i}: value heads are {s['v_head_dim']} wide but query/key heads {s['head_dim']} "
+                f"(value-channel pruning, e.g. the fasp-vchannel recipes); {engine}'s attention needs one "
+                "head size for q, k and v. Prune attention by kv_group or q_head to export"
+            )
+    return shapes
 
 
 @contextlib.contextmanager

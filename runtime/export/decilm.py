@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
-from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
-from secateur.runtime.export import ExportError, atomic_path
+from secateur.runtime.export import ExportError, atomic_path, one_head_size_shapes
 from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -91,13 +90,7 @@ def decilm_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
             f"model_type {adapter.config.model_type!r}: vLLM's DeciLM model has the Llama layout only "
             f"(llama, mistral); export this family to GGUF or save it as a plain folder"
         )
-    shapes = [layer_shapes(model, adapter, i) for i in range(adapter.num_layers)]
-    for i, s in enumerate(shapes):
-        if not s["skip_attention"] and s["v_head_dim"] != s["head_dim"]:
-            raise ExportError(
-                f"layer {i}: value heads are {s['v_head_dim']} wide but query/key heads {s['head_dim']} "
-                "(value-channel pruning); vLLM's attention needs one head size for q, k and v"
-            )
+    shapes = one_head_size_shapes(model, adapter, "vLLM")
     heads = _query_heads(shapes, adapter.num_heads)
     biases = {n.rsplit(".", 2)[-2] for n, _ in model.named_parameters() if n.endswith(".bias")}
     cfg = model.config.to_dict()

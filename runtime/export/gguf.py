@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import layer_shapes
-from secateur.runtime.export import ExportError, atomic_path
+from secateur.runtime.export import ExportError, atomic_path, one_head_size_shapes
 
 Q = gguf.GGMLQuantizationType
 OUTTYPES: dict[str, Any] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -104,14 +103,7 @@ def gguf_layout(model: nn.Module, adapter: ModelAdapter) -> GgufLayout:
     """Decide how llama.cpp can hold the model exactly, or refuse naming the layer and the reason."""
     cfg = adapter.config
     mt = cfg.model_type
-    shapes = [layer_shapes(model, adapter, i) for i in range(adapter.num_layers)]
-    for i, s in enumerate(shapes):
-        if not s["skip_attention"] and s["v_head_dim"] != s["head_dim"]:
-            raise ExportError(
-                f"layer {i}: value heads are {s['v_head_dim']} wide but query/key heads {s['head_dim']} "
-                "(value-channel pruning, e.g. the fasp-vchannel recipes); llama.cpp's attention needs one "
-                "head size for q, k and v. Prune attention by kv_group or q_head to export"
-            )
+    shapes = one_head_size_shapes(model, adapter, "llama.cpp")
     first = shapes[0]
     uniform = all(s == first for s in shapes) and not first["skip_attention"] and not first["skip_mlp"]
     arch = adapter.gguf_arch(heterogeneous=not uniform)
