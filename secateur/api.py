@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from secateur.checks import check_streamable, load_skeleton, plan_stages
-from secateur.export import check_exports, check_pruned, export_model, export_name, tokenizer_gguf_for
+from secateur.export import check_exports, check_pruned, export_model, export_name, recipe_tokenizer_gguf
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
@@ -284,10 +284,8 @@ def _write_output(
     exports, refused = [], []
     for i, e in enumerate(recipe.output.export):
         try:
-            given = e.tokenizer_gguf
-            if given is not None and base_dir is not None and not Path(given).is_absolute():
-                given = str(base_dir / given)
-            tok = tokenizer_gguf_for(lm.source, given, f"output.export.{i}") if e.format == "gguf" else None
+            where = f"output.export.{i}"
+            tok = recipe_tokenizer_gguf(e, lm.source, base_dir, where) if e.format == "gguf" else None
             check_pruned(lm.model, lm.adapter, e.format, tok)
             exports.append((e, tok))
         except ExportError as err:

@@ -54,6 +54,15 @@ def export_name(fmt: str, outtype: str) -> str:
     return f"model-{outtype}.gguf" if fmt == "gguf" else "decilm"
 
 
+def recipe_tokenizer_gguf(export: Any, source: ModelSource | None, base_dir: Path | None, where: str) -> Path:
+    """The GGUF a recipe's gguf export takes its tokenizer from: `tokenizer_gguf` (relative to the
+    recipe's folder) or the source model's own GGUF."""
+    given = export.tokenizer_gguf
+    if given is not None and base_dir is not None and not Path(given).is_absolute():
+        given = str(Path(base_dir) / given)
+    return tokenizer_gguf_for(source, given, where)
+
+
 def check_exports(recipe: Any, adapter: ModelAdapter, base_dir: Path | None) -> list[str]:
     """What `output.export` will write, checked before any weights load (family, tokenizer source);
     one line per export. Shapes are checked again on the pruned model before anything is written."""
@@ -65,11 +74,7 @@ def check_exports(recipe: Any, adapter: ModelAdapter, base_dir: Path | None) -> 
                 raise ExportError(
                     f"{where}: model_type {adapter.config.model_type!r} has no llama.cpp architecture"
                 )
-            given = e.tokenizer_gguf
-            if given is not None and base_dir is not None and not Path(given).is_absolute():
-                given = str(Path(base_dir) / given)
-            src = resolve_source(recipe.model.id, base_dir)
-            tok = tokenizer_gguf_for(src, given, where)
+            tok = recipe_tokenizer_gguf(e, resolve_source(recipe.model.id, base_dir), base_dir, where)
             per_layer = adapter.gguf_arch(True)
             arch = adapter.gguf_arch(False) + (
                 f", {per_layer} when layers differ" if per_layer else " (uniform only)"
