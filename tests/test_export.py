@@ -251,3 +251,22 @@ def test_recipe_export_problems_fail_before_any_work(tmp_path):
     bad = _tiny_recipe(tmp_path, [{"format": "decilm"}], attention="v_channel")
     with pytest.raises(RecipeError, match=r"output.export.0.format: decilm export cannot hold value-channel"):
         load_recipe(bad)
+
+
+def test_overwrite_never_replaces_a_folder_holding_other_files(tmp_path):
+    from secateur.runtime.export import atomic_path
+
+    out = tmp_path / "decilm"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        with atomic_path(out, overwrite=True) as target:
+            target.mkdir()
+            (target / "config.json").write_text("{}")
+    assert (out / "notes.txt").read_text() == "keep"
+    (out / "notes.txt").unlink()
+    (out / "config.json").write_text("old")
+    with atomic_path(out, overwrite=True) as target:
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+    assert (out / "config.json").read_text() == "{}"

@@ -58,6 +58,12 @@ def atomic_path(out: Path, overwrite: bool) -> Iterator[Path]:
             for f in files:
                 os.chmod(os.path.join(root, f), 0o666 & ~mask)
         if out.is_dir() and not out.is_symlink():
+            # --overwrite replaces a folder only when it holds nothing but what this export writes
+            foreign = sorted({q.name for q in out.iterdir()} - {q.name for q in target.iterdir()})
+            if foreign:
+                raise FileExistsError(
+                    f"{out} holds {', '.join(foreign)}, which an export does not write: not replaced"
+                )
             shutil.rmtree(out)
         os.replace(target, out)
     finally:
