@@ -229,6 +229,7 @@ def _search(args: argparse.Namespace) -> int:
             workers=args.workers,
             overrides=tuple(args.set or ()),
             compile_model=args.compile,
+            validate=not args.no_validate,
             progress=not args.quiet,
         )
     except SearchError as e:  # storage, mismatched study, failed workers: one line, not a traceback
@@ -241,6 +242,11 @@ def _search(args: argparse.Namespace) -> int:
     print(f"winner recipe: {res.winner_recipe}")
     for p in s["plots"]:
         print(f"plot: {p}")
+    if "validation" in s:
+        from secateur.search_validate import validation_table
+
+        print(f"winner vs uniform on the recipe's evaluate sets ({s['validation_table']}):")
+        print(validation_table(s["validation"]))
     if "model" in s:
         print(f"compiled model: {s['model']}")
     for line in memory_lines(s["memory"]):
@@ -333,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
     se.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     se.add_argument("--compile", action="store_true", help="also prune the model with the winner recipe")
+    se.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip compiling uniform and winner and measuring both on the recipe's evaluate sets",
+    )
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=_search)
     ex = sub.add_parser("export", help="a pruned output to GGUF (llama.cpp) or a DeciLM checkpoint (vLLM)")

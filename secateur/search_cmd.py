@@ -72,6 +72,7 @@ def search(
     workers: int = 1,
     overrides: tuple[str, ...] = (),
     compile_model: bool = False,
+    validate: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] = _warn,
@@ -81,7 +82,8 @@ def search(
     The winner recipe and best_plan.json are written as soon as the study is done; plots come
     after them, and a plot that cannot be drawn (matplotlib missing or failing) is a warning
     through `warn`, never an error that loses the search. `workers` > 1 starts processes that
-    each load the recipe's model again.
+    each load the recipe's model again. `validate` compiles the uniform and the winning allocation and
+    measures both (and dense) on the recipe's evaluate sets: validation.md / .json in the search folder.
     """
     from secateur.search.cache import search_windows
     from secateur.search.plots import write_plots, write_winner_recipe
@@ -189,6 +191,17 @@ def search(
         "variants": result.variants,
         "memory": peak_memory(lm.device),
     }
+    if validate and not recipe.evaluate.enabled:
+        warn("validation skipped: the recipe has evaluate.enabled: false")
+    elif validate and result.uniform_plan is not None:
+        from secateur.search_validate import validate_search
+
+        summary["validation"] = validate_search(
+            winner_path, result.uniform_plan, result.best_plan, lm, calib, out, base, log=log
+        )
+        summary["validation_table"] = str(out / "validation.md")
+    elif validate:
+        warn("validation skipped: the study has no completed uniform trial to compare with")
     if compile_model:
         from secateur.api import prune
 

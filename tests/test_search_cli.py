@@ -81,7 +81,7 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     import torch
 
     from secateur.graph.plan import Plan
-    from secateur.runtime.data import load_text, statistics_split, tokenize_text
+    from secateur.runtime.data import eval_windows, load_text, statistics_split, tokenize_text
     from secateur.runtime.loader import load_model
     from secateur.runtime.variants import prune_stitched
 
@@ -101,6 +101,7 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
         },
         "variants_dir": str(db),
     }
+    doc["evaluate"] = {"perplexity": [{"dataset": "c.txt", "split": "test", "seqlen": 32, "max_windows": 4}]}
     recipe.write_text(yaml.safe_dump(doc))
     assert main(["search", str(recipe), "--quiet"]) == 0
     search_dir = tmp_path / "run" / "search"
@@ -108,7 +109,7 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     assert winner["allocation"]["method"] == "table" and winner["allocation"]["compile"] == "stitched"
     stored = sorted(db.rglob("*.safetensors"))
     assert stored
-    capsys.readouterr()
+    assert "winner vs uniform" in capsys.readouterr().out
     assert main(["prune", str(search_dir / "winner.yaml"), "--quiet"]) == 0
     assert sorted(db.rglob("*.safetensors")) == stored  # compiled from the stored variants only
     best = Plan.from_dict(json.loads((search_dir / "best_plan.json").read_text()))
@@ -120,3 +121,14 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(compiled(ids).logits, lm.model(ids).logits)
+    # the validation measured dense, the uniform allocation and this very model on the recipe's set
+    from secateur.runtime.evaluate import perplexity
+
+    val = json.loads((search_dir / "validation.json").read_text())
+    assert set(val) == {"dense", "uniform", "searched"}
+    key = next(iter(val["searched"]["perplexity"]))
+    windows = eval_windows(tokenize_text(lm.tokenizer, load_text("c.txt", "test", base_dir=tmp_path)), 32, 4)
+    assert val["searched"]["perplexity"][key] == perplexity(compiled, windows, batch_size=1)
+    assert val["searched"]["decoder_linear_params"] == decoder_linear_params(compiled, lm.adapter)
+    assert val["uniform"]["decoder_linear_params"] != val["dense"]["decoder_linear_params"]
+    assert "| searched |" in (search_dir / "validation.md").read_text()
