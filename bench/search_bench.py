@@ -164,6 +164,7 @@ def main() -> None:
                 "pruned": sum(x.state.name == "PRUNED" for x in trials),
                 "tokens_scored": tokens,
                 "s_per_eval": sum(durations) / max(len(durations), 1),
+                "plan": res.best_plan.to_dict(),  # the winner, to compile or to put in a recipe table
             }
             rows = [r for r in rows if (r["ratio"], r["sampler"]) != (ratio, sampler)] + [row]
             print(json.dumps(row), flush=True)

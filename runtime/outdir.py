@@ -134,7 +134,7 @@ def clean_leftovers(out: Path) -> list[Path]:
     return removed
 
 
-def _apply_umask(folder: Path) -> None:
+def apply_umask(folder: Path) -> None:
     """mkdtemp creates 0700 folders and some writers 0600 files: give them the user's usual modes."""
     mask = _umask()
     for root, _dirs, files in os.walk(folder):
@@ -155,7 +155,7 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-        _apply_umask(tmp)
+        apply_umask(tmp)
         check_replaceable(out, overwrite)  # nothing appeared in the meantime
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,9 @@ def uniform_recipe_file(winner_path: Path, dest: Path) -> Path:
     return dest
 
 
-def _measure(recipe: Recipe, lm: LoadedModel, model: torch.nn.Module, base: Path, cache: dict, label: str) -> dict:
+def _measure(
+    recipe: Recipe, lm: LoadedModel, model: torch.nn.Module, base: Path, cache: dict, label: str
+) -> dict:
     from secateur.api import _data_root, evaluate_ppl
 
     ev = recipe.evaluate
@@ -73,7 +75,13 @@ def _compiled(
     from secateur.api import prune
 
     with tempfile.TemporaryDirectory() as tmp:
-        prune(recipe_file, output=Path(tmp) / "model", overrides=["evaluate.enabled=false"], log=log, progress=False)
+        prune(
+            recipe_file,
+            output=Path(tmp) / "model",
+            overrides=["evaluate.enabled=false"],
+            log=log,
+            progress=False,
+        )
         return load_pruned(Path(tmp) / "model", dtype=lm.dtype, device=lm.device)
 
 
@@ -122,7 +130,9 @@ def validation_table(rows: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{_mean(r.get('zeroshot')):.4f}")
         first = sets[0] if sets else None
         change = (
-            f"{(r['perplexity'][first] / uni[first] - 1) * 100:+.1f}%" if first and first in uni and name != "dense" else ""
+            f"{(r['perplexity'][first] / uni[first] - 1) * 100:+.1f}%"
+            if first and first in uni and name != "dense"
+            else ""
         )
         cells.append(change)
         lines.append("| " + " | ".join(cells) + " |")

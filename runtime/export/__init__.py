@@ -19,6 +19,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_shapes
+from secateur.runtime.outdir import apply_umask
 
 FORMATS = ("gguf", "decilm")
 
@@ -49,14 +50,9 @@ def atomic_path(out: Path, overwrite: bool) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     target = tmp / out.name
-    mask = os.umask(0)
-    os.umask(mask)
     try:
         yield target
-        for root, _dirs, files in os.walk(tmp):
-            os.chmod(root, 0o777 & ~mask)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        apply_umask(tmp)
         if out.is_dir() and not out.is_symlink():
             # --overwrite replaces a folder only when it holds nothing but what this export writes
             foreign = sorted({q.name for q in out.iterdir()} - {q.name for q in target.iterdir()})
