@@ -308,7 +308,7 @@ class SearchOptions(_Section):
     # multi-fidelity: held-out tokens scored before each pruning decision (ascending; the last stage
     # is always all `heldout_tokens`); empty: a quarter of them, then the rest
     stages: list[PositiveInt] = Field(default_factory=list)
-    # share of the trials that reach a stage and go on past it (Optuna PercentilePruner)
+    # share of the recent trials that reach a stage and go on past it (search/pruner.py)
     survivors: Annotated[float, Field(gt=0, le=1)] = 0.5
 
     @model_validator(mode="after")

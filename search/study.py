@@ -54,6 +54,7 @@ from secateur.runtime.variants import plan_variants
 from secateur.search.cache import SearchCache
 from secateur.search.evolution import EvolutionSampler
 from secateur.search.objective import Objective, owner_tag
+from secateur.search.pruner import StagePruner
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -351,10 +352,11 @@ def make_sampler(
 
 
 def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
-    """Multi-fidelity selection: at each stage only the best `survivors` share goes on (percentile)."""
+    """Multi-fidelity selection: at each stage only the best `survivors` share of the recent trials
+    that reached it goes on (search/pruner.py)."""
     if not options.pruner:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.PercentilePruner(100.0 * options.survivors, n_startup_trials=5)
+    return StagePruner(options.survivors)
 
 
 @dataclass
