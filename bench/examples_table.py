@@ -105,7 +105,7 @@ def table() -> str:
     for path in sorted(REPO.glob("recipes_examples/*.yaml")):
         r = rows.get(path.stem)
         if r is None:
-            lines.append(f"| {path.stem} | not measured yet | | | | | | | |")
+            lines.append(f"| {path.stem} | {elsewhere(path.stem)} | | | | | | | |")
             continue
         removed = f"{1 - r['decoder'] / r['dense_decoder']:.1%}" if r["dense_decoder"] else "-"
 
@@ -119,6 +119,27 @@ def table() -> str:
         )
     lines += ["", best_line(rows)]
     return "\n".join(lines)
+
+
+def elsewhere(stem: str) -> str:
+    """Where a recipe without a row here is measured under another protocol, if it is anywhere:
+    Gemma 3 recipes in the Gemma methods table, quality-NN in quality.md and search-NN in search.md
+    (full test set). Only a table that holds the recipe's own row is named."""
+    pct = stem.rsplit("-", 1)[-1]
+    ratio = int(pct) / 100 if pct.isdigit() else None
+    if stem.startswith("gemma3-"):
+        rows = _load("methods-gemma3-270m") or []
+        if any(f"gemma3-{r['method']}-{round(r['ratio'] * 100)}" == stem for r in rows):
+            return "Gemma 3 270M: [methods-gemma3-270m.md](../bench/results/methods-gemma3-270m.md)"
+    elif stem.startswith("quality-"):
+        q = _load("quality") or {}
+        if any(r["variant"] == "quality" and r["budget"] == ratio for r in q.get("rows", [])):
+            return "full test set: [quality.md](../bench/results/quality.md)"
+    elif stem.startswith("search-"):
+        s = _load("search") or {}
+        if any(r.get("sampler") not in (None, "uniform") and r["ratio"] == ratio for r in s.get("rows", [])):
+            return "full test set, stitched: [search.md](../bench/results/search.md)"
+    return "not measured yet"
 
 
 def best_line(rows: dict[str, dict]) -> str:
