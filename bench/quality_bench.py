@@ -239,7 +239,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 res = prune(recipe=recipe, output=Path(tmp) / "out", progress=False, log=lambda s: None)
                 phases = res.report["phases"]
-                prune_s = sum(v for k, v in phases.items() if k != "load")
+                prune_s = phases["total"]  # the stages' own time: no loading, no saving
                 model = load_pruned(Path(tmp) / "out")
             removed = 1 - decoder_linear_params(model, lm.adapter) / dense_linear
             ev = evaluate(model, lm.tokenizer, windows, DTYPES[args.eval_dtype], root, args.limit)
@@ -251,6 +251,7 @@ def main() -> None:
                 "calibration": f"{cal.n_samples}x{cal.seqlen}",
                 "prune_s": prune_s,
                 "prune_x": prune_s / fwd_cache[key],
+                "phases": phases,
                 "calibration_forward_s": fwd_cache[key],
                 **ev,
             }
