@@ -133,7 +133,7 @@ def elsewhere(stem: str) -> str:
             return "Gemma 3 270M: [methods-gemma3-270m.md](../bench/results/methods-gemma3-270m.md)"
     elif stem.startswith("quality-"):
         q = _load("quality") or {}
-        if any(r["variant"] == "quality" and r["budget"] == ratio for r in q.get("rows", [])):
+        if any(stem in r.get("recipes", []) for r in q.get("rows", [])):  # rows name the recipes they equal
             return "full test set: [quality.md](../bench/results/quality.md)"
     elif stem.startswith("search-"):
         s = _load("search") or {}

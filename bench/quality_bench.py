@@ -252,6 +252,7 @@ def main() -> None:
                 "prune_s": prune_s,
                 "prune_x": prune_s / fwd_cache[key],
                 "phases": phases,
+                "recipes": [] if over else [path.stem],  # example recipes this row measures as they are
                 "calibration_forward_s": fwd_cache[key],
                 **ev,
             }
@@ -261,7 +262,13 @@ def main() -> None:
                 f"{ev['zeroshot_mean']:.4f}, prune {prune_s:.0f} s ({row['prune_x']:.2f}x)",
                 flush=True,
             )
-            rows.sort(key=lambda r: (r["budget"], list(VARIANTS).index(r["variant"])))
+            order = list(VARIANTS)
+            rows.sort(
+                key=lambda r: (
+                    r["budget"],
+                    order.index(r["variant"]) if r["variant"] in order else len(order),
+                )
+            )
             write_results(out, {"dense": dense, "rows": rows, "args": vars(args)}, table(rows, dense, args))
             assert math.isfinite(ev["ppl"])
 
