@@ -124,11 +124,11 @@ def validation_table(rows: dict[str, dict[str, Any]]) -> str:
     head.append("ppl vs uniform")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     uni = rows.get("uniform", {}).get("perplexity", {})
+    first = sets[0] if sets else None
     for name, r in rows.items():
         cells = [name, f"{r['decoder_linear_params']:,}", *[f"{r['perplexity'][s]:.3f}" for s in sets]]
         if zs:
             cells.append(f"{_mean(r.get('zeroshot')):.4f}")
-        first = sets[0] if sets else None
         change = (
             f"{(r['perplexity'][first] / uni[first] - 1) * 100:+.1f}%"
             if first and first in uni and name != "dense"
