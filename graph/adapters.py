@@ -67,6 +67,8 @@ class ModelAdapter:
     # norms whose output only feeds one branch: removed together with that branch
     attn_branch_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_branch_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    # the down projection's output is added to the residual stream as it is (no norm after it)
+    mlp_adds_to_residual: bool = True
     # norms over head_dim shared by all heads (qwen3, gemma3): touched by attention units, never sliced
     head_norms: tuple[str, ...] = ()
     # config keys
@@ -178,6 +180,7 @@ class Gemma3Adapter(ModelAdapter):
         super().__init__(config)
         self.attn_branch_norms = ("input_layernorm", "post_attention_layernorm")
         self.mlp_branch_norms = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        self.mlp_adds_to_residual = False  # post_feedforward_layernorm comes after down_proj
         if getattr(config, "model_type", "") == "gemma3_text":
             self.head_norms = ("self_attn.q_norm", "self_attn.k_norm")
 
@@ -202,6 +205,7 @@ class OptAdapter(ModelAdapter):
         self.mlp_out = "fc2"
         self.attn_branch_norms = ("self_attn_layer_norm",) if config.do_layer_norm_before else ()
         self.mlp_branch_norms = ()
+        self.mlp_adds_to_residual = bool(config.do_layer_norm_before)  # post-norm OPT normalises the sum
         self.kv_heads_key = None
         self.intermediate_key = "ffn_dim"
         self.gqa_attr = None

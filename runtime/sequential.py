@@ -23,6 +23,7 @@ from secateur.graph.groups import layer_groups, layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.capture import capture_inputs, run_layer
+from secateur.runtime.delta import DownRecorder, mlp_only_recorder, patched_outputs
 from secateur.runtime.obs import obs_remove, obs_remove_channels
 from secateur.runtime.refine import BranchRecorder, refine_branch
 from secateur.runtime.restore import compensate_bias, restore_columns
@@ -203,20 +204,24 @@ def _statistics(
     dense_hidden: list[torch.Tensor] | None,
     kwargs: list[dict],
     branch: BranchRecorder | None,
-) -> tuple[dict[str, InputStats], list[torch.Tensor] | None]:
+    down: DownRecorder | None = None,
+) -> tuple[dict[str, InputStats], list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """Consumer statistics of one layer (paired with the dense stream when it runs), recording the
-    dense MLP branch's outputs when the branch is to be refined."""
+    dense MLP branch's outputs when the branch is to be refined and the down projection's inputs
+    and outputs when `down` is given. Returns the statistics, the dense stream's next inputs and
+    this pass's own layer outputs (plain path only)."""
     with branch.active() if branch is not None else nullcontext():
         if dense_hidden is not None:
-            return _paired_statistics(layer, consumers, hidden, dense_hidden, kwargs, branch)
-        with collect_inputs(consumers) as stats:
+            return (*_paired_statistics(layer, consumers, hidden, dense_hidden, kwargs, branch), None)
+        outs = None
+        with collect_inputs(consumers) as stats, down.active() if down is not None else nullcontext():
             if branch is not None:
                 branch.record_outputs = True  # the dense branch on the pruned stream
             if consumers:
-                run_layer(layer, hidden, kwargs)
+                outs = run_layer(layer, hidden, kwargs)
             if branch is not None:
                 branch.record_outputs = False
-        return stats, None
+        return stats, None, outs
 
 
 @torch.inference_mode()
@@ -302,12 +307,16 @@ def prune_sequential(
         io.load(i)
         lp = plan.layers.get(i, LayerPlan())
         errors: dict[str, dict[str, float]] = {}
+        down = outs = None
         if not lp.is_noop():
             consumers = _consumers(model, adapter, i, lp)
             branch = _refined_branch(model, adapter, i, lp, plan)
+            down = None
+            if branch is None and dense_hidden is None:
+                down = mlp_only_recorder(model, adapter, i, lp, hidden)
             t = time.perf_counter()
-            stats, dense_hidden = _statistics(
-                layers[i], consumers, hidden, dense_hidden, inputs.kwargs[i], branch
+            stats, dense_hidden, outs = _statistics(
+                layers[i], consumers, hidden, dense_hidden, inputs.kwargs[i], branch, down
             )
             phases["statistics"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -338,7 +347,11 @@ def prune_sequential(
             dense_hidden = run_layer(layers[i], dense_hidden, inputs.kwargs[i])
             phases["statistics"] += time.perf_counter() - t
         t = time.perf_counter()
-        hidden = run_layer(layers[i], hidden, inputs.kwargs[i])
+        if down is not None and outs is not None and i in keep and keep[i].mlp is not None:
+            hidden = patched_outputs(outs, down, keep[i].mlp)  # no second forward (runtime/delta.py)
+        else:
+            hidden = run_layer(layers[i], hidden, inputs.kwargs[i])
+        down = outs = None
         phases["forward"] += time.perf_counter() - t
         io.done(i)
         log = LayerLog(i, time.perf_counter() - t_layer, keep[i].to_dict() if i in keep else {}, errors)
