@@ -103,6 +103,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
         [*PLAIN, "calibration.n_samples=128", "calibration.seqlen=2048"],
         "FASP, calibration 128 x 2048",
     ),
+    "cfsp-128x512": ("cfsp", ["calibration.n_samples=128"], "CFSP, calibration 128 x 512"),
+    "cfsp-256x512": ("cfsp", ["calibration.n_samples=256"], "CFSP, calibration 256 x 512"),
     "fasp+heads": ("fasp", [*PLAIN, "targets.attention=q_head"], "FASP, MLP channels and query heads"),
     "fasp+kv": ("fasp", [*PLAIN, "targets.attention=kv_group"], "FASP, MLP channels and KV groups"),
     "refine": (
