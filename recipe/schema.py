@@ -297,7 +297,9 @@ class SearchOptions(_Section):
     storage: str | None = None
     heldout_tokens: PositiveInt = 16384
     seed: int = 0
-    sampler: Literal["evolution", "tpe", "cmaes", "random"] = "tpe"
+    # default: evolution wherever it applies (a level space), measured best in bench/results/search.md;
+    # TPE otherwise (evolution moves keep levels and has none to move without `levels`)
+    sampler: Literal["evolution", "tpe", "cmaes", "random"] | None = None
     pruner: bool = True
     # 0: one keep fraction per layer and structure; N >= 2: N knots over depth, interpolated
     knots: NonNegativeInt = 0
@@ -313,6 +315,8 @@ class SearchOptions(_Section):
 
     @model_validator(mode="after")
     def _levels_and_stages(self) -> SearchOptions:
+        if self.sampler is None:
+            self.sampler = "evolution" if self.levels >= 2 and not self.knots else "tpe"
         problems: list[tuple[KeyPath, str]] = []
         if self.levels == 1:
             problems.append((("levels",), "levels: 1 (0 for any count, or >= 2)"))

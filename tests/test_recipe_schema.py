@@ -38,7 +38,7 @@ def test_minimal_recipe_fills_every_default() -> None:
     assert (b.min_keep, b.max_keep, b.multiple_of) == (0.05, 1.0, 8)
     assert r.importance.metric == "fasp" and r.importance.bonsai.samples == 64
     assert r.allocation.method == "uniform" and r.allocation.table is None
-    assert r.allocation.search.trials == 100 and r.allocation.search.sampler == "tpe"
+    assert r.allocation.search.trials == 100 and r.allocation.search.sampler == "tpe"  # no levels
     assert (r.restore.method, r.restore.damping) == ("least_squares", 0.01)
     assert r.method == "fasp" and r.passes == []
     assert len(r.evaluate.perplexity) == 1 and r.evaluate.perplexity[0].seqlen == 2048
@@ -210,3 +210,17 @@ def test_json_schema_describes_sections() -> None:
     assert schema["required"] == ["budget"]
     assert schema["additionalProperties"] is False
     assert {"model", "budget", "passes", "allocation"} <= set(schema["properties"])
+
+
+def test_default_sampler_is_evolution_in_a_level_space() -> None:
+    """The measured best sampler where it applies; TPE where evolution has no levels to move."""
+    search = {"levels": 9}
+    r = Recipe.model_validate(
+        {"budget": {"params": 0.3}, "allocation": {"method": "search", "search": search}}
+    )
+    assert r.allocation.search.sampler == "evolution"
+    knots = {"levels": 9, "knots": 3}
+    r = Recipe.model_validate(
+        {"budget": {"params": 0.3}, "allocation": {"method": "search", "search": knots}}
+    )
+    assert r.allocation.search.sampler == "tpe"
