@@ -7,6 +7,8 @@ functions, so a candidate is judged the same way everywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -112,6 +114,22 @@ class _Inject(nn.Module):
         return self.value if self.value is not None else hidden_states
 
 
+@contextmanager
+def from_layer(model: nn.Module, adapter: ModelAdapter, start: int) -> Iterator[_Inject]:
+    """Inside the block the model's forward starts at layer `start`: every layer below it stands in
+    by one injector whose `value` (set per batch) is taken as the states entering layer `start`."""
+    layers = adapter.layers(model)
+    originals = [layers[j] for j in range(start)]
+    inj = _Inject()
+    try:
+        for j in range(start):
+            layers[j] = inj
+        yield inj
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+
+
 class HeldoutScorer:
     """KL to a reference (or perplexity) of the current model on held-out windows, from layer i on.
 
@@ -144,14 +162,9 @@ class HeldoutScorer:
     @torch.inference_mode()
     def value(self, start: int) -> float:
         """Mean KL per token (or perplexity) running only layers start..L-1 on the cached inputs."""
-        layers = self.adapter.layers(self.model)
-        originals = [layers[j] for j in range(start)]
-        inj = _Inject()
         dev = next(self.model.parameters()).device
         total, count = 0.0, 0
-        try:
-            for j in range(start):
-                layers[j] = inj
+        with from_layer(self.model, self.adapter, start) as inj:
             for b, s in enumerate(range(0, self.ids.shape[0], self.batch_size)):
                 e = min(s + self.batch_size, self.ids.shape[0])
                 ids = self.ids[s:e].to(dev)
@@ -159,7 +172,4 @@ class HeldoutScorer:
                 logits = self.model(input_ids=ids, use_cache=False).logits
                 total += batch_terms(logits, ids, self.reference, slice(s, e), self.kind)  # type: ignore[arg-type]
                 count += ids.shape[0] * (ids.shape[1] - 1)
-        finally:
-            for j, layer in enumerate(originals):
-                layers[j] = layer
         return proxy_value(total, count, self.kind)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from secateur.runtime.select import by_score, select_units
 from secateur.runtime.snapshot import ModuleSnapshot
 from secateur.runtime.variants import stitch
 from secateur.search.cache import SearchCache
+from secateur.search.prefix import PrefixCache
 from secateur.search.space import suggest
 
 
@@ -65,15 +66,25 @@ def pruned(model: nn.Module, adapter: ModelAdapter, cache: SearchCache, plan: Pl
 
 @torch.inference_mode()
 def proxy_sum(
-    model: nn.Module, cache: SearchCache, start: int, stop: int, kind: ProxyKind, batch_size: int
+    model: nn.Module,
+    cache: SearchCache,
+    start: int,
+    stop: int,
+    kind: ProxyKind,
+    batch_size: int,
+    prefix: tuple[PrefixCache, int] | None = None,
 ) -> tuple[float, int]:
-    """(sum of per-token terms, token count) over held-out windows [start, stop)."""
+    """(sum of per-token terms, token count) over held-out windows [start, stop); with `prefix`
+    (the cache and the plan's first changed layer) the layers below that one are not run."""
     dev = next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(start, stop, batch_size):
         e = min(s + batch_size, stop)
         ids = cache.heldout[s:e].to(dev)
-        logits = model(ids, use_cache=False).logits
+        if prefix is None:
+            logits = model(ids, use_cache=False).logits
+        else:
+            logits = prefix[0].logits(model, ids, s, prefix[1])
         total += batch_terms(logits, ids, cache.reference, slice(s, e), kind)
         count += ids.shape[0] * (ids.shape[1] - 1)
     return total, count
@@ -94,25 +105,38 @@ def evaluate_plan(
     stages: list[int] | None = None,
     batch_size: int = 4,
     prunable: bool = True,
+    prefix: PrefixCache | None = None,
 ) -> float:
     """Proxy value of `plan` (mean KL to the dense model, or perplexity) on the held-out windows.
 
     With a trial, the windows are scored in growing stages (`stages`: cumulative window counts):
     after each one the value so far is reported at step = tokens scored, and the trial is pruned
     there when the pruner says so (multi-fidelity), so only survivors are scored on more tokens;
-    a trial that is not `prunable` (a seed) reports every stage and always goes on.
+    a trial that is not `prunable` (a seed) reports every stage and always goes on. With `prefix`
+    the layers below the plan's first difference from the best fully scored plan are not run
+    (search/prefix.py; the same value bit for bit).
     """
     n = cache.heldout.shape[0]
     bounds = stage_bounds(n, stages) if trial is not None else [n]
     total, count, start = 0.0, 0, 0
-    with pruned(model, adapter, cache, plan) as m:
-        for stop in bounds:
-            t, c = proxy_sum(m, cache, start, stop, kind, batch_size)
-            total, count, start = total + t, count + c, stop
-            if trial is not None:
-                trial.report(proxy_value(total, count, kind), count)
-                if prunable and stop < n and trial.should_prune():
-                    raise optuna.TrialPruned()
+    at = (prefix, prefix.first_changed(plan)) if prefix is not None else None
+    done = False
+    try:
+        with pruned(model, adapter, cache, plan) as m:
+            for stop in bounds:
+                t, c = proxy_sum(m, cache, start, stop, kind, batch_size, at)
+                total, count, start = total + t, count + c, stop
+                if trial is not None:
+                    trial.report(proxy_value(total, count, kind), count)
+                    if prunable and stop < n and trial.should_prune():
+                        raise optuna.TrialPruned()
+        done = True
+    finally:
+        if at is not None:
+            if done:
+                at[0].commit(plan, proxy_value(total, count, kind), at[1])
+            else:
+                at[0].discard()
     return proxy_value(total, count, kind)
 
 
@@ -129,8 +153,10 @@ class Objective:
         stages: list[int] | None = None,
         batch_size: int = 4,
         fixed: dict[str, Plan] | None = None,
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.model, self.adapter, self.cache, self.space = model, adapter, cache, space
+        self.prefix = prefix
         self.kind, self.stages, self.batch_size = kind, list(stages or []), batch_size
         self.fixed = dict(fixed or {})  # seed tag -> exact plan (e.g. the compiler's uniform plan)
 
@@ -152,4 +178,5 @@ class Objective:
             self.stages,
             self.batch_size,
             init is None,
+            self.prefix,
         )

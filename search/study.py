@@ -54,6 +54,7 @@ from secateur.runtime.variants import plan_variants
 from secateur.search.cache import SearchCache
 from secateur.search.evolution import EvolutionSampler
 from secateur.search.objective import Objective, owner_tag
+from secateur.search.prefix import PREFIX_CACHE_BYTES, PrefixCache
 from secateur.search.pruner import StagePruner
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -631,6 +632,7 @@ def _build(
         stage_windows(setup.options, setup.heldout_ids),
         setup.batch_size,
         {"uniform": uniform},
+        PrefixCache(adapter, setup.heldout_ids, next(model.parameters()).dtype, PREFIX_CACHE_BYTES),
     )
     return space, cache, objective
 
