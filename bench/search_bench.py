@@ -165,6 +165,10 @@ def main() -> None:
                 "tokens_scored": tokens,
                 "s_per_eval": sum(durations) / max(len(durations), 1),
                 "proxy_forward_2048_s": fwd,  # measured in this row's own run
+                # decoder layers the trials ran from (search/prefix.py): mean share of the layers skipped
+                "prefix_skipped": sum(x.user_attrs.get("from_layer", 0) for x in trials)
+                / max(len(trials), 1)
+                / lm.adapter.num_layers,
                 "plan": res.best_plan.to_dict(),  # the winner, to compile or to put in a recipe table
             }
             rows = [r for r in rows if (r["ratio"], r["sampler"]) != (ratio, sampler)] + [row]

@@ -167,6 +167,8 @@ class Objective:
         plan = self.fixed[init] if init in self.fixed else project_to_budget(fractions, self.space)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("removed", self.space.removal(self.space.keeps_of(plan)))
+        if self.prefix is not None:  # layers below it ran for an earlier candidate (search/prefix.py)
+            trial.set_user_attr("from_layer", self.prefix.first_changed(plan))
         # seeded trials (uniform, angular) are always evaluated in full: they are the floor to beat
         return evaluate_plan(
             self.model,

@@ -472,9 +472,11 @@ def _progress_callback(kind: str, emit: Callable[[str], None], prefix: str = "")
             best_s = "best=-"
         dur = t.duration.total_seconds() if t.duration is not None else float("nan")
         init = f" [{t.user_attrs['init']}]" if "init" in t.user_attrs else ""
+        start = t.user_attrs.get("from_layer")
+        start_s = f"  from layer {start}" if start else ""
         emit(
             f"{prefix}trial {t.number:>4}{init}  {shown}  {best_s}  "
-            f"{dur:.1f} s  ({time.perf_counter() - t0:.0f} s elapsed)"
+            f"{dur:.1f} s{start_s}  ({time.perf_counter() - t0:.0f} s elapsed)"
         )
 
     return cb
