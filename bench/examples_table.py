@@ -25,14 +25,22 @@ def _load(name: str) -> list[dict] | dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _allocation(stem: str) -> str:
+    """The example recipe's allocation method: fasp_bench measured the uniform FASP recipes only."""
+    path = REPO / "recipes_examples" / f"{stem}.yaml"
+    doc = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return str((doc.get("allocation") or {}).get("method", "uniform"))
+
+
 def measured_rows() -> dict[str, dict]:
     """recipe stem -> {ppl, ratio, decoder, prune_s, prefill, decode, source} from every bench."""
     rows: dict[str, dict] = {}
     fasp = _load("fasp") or []
     dense = next((r for r in fasp if r["variant"] == "dense"), None)
     for r in fasp:
-        if r["variant"] == "FASP + restore" and dense:
-            rows[f"fasp-{round(r['ratio'] * 100)}"] = {
+        stem = f"fasp-{round(r['ratio'] * 100)}"
+        if r["variant"] == "FASP + restore" and dense and _allocation(stem) == "uniform":
+            rows[stem] = {
                 "ppl": r["ppl_2048"],
                 "dense_ppl": dense["ppl_2048"],
                 "decoder": r["decoder_linear_params"],
@@ -123,7 +131,8 @@ def table() -> str:
 
 def elsewhere(stem: str) -> str:
     """Where a recipe without a row here is measured under another protocol, if it is anywhere:
-    Gemma 3 recipes in the Gemma methods table, quality-NN in quality.md and search-NN in search.md
+    Gemma 3 recipes in the Gemma methods table, quality-NN (and fasp-NN with a non-uniform
+    allocation) in quality.md and search-NN in search.md
     (full test set). Only a table that holds the recipe's own row is named."""
     pct = stem.rsplit("-", 1)[-1]
     ratio = int(pct) / 100 if pct.isdigit() else None
@@ -131,7 +140,7 @@ def elsewhere(stem: str) -> str:
         rows = _load("methods-gemma3-270m") or []
         if any(f"gemma3-{r['method']}-{round(r['ratio'] * 100)}" == stem for r in rows):
             return "Gemma 3 270M: [methods-gemma3-270m.md](../bench/results/methods-gemma3-270m.md)"
-    elif stem.startswith("quality-"):
+    elif stem.startswith(("quality-", "fasp-")):
         q = _load("quality") or {}
         if any(stem in r.get("recipes", []) for r in q.get("rows", [])):  # rows name the recipes they equal
             return "full test set: [quality.md](../bench/results/quality.md)"

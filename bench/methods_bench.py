@@ -73,7 +73,7 @@ def recipe_for(method: str, ratio: float, args: argparse.Namespace, out_dir: Pat
         if not base.is_file():
             base = EXAMPLES / "fasp-20.yaml"
         path = base
-        overrides.append(f"method={method}")
+        overrides += [f"method={method}", "allocation.method=uniform"]  # fasp-20.yaml's is proportional
     return load_recipe(path, overrides), path
 
 

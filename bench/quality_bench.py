@@ -42,6 +42,7 @@ EXAMPLES = REPO / "recipes_examples"
 MODEL = "smollm2-135m"
 OBS_EC = ["importance.selection=obs", "restore.error_correction=1.0"]
 PLAIN = ["importance.selection=score", "restore.error_correction=0.0"]
+UNIFORM = "allocation.method=uniform"  # fasp-20.yaml allocates by angular importance since 2026-11-30
 # name: (example recipe stem, overrides, what it is)
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fasp": (
@@ -56,6 +57,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     ),
     "ec0.25": ("fasp", ["restore.error_correction=0.25"], "+ error correction at strength 0.25"),
     "quality": ("quality", [], "recipes_examples/quality-NN.yaml as committed"),
+    "main": ("fasp", [], "recipes_examples/fasp-NN.yaml as committed (fasp-20: the README's main job)"),
     "obs": ("fasp", ["importance.selection=obs", "restore.error_correction=0.0"], "+ OBS selection"),
     "obs+ec": (
         "fasp",
@@ -218,6 +220,8 @@ def main() -> None:
     for ratio in args.ratios:
         for v in args.variants:
             stem, over, what = VARIANTS[v]
+            if stem == "fasp" and v != "main":  # FASP's own uniform share per block, whatever the recipe says
+                over = [UNIFORM, *over]
             name = f"{stem}-{int(round(ratio * 100))}.yaml"
             path = EXAMPLES / f"{args.recipe_prefix}{name}"
             recipe = load_recipe(

@@ -127,3 +127,30 @@ def test_methods_through_prune(tmp_path: Path, method: str, metric: str, restore
         for i in range(2)
     ]
     assert all(s["intermediate_size"] > 0 for s in shapes)
+
+
+def test_fasp_with_proportional_allocation_is_cfsp(tmp_path: Path) -> None:
+    """fasp-20.yaml (FASP, `allocation: proportional`) and cfsp-20.yaml prune the same model, so the
+    quality table's CFSP row measures the README's main job."""
+    save_tiny(str(tmp_path / "m"), "llama", num_hidden_layers=4)
+    (tmp_path / "c.txt").write_text("structured pruning keeps the useful channels. " * 500)
+    outs = []
+    for method, alloc in (("fasp", {"method": "proportional"}), ("cfsp", {})):
+        recipe = tmp_path / f"{method}.yaml"
+        doc = {
+            "model": {"id": str(tmp_path / "m"), "dtype": "float32"},
+            "method": method,
+            "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
+            "targets": {"mlp": True, "attention": "none"},
+            "budget": {"params": 0.2, "multiple_of": 4},
+            "allocation": alloc,
+            "evaluate": {"enabled": False},
+        }
+        recipe.write_text(yaml.safe_dump(doc))
+        prune(recipe, output=tmp_path / method, progress=False, log=lambda s: None)
+        outs.append(load_pruned(tmp_path / method).state_dict())
+    fasp, cfsp = outs
+    assert fasp.keys() == cfsp.keys()
+    assert any(fasp[k].shape != tiny_model("llama", num_hidden_layers=4).state_dict()[k].shape for k in fasp)
+    for k in fasp:
+        assert torch.equal(fasp[k], cfsp[k]), k
