@@ -15,43 +15,21 @@ runs again (same result up to float rounding).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.plan import LayerPlan
+from secateur.runtime.refine import BranchRecorder
 
 ACTIVATION_CACHE_BYTES = 2 * 1024**3  # the most one layer's recorded MLP activations may take
 
 
-class DownRecorder:
-    """Records a down projection's inputs and outputs for every calibration batch of one layer."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.inputs: list[torch.Tensor] = []
-        self.outputs: list[torch.Tensor] = []
-
-    def _hook(self, _mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        self.inputs.append(args[0].detach())
-        self.outputs.append(out.detach())
-
-    @contextmanager
-    def active(self) -> Iterator[DownRecorder]:
-        handle = self.module.register_forward_hook(self._hook)
-        try:
-            yield self
-        finally:
-            handle.remove()
-
-
 def mlp_only_recorder(
     model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan, hidden: list[torch.Tensor]
-) -> DownRecorder | None:
-    """A recorder on layer i's down projection when its pruned outputs can be patched, else None."""
+) -> BranchRecorder | None:
+    """A recorder of layer i's down projection inputs and outputs when its pruned outputs can be
+    patched, else None."""
     attn_units = (lp.q_per_group, lp.kv_groups, lp.v_per_group)
     if not adapter.mlp_adds_to_residual or lp.mlp is None or lp.drop_mlp or lp.drop_attn:
         return None
@@ -60,11 +38,13 @@ def mlp_only_recorder(
     tokens = sum(h.shape[:-1].numel() for h in hidden)
     if tokens * adapter.intermediate_size * hidden[0].element_size() > ACTIVATION_CACHE_BYTES:
         return None
-    return DownRecorder(model.get_submodule(f"{adapter.layer_prefix(i)}.{adapter.mlp_out}"))
+    rec = BranchRecorder(model.get_submodule(f"{adapter.layer_prefix(i)}.{adapter.mlp_out}"))
+    rec.record_inputs = rec.record_outputs = True
+    return rec
 
 
 @torch.inference_mode()
-def patched_outputs(outputs: list[torch.Tensor], rec: DownRecorder, kept: list[int]) -> list[torch.Tensor]:
+def patched_outputs(outputs: list[torch.Tensor], rec: BranchRecorder, kept: list[int]) -> list[torch.Tensor]:
     """y - down(a) + down'(a[..., kept]) per batch, with the already sliced and restored module."""
     idx = torch.as_tensor(kept, dtype=torch.long, device=outputs[0].device)
     out = []

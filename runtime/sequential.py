@@ -23,7 +23,7 @@ from secateur.graph.groups import layer_groups, layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.capture import capture_inputs, run_layer
-from secateur.runtime.delta import DownRecorder, mlp_only_recorder, patched_outputs
+from secateur.runtime.delta import mlp_only_recorder, patched_outputs
 from secateur.runtime.obs import obs_remove, obs_remove_channels
 from secateur.runtime.refine import BranchRecorder, refine_branch
 from secateur.runtime.restore import compensate_bias, restore_columns
@@ -204,7 +204,7 @@ def _statistics(
     dense_hidden: list[torch.Tensor] | None,
     kwargs: list[dict],
     branch: BranchRecorder | None,
-    down: DownRecorder | None = None,
+    down: BranchRecorder | None = None,
 ) -> tuple[dict[str, InputStats], list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """Consumer statistics of one layer (paired with the dense stream when it runs), recording the
     dense MLP branch's outputs when the branch is to be refined and the down projection's inputs
@@ -311,7 +311,6 @@ def prune_sequential(
         if not lp.is_noop():
             consumers = _consumers(model, adapter, i, lp)
             branch = _refined_branch(model, adapter, i, lp, plan)
-            down = None
             if branch is None and dense_hidden is None:
                 down = mlp_only_recorder(model, adapter, i, lp, hidden)
             t = time.perf_counter()
