@@ -282,6 +282,24 @@ def resolve_load(
     return src, dev, dt, config
 
 
+def load_tokenizer(src: ModelSource, config: Any) -> Any:
+    """The model's tokenizer, refused (before the weights load) when its vocabulary has ids the
+    embedding lacks: any text could produce such an id, which indexes past the embedding table (an
+    IndexError or garbage mid-run). Added special tokens past it (a GGUF converter's appended
+    end-of-text) are not counted: plain text does not produce them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs())
+    rows, vocab = getattr(config, "vocab_size", None), getattr(tok, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(vocab, int) and vocab > rows:
+        raise ModelLoadError(
+            f"model {src.ref}: the tokenizer has {vocab:,} tokens but the embedding only {rows:,} rows "
+            f"(config.json vocab_size); token ids past {rows - 1} have no embedding. Use the tokenizer "
+            f"the model was trained with"
+        )
+    return tok
+
+
 def load_model(
     ref: str,
     dtype: str = "auto",
@@ -292,16 +310,15 @@ def load_model(
 ) -> LoadedModel:
     """Load any supported model; everything that can fail cheaply is checked first
     (`stream`: only embeddings and head now, decoder layers read later one at a time)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src, dev, dt, config = resolve_load(ref, dtype, device, base_dir)
+    tok = load_tokenizer(src, config) if tokenizer else None
     if stream:
         from secateur.runtime.stream import streamed_model
 
         lm = streamed_model(src, dev, dt, config)
-        lm.tokenizer = (
-            AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs()) if tokenizer else None
-        )
+        lm.tokenizer = tok
         return lm
     if _is_pruned(src):
         from secateur.runtime.io import load_pruned
@@ -314,5 +331,4 @@ def load_model(
         drop_quantizer(model)
         model.to(dev)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs()) if tokenizer else None
     return LoadedModel(model, adapter_for(model.config), tok, src, dev, dt)

@@ -4,8 +4,11 @@ A Secateur output is written into a hidden temporary sibling and renamed into pl
 only ever sees the old folder or the complete new one. The last file written is a manifest
 (`.secateur-output`) listing every file of the folder: `--overwrite` replaces a folder only when
 that manifest is there and the folder holds nothing it does not list, so a user's own folder, or
-files a user added to an output, are never deleted. Killed runs leave `.NAME.tmp-PID-*` and
-`.NAME.old-PID` siblings; the next write removes them (or puts a displaced old output back).
+files a user added to an output, are never deleted. Single files (a GGUF export, a search folder's
+winner.yaml, plots) are listed with their size and modification time in their folder's
+`.secateur-files`: such a file is replaced only while it is listed and unchanged. Killed runs leave
+`.NAME.tmp-PID-*` and `.NAME.old-PID` siblings; the next write removes them (or puts a displaced old
+output back).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 MANIFEST = ".secateur-output"
+FILES_MANIFEST = ".secateur-files"  # single files Secateur wrote in a folder: {name: {size, mtime_ns}}
 # files of outputs written before the manifest existed (a folder with secateur.json and only these)
 LEGACY_NAMES = re.compile(
     r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|secateur\.json|"
@@ -27,6 +32,8 @@ LEGACY_NAMES = re.compile(
     r"vocab\.json|merges\.txt|tokenizer\.model|added_tokens\.json|recipe\.yaml|recipe\.lock\.yaml|"
     r"report\.(md|json)|widths\.png|README\.md)$"
 )
+# files of DeciLM exports written before they carried the manifest (marked by configuration_decilm.py)
+LEGACY_DECILM = re.compile(r"^(configuration_decilm\.py|" + LEGACY_NAMES.pattern[2:])
 
 
 class OutputExistsError(FileExistsError):
@@ -53,25 +60,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _contains(folder: Path, path: Path) -> bool:
+def contains(folder: Path, path: Path) -> bool:
     """Whether `path` is `folder` or lies inside it (both resolved)."""
     return path == folder or folder in path.parents
 
 
-def check_location(out: Path, protected: Iterable[Path] = ()) -> None:
+def check_location(
+    out: Path, protected: Iterable[Path] = (), *, is_file: bool = False, inside: Iterable[Path] = ()
+) -> None:
     """Fail before any work when `out` cannot be written or would swallow a protected path.
 
     Protected paths are what the run reads (recipe, data, model) and the working folder: an output
-    folder that is or contains one of them could delete it on --overwrite.
+    that is or contains one of them could delete it on --overwrite. `inside`: folders the output may
+    not lie in either (an export inside its run folder would change that Secateur output).
+    `is_file`: the output is one file (a GGUF), not a folder.
     """
     resolved = out.resolve()
     for p in [Path.cwd(), Path.home(), *protected]:
         rp = Path(p).resolve()
-        if _contains(resolved, rp):
+        if contains(resolved, rp):
             raise OutputLocationError(
-                f"output {out} is or contains {rp}, which this run reads or works in; choose another output folder"
+                f"output {out} is or contains {rp}, which this run reads or works in; choose another output"
             )
-    if out.exists() and not out.is_dir():
+    for p in inside:
+        if contains(Path(p).resolve(), resolved):
+            raise OutputLocationError(f"output {out} lies inside {p}, which this run reads; write beside it")
+    if is_file and out.is_dir():
+        raise OutputLocationError(f"output {out} exists and is a folder, not a file")
+    if not is_file and out.exists() and not out.is_dir():
         raise OutputLocationError(f"output {out} exists and is not a folder")
     parent = resolved.parent
     while not parent.exists():
@@ -97,6 +113,8 @@ def foreign_entries(out: Path) -> list[str]:
         return [n for n in names if n != MANIFEST and n not in listed]
     if (out / "secateur.json").is_file():
         return [n for n in names if not LEGACY_NAMES.match(n)]
+    if (out / "configuration_decilm.py").is_file():
+        return [n for n in names if not LEGACY_DECILM.match(n)]
     return names or ["(an empty folder Secateur did not create)"]
 
 
@@ -113,6 +131,57 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
             f"output directory {out} is not a Secateur output, or holds files Secateur did not write "
             f"({shown}); --overwrite only replaces Secateur's own outputs: move those files or choose "
             f"another output folder"
+        )
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def written_files(folder: Path) -> dict[str, Any]:
+    """The single files Secateur recorded in `folder` (name -> size and modification time)."""
+    try:
+        files = json.loads((folder / FILES_MANIFEST).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def record_files(paths: Iterable[Path]) -> None:
+    """List files Secateur just wrote in their folders' `.secateur-files`, so a later run may replace
+    them (written whole under a temporary name, then renamed: never half a manifest)."""
+    by_folder: dict[Path, list[Path]] = {}
+    for p in paths:
+        by_folder.setdefault(Path(p).parent, []).append(Path(p))
+    for folder, files in by_folder.items():
+        listed = written_files(folder)
+        listed.update({p.name: _stamp(p) for p in files if p.is_file()})
+        tmp = folder / f".{FILES_MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"files": listed}, indent=1, sort_keys=True))
+        os.replace(tmp, folder / FILES_MANIFEST)
+
+
+def foreign_file(path: Path) -> bool:
+    """Whether an existing `path` is a file Secateur did not write (or one changed since it did)."""
+    return written_files(path.parent).get(path.name) != _stamp(path)
+
+
+def check_file_replaceable(path: Path, overwrite: bool, flag: str | None = "--overwrite") -> None:
+    """An existing file is replaced only when Secateur wrote it and nobody changed it since
+    (`flag` None: no flag is needed for that, e.g. a search folder's own files)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() or path.is_symlink():
+        raise OutputExistsError(
+            f"{path} exists and is not a file Secateur wrote; move it or choose another output"
+        )
+    if flag is not None and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass {flag} to replace it")
+    if foreign_file(path):
+        raise OutputExistsError(
+            f"{path} exists and was not written by Secateur (or was changed since); Secateur only replaces "
+            f"files it wrote: move it or choose another output"
         )
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.runtime.capture import capture_inputs, run_layer
+from secateur.runtime.deliver import check_finite_source, check_finite_tensors
 from secateur.runtime.evaluate import window_nll
 from secateur.runtime.fingerprint import Fingerprint, saved_tensor
 from secateur.runtime.io import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME
@@ -150,6 +151,7 @@ class ShardWriter:
         from huggingface_hub import split_torch_state_dict_into_shards
 
         tensors = {k: saved_tensor(v, self.dtype) for k, v in tensors.items()}
+        check_finite_tensors(tensors.items(), self.dtype or torch.float32)
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=self.max_shard_size)
         for names in split.filename_to_tensors.values():
             name = f"part-{len(self.files) + 1:05d}.safetensors.partial"
@@ -179,6 +181,7 @@ class StreamPass:
 
     def load(self, i: int) -> None:
         self.streamed.load_layer(i, record=True)
+        check_finite_source(self.streamed.layer_state(i).items(), f"layer {i} of the source")
 
     def done(self, i: int) -> None:
         self.writer.write(self.streamed.layer_state(i))

@@ -121,9 +121,27 @@ def resolve_storage(storage: str | None, output_dir: str | os.PathLike[str] | No
         out = Path(output_dir).expanduser().resolve()
         out.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{out / 'search.db'}"
+    return f"sqlite:///{Path(storage).expanduser().resolve()}" if check_storage(storage) else storage
+
+
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def check_storage(storage: str) -> bool:
+    """Refuse what is neither a database URL (`dialect[+driver]://...`) nor a SQLite file path ending
+    in .db/.sqlite/.sqlite3, before anything is created (True: a plain SQLite path)."""
     if "://" in storage:
-        return storage
-    return f"sqlite:///{Path(storage).expanduser().resolve()}"
+        try:
+            sqlalchemy.engine.make_url(storage)
+        except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+            raise SearchStorageError(f"--storage {storage!r} is not a database URL ({e})") from e
+        return False
+    if Path(storage).suffix.lower() not in SQLITE_SUFFIXES:
+        raise SearchStorageError(
+            f"--storage {storage!r} is neither a database URL (sqlite:///FILE, postgresql://USER@HOST/DB) "
+            f"nor a SQLite file path ending in {', '.join(SQLITE_SUFFIXES)}"
+        )
+    return True
 
 
 def _sqlite_file(url: str) -> Path | None:

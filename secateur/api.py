@@ -27,6 +27,13 @@ from secateur.runtime.data import (
     statistics_split,
     tokenize_text,
 )
+from secateur.runtime.deliver import (
+    budget_slack,
+    check_budget,
+    check_finite_output,
+    check_finite_source,
+    check_perplexity,
+)
 from secateur.runtime.evaluate import perplexity
 from secateur.runtime.export import ExportError
 from secateur.runtime.io import all_layer_shapes, round_to_dtype, write_model
@@ -201,6 +208,10 @@ def _run_stages(
     """Run every stage in order; each aims at the cumulative target (whole sublayers overshoot)."""
     stages, counts, stage_layers = plan
     c = recipe.calibration
+    slack = sum(
+        budget_slack(lm.model, lm.adapter, layers, recipe.budget.multiple_of, fine_units(st.targets))
+        for st, layers in zip(stages, stage_layers)
+    )
     results = []
     for si, (st, layers) in enumerate(zip(stages, stage_layers)):
         done = dense_linear - decoder_linear_params(lm.model, lm.adapter)
@@ -214,7 +225,14 @@ def _run_stages(
         )
         ctx.layer_io = layer_io
         results.append(get_method(st.method).run(ctx))
+    achieved = dense_linear - decoder_linear_params(lm.model, lm.adapter)
+    check_budget(sum(counts), achieved, dense_linear, slack)
     return results
+
+
+def fine_units(targets: Any) -> set[str]:
+    """The unit kinds a stage removes in rounding steps (channels, heads), not whole branches."""
+    return ({"mlp_channel"} if targets.mlp else set()) | {targets.attention} - {"none"}
 
 
 def _evaluate_pruned(
@@ -387,6 +405,7 @@ def _prune(
     t_start = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base_dir)
     t_load = time.perf_counter() - t_start
+    check_finite_source(lm.model.state_dict().items(), recipe.model.id)
     dense_fp = model_fingerprint(lm.model)
     _check_model_lock(lock_data, lock_path, dense_fp, lm)
     out_dtype = _output_dtype(recipe, lm, lock_data)
@@ -399,6 +418,7 @@ def _prune(
     dense_ppl = (
         evaluate_ppl(recipe, lm, base_dir, ppl_cache, "dense" if progress else False) if ev.enabled else {}
     )
+    check_perplexity({"dense": dense_ppl})
     for k, v in dense_ppl.items():
         log(f"dense perplexity {k}: {v:.3f}")
     dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
@@ -407,6 +427,7 @@ def _prune(
     kept = kept_units(results)
     # what is evaluated and fingerprinted from here on is exactly what the output holds
     round_to_dtype(lm.model, out_dtype)
+    check_finite_output(lm.model, out_dtype)
     pruned_fp = model_fingerprint(lm.model, out_dtype)
     reproduced = check_lock_result(lock_data, lock_path, kept, pruned_fp)
 
@@ -414,6 +435,7 @@ def _prune(
     if ev.enabled:
         report.update(_evaluate_pruned(recipe, lm, dense_copy, base_dir, ppl_cache, dense_ppl, progress))
         del dense_copy
+        check_perplexity(report["perplexity"])
 
     report["memory"] = peak_memory(lm.device)
     lock = make_lock(recipe, results, kept, dense_fp, cal.fingerprint, report, pruned_fp)

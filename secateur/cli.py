@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -172,8 +176,10 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if args.path is None:
         raise CliError("PATH is required (or --tasks-path)")
-    if args.limit is not None and args.limit <= 0:
-        raise CliError(f"--limit must be a positive integer, got {args.limit}")
+    for flag in ("limit", "ppl_seqlen", "ppl_windows", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CliError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     tasks = [t for t in (args.tasks or "").split(",") if t] if args.tasks is not None else list(LOCAL_TASKS)
     if args.stream and args.tasks is None:
         tasks = []  # zero-shot tasks need the whole model; streaming evaluates perplexity only
@@ -311,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument(
-        "--ppl-seqlen", type=int, default=0, help="also WikiText-2 test perplexity at this seqlen"
+        "--ppl-seqlen", type=int, default=None, help="also WikiText-2 test perplexity at this seqlen"
     )
     ev.add_argument("--ppl-windows", type=int, default=None, help="first N perplexity windows only")
     ev.add_argument("--data-root", help="folder with wikitext2/ and zeroshot/ (default: SECATEUR_DATA_ROOT)")
@@ -384,15 +390,40 @@ def _silence_libraries() -> None:
     disable_progress_bars()
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the process is, so every `finally` and atomic writer cleans up as on Ctrl-C."""
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the command's duration (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         _silence_libraries()
     try:
-        return args.func(args)
+        with _sigterm_cleans_up():
+            return args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"secateur {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"secateur {args.command}: terminated (SIGTERM); temporary output removed", file=sys.stderr)
+        return int(e.code or 143)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.lock import LOCK_NAME
-from secateur.runtime.export import FORMATS, ExportError
+from secateur.runtime.export import FORMATS, ExportError, check_replaceable_path
 from secateur.runtime.loader import ModelSource, resolve_source
+from secateur.runtime.outdir import check_location, clean_leftovers, record_files
 
 
 def source_of(run_dir: Path) -> ModelSource | None:
@@ -137,6 +138,29 @@ def export_model(
     return out
 
 
+def _read_paths(run: Path, source: ModelSource | None, tok_gguf: Path | None) -> list[Path]:
+    """What an export reads besides the run folder: the source model, its tokenizer GGUF and the
+    folder of the recipe the run was pruned with (an export must not replace any of them)."""
+    paths = [tok_gguf] if tok_gguf is not None else []
+    if source is not None and Path(source.path).exists():
+        src = Path(source.path)
+        paths.append(src / source.gguf_file if source.gguf_file else src)
+    lock_file = run / LOCK_NAME
+    if lock_file.is_file():
+        recipe_dir = (yaml.safe_load(lock_file.read_text()) or {}).get("recipe_dir")
+        if recipe_dir and Path(recipe_dir).is_dir():
+            paths.append(Path(recipe_dir))
+    return paths
+
+
+def check_export_output(run: Path, out: Path, fmt: str, overwrite: bool, reads: list[Path]) -> None:
+    """Before the model loads: the output is neither a source nor inside the run folder, and an
+    existing one is replaced only with --overwrite and only when Secateur wrote it."""
+    check_location(out, [run, *reads], is_file=fmt == "gguf", inside=[run])
+    clean_leftovers(out)
+    check_replaceable_path(out, overwrite)
+
+
 def export(
     run_dir: str | Path,
     fmt: str,
@@ -145,7 +169,9 @@ def export(
     tokenizer_gguf: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Export a pruned output folder; everything checkable is checked before the model loads."""
+    """Export a pruned output folder; everything checkable (the output above all) is checked before
+    the model loads. A GGUF file is listed in its folder's `.secateur-files`, so --overwrite may
+    replace it later (and only it)."""
     from secateur.runtime.loader import load_model
 
     run = Path(run_dir)
@@ -154,12 +180,12 @@ def export(
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such folder")
     out = Path(output) if output is not None else default_output(run, fmt, outtype)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tok_gguf = tokenizer_gguf_for(source_of(run), tokenizer_gguf, str(run)) if fmt == "gguf" else None
+    source = source_of(run)
+    tok_gguf = tokenizer_gguf_for(source, tokenizer_gguf, str(run)) if fmt == "gguf" else None
+    check_export_output(run, out, fmt, overwrite, _read_paths(run, source, tok_gguf))
     has_tokenizer = any((run / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     lm = load_model(str(run), dtype="float32", device="cpu", tokenizer=fmt == "decilm" and has_tokenizer)
-    return export_model(
+    export_model(
         lm.model,
         lm.adapter,
         fmt,
@@ -170,3 +196,6 @@ def export(
         name=f"{run.name} (pruned by Secateur)",
         overwrite=overwrite,
     )
+    if out.is_file():
+        record_files([out])
+    return out

@@ -27,7 +27,14 @@ from secateur.runtime.data import (
     statistics_split,
     tokenize_text,
 )
-from secateur.runtime.loader import load_model
+from secateur.runtime.loader import load_model, resolve_source
+from secateur.runtime.outdir import (
+    check_file_replaceable,
+    check_location,
+    check_replaceable,
+    clean_leftovers,
+    record_files,
+)
 from secateur.runtime.timing import peak_memory
 
 
@@ -63,6 +70,40 @@ def absolutize(doc: dict[str, Any], base: Path) -> dict[str, Any]:
     return doc
 
 
+# every file `secateur search` writes in its folder besides the study (search.db, resumed on purpose)
+SEARCH_FILES = (
+    "winner.yaml",
+    "best_plan.json",
+    "allocation.png",
+    "history.png",
+    "pareto.png",
+    "uniform.yaml",
+    "validation.json",
+    "validation.md",
+)
+
+
+def check_counts(trials: int | None, workers: int) -> None:
+    """--trials and --workers are counts of at least one."""
+    if trials is not None and trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+
+
+def check_search_output(out: Path, reads: list[Path], compiled: Path | None) -> None:
+    """Before the model loads: the search folder is no source and holds no file of a user's (or one
+    changed since Secateur wrote it) under a name the search writes; the compiled model's folder
+    (--compile) would be replaced only if it is a Secateur output."""
+    check_location(out, reads)
+    for name in SEARCH_FILES:
+        check_file_replaceable(out / name, True, flag=None)
+    if compiled is not None:
+        check_location(compiled, reads)
+        clean_leftovers(compiled)
+        check_replaceable(compiled, True)
+
+
 def search(
     recipe_path: str | Path,
     *,
@@ -89,6 +130,7 @@ def search(
     from secateur.search.plots import write_plots, write_winner_recipe
     from secateur.search.study import resolve_storage, run_search
 
+    check_counts(trials, workers)
     recipe = load_recipe(recipe_path, overrides)
     if recipe.allocation.method != "search":
         raise ValueError(
@@ -103,7 +145,11 @@ def search(
     out = Path(output or (Path(recipe.output.dir or "runs/search") / "search"))
     base = Path(recipe_path).resolve().parent
     cal = recipe.calibration
-    resolve_text_source(cal.dataset, cal.split, cal.data_root, base)
+    text = resolve_text_source(cal.dataset, cal.split, cal.data_root, base)
+    reads = [Path(recipe_path)] + ([text] if isinstance(text, Path) else [])
+    src = resolve_source(recipe.model.id, base)
+    reads += [Path(src.path) / (src.gguf_file or "")] if Path(src.path).exists() else []
+    check_search_output(out, reads, out.parent / "model" if compile_model else None)
     url = resolve_storage(storage or opts.storage, out)
     if recipe.budget.kind not in ("params", "flops"):
         raise ValueError(
@@ -174,9 +220,11 @@ def search(
         note=f"best trial {result.best_trial}: {opts.objective} {result.best_value:.4f} "
         f"(uniform {result.uniform_value}); plan {digest}",
     )
+    record_files([winner_path, out / "best_plan.json"])
     plots: list[Path] = []
     try:  # last: the search's result is already on disk whatever happens here
         plots = write_plots(result, out)
+        record_files(plots)
     except Exception as e:
         hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
         warn(f"plots not written: {type(e).__name__}: {e}{hint}; the winner recipe is {winner_path}")
@@ -200,6 +248,7 @@ def search(
             winner_path, result.uniform_plan, result.best_plan, lm, calib, out, base, log=log
         )
         summary["validation_table"] = str(out / "validation.md")
+        record_files([out / "uniform.yaml", out / "validation.json", out / "validation.md"])
     elif validate:
         warn("validation skipped: the study has no completed uniform trial to compare with")
     if compile_model:

@@ -32,6 +32,7 @@ from secateur.api import (
 )
 from secateur.lock import check_kept_ranges
 from secateur.recipe.schema import Recipe
+from secateur.runtime.deliver import check_finite_source, check_perplexity
 from secateur.runtime.io import all_layer_shapes, write_metadata
 from secateur.runtime.loader import load_model
 from secateur.runtime.outdir import atomic_dir
@@ -56,6 +57,7 @@ def prune_streamed(
     t_start = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir, stream=True)
     t_load = time.perf_counter() - t_start
+    check_finite_source(lm.model.state_dict().items(), recipe.model.id)  # resident tensors; layers as read
     if lock_data is not None:
         check_kept_ranges(lock_data["kept"], all_layer_shapes(lm.model, lm.adapter), lock_path)
     out_dtype = _output_dtype(recipe, lm, lock_data)
@@ -73,6 +75,7 @@ def prune_streamed(
         evaluate_ppl(recipe, lm, base_dir, ppl_cache, "dense" if progress else False) if ev.enabled else {}
     )
     t_dense_eval = time.perf_counter() - t
+    check_perplexity({"dense": dense_ppl})
     for k, v in dense_ppl.items():
         log(f"dense perplexity {k}: {v:.3f}")
 
@@ -105,6 +108,7 @@ def prune_streamed(
             lm.stream.source = SafetensorsSource(tmp)  # the pruned layers, as just written
             pruned = evaluate_ppl(recipe, lm, base_dir, ppl_cache, "pruned" if progress else False)
             report["perplexity"] = {"dense": dense_ppl, "pruned": pruned}
+            check_perplexity(report["perplexity"])
             report["stream"]["pruned_eval_s"] = time.perf_counter() - t
         report["memory"] = peak_memory(lm.device)
         lock = make_lock(recipe, results, kept, dense_fp, cal.fingerprint, report, pruned_fp)

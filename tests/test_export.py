@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,8 +266,14 @@ def test_overwrite_never_replaces_a_folder_holding_other_files(tmp_path):
             (target / "config.json").write_text("{}")
     assert (out / "notes.txt").read_text() == "keep"
     (out / "notes.txt").unlink()
-    (out / "config.json").write_text("old")
-    with atomic_path(out, overwrite=True) as target:
-        target.mkdir()
-        (target / "config.json").write_text("{}")
-    assert (out / "config.json").read_text() == "{}"
+    (out / "config.json").write_text("old")  # only names an export writes, but not written by one
+    with pytest.raises(FileExistsError, match="not a Secateur output"):
+        with atomic_path(out, overwrite=True) as target:
+            target.mkdir()
+    assert (out / "config.json").read_text() == "old"
+    shutil.rmtree(out)
+    for text in ("first", "second"):  # an export's own folder (its manifest lists it) is replaced
+        with atomic_path(out, overwrite=True) as target:
+            target.mkdir()
+            (target / "config.json").write_text(text)
+    assert (out / "config.json").read_text() == "second"

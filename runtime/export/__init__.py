@@ -8,6 +8,7 @@ sibling renamed into place).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_shapes
-from secateur.runtime.outdir import apply_umask
+from secateur.runtime.outdir import MANIFEST, apply_umask, check_file_replaceable, check_replaceable
 
 FORMATS = ("gguf", "decilm")
 
@@ -42,24 +43,31 @@ def one_head_size_shapes(model: nn.Module, adapter: ModelAdapter, engine: str) -
     return shapes
 
 
+def check_replaceable_path(out: Path, overwrite: bool) -> None:
+    """An existing export is replaced only with --overwrite and only when Secateur wrote it: a folder
+    by its manifest, a file by its folder's `.secateur-files` (runtime/outdir.py)."""
+    if out.is_dir() and not out.is_symlink():
+        check_replaceable(out, overwrite)
+    else:
+        check_file_replaceable(out, overwrite)
+
+
 @contextlib.contextmanager
 def atomic_path(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling path (file or folder) that replaces `out` only if the block succeeds."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    """Yield a temporary sibling path (file or folder) that replaces `out` only if the block succeeds;
+    a folder gets the manifest that lets a later --overwrite replace it."""
+    check_replaceable_path(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     target = tmp / out.name
     try:
         yield target
+        if target.is_dir():
+            files = sorted(q.name for q in target.iterdir())
+            (target / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         apply_umask(tmp)
+        check_replaceable_path(out, overwrite)  # nothing appeared in the meantime
         if out.is_dir() and not out.is_symlink():
-            # --overwrite replaces a folder only when it holds nothing but what this export writes
-            foreign = sorted({q.name for q in out.iterdir()} - {q.name for q in target.iterdir()})
-            if foreign:
-                raise FileExistsError(
-                    f"{out} holds {', '.join(foreign)}, which an export does not write: not replaced"
-                )
             shutil.rmtree(out)
         os.replace(target, out)
     finally:

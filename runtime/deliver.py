@@ -1,0 +1,115 @@
+"""Deliver or fail: a prune whose result is not what was asked is an error, never a saved model.
+
+A result that removes nothing, or misses its parameter budget beyond `BUDGET_TOLERANCE`, non-finite
+weights in the source or in the output once rounded to the output dtype, and a NaN perplexity are
+refused with the reason (tensor or figure named) before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_groups
+
+# the achieved removal may differ from the goal by this share of the goal (or by the rounding of
+# every eligible layer's MLP width to multiple_of, when that is larger)
+BUDGET_TOLERANCE = 0.25
+
+
+class DeliveryError(ValueError):
+    """A result that is not what was asked (no removal, budget missed, non-finite numbers)."""
+
+
+def _nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:
+    """The first floating tensor holding NaN or inf, with its count of such values."""
+    for name, t in tensors:
+        if t.is_floating_point() and t.device.type != "meta":
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad
+    return None
+
+
+def check_finite_source(tensors: Iterable[tuple[str, torch.Tensor]], ref: str) -> None:
+    """A checkpoint with NaN/inf weights would be pruned into NaN logits: refuse it up front
+    (`tensors`: a model's state_dict items, or one streamed layer's)."""
+    found = _nonfinite(tensors)
+    if found:
+        name, n = found
+        raise DeliveryError(
+            f"model {ref}: tensor {name} holds {n:,} non-finite values (NaN or inf); the source checkpoint "
+            f"is broken, nothing was pruned"
+        )
+
+
+def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Weights rounded to the output dtype must stay finite (float16 ends at 65504)."""
+    found = _nonfinite(tensors)
+    if found:
+        name, n = found
+        raise DeliveryError(
+            f"output: tensor {name} holds {n:,} non-finite values once rounded to "
+            f"{str(dtype).removeprefix('torch.')} (out of its range); nothing was saved. Set output.dtype: "
+            f"float32 or bfloat16"
+        )
+
+
+def check_finite_output(model: nn.Module, dtype: torch.dtype) -> None:
+    """`check_finite_tensors` over a model already rounded to the output dtype."""
+    check_finite_tensors(model.state_dict().items(), dtype)
+
+
+def budget_slack(
+    model: nn.Module, adapter: ModelAdapter, layers: list[int], multiple_of: int, kinds: set[str]
+) -> int:
+    """Parameters the compile's rounding may add or leave: per eligible layer, one rounding step of the
+    finest unit the stage targets (`kinds`: multiple_of MLP channels, a KV group, one query head per
+    KV group). Whole sublayers and blocks are no rounding step: a stage of those gets no slack."""
+    slack = 0
+    for i in layers:
+        steps = [
+            g.params_per_unit * (multiple_of if g.kind == "mlp_channel" else g.partitions)
+            for g in layer_groups(model, adapter, i)
+            if g.kind in kinds
+        ]
+        slack += max(steps, default=0)
+    return slack
+
+
+def check_budget(goal: int, achieved: int, dense: int, slack: int = 0) -> None:
+    """The prune removed something, and within BUDGET_TOLERANCE of its goal (or the rounding slack)."""
+    if achieved <= 0:
+        raise DeliveryError(
+            f"budget: the prune removed no unit (asked {goal:,} parameters, less than one unit of the "
+            f"targeted structures after rounding to multiple_of); nothing was saved. Raise budget.params "
+            f"or lower budget.multiple_of"
+        )
+    if abs(achieved - goal) <= max(BUDGET_TOLERANCE * goal, slack):
+        return
+    why = (
+        f"the method's units (whole sublayers or blocks) are too coarse for this budget: ask about "
+        f"{achieved / dense:.4f}, or prune channels/heads instead"
+        if achieved > goal
+        else "the method stopped short of the budget: lower it, or widen targets"
+    )
+    raise DeliveryError(
+        f"budget: asked to remove {goal:,} parameters, removed {achieved:,} ({achieved / dense:.2%} of "
+        f"{dense:,} decoder linear parameters), off by {abs(achieved - goal) / goal:.0%}, beyond the "
+        f"{BUDGET_TOLERANCE:.0%} tolerance; nothing was saved. {why[0].upper()}{why[1:]}"
+    )
+
+
+def check_perplexity(ppl: Mapping[str, Mapping[str, float]]) -> None:
+    """A NaN or inf perplexity means the evaluated model is broken: an error, not a report line."""
+    for model, sets in ppl.items():
+        for key, value in sets.items():
+            if not math.isfinite(value):
+                raise DeliveryError(
+                    f"evaluate: {model} perplexity on {key} is {value} (the model's logits overflow or are "
+                    f"NaN); nothing was saved. With output.dtype float16, try float32 or bfloat16"
+                )
