@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
-from secateur.graph.groups import layer_groups
+from secateur.graph.groups import layer_groups, sublayer_groups
 
-# the achieved removal may differ from the goal by this share of the goal (or by the rounding of
-# every eligible layer's MLP width to multiple_of, when that is larger)
+# the achieved removal may differ from the goal by this share of the goal (or by the size of the
+# stage's units, `budget_slack`, when that is larger)
 BUDGET_TOLERANCE = 0.25
 
 
@@ -65,12 +65,14 @@ def check_finite_output(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def budget_slack(
-    model: nn.Module, adapter: ModelAdapter, layers: list[int], multiple_of: int, kinds: set[str]
+    model: nn.Module, adapter: ModelAdapter, layers: list[int], multiple_of: int, kinds: set[str], goal: int
 ) -> int:
-    """Parameters the compile's rounding may add or leave: per eligible layer, one rounding step of the
-    finest unit the stage targets (`kinds`: multiple_of MLP channels, a KV group, one query head per
-    KV group). Whole sublayers and blocks are no rounding step: a stage of those gets no slack."""
-    slack = 0
+    """Parameters a stage may land away from its `goal` by its units' size alone: per eligible layer one
+    rounding step of its finest targeted unit (multiple_of MLP channels, a KV group, one query head per
+    KV group), and, for whole sublayers or blocks, the largest such unit (a greedy removal stops at the
+    first that reaches the goal) but never more than the goal itself (removing 15x the budget is no
+    rounding)."""
+    slack, coarse = 0, []
     for i in layers:
         steps = [
             g.params_per_unit * (multiple_of if g.kind == "mlp_channel" else g.partitions)
@@ -78,7 +80,8 @@ def budget_slack(
             if g.kind in kinds
         ]
         slack += max(steps, default=0)
-    return slack
+        coarse += [g.params_per_unit for g in sublayer_groups(model, adapter, i) if g.kind in kinds]
+    return slack + min(max(coarse, default=0), goal)
 
 
 def check_budget(goal: int, achieved: int, dense: int, slack: int = 0) -> None:
@@ -92,15 +95,15 @@ def check_budget(goal: int, achieved: int, dense: int, slack: int = 0) -> None:
     if abs(achieved - goal) <= max(BUDGET_TOLERANCE * goal, slack):
         return
     why = (
-        f"the method's units (whole sublayers or blocks) are too coarse for this budget: ask about "
-        f"{achieved / dense:.4f}, or prune channels/heads instead"
+        f"The method's units are too coarse for this budget: ask about {achieved / dense:.4f}, or prune "
+        f"channels/heads instead"
         if achieved > goal
-        else "the method stopped short of the budget: lower it, or widen targets"
+        else "The method stopped short of the budget: lower it, or widen targets"
     )
     raise DeliveryError(
         f"budget: asked to remove {goal:,} parameters, removed {achieved:,} ({achieved / dense:.2%} of "
         f"{dense:,} decoder linear parameters), off by {abs(achieved - goal) / goal:.0%}, beyond the "
-        f"{BUDGET_TOLERANCE:.0%} tolerance; nothing was saved. {why[0].upper()}{why[1:]}"
+        f"{BUDGET_TOLERANCE:.0%} tolerance and one unit ({slack:,} parameters); nothing was saved. {why}"
     )
 
 

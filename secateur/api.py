@@ -43,6 +43,7 @@ from secateur.runtime.outdir import atomic_dir, check_location, check_replaceabl
 from secateur.runtime.sequential import PruneResult
 from secateur.runtime.stage import StageContext
 from secateur.runtime.timing import measure_speed, peak_memory, speed_ratios, speed_warnings
+from secateur.speed_target import SpeedResolution, resolve_speed
 
 
 @dataclass
@@ -67,11 +68,14 @@ def preflight(
     overwrite: bool,
     base_dir: Path | None,
     recipe_path: str | Path | None = None,
-) -> tuple[list[Any], list[int], list[list[int]]]:
+    log: Callable[[str], None] | None = None,
+) -> tuple[Recipe, tuple[list[Any], list[int], list[list[int]]], SpeedResolution]:
     """Every check that needs no weights and no data: output folder, data files, tasks, and the
     recipe against the model's shapes (a weightless skeleton), so nothing heavy starts in vain.
+    Then the recipe is resolved against its serving target (`multiple_of: auto`, speed goals).
 
-    Returns the stages, their parameter counts and eligible layers (shapes alone decide them)."""
+    Returns the resolved recipe, the stages, their parameter counts and eligible layers (shapes
+    alone decide them), and what the resolution decided."""
     if recipe.allocation.method == "search":
         raise ValueError(
             "allocation.method: 'search' recipes run with `secateur search`, which writes a winner recipe"
@@ -95,7 +99,8 @@ def preflight(
     check_replaceable(output, overwrite)
     model, adapter = load_skeleton(recipe.model.id, base_dir)
     check_exports(recipe, adapter, base_dir)
-    return plan_stages(recipe, model, adapter)
+    recipe, speed = resolve_speed(recipe, lambda: (model, adapter), log)
+    return recipe, plan_stages(recipe, model, adapter), speed
 
 
 def size_of(lm: LoadedModel, context: int = 512) -> dict[str, int]:
@@ -209,8 +214,8 @@ def _run_stages(
     stages, counts, stage_layers = plan
     c = recipe.calibration
     slack = sum(
-        budget_slack(lm.model, lm.adapter, layers, recipe.budget.multiple_of, fine_units(st.targets))
-        for st, layers in zip(stages, stage_layers)
+        budget_slack(lm.model, lm.adapter, layers, recipe.budget.multiple_of, unit_kinds(st.targets), c)
+        for st, layers, c in zip(stages, stage_layers, counts)
     )
     results = []
     for si, (st, layers) in enumerate(zip(stages, stage_layers)):
@@ -230,9 +235,11 @@ def _run_stages(
     return results
 
 
-def fine_units(targets: Any) -> set[str]:
-    """The unit kinds a stage removes in rounding steps (channels, heads), not whole branches."""
-    return ({"mlp_channel"} if targets.mlp else set()) | {targets.attention} - {"none"}
+def unit_kinds(targets: Any) -> set[str]:
+    """The unit kinds a stage removes: channels and heads, whole sublayers, blocks."""
+    kinds = {targets.attention} - {"none"} | ({"mlp_channel"} if targets.mlp else set())
+    kinds |= {"attn_sublayer", "mlp_sublayer"} if targets.sublayers else set()
+    return kinds | ({"block"} if targets.blocks else set())
 
 
 def _evaluate_pruned(
@@ -400,7 +407,9 @@ def _prune(
         return prune_streamed(
             recipe, lock_data, base_dir, out, overwrite, lock_path, progress, log, recipe_path
         )
-    plan = preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
+    recipe, plan, speed = preflight(
+        recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path, log
+    )
 
     t_start = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base_dir)
@@ -438,6 +447,7 @@ def _prune(
         check_perplexity(report["perplexity"])
 
     report["memory"] = peak_memory(lm.device)
+    report["serving"] = speed.to_dict()
     lock = make_lock(recipe, results, kept, dense_fp, cal.fingerprint, report, pruned_fp)
     lock["recipe_dir"] = str(base_dir)
     _write_output(out, overwrite, lm, recipe, lock, report, out_dtype, base_dir)
