@@ -90,3 +90,13 @@ def flops_per_token(model: nn.Module, adapter: ModelAdapter, context: int = 512)
         span = attention_span(model.config, i, context)
         attn += attention_products(int(s["num_heads"]), int(s["head_dim"]), int(s["v_head_dim"]), span)
     return 2 * macs + attn
+
+
+def served_flops(model: nn.Module, adapter: ModelAdapter, prefill: int, decode: int) -> tuple[float, float]:
+    """FLOPs per token as a server spends them: a prefill computes the LM head for its last position
+    only and attends to prefill/2 positions on average; a decode step computes the head every token."""
+    head = model.get_submodule(adapter.lm_head_path)
+    head_flops = 2 * head.weight.numel() if isinstance(head, nn.Linear) else 0
+    pre = flops_per_token(model, adapter, max(prefill // 2, 1)) - head_flops + head_flops / prefill
+    dec = flops_per_token(model, adapter, prefill + decode // 2)
+    return pre, dec

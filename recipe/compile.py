@@ -292,6 +292,11 @@ def budget_spec(recipe: Any, targets: Any | None = None, count: int | None = Non
     """
     b = recipe.budget
     t = targets or recipe.targets
+    if b.multiple_of == "auto":
+        raise BudgetError(
+            "budget.multiple_of: auto is resolved against the serving target before compiling "
+            "(secateur.speed_target.resolve_speed, which prune, explain and search run)"
+        )
     if count is not None:
         return BudgetSpec(None, int(count), t.mlp, t.attention, b.min_keep, b.max_keep, b.multiple_of)
     if b.kind != "params":
@@ -389,8 +394,8 @@ def stage_counts(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> list[i
         return [int(round(total * s)) for s in shares]
     if b.kind != "flops":
         raise BudgetError(
-            f"budget.{b.kind}: not compiled yet; use budget.params or budget.flops (SPRINT weighs measured "
-            "latency when choosing sublayers under either)"
+            f"budget.{b.kind}: a speed goal becomes a parameter count when the recipe is resolved against "
+            "its serving target (secateur.speed_target.resolve_speed), before compiling"
         )
     goal = int(round(b.flops * flops_per_token(model, adapter, b.context)))
     counts = []

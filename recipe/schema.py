@@ -224,18 +224,52 @@ def _params_budget(value: Any) -> Any:
     return value
 
 
-BUDGET_KINDS = ("params", "flops", "latency")
+BUDGET_KINDS = ("params", "flops", "latency", "throughput")
+SPEED_BUDGETS = ("latency", "throughput")
+
+
+class ServeTarget(_Section):
+    """Where the pruned model is served: the engine whose fast widths `budget.multiple_of: auto`
+    follows, whose measured per-layer latency a latency budget is compiled with, and in which the
+    report measures speed."""
+
+    engine: Literal["llama.cpp", "torch", "vllm"] = "llama.cpp"
+    device: Literal["cpu", "cuda"] = "cpu"
+    # auto: f16 in llama.cpp, float32 on a CPU in PyTorch, bfloat16 on CUDA
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quant: Literal["q8_0", "q4_0", "q4_k_m"] | None = None  # GGUF quantisation (llama.cpp only)
+    threads: PositiveInt | None = None  # CPU threads; default: the cores this process may use
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> ServeTarget:
+        problems: list[tuple[KeyPath, str]] = []
+        if self.quant and self.engine != "llama.cpp":
+            problems.append(
+                (("quant",), f"target.quant is a GGUF type; engine {self.engine} does not read GGUF")
+            )
+        if self.engine == "vllm" and self.device != "cuda":
+            problems.append((("device",), "target.engine vllm runs on CUDA: set target.device: cuda"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
 
 
 class Budget(_Section):
-    """The goal (exactly one of params, flops, latency) and per-layer limits."""
+    """The goal (exactly one of params, flops, latency, throughput) and per-layer limits."""
 
     params: Annotated[float | int | None, BeforeValidator(_params_budget)] = None
     flops: Fraction | None = None
+    # time per request on `target`, as a fraction of dense (0.7: 30% less time), from the latency model
     latency: Fraction | None = None
+    # tokens/s on `target` as a multiple of dense (1.4: 40% more); the same goal as latency 1/1.4
+    throughput: Annotated[float, Field(gt=1)] | None = None
+    # which phase a latency/throughput goal is measured on; both: each phase must meet it
+    phase: Literal["prefill", "decode", "both"] = "both"
     min_keep: KeepFraction = 0.05
     max_keep: KeepFraction = 1.0
-    multiple_of: PositiveInt = 8
+    # auto: the MLP width step the serving target runs fast (a measured sweep on `target`, cached;
+    # never finer than the GGUF quant block); a number: that step
+    multiple_of: PositiveInt | Literal["auto"] = "auto"
     # positions each token attends to when budget.flops counts the QK^T and AV products
     context: PositiveInt = 512
 
@@ -251,12 +285,21 @@ class Budget(_Section):
             problems.append(
                 (("min_keep",), f"min_keep ({self.min_keep}) must not exceed max_keep ({self.max_keep})")
             )
+        if self.phase != "both" and not any(getattr(self, k) is not None for k in SPEED_BUDGETS):
+            problems.append((("phase",), "budget.phase applies to budget.latency or budget.throughput only"))
         if problems:
             raise FieldProblems(problems)
         return self
 
     @property
-    def kind(self) -> Literal["params", "flops", "latency"]:
+    def latency_goal(self) -> float | None:
+        """A speed goal as a fraction of dense time (throughput t is latency 1/t)."""
+        if self.latency is not None:
+            return float(self.latency)
+        return 1.0 / float(self.throughput) if self.throughput is not None else None
+
+    @property
+    def kind(self) -> Literal["params", "flops", "latency", "throughput"]:
         """Which goal is set."""
         return next(k for k in BUDGET_KINDS if getattr(self, k) is not None)  # type: ignore[return-value]
 
@@ -607,6 +650,7 @@ class Recipe(_Section):
     calibration: Calibration = Field(default_factory=Calibration)
     targets: Targets = Field(default_factory=Targets)
     budget: Budget
+    target: ServeTarget = Field(default_factory=ServeTarget)
     importance: Importance = Field(default_factory=Importance)
     allocation: Allocation = Field(default_factory=Allocation)
     restore: Restore = Field(default_factory=Restore)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from secateur.runtime.speed.table import format_speed
 from secateur.runtime.timing import memory_lines
 
 REPORT_MD = "report.md"
@@ -198,6 +199,34 @@ def _speed(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _serving(report: dict[str, Any]) -> list[str]:
+    """The serving target, the width step and speed goal it resolved, and the engine's measured speed."""
+    out = ["## Speed where it is served", ""]
+    sv = report.get("serving") or {}
+    if sv.get("target"):
+        out.append(f"- target: {sv['target']}")
+    if sv.get("width_step"):
+        out.append(f"- width step: {sv['width_step']}")
+    if sv.get("goal") is not None:
+        pred = ", ".join(f"{p} {v:.3f}" for p, v in sv.get("predicted", {}).items())
+        out.append(f"- latency goal: {sv['goal']:.3f} of dense ({sv['phase']}), predicted {pred}")
+    es = report.get("engine_speed")
+    if es:
+        out += ["", "```", format_speed(es), "```"]
+        goal = sv.get("goal")
+        if goal is not None:
+            phases = ("prefill", "decode") if sv.get("phase") == "both" else (sv.get("phase"),)
+            got = {p: 1 / es["phases"][p]["speedup"] for p in phases}
+            met = all(v <= goal * 1.05 for v in got.values())
+            shown = ", ".join(f"{p} {v:.3f}" for p, v in got.items())
+            out.append(
+                f"Latency goal {goal:.3f}: measured {shown} of dense: {'met' if met else 'missed'} (5% tolerance)."
+            )
+    elif report.get("engine_speed_skipped"):
+        out += ["", f"> {report['engine_speed_skipped']}"]
+    return out
+
+
 def _timing(report: dict[str, Any]) -> list[str]:
     phases = report["phases"]
     rows = [[k, _fmt(v, ".2f")] for k, v in phases.items()]
@@ -227,6 +256,8 @@ def result_sections(report: dict[str, Any]) -> list[str]:
         parts.append(_quality(report))
     if "speed" in report:
         parts.append(_speed(report))
+    if report.get("serving") or report.get("engine_speed"):
+        parts.append(_serving(report))
     return ["\n".join(p) for p in parts]
 
 
@@ -247,6 +278,8 @@ def render_markdown(report: dict[str, Any], chart: bool = False) -> str:
         parts.append(_quality(report))
     if "speed" in report:
         parts.append(_speed(report))
+    if report.get("serving") or report.get("engine_speed"):
+        parts.append(_serving(report))
     if "phases" in report:
         parts.append(_timing(report))
     if "lock_fingerprint" in report:

@@ -63,7 +63,7 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     dev = ids.device
     sync(dev)
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def _cache_of(out: Any) -> Any:
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def _time_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> float:
+def time_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> float:
     """Greedy decode of `n_tokens` with the model's own KV cache (a DynamicCache), not
     `generate` and its overheads; only the one-token steps are timed."""
     dev = prompt.device
@@ -100,7 +100,7 @@ def _time_decode(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> float
 
 
 def _run_once(model: nn.Module, prefill: torch.Tensor, prompt: torch.Tensor, n: int) -> tuple[float, float]:
-    return _time_prefill(model, prefill), _time_decode(model, prompt, n)
+    return time_prefill(model, prefill), time_decode(model, prompt, n)
 
 
 def measure_speed(

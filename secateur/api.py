@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,14 @@ import torch
 import yaml
 
 from secateur.checks import check_streamable, load_skeleton, plan_stages
-from secateur.export import check_exports, check_pruned, export_model, export_name, recipe_tokenizer_gguf
+from secateur.export import (
+    check_exports,
+    check_pruned,
+    export_model,
+    export_name,
+    recipe_tokenizer_gguf,
+    tokenizer_gguf_for,
+)
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
@@ -41,9 +49,11 @@ from secateur.runtime.loader import DTYPES, LoadedModel, hub_id, load_model, res
 from secateur.runtime.methods import get_method
 from secateur.runtime.outdir import atomic_dir, check_location, check_replaceable, clean_leftovers
 from secateur.runtime.sequential import PruneResult
+from secateur.runtime.speed.engines import EngineUnavailable
 from secateur.runtime.stage import StageContext
 from secateur.runtime.timing import measure_speed, peak_memory, speed_ratios, speed_warnings
-from secateur.speed_target import SpeedResolution, resolve_speed
+from secateur.speed import MIN_ROUNDS, measure_pair
+from secateur.speed_target import SpeedResolution, resolve_speed, target_of
 
 
 @dataclass
@@ -273,6 +283,7 @@ def _evaluate_pruned(
     out["speed"]["ratios"] = speed_ratios(speed)["pruned"]
     out["speed"]["warnings"] = speed_warnings(speed)
     out["speed"]["device"] = str(lm.device)
+    out.update(engine_speed(recipe, lm, dense_copy, base_dir, progress))
     if ev.tasks:
         from secateur.runtime.zeroshot import run_zeroshot
 
@@ -281,6 +292,38 @@ def _evaluate_pruned(
             "pruned": run_zeroshot(lm.model, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit),
         }
     return out
+
+
+def engine_speed(
+    recipe: Recipe, lm: LoadedModel, dense: torch.nn.Module, base_dir: Path, progress: bool
+) -> dict[str, Any]:
+    """Dense vs pruned in the serving target's engine when it is not PyTorch (which `speed` already
+    measured): {"engine_speed": table} or {"engine_speed_skipped": why}."""
+    t = target_of(recipe)
+    if t.engine == "torch":
+        return {}
+    try:
+        if t.engine != "llama.cpp":
+            raise EngineUnavailable(f"{t.engine} speed is measured with `secateur speed` on its machine")
+        tok = tokenizer_gguf_for(lm.source, None, "report speed in llama.cpp")
+        lat = recipe.evaluate.latency
+        dense_lm = dataclasses.replace(lm, model=dense)
+        table = measure_pair(
+            dense_lm,
+            lm,
+            "llama.cpp",
+            tok,
+            rounds=max(MIN_ROUNDS, lat.repeats),
+            prefill=lat.prefill_len,
+            decode=lat.decode_tokens,
+            threads=t.threads,
+            outtype=t.quant or t.dtype,
+            data_root=_data_root(recipe),
+            log=print if progress else None,
+        )
+    except (EngineUnavailable, ExportError, ValueError) as e:
+        return {"engine_speed_skipped": f"not measured in {t.engine}: {e}"}
+    return {"engine_speed": table}
 
 
 def _output_dtype(recipe: Recipe, lm: LoadedModel, lock_data: dict[str, Any] | None) -> torch.dtype:

@@ -116,6 +116,12 @@ def format_summary(report: dict) -> str:
             + (f"; spread {', '.join(spreads)}" if spreads else "")
         )
         lines += [f"warning: {w}" for w in sp.get("warnings", [])]
+    if report.get("engine_speed"):
+        from secateur.runtime.speed.table import format_speed
+
+        lines.append(format_speed(report["engine_speed"]))
+    elif report.get("engine_speed_skipped"):
+        lines.append(report["engine_speed_skipped"])
     return "\n".join(lines)
 
 
@@ -144,7 +150,7 @@ def _recipe(args: argparse.Namespace) -> int:
         return 0
     from secateur.explain import explain, format_explanation
 
-    ex = explain(recipe, args.model)
+    ex = explain(recipe, args.model, latency=args.latency, log=None if args.json else print)
     if args.json:
         print(
             yaml.safe_dump(
@@ -154,6 +160,8 @@ def _recipe(args: argparse.Namespace) -> int:
                     "totals": ex.totals,
                     "exports": ex.exports,
                     "stream_memory_bytes": ex.stream,
+                    "serving": ex.serving,
+                    "latency": ex.latency,
                 },
                 sort_keys=False,
             )
@@ -275,6 +283,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed(args: argparse.Namespace) -> int:
+    import json
+
+    from secateur.runtime.speed.table import format_speed
+    from secateur.speed import run_speed
+
+    for name in ("rounds", "prefill", "decode", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name}: must be >= 1, got {v}")
+    table = run_speed(
+        args.run_dir,
+        engine=args.engine,
+        rounds=args.rounds,
+        prefill=args.prefill,
+        decode=args.decode,
+        threads=args.threads,
+        outtype=args.outtype,
+        tokenizer_gguf=args.tokenizer_gguf,
+        log=None if args.json else print,
+    )
+    print(json.dumps(table, indent=1) if args.json else format_speed(table))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from secateur.runtime.report import read_report
 
@@ -310,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     rc.add_argument("--model", help="explain against another model than the recipe's")
     rc.add_argument("--json", action="store_true", help="explain: machine-readable plan")
+    rc.add_argument(
+        "--latency",
+        action="store_true",
+        help="explain: predicted per-layer latency on the recipe's target (measured, cached)",
+    )
     rc.set_defaults(func=_recipe)
     ev = sub.add_parser("eval", help="zero-shot accuracy (lm-eval, local data) and perplexity of a model")
     ev.add_argument("path", nargs="?", help="a pruned output folder or any model the loader accepts")
@@ -369,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ex.set_defaults(func=_export)
+    sp = sub.add_parser("speed", help="pruned vs dense speed where it is served (llama.cpp or PyTorch)")
+    sp.add_argument("run_dir", help="a pruned output folder (its lock names the dense model)")
+    sp.add_argument("--engine", default="llama.cpp", choices=["llama.cpp", "torch"])
+    sp.add_argument("--rounds", type=int, default=10, help="alternating rounds (at least 10)")
+    sp.add_argument("--prefill", type=int, default=512, help="prompt tokens prefilled in one batch")
+    sp.add_argument("--decode", type=int, default=32, help="one-token decode steps after the prompt")
+    sp.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    sp.add_argument(
+        "--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"], help="GGUF type"
+    )
+    sp.add_argument("--tokenizer-gguf", help="GGUF to take the tokenizer from (default: the source model's)")
+    sp.add_argument("--json", action="store_true", help="the whole table as JSON")
+    sp.set_defaults(func=_speed)
     rp = sub.add_parser("report", help="print the report of a pruned output")
     rp.add_argument("dir")
     rp.set_defaults(func=_report)

@@ -7,6 +7,7 @@ the plan is applied to that skeleton with placeholder unit choices to count what
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,11 @@ from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.schema import Recipe
 from secateur.runtime.loader import DTYPES
+from secateur.runtime.speed.latency import PHASES, LatencyModel
+from secateur.runtime.speed.measure import Target
 from secateur.runtime.stream import memory_bound
 from secateur.runtime.surgery import apply_keep
+from secateur.speed_target import dense_probe, resolve_speed
 
 
 def placeholder_keep(model: nn.Module, adapter: ModelAdapter, i: int, lp: LayerPlan) -> LayerKeep:
@@ -61,6 +65,8 @@ class Explanation:
     stages: list[dict[str, Any]]
     exports: list[str] = field(default_factory=list)
     stream: dict[str, int] | None = None  # runtime.stream.memory_bound terms when model.stream is set
+    serving: list[str] = field(default_factory=list)  # target, width step, speed goal
+    latency: dict[str, Any] | None = None  # predicted per-layer and total times (speed goal or --latency)
 
 
 def explain(
@@ -68,6 +74,8 @@ def explain(
     model_ref: str | None = None,
     base_dir: str | Path | None = None,
     context: int | None = None,
+    latency: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Explanation:
     """Compile every stage of `recipe` against a model's shapes and describe the result.
 
@@ -81,8 +89,10 @@ def explain(
         table_fractions,
     )
 
-    context = context or recipe.budget.context
     model, adapter = load_skeleton(model_ref or recipe.model.id, base_dir)
+    speed_goal = recipe.budget.latency_goal is not None
+    recipe, speed = resolve_speed(recipe, lambda: (model, adapter), log)
+    context = context or recipe.budget.context
     pruned = copy.deepcopy(model)
     plans: list[Plan] = []
     stages: list[dict[str, Any]] = []
@@ -135,9 +145,30 @@ def explain(
         dtype = DTYPES.get(recipe.model.dtype, torch.float32)
         corr = any(st.restore.error_correction > 0 for st in recipe.stages())
         stream = memory_bound(model, adapter, dtype, c.n_samples * c.seqlen, corr)
-    return Explanation(
-        plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, exports, stream
+    ex = Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, exports, stream)
+    ex.serving = speed.lines()
+    if latency or speed_goal:
+        ex.latency = predicted_latency(recipe, speed.target, adapter, rows, log)
+    return ex
+
+
+def predicted_latency(
+    recipe: Recipe,
+    target: Target,
+    adapter: Any,
+    rows: list[dict[str, Any]],
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The latency model's per-layer and whole-model times, dense and as planned."""
+    lat = LatencyModel.build(
+        target, dense_probe(adapter), int(recipe.budget.multiple_of), recipe.budget.min_keep, log
     )
+    per_layer = [
+        {p: (lat.shape_time(r["dense"], p), lat.shape_time(r["pruned"], p)) for p in PHASES} for r in rows
+    ]
+    dense = lat.predict([r["dense"] for r in rows])
+    pruned = lat.predict([r["pruned"] for r in rows])
+    return {"target": target.describe(), "layers": per_layer, "dense": dense, "pruned": pruned}
 
 
 def format_explanation(ex: Explanation) -> str:
@@ -160,6 +191,16 @@ def format_explanation(ex: Explanation) -> str:
     for k in ("params", "decoder_linear_params", "flops_per_token"):
         lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
     lines += [f"export {line}" for line in ex.exports]
+    lines += ex.serving
+    if ex.latency is not None:
+        lat = ex.latency
+        lines.append(f"predicted latency on {lat['target']} (ms, dense -> planned):")
+        for i, row in enumerate(lat["layers"]):
+            cells = "  ".join(f"{p} {a * 1e3:7.2f} -> {b * 1e3:7.2f}" for p, (a, b) in row.items())
+            lines.append(f"  layer {i:>3}  {cells}")
+        for p in PHASES:
+            d, q = lat["dense"][p], lat["pruned"][p]
+            lines.append(f"  whole model {p}: {d * 1e3:.1f} -> {q * 1e3:.1f} ms ({q / d:.3f} of dense)")
     if ex.stream is not None:
         gib = {k: v / 2**30 for k, v in ex.stream.items()}
         lines.append(

@@ -36,6 +36,7 @@ from secateur.runtime.outdir import (
     record_files,
 )
 from secateur.runtime.timing import peak_memory
+from secateur.speed_target import resolve_speed
 
 
 @dataclass
@@ -151,13 +152,10 @@ def search(
     reads += [Path(src.path) / (src.gguf_file or "")] if Path(src.path).exists() else []
     check_search_output(out, reads, out.parent / "model" if compile_model else None)
     url = resolve_storage(storage or opts.storage, out)
-    if recipe.budget.kind not in ("params", "flops"):
-        raise ValueError(
-            f"{recipe_path}: budget.{recipe.budget.kind} is not compiled yet; use params or flops"
-        )
 
     t0 = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base)
+    recipe, _ = resolve_speed(recipe, lambda: (lm.model, lm.adapter), print)
     layers = eligible_layers(recipe.targets, lm.adapter.num_layers, lm.adapter.layers_path)
     goal = removal_goal(recipe, lm.model, lm.adapter)
     spec = budget_spec(recipe, count=goal)

@@ -53,7 +53,9 @@ def prune_streamed(
     recipe_path: str | Path | None,
 ) -> PruneOutcome:
     """The streaming counterpart of api._prune: same checks, same report and lock, sharded output."""
-    plan = preflight(recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path)
+    recipe, plan, speed = preflight(
+        recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path, log
+    )
     t_start = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir, stream=True)
     t_load = time.perf_counter() - t_start
@@ -111,6 +113,7 @@ def prune_streamed(
             check_perplexity(report["perplexity"])
             report["stream"]["pruned_eval_s"] = time.perf_counter() - t
         report["memory"] = peak_memory(lm.device)
+        report["serving"] = speed.to_dict()
         lock = make_lock(recipe, results, kept, dense_fp, cal.fingerprint, report, pruned_fp)
         lock["recipe_dir"] = str(base_dir)
         plain = write_metadata(lm.model, lm.adapter, tmp, lm.tokenizer, out_dtype)

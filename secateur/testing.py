@@ -93,13 +93,6 @@ def save_tiny(folder: str, family: str = "llama", seed: int = 0, **over: Any) ->
     return folder
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2's byte-to-unicode table: the 256 symbols of a byte-level BPE vocabulary."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
-
-
 def _llama_cpp_permute(w: Any, n_head: int) -> Any:
     """The q/k row order llama.cpp's converter writes (transformers undoes it when loading)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -111,6 +104,8 @@ def save_tiny_gguf(path: str, seed: int = 0) -> nn.Module:
     The file is what llama.cpp's converter would make of the model, so loading it exercises the
     same dequantisation and q/k un-permutation as a real GGUF."""
     import gguf
+
+    from secateur.runtime.speed.probe import byte_symbols
 
     model = tiny_model("llama", seed, vocab_size=256)
     c = model.config
@@ -127,7 +122,7 @@ def save_tiny_gguf(path: str, seed: int = 0) -> nn.Module:
     w.add_value_length(c.head_dim)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list(_byte_symbols())
+    w.add_token_list(byte_symbols())
     w.add_token_types([1] * 256)
     w.add_token_scores([0.0] * 256)
     w.add_bos_token_id(1)

@@ -81,7 +81,7 @@ def test_context_weighs_attention_products() -> None:
 
 def test_infeasible_flops_budget_names_key_and_limit() -> None:
     model = tiny_model("llama")
-    recipe = _recipe(budget={"flops": 0.9, "min_keep": 0.5})
+    recipe = _recipe(budget={"flops": 0.9, "min_keep": 0.5, "multiple_of": 4})
     with pytest.raises(
         BudgetError, match=r"budget.flops: removing [\d,]+ FLOPs.*min_keep=0.5.*at most about 0\.\d+"
     ):

@@ -35,7 +35,7 @@ def test_minimal_recipe_fills_every_default() -> None:
     assert (t.protect.first, t.protect.last, t.protect.layers) == (0, 0, [])
     b = r.budget
     assert (b.params, b.flops, b.latency, b.kind) == (0.2, None, None, "params")
-    assert (b.min_keep, b.max_keep, b.multiple_of) == (0.05, 1.0, 8)
+    assert (b.min_keep, b.max_keep, b.multiple_of, b.phase) == (0.05, 1.0, "auto", "both")
     assert r.importance.metric == "fasp" and r.importance.bonsai.samples == 64
     assert r.allocation.method == "uniform" and r.allocation.table is None
     assert r.allocation.search.trials == 100 and r.allocation.search.sampler == "tpe"  # no levels

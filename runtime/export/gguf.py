@@ -30,15 +30,31 @@ import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
+from secateur.graph.groups import layer_shapes
 from secateur.runtime.export import ExportError, atomic_path, one_head_size_shapes
+from secateur.runtime.speed.quant import (
+    LLAMA_QUANTISED,
+    QuantWidthError,
+    check_row_lengths,
+    quantise_with_llama,
+    row_block,
+)
 
 Q = gguf.GGMLQuantizationType
-OUTTYPES: dict[str, Any] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+OUTTYPES: dict[str, Any] = {
+    "f32": Q.F32,
+    "f16": Q.F16,
+    "bf16": Q.BF16,
+    "q8_0": Q.Q8_0,
+    "q4_0": Q.Q4_0,
+    "q4_k_m": None,
+}
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 _QKV = frozenset({"attn_q", "attn_k", "attn_v"})
 _LLAMA_BIASES = _QKV | {"attn_output", "ffn_gate", "ffn_up", "ffn_down"}
@@ -189,14 +205,39 @@ def _permute_rope(w: np.ndarray, head_dim: int) -> np.ndarray:
 
 
 def _encode(data: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
-    """Norms and biases stay f32 (as llama.cpp's converter does); matrices in the out type, q8_0
-    falling back to f16 where a row is not a whole number of 32-value blocks."""
+    """Norms and biases stay f32 (as llama.cpp's converter does); matrices in the out type, a
+    quantised type falling back to f16 where a row the dense model already had is not a whole
+    number of blocks (`check_quant_rows` has refused such rows that pruning made)."""
     qtype = OUTTYPES[outtype]
     if data.ndim == 1:
         qtype = Q.F32
-    elif qtype == Q.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+    elif qtype in (Q.Q8_0, Q.Q4_0) and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         qtype = Q.F16
     return gguf.quants.quantize(data, qtype), qtype
+
+
+def check_quant_rows(model: nn.Module, adapter: ModelAdapter, outtype: str) -> None:
+    """Refuse, before anything is written, a pruned row length `outtype` cannot hold: the down
+    projection reads the MLP width, the attention output the kept heads times the head dim."""
+    if row_block(outtype) == 1:
+        return
+    cfg = adapter.config
+    dense = {
+        "ffn_down": int(cfg.intermediate_size),
+        "attn_output": int(cfg.num_attention_heads) * adapter.head_dim,
+    }
+    for i in range(adapter.num_layers):
+        s = layer_shapes(model, adapter, i)
+        rows = {}
+        if not s["skip_mlp"]:
+            rows[f"blk.{i}.ffn_down"] = int(s["intermediate_size"])
+        if not s["skip_attention"]:
+            rows[f"blk.{i}.attn_output"] = int(s["num_heads"]) * int(s["v_head_dim"])
+        dense_rows = {k: dense[k.split(".")[-1]] for k in rows}
+        try:
+            check_row_lengths(rows, dense_rows, outtype)
+        except QuantWidthError as e:
+            raise ExportError(str(e)) from e
 
 
 def _tensors(model: nn.Module, adapter: ModelAdapter, layout: GgufLayout) -> dict[str, np.ndarray]:
@@ -252,6 +293,16 @@ def write_gguf(
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     layout = gguf_layout(model, adapter)
+    check_quant_rows(model, adapter, outtype)
+    if outtype in LLAMA_QUANTISED:  # written as f16, then quantised by llama.cpp's own quantiser
+        with atomic_path(Path(out), overwrite) as tmp:
+            f16 = Path(tmp).with_name(Path(tmp).name + ".f16")
+            try:
+                write_gguf(model, adapter, f16, tokenizer_gguf, "f16", name, overwrite=True)
+                quantise_with_llama(str(f16), str(tmp), outtype)
+            finally:
+                f16.unlink(missing_ok=True)
+        return layout
     tok = check_tokenizer(model, tokenizer_gguf)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     tensors = _tensors(model, adapter, layout)
