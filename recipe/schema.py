@@ -509,7 +509,7 @@ class Export(_Section):
     `gguf` (llama.cpp) as model-OUTTYPE.gguf, `decilm` (vLLM's DeciLM / Nemotron-NAS) as decilm/."""
 
     format: Literal["gguf", "decilm"]
-    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    outtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"] = "f16"
     # gguf: the GGUF to copy tokenizer metadata from (default: the source model when it is a GGUF)
     tokenizer_gguf: str | None = None
 
@@ -540,9 +540,12 @@ class Output(_Section):
         problems: list[tuple[KeyPath, str]] = []
         seen: set[tuple[str, str]] = set()
         for i, e in enumerate(self.export):
-            if e.format == "decilm" and e.outtype == "q8_0":
+            if e.format == "decilm" and e.outtype in ("q8_0", "q4_0", "q4_k_m"):
                 problems.append(
-                    (("export", i, "outtype"), "decilm weights are f32, f16 or bf16 (q8_0 is gguf only)")
+                    (
+                        ("export", i, "outtype"),
+                        "decilm weights are f32, f16 or bf16 (q8_0, q4_0, q4_k_m are gguf only)",
+                    )
                 )
             if (e.format, e.outtype) in seen:
                 problems.append((("export", i), f"{e.format} {e.outtype} is listed twice"))

@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--outtype",
         default="f16",
-        choices=["f32", "f16", "bf16", "q8_0"],
-        help="weight type (q8_0: gguf only; norms and biases stay f32)",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
+        help="weight type (q8_0, q4_0, q4_k_m: gguf only, widths must be whole quant blocks; norms stay f32)",
     )
     ex.add_argument(
         "--output", "-o", help="output file/folder (default: beside RUN_DIR, RUN_DIR-OUTTYPE.gguf)"

@@ -15,6 +15,7 @@ from secateur.graph.count import flops_per_token
 from secateur.recipe.compile import (
     BudgetError,
     BudgetSpec,
+    budget_spec,
     flops_to_params,
     plan_flops_removed,
     planned_removal,
@@ -106,10 +107,12 @@ def test_flops_budget_splits_across_passes_and_names_the_failing_pass() -> None:
         stage_counts(too_much, model, adapter)
 
 
-def test_latency_budget_is_refused_with_the_key() -> None:
+def test_unresolved_latency_budget_is_refused_with_the_key() -> None:
     model = tiny_model("llama")
-    with pytest.raises(BudgetError, match="budget.latency: not compiled yet"):
-        stage_counts(_recipe(budget={"latency": 0.3}), model, adapter_for(model.config))
+    with pytest.raises(BudgetError, match="budget.latency: a speed goal becomes a parameter count"):
+        stage_counts(_recipe(budget={"latency": 0.3, "multiple_of": 8}), model, adapter_for(model.config))
+    with pytest.raises(BudgetError, match="budget.multiple_of: auto is resolved against the serving target"):
+        budget_spec(_recipe(budget={"params": 0.3}))
 
 
 def test_flops_to_params_rejects_empty_targets() -> None:
