@@ -70,6 +70,17 @@ def model_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str
     return tensor_fingerprint(list(saved_state_dict(model, dtype).items()))
 
 
+def model_fingerprint_v1(model: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """The fingerprint lock_version 1 recorded: one sha256 over every tensor's name, shape, dtype
+    and bytes in name order (not combinable layer by layer, hence version 2). Kept so that every
+    lock ever written still verifies."""
+    h = hashlib.sha256()
+    for name, t in sorted(saved_state_dict(model, dtype).items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def ids_fingerprint(ids: torch.Tensor) -> str:
     """Short digest of token ids (shape included), e.g. calibration windows."""
     t = ids.detach().to(torch.int64).cpu().contiguous()

@@ -25,7 +25,15 @@ from secateur.export import (
     tokenizer_gguf_for,
 )
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
-from secateur.lock import LOCK_NAME, LockError, build_lock, check_kept_ranges, model_fingerprint, read_lock
+from secateur.lock import (
+    LOCK_NAME,
+    LockError,
+    build_lock,
+    check_kept_ranges,
+    locked_fingerprint,
+    model_fingerprint,
+    read_lock,
+)
 from secateur.recipe.load import dump_recipe, load_recipe, recipe_from_dict, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
@@ -459,7 +467,7 @@ def _prune(
     t_load = time.perf_counter() - t_start
     check_finite_source(lm.model.state_dict().items(), recipe.model.id)
     dense_fp = model_fingerprint(lm.model)
-    _check_model_lock(lock_data, lock_path, dense_fp, lm)
+    _check_model_lock(lock_data, lock_path, locked_fingerprint(lock_data, lm.model, None, dense_fp), lm)
     out_dtype = _output_dtype(recipe, lm, lock_data)
     cal = _calibration(recipe, lm, base_dir, lock_data, lock_path)
 
@@ -481,7 +489,8 @@ def _prune(
     round_to_dtype(lm.model, out_dtype)
     check_finite_output(lm.model, out_dtype)
     pruned_fp = model_fingerprint(lm.model, out_dtype)
-    reproduced = check_lock_result(lock_data, lock_path, kept, pruned_fp)
+    locked = locked_fingerprint(lock_data, lm.model, out_dtype, pruned_fp)
+    reproduced = check_lock_result(lock_data, lock_path, kept, locked)
 
     report = base_report(recipe, lm, plan, results, dense_size, dense_layer, t_load, pruned_fp, out_dtype)
     if ev.enabled:

@@ -9,13 +9,27 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from secateur.runtime.fingerprint import model_fingerprint as model_fingerprint
+from secateur.runtime.fingerprint import model_fingerprint_v1
 from secateur.runtime.fingerprint import tensor_fingerprint as tensor_fingerprint
 from secateur.runtime.loader import DTYPES
 
 LOCK_NAME = "recipe.lock.yaml"
 LOCK_VERSION = 2  # 2: weight fingerprints hash tensor by tensor (streamed and in-memory runs agree)
+# every version ever written re-applies: 1 is verified with its own fingerprint scheme
+# (runtime.fingerprint.model_fingerprint_v1) and the re-applied run writes a version-2 lock
+READABLE_VERSIONS = (1, 2)
+
+
+def locked_fingerprint(
+    lock_data: dict | None, model: nn.Module, dtype: torch.dtype | None, current: str
+) -> str:
+    """The fingerprint of `model` in the scheme `lock_data` recorded (`current` for the newest)."""
+    if lock_data is not None and lock_data.get("lock_version") == 1:
+        return model_fingerprint_v1(model, dtype)
+    return current
 
 
 class LockError(ValueError):
@@ -77,14 +91,10 @@ def read_lock(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise LockError(f"{p}: not valid YAML for a lock (python tags are refused): {e}") from e
-    if isinstance(data, dict) and data.get("lock_version") == 1:
+    if not isinstance(data, dict) or data.get("lock_version") not in READABLE_VERSIONS:
         raise LockError(
-            f"{p}: lock_version 1 was written by an older Secateur whose weight fingerprints are computed "
-            "differently, so its weights cannot be checked here; prune its recipe again "
-            f"(the `recipe` key) to get a version {LOCK_VERSION} lock"
+            f"{p}: not a Secateur lock (lock_version {', '.join(map(str, READABLE_VERSIONS))} expected)"
         )
-    if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION:
-        raise LockError(f"{p}: not a Secateur lock (lock_version {LOCK_VERSION} expected)")
     for key in ("recipe", "kept", "fingerprints"):
         if key not in data:
             raise LockError(f"{p}: missing key {key!r}")

@@ -30,7 +30,7 @@ from secateur.api import (
     size_of,
     write_run_files,
 )
-from secateur.lock import check_kept_ranges
+from secateur.lock import LockError, check_kept_ranges
 from secateur.recipe.schema import Recipe
 from secateur.runtime.deliver import check_finite_source, check_perplexity
 from secateur.runtime.io import all_layer_shapes, write_metadata
@@ -53,6 +53,12 @@ def prune_streamed(
     recipe_path: str | Path | None,
 ) -> PruneOutcome:
     """The streaming counterpart of api._prune: same checks, same report and lock, sharded output."""
+    if lock_data is not None and lock_data.get("lock_version") == 1:
+        raise LockError(
+            f"{lock_path}: lock_version 1 fingerprints hash the whole model in one pass, which streaming "
+            "cannot compute layer by layer; re-apply it without --stream / model.stream (the output then "
+            "carries a version 2 lock that streams)"
+        )
     recipe, plan, speed = preflight(
         recipe, out, overwrite, base_dir, recipe_path if lock_path is None else lock_path, log
     )

@@ -391,10 +391,10 @@ def test_report_records_peak_memory_and_config_names_its_class(tmp_path: Path) -
     assert cfg["architectures"] == ["LlamaForCausalLM"] and "_name_or_path" not in cfg
 
 
-def test_a_lock_from_the_older_fingerprint_format_is_refused_with_the_reason(tmp_path: Path) -> None:
+def test_a_malformed_version_1_lock_is_refused_with_the_key(tmp_path: Path) -> None:
     from secateur.lock import read_lock
 
-    old = tmp_path / LOCK_NAME
+    old = tmp_path / LOCK_NAME  # version 1 re-applies (tests/test_lock_versions.py); a broken one says why
     old.write_text(yaml.safe_dump({"lock_version": 1, "recipe": {}, "kept": [], "fingerprints": {}}))
-    with pytest.raises(LockError, match="lock_version 1 was written by an older Secateur"):
+    with pytest.raises(LockError, match="fingerprints.model: expected a sha256"):
         read_lock(old)

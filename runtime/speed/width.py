@@ -21,7 +21,7 @@ from secateur.runtime.speed.quant import row_block
 
 CANDIDATES = (8, 16, 32, 64, 128)
 ALIGNED = 256
-TOLERANCE = 0.05
+TOLERANCE = 0.03
 SWEEP_LAYERS = 4
 SWEEP_VOCAB = 512  # the head is not what the sweep measures
 
