@@ -105,21 +105,14 @@ def save_tiny_gguf(path: str, seed: int = 0) -> nn.Module:
     same dequantisation and q/k un-permutation as a real GGUF."""
     import gguf
 
-    from secateur.runtime.speed.probe import byte_symbols
+    from secateur.runtime.speed.probe import byte_symbols, llama_header, shape_of_config
 
     model = tiny_model("llama", seed, vocab_size=256)
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    llama_header(
+        w, shape_of_config(c).with_(n_layers=c.num_hidden_layers), c.max_position_embeddings, c.rms_norm_eps
+    )
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(byte_symbols())

@@ -21,7 +21,7 @@ def _python_example() -> str:
 
 
 def test_readme_python_example_runs(tmp_path: Path, monkeypatch) -> None:
-    tiny = save_tiny(str(tmp_path / "tiny"), "llama")
+    tiny = save_tiny(str(tmp_path / "tiny"), "llama", num_hidden_layers=4)  # the example prunes layer 3
     (tmp_path / "c.txt").write_text("pruning makes models smaller and faster. " * 400)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(

@@ -62,16 +62,10 @@ def _token_list(vocab: int) -> list[str]:
     return (base + [f"<p{i}>" for i in range(max(0, vocab - len(base)))])[:vocab]
 
 
-def write_probe_gguf(shape: ProbeShape, path: str | Path, outtype: str = "f16", seed: int = 0) -> Path:
-    """A uniform `llama` GGUF of random weights with `shape` (q/k order is irrelevant for timing)."""
-    import gguf
-
-    rng = np.random.default_rng(seed)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+def llama_header(w: Any, shape: ProbeShape, context: int, eps: float) -> None:
+    """The `llama` architecture's hyper-parameters of a uniform model of `shape` (plain RoPE)."""
     w.add_block_count(shape.n_layers)
-    w.add_context_length(4096)
+    w.add_context_length(context)
     w.add_embedding_length(shape.hidden)
     w.add_feed_forward_length(shape.n_ff)
     w.add_head_count(shape.n_head)
@@ -80,8 +74,19 @@ def write_probe_gguf(shape: ProbeShape, path: str | Path, outtype: str = "f16", 
     w.add_value_length(shape.head_dim)
     w.add_rope_dimension_count(shape.head_dim)
     w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(eps)
     w.add_vocab_size(shape.vocab)
+
+
+def write_probe_gguf(shape: ProbeShape, path: str | Path, outtype: str = "f16", seed: int = 0) -> Path:
+    """A uniform `llama` GGUF of random weights with `shape` (q/k order is irrelevant for timing)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    llama_header(w, shape, context=4096, eps=1e-5)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     tokens = _token_list(shape.vocab)
