@@ -176,3 +176,10 @@ def test_secateur_speed_measures_rounds_medians_and_spread(tmp_path, capsys):
     assert table["timings"]["dense"]["rounds"] == 10
     assert main(["speed", str(out), "--engine", "torch", "--rounds", "0"]) == 2
     assert "--rounds: must be >= 1" in capsys.readouterr().err
+
+
+def test_an_engine_that_cannot_run_gives_the_coarsest_step_and_says_why():
+    vllm = Target(engine="vllm", device="cuda", dtype="bfloat16", threads=1, prefill_len=32, decode_tokens=4)
+    sweep = auto_multiple_of(vllm, SMALL)
+    assert sweep.multiple_of == sweep.cap == 64 and sweep.measured is None
+    assert "not measured: target.engine vllm" in sweep.describe()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from secateur.runtime.speed.engines import EngineUnavailable
 from secateur.runtime.speed.measure import Target, Timing, time_shapes
 from secateur.runtime.speed.probe import ProbeShape
 from secateur.runtime.speed.quant import row_block
@@ -46,10 +47,13 @@ class Sweep:
     rows: tuple[SweepRow, ...] = ()
     reference: tuple[int, int] = (0, 0)
     busy: bool = False  # timings too noisy to trust: the cap (coarsest step) is taken instead
+    unavailable: str | None = None  # why the engine could not time anything (the cap is taken)
 
     def describe(self) -> str:
         """One line for progress, explain and the report."""
-        if self.measured is None:
+        if self.unavailable:
+            why = f"not measured: {self.unavailable}; took the coarsest step {self.cap}"
+        elif self.measured is None:
             why = f"no sweep: the MLP is too narrow for a step above {self.cap}"
         elif self.busy:
             why = f"sweep inconclusive (machine busy), took the coarsest step {self.cap}"
@@ -124,7 +128,12 @@ def auto_multiple_of(
     cap = width_cap(dense.n_ff)
     if cap <= CANDIDATES[0]:
         return Sweep(max(block, CANDIDATES[0]), None, block, cap)
-    rows, ref, busy = sweep_rows(target, dense, progress, rounds)
+    try:
+        rows, ref, busy = sweep_rows(target, dense, progress, rounds)
+    except EngineUnavailable as e:  # e.g. llama-cpp-python failed to build: safe widths, said so
+        if progress:
+            progress(f"width sweep: {e}; taking the coarsest step {cap}")
+        return Sweep(max(block, cap), None, block, cap, unavailable=str(e).split(";")[0])
     measured = choose(rows)
     step = cap if busy else min(cap, measured)
     return Sweep(max(block, step), measured, block, cap, tuple(rows), ref, busy)
