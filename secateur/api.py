@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-from secateur.checks import check_streamable, load_skeleton, plan_stages
+from secateur.checks import check_resources, check_streamable, load_skeleton, plan_stages
 from secateur.export import (
     check_exports,
     check_pruned,
@@ -116,6 +116,8 @@ def preflight(
     clean_leftovers(output)  # first: it may put back an output a killed run had moved aside
     check_replaceable(output, overwrite)
     model, adapter = load_skeleton(recipe.model.id, base_dir)
+    for line in check_resources(recipe, adapter):
+        (log or print)(line)
     check_exports(recipe, adapter, base_dir)
     recipe, speed = resolve_speed(recipe, lambda: (model, adapter), log)
     return recipe, plan_stages(recipe, model, adapter), speed

@@ -125,3 +125,48 @@ def check_streamable(recipe: Recipe) -> None:
             "model.stream: evaluate.tasks (zero-shot) needs the whole model; set evaluate.tasks: [] and run "
             "`secateur eval` on the output where it fits in memory"
         )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_resources(recipe: Recipe, adapter: ModelAdapter) -> list[str]:
+    """Before loading: the calibration activations one layer holds (n_samples x seqlen x hidden,
+    float32) must fit in available memory (else an error); sequence lengths beyond the model's
+    positions are returned as warnings (RoPE models run past them, but quality there is untrained)."""
+    cfg = adapter.config
+    limit = getattr(cfg, "max_position_embeddings", None)
+    cal, ev = recipe.calibration, recipe.evaluate
+    lengths = {
+        "calibration.seqlen": cal.seqlen,
+        "calibration.heldout_seqlen": cal.heldout_seqlen,
+        "evaluate.latency.prefill_len + decode_tokens": ev.latency.prefill_len + ev.latency.decode_tokens,
+        **{f"evaluate.perplexity.{i}.seqlen": ps.seqlen for i, ps in enumerate(ev.perplexity)},
+    }
+    warnings = []
+    if limit:
+        for key, n in lengths.items():
+            if key.startswith("evaluate") and not ev.enabled:
+                continue
+            if n > int(limit):
+                warnings.append(
+                    f"warning: {key}: {n} tokens is longer than the model's {limit} positions "
+                    "(max_position_embeddings); results there are outside what the model was trained on"
+                )
+    need = cal.n_samples * cal.seqlen * adapter.hidden_size * 4
+    free = _available_memory()
+    if free is not None and need > free:
+        raise BudgetError(
+            f"calibration.n_samples x seqlen: {cal.n_samples} x {cal.seqlen} tokens need {need / 2**30:.1f} GiB for "
+            f"one layer's activations (float32, hidden {adapter.hidden_size}) but {free / 2**30:.1f} GiB is available; "
+            "lower calibration.n_samples or seqlen"
+        )
+    return warnings

@@ -348,3 +348,24 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_before_pruning(tmp_pat
         prune(r, output=tmp_path / "out", **QUIET)
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path / "model")  # nothing touched
+
+
+def test_calibration_that_cannot_fit_in_memory_is_refused_before_loading(tmp_path: Path) -> None:
+    from secateur.api import prune
+    from secateur.recipe.compile import BudgetError
+
+    r = _recipe(tmp_path, calibration={"dataset": "calib.txt", "n_samples": 1_000_000_000, "seqlen": 32})
+    with pytest.raises(
+        BudgetError, match=r"calibration.n_samples x seqlen: 1000000000 x 32 tokens need .* GiB"
+    ):
+        prune(r, output=tmp_path / "out", progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sequence_beyond_the_model_positions_is_warned(tmp_path: Path) -> None:
+    from secateur.api import prune
+
+    lines: list[str] = []
+    r = _recipe(tmp_path, calibration={"dataset": "calib.txt", "n_samples": 2, "seqlen": 300})
+    prune(r, output=tmp_path / "out", progress=False, log=lines.append)
+    assert any("calibration.seqlen: 300 tokens is longer than the model's 256 positions" in x for x in lines)
