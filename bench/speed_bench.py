@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> None:
             f"{r['decode_speedup']:.3f} | {r['decode_flops_ratio']:.3f} | {r['decode_realised']:.2f} | "
             f"{(r['prefill_spread'] or 0):.0%}/{(r['decode_spread'] or 0):.0%}{' busy' if r['busy'] else ''} | {pm} |"
         )
-    out = Path(args.out or f"bench/results/speed-{args.shape}")
+    out = Path(args.out or f"bench/results/speed-{args.shape.replace('.', '_')}")
     write_results(out, rows, lines)
     print("\n".join(lines))
 
