@@ -184,10 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if args.path is None:
         raise CliError("PATH is required (or --tasks-path)")
-    for flag in ("limit", "ppl_seqlen", "ppl_windows", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise CliError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    require_positive(args, "limit", "ppl_seqlen", "ppl_windows", "batch_size")
     tasks = [t for t in (args.tasks or "").split(",") if t] if args.tasks is not None else list(LOCAL_TASKS)
     if args.stream and args.tasks is None:
         tasks = []  # zero-shot tasks need the whole model; streaming evaluates perplexity only
@@ -283,16 +280,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_positive(args: argparse.Namespace, *flags: str) -> None:
+    """Count-like options given on the command line are at least 1."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CliError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+
+
 def _speed(args: argparse.Namespace) -> int:
     import json
 
     from secateur.runtime.speed.table import format_speed
     from secateur.speed import run_speed
 
-    for name in ("rounds", "prefill", "decode", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ValueError(f"--{name}: must be >= 1, got {v}")
+    require_positive(args, "rounds", "prefill", "decode", "threads")
     table = run_speed(
         args.run_dir,
         engine=args.engine,

@@ -25,7 +25,6 @@ from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.schema import Recipe
 from secateur.runtime.loader import DTYPES
 from secateur.runtime.speed.latency import PHASES, LatencyModel
-from secateur.runtime.speed.measure import Target
 from secateur.runtime.stream import memory_bound
 from secateur.runtime.surgery import apply_keep
 from secateur.speed_target import dense_probe, resolve_speed
@@ -91,7 +90,7 @@ def explain(
 
     model, adapter = load_skeleton(model_ref or recipe.model.id, base_dir)
     speed_goal = recipe.budget.latency_goal is not None
-    recipe, speed = resolve_speed(recipe, lambda: (model, adapter), log)
+    recipe, speed = resolve_speed(recipe, model, adapter, log)
     context = context or recipe.budget.context
     pruned = copy.deepcopy(model)
     plans: list[Plan] = []
@@ -148,27 +147,21 @@ def explain(
     ex = Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, exports, stream)
     ex.serving = speed.lines()
     if latency or speed_goal:
-        ex.latency = predicted_latency(recipe, speed.target, adapter, rows, log)
+        lat = speed.latency or LatencyModel.build(
+            speed.target, dense_probe(adapter), int(recipe.budget.multiple_of), recipe.budget.min_keep, log
+        )
+        ex.latency = predicted_latency(lat, rows)
     return ex
 
 
-def predicted_latency(
-    recipe: Recipe,
-    target: Target,
-    adapter: Any,
-    rows: list[dict[str, Any]],
-    log: Callable[[str], None] | None,
-) -> dict[str, Any]:
+def predicted_latency(lat: LatencyModel, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The latency model's per-layer and whole-model times, dense and as planned."""
-    lat = LatencyModel.build(
-        target, dense_probe(adapter), int(recipe.budget.multiple_of), recipe.budget.min_keep, log
-    )
     per_layer = [
         {p: (lat.shape_time(r["dense"], p), lat.shape_time(r["pruned"], p)) for p in PHASES} for r in rows
     ]
     dense = lat.predict([r["dense"] for r in rows])
     pruned = lat.predict([r["pruned"] for r in rows])
-    return {"target": target.describe(), "layers": per_layer, "dense": dense, "pruned": pruned}
+    return {"target": lat.target.describe(), "layers": per_layer, "dense": dense, "pruned": pruned}
 
 
 def format_explanation(ex: Explanation) -> str:

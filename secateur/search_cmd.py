@@ -155,7 +155,7 @@ def search(
 
     t0 = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base)
-    recipe, _ = resolve_speed(recipe, lambda: (lm.model, lm.adapter), print)
+    recipe, _ = resolve_speed(recipe, lm.model, lm.adapter, print)
     layers = eligible_layers(recipe.targets, lm.adapter.num_layers, lm.adapter.layers_path)
     goal = removal_goal(recipe, lm.model, lm.adapter)
     spec = budget_spec(recipe, count=goal)

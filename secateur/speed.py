@@ -26,7 +26,6 @@ from secateur.runtime.io import load_pruned
 from secateur.runtime.loader import LoadedModel, load_model
 from secateur.runtime.speed.engines import Phases, default_threads, engine_version, time_gguf, time_torch
 from secateur.runtime.speed.measure import measure_alternating
-from secateur.runtime.speed.quant import LLAMA_QUANTISED, quantise_with_llama
 from secateur.runtime.speed.table import speed_table
 
 MIN_ROUNDS = 10
@@ -40,16 +39,6 @@ def _prompt(lm: LoadedModel, n: int, data_root: str | None) -> list[int]:
     except Exception:  # no data root here: speed does not depend on which tokens are fed
         vocab = int(lm.model.get_input_embeddings().weight.shape[0])
         return [3 + (i * 7919) % (vocab - 3) for i in range(n)]
-
-
-def _gguf(lm: LoadedModel, tok: Path, path: Path, outtype: str, threads: int) -> Path:
-    if outtype in LLAMA_QUANTISED:
-        write_gguf(lm.model, lm.adapter, path.with_suffix(".f16.gguf"), tok, "f16")
-        quantise_with_llama(str(path.with_suffix(".f16.gguf")), str(path), outtype, threads)
-        path.with_suffix(".f16.gguf").unlink()
-    else:
-        write_gguf(lm.model, lm.adapter, path, tok, outtype)
-    return path
 
 
 def measure_pair(
@@ -78,10 +67,9 @@ def measure_pair(
                 raise ValueError(
                     "speed in llama.cpp needs a tokenizer GGUF (the source model's, or --tokenizer-gguf)"
                 )
-            files = {
-                k: _gguf(lm, tokenizer_gguf, Path(tmp) / f"{k}.gguf", outtype, threads)
-                for k, lm in models.items()
-            }
+            files = {k: Path(tmp) / f"{k}.gguf" for k in models}
+            for k, lm in models.items():
+                write_gguf(lm.model, lm.adapter, files[k], tokenizer_gguf, outtype)
             timers: dict[str, Callable[[], Phases]] = {
                 k: (lambda f=f: time_gguf(f, prompt, steps, threads)) for k, f in files.items()
             }

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from secateur.checks import load_skeleton
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
@@ -48,7 +46,7 @@ class SpeedResolution:
     phase: str = "both"
     count: int | None = None
     predicted: dict[str, float] = field(default_factory=dict)  # phase -> predicted time / dense time
-    latency_table: list[dict[str, Any]] = field(default_factory=list)
+    latency: LatencyModel | None = None  # built for a speed goal; `recipe explain` reuses it
 
     def lines(self) -> list[str]:
         """Human-readable lines for progress, explain and the report."""
@@ -154,18 +152,19 @@ def latency_to_params(
 
 def resolve_speed(
     recipe: Recipe,
-    skeleton: Callable[[], tuple[nn.Module, ModelAdapter]],
+    model: nn.Module,
+    adapter: ModelAdapter,
     log: Callable[[str], None] | None = None,
     target: Target | None = None,
 ) -> tuple[Recipe, SpeedResolution]:
-    """The recipe with `multiple_of: auto` and a speed goal resolved; unchanged when it has neither
-    (`target` replaces the recipe's own, e.g. to time with fewer rounds)."""
+    """The recipe with `multiple_of: auto` and a speed goal resolved against `model`'s shapes (a
+    weightless skeleton will do); unchanged when it has neither (`target` replaces the recipe's own,
+    e.g. to time with fewer rounds)."""
     target = target or target_of(recipe)
     res = SpeedResolution(target)
     b = recipe.budget
     if b.multiple_of != "auto" and b.latency_goal is None:
         return recipe, res
-    model, adapter = skeleton()
     dense = dense_probe(adapter)
     data = resolved_dict(recipe)
     if b.multiple_of == "auto":
@@ -180,16 +179,10 @@ def resolve_speed(
         raise BudgetError(
             "budget.latency/throughput: compiled for single-stage recipes only (no passes:) so far"
         )
-    lat = LatencyModel.build(target, dense, int(resolved.budget.multiple_of), b.min_keep, log)
+    res.latency = LatencyModel.build(target, dense, int(resolved.budget.multiple_of), b.min_keep, log)
     res.goal, res.phase = b.latency_goal, b.phase
-    res.count, res.predicted = latency_to_params(model, adapter, resolved, lat, b.latency_goal, b.phase)
-    res.latency_table = lat.table()
+    res.count, res.predicted = latency_to_params(
+        model, adapter, resolved, res.latency, b.latency_goal, b.phase
+    )
     data["budget"].update(params=res.count, latency=None, throughput=None, phase="both")
     return recipe_from_dict(data, "<recipe with its latency goal resolved>"), res
-
-
-def skeleton_loader(
-    recipe: Recipe, base_dir: str | Path | None
-) -> Callable[[], tuple[nn.Module, ModelAdapter]]:
-    """A deferred `checks.load_skeleton` for the recipe's model."""
-    return lambda: load_skeleton(recipe.model.id, base_dir)

@@ -45,19 +45,19 @@ def _recipe(**budget: object):
 
 def _skeleton(**over):
     m = tiny_model("llama", **over)
-    return lambda: (m, adapter_for(m.config))
+    return m, adapter_for(m.config)
 
 
 def test_auto_on_a_tiny_mlp_needs_no_sweep_and_honours_the_quant_block():
-    recipe, res = resolve_speed(_recipe(), _skeleton())
+    recipe, res = resolve_speed(_recipe(), *_skeleton())
     assert recipe.budget.multiple_of == 8 and res.sweep.measured is None
     assert not cache.cache_dir().exists()  # nothing was timed
     q = recipe_from_dict(
         {"version": 1, "model": {"id": "m"}, "budget": {"params": 0.3}, "target": {"quant": "q4_0"}}
     )
-    recipe, res = resolve_speed(q, _skeleton())
+    recipe, res = resolve_speed(q, *_skeleton())
     assert recipe.budget.multiple_of == 32 and res.sweep.block == 32
-    explicit, res = resolve_speed(_recipe(multiple_of=16), _skeleton())
+    explicit, res = resolve_speed(_recipe(multiple_of=16), *_skeleton())
     assert explicit.budget.multiple_of == 16 and res.sweep is None
 
 
@@ -98,7 +98,7 @@ def test_latency_budget_compiles_to_a_plan_the_model_predicts_meets_it():
     over = dict(
         hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32
     )
-    model, adapter = _skeleton(vocab_size=256, **over)()
+    model, adapter = _skeleton(vocab_size=256, **over)
     recipe = _recipe(multiple_of=32)
     lat = LatencyModel.build(TORCH, dense_probe(adapter), 32, rounds=3)
     n = adapter.num_layers
@@ -122,7 +122,7 @@ def test_speed_goal_resolves_to_a_parameter_count_in_the_recipe():
         hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32
     )
     try:
-        resolved, res = resolve_speed(recipe, _skeleton(vocab_size=256, **over), target=TORCH)
+        resolved, res = resolve_speed(recipe, *_skeleton(vocab_size=256, **over), target=TORCH)
     except BudgetError as e:  # a tiny model is all overhead: the goal may be out of reach, said so
         assert "out of reach" in str(e)
         return
@@ -175,7 +175,7 @@ def test_secateur_speed_measures_rounds_medians_and_spread(tmp_path, capsys):
         assert r["spread"] >= 0 and isinstance(r["supported"], bool)
     assert table["timings"]["dense"]["rounds"] == 10
     assert main(["speed", str(out), "--engine", "torch", "--rounds", "0"]) == 2
-    assert "--rounds: must be >= 1" in capsys.readouterr().err
+    assert "--rounds must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_an_engine_that_cannot_run_gives_the_coarsest_step_and_says_why():

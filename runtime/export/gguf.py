@@ -36,8 +36,8 @@ from secateur.runtime.speed.quant import (
     LLAMA_QUANTISED,
     QuantWidthError,
     check_row_lengths,
-    quantise_with_llama,
     row_block,
+    write_quantised,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -296,12 +296,11 @@ def write_gguf(
     check_quant_rows(model, adapter, outtype)
     if outtype in LLAMA_QUANTISED:  # written as f16, then quantised by llama.cpp's own quantiser
         with atomic_path(Path(out), overwrite) as tmp:
-            f16 = Path(tmp).with_name(Path(tmp).name + ".f16")
-            try:
-                write_gguf(model, adapter, f16, tokenizer_gguf, "f16", name, overwrite=True)
-                quantise_with_llama(str(f16), str(tmp), outtype)
-            finally:
-                f16.unlink(missing_ok=True)
+            write_quantised(
+                Path(tmp),
+                outtype,
+                lambda f16: write_gguf(model, adapter, f16, tokenizer_gguf, "f16", name, True),
+            )
         return layout
     tok = check_tokenizer(model, tokenizer_gguf)
     vocab = int(model.get_input_embeddings().weight.shape[0])

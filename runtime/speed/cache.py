@@ -11,6 +11,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from secateur.runtime.speed.engines import default_threads
+
 
 def cache_dir() -> Path:
     """SECATEUR_CACHE_DIR, else ~/.cache/secateur/speed."""
@@ -28,8 +30,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": name, "cores": cores}
+    return {"cpu": name, "cores": default_threads()}
 
 
 def cache_key(kind: str, **fields: Any) -> str:

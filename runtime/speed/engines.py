@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from secateur.runtime.timing import model_device, time_decode, time_prefill
+
 ENGINES = ("llama.cpp", "torch", "vllm")
 
 
@@ -32,7 +36,7 @@ class Phases:
 
 
 def default_threads() -> int:
-    """Physical cores are what llama.cpp's own default uses; os.cpu_count is the best portable guess."""
+    """The cores this process may use (its CPU affinity; os.cpu_count where there is none)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -97,10 +101,6 @@ def time_torch(
     model: Any, prefill_len: int, decode_tokens: int, threads: int | None, seed: int = 0
 ) -> Phases:
     """One prefill (no cache) and `decode_tokens` cached decode steps of a transformers model."""
-    import torch
-
-    from secateur.runtime.timing import model_device, time_decode, time_prefill
-
     if threads:
         torch.set_num_threads(int(threads))
     vocab = int(model.get_input_embeddings().weight.shape[0])

@@ -120,11 +120,3 @@ class LatencyModel:
         d = self.dense
         one = {"num_heads": d.n_head, "num_kv_heads": d.n_kv, "intermediate_size": d.n_ff}
         return [dict(one) for _ in range(n_layers)]
-
-    def table(self) -> list[dict[str, Any]]:
-        """The measured per-layer times (for `recipe explain` and the report)."""
-        return [
-            {"heads": k[0], "kv_heads": k[1], "width": w, **{f"{p}_ms": v[p] * 1e3 for p in PHASES}}
-            for k, row in self.layer.items()
-            for w, v in row.items()
-        ]

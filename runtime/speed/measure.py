@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 from secateur.runtime.speed import cache
 from secateur.runtime.speed.engines import Phases, alternate, engine_version, time_gguf, time_torch
 from secateur.runtime.speed.probe import ProbeShape, probe_torch_model, write_probe_gguf
-from secateur.runtime.speed.quant import LLAMA_QUANTISED, quantise_with_llama
 from secateur.runtime.timing import SPREAD_LIMIT, relative_spread
 
 ATTEMPTS = 3  # a busy measurement is repeated up to this many times
@@ -118,21 +119,13 @@ def _key(target: Target, shape: ProbeShape) -> str:
 
 
 def _gguf_timer(target: Target, shape: ProbeShape, folder: Path) -> Callable[[], Phases]:
-    path = folder / f"probe-{abs(hash(shape))}.gguf"
-    if target.quant in LLAMA_QUANTISED:
-        f16 = write_probe_gguf(shape, path.with_suffix(".f16.gguf"), "f16")
-        quantise_with_llama(str(f16), str(path), target.quant, target.threads)
-        f16.unlink()
-    else:
-        write_probe_gguf(shape, path, target.weight_type)
+    path = write_probe_gguf(shape, folder / f"probe-{abs(hash(shape))}.gguf", target.weight_type)
     prompt = [3 + (i * 7919) % (shape.vocab - 3) for i in range(target.prefill_len)]
     decode = [3 + (i * 104729) % (shape.vocab - 3) for i in range(target.decode_tokens)]
     return lambda: time_gguf(path, prompt, decode, target.threads)
 
 
 def _torch_timer(target: Target, shape: ProbeShape) -> Callable[[], Phases]:
-    import torch
-
     model = probe_torch_model(shape, getattr(torch, target.dtype), target.device)
     return lambda: time_torch(model, target.prefill_len, target.decode_tokens, target.threads)
 
@@ -156,8 +149,7 @@ def time_shapes(
     if not todo:
         return out
     if target.engine not in ("llama.cpp", "torch"):
-        engine_version(target.engine)  # raises EngineUnavailable where the engine is missing
-        raise NotImplementedError(
+        raise NotImplementedError(  # (an engine not installed here already failed its cache key)
             f"probe timing in {target.engine} is not implemented; use llama.cpp or torch"
         )
     if progress:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from secateur.runtime.speed.quant import encode_matrix
+from secateur.runtime.speed.quant import LLAMA_QUANTISED, encode_matrix, write_quantised
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,11 @@ def write_probe_gguf(shape: ProbeShape, path: str | Path, outtype: str = "f16", 
     """A uniform `llama` GGUF of random weights with `shape` (q/k order is irrelevant for timing)."""
     import gguf
 
-    rng = np.random.default_rng(seed)
     path = Path(path)
+    if outtype in LLAMA_QUANTISED:
+        write_quantised(path, outtype, lambda f16: write_probe_gguf(shape, f16, "f16", seed))
+        return path
+    rng = np.random.default_rng(seed)
     tmp = path.with_name(path.name + ".part")
     w = gguf.GGUFWriter(str(tmp), "llama")
     llama_header(w, shape, context=4096, eps=1e-5)

@@ -8,6 +8,8 @@ Secateur refuses such widths instead (or picks `budget.multiple_of` so they neve
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +57,17 @@ def encode_matrix(data: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
     if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         raise QuantWidthError(f"rows of {data.shape[-1]} values cannot be written as {outtype}")
     return gguf.quants.quantize(data, qtype), qtype
+
+
+def write_quantised(path: Path, outtype: str, write_f16: Callable[[Path], Any]) -> None:
+    """Write `path` in a type only llama.cpp's quantiser makes (LLAMA_QUANTISED): `write_f16` writes
+    an f16 GGUF beside it, llama.cpp converts that, and the f16 file is removed whatever happens."""
+    f16 = path.with_name(path.name + ".f16")
+    try:
+        write_f16(f16)
+        quantise_with_llama(str(f16), str(path), outtype)
+    finally:
+        f16.unlink(missing_ok=True)
 
 
 def quantise_with_llama(src: str, dst: str, outtype: str, threads: int | None = None) -> None:
