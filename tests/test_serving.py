@@ -153,10 +153,12 @@ def test_secateur_speed_measures_rounds_medians_and_spread(tmp_path, capsys):
     src = tmp_path / "dense"
     save_tiny(str(src), "llama", num_hidden_layers=2)
     out = tmp_path / "run"
+    (tmp_path / "c.txt").write_text("pruning makes models smaller and faster. " * 400)
     recipe = recipe_from_dict(
         {
             "version": 1,
             "model": {"id": str(src)},
+            "calibration": {"dataset": str(tmp_path / "c.txt"), "n_samples": 4, "seqlen": 32},
             "budget": {"params": 0.3, "multiple_of": 8},
             "importance": {"metric": "magnitude"},
             "restore": {"method": "none"},
