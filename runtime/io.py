@@ -18,6 +18,8 @@ transformers refuses, whose text tells the user to call `secateur.load_pruned`; 
 kept in `secateur_model_type` (and in secateur.json). A model `load_pruned` returns keeps that
 refusal through the usual `model.save_pretrained(d)` (its config serialises the refused type), and
 `load_pruned(d)` reads such a folder, which has no secateur.json, from the safetensors headers.
+How each transformers entry point (Auto classes, concrete classes, `architectures`) is made to
+refuse: `refusal.py`.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.runtime.fingerprint import saved_state_dict
 from secateur.runtime.outdir import OutputExistsError, atomic_dir  # noqa: F401  (public here too)
+from secateur.runtime.refusal import (
+    NOT_PLAIN_TYPE,
+    REFUSED_ARCH_PREFIX,
+    branch_markers,
+    refuse_plain_load,
+    refused_architectures,
+    without_markers,
+)
 from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
 
 FORMAT_VERSION = 1
-NOT_PLAIN_TYPE = (
-    "secateur-pruned-{base} (per-layer shapes plain transformers cannot load exactly: "
-    "use secateur.load_pruned(path); see the Secateur README)"
-)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
@@ -99,6 +105,7 @@ def pruned_config(model: nn.Module, adapter: ModelAdapter) -> tuple[dict[str, An
         return cfg, True, {}
     cfg["secateur_model_type"] = cfg["model_type"]
     cfg["model_type"] = NOT_PLAIN_TYPE.format(base=cfg["model_type"])
+    cfg["architectures"] = refused_architectures(cfg["architectures"])
     per_layer: dict[str, dict[str, Any]] = {}
     for i, s in enumerate(shapes):
         over: dict[str, Any] = {}
@@ -135,7 +142,9 @@ def write_weights(
     """Weights as `save_pretrained` writes them: one file, or shards plus an index past `max_shard_size`."""
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict(saved_state_dict(model, dtype), folder, max_shard_size=max_shard_size)
+    state = saved_state_dict(model, dtype)
+    state.update(branch_markers(model, adapter_for(model.config), dtype=dtype))
+    save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -327,6 +336,8 @@ def pruned_hf_config(folder: str | Path) -> Any:
     cfg = _read_json(folder / "config.json")
     base = cfg.pop("secateur_model_type", None) or meta.get("model_type") or cfg.get("model_type")
     cfg["model_type"] = base
+    if cfg.get("architectures"):
+        cfg["architectures"] = [n.removeprefix(REFUSED_ARCH_PREFIX) for n in cfg["architectures"]]
     try:
         return AutoConfig.for_model(**cfg)
     except (ValueError, TypeError, KeyError) as e:
@@ -444,37 +455,6 @@ def pruned_skeleton(folder: str | Path) -> nn.Module:
         raise PrunedFolderError(f"{meta_file}: layer shapes cannot be rebuilt ({e!r})") from e
 
 
-_REFUSING: dict[type, type] = {}
-
-
-def _refusing_class(base: type) -> type:
-    """A subclass of config class `base` that serialises the refused model_type (and keeps the real
-    one in `secateur_model_type`); in memory its model_type stays the real one, for PEFT and others."""
-    if getattr(base, "secateur_refuses_plain_load", False):
-        return base
-    if base not in _REFUSING:
-
-        def to_dict(self: Any) -> dict[str, Any]:
-            out = base.to_dict(self)
-            out["secateur_model_type"] = base.model_type
-            out["model_type"] = NOT_PLAIN_TYPE.format(base=base.model_type)
-            return out
-
-        name = f"SecateurPruned{base.__name__}"
-        cls = type(
-            name, (base,), {"to_dict": to_dict, "secateur_refuses_plain_load": True, "__module__": __name__}
-        )
-        globals()[name] = cls  # found by name, so such configs pickle
-        _REFUSING[base] = cls
-    return _REFUSING[base]
-
-
-def refuse_plain_load(model: nn.Module) -> None:
-    """Make `model.save_pretrained` write a config.json plain transformers refuses (for models it
-    could not load exactly); nothing changes in memory."""
-    model.config.__class__ = _refusing_class(type(model.config))
-
-
 def load_pruned(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -493,6 +473,7 @@ def load_pruned(
             state.update(load_file(str(f)))
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
             raise _damaged(f, e) from e
+    state = without_markers(state, set(model.state_dict()))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:

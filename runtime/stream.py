@@ -24,7 +24,7 @@ from secateur.runtime.capture import capture_inputs, run_layer
 from secateur.runtime.deliver import check_finite_source, check_finite_tensors
 from secateur.runtime.evaluate import window_nll
 from secateur.runtime.fingerprint import Fingerprint, saved_tensor
-from secateur.runtime.io import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME
+from secateur.runtime.io import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME, branch_markers
 from secateur.runtime.loader import (
     LoadedModel,
     ModelLoadError,
@@ -147,10 +147,12 @@ class ShardWriter:
         """Shards written so far."""
         return len(self.files)
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+    def write(self, tensors: dict[str, torch.Tensor], markers: dict[str, torch.Tensor] | None = None) -> None:
+        """Write tensors (and `io.branch_markers`, which are no weights and stay out of the fingerprint)."""
         from huggingface_hub import split_torch_state_dict_into_shards
 
-        tensors = {k: saved_tensor(v, self.dtype) for k, v in tensors.items()}
+        markers = markers or {}
+        tensors = {k: saved_tensor(v, self.dtype) for k, v in {**tensors, **markers}.items()}
         check_finite_tensors(tensors.items(), self.dtype or torch.float32)
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=self.max_shard_size)
         for names in split.filename_to_tensors.values():
@@ -160,7 +162,8 @@ class ShardWriter:
             for key in names:
                 self.weight_map[key] = name
                 self.total += tensors[key].numel() * tensors[key].element_size()
-                self.fingerprint.add(key, tensors[key])
+                if key not in markers:
+                    self.fingerprint.add(key, tensors[key])
 
     def finish(self) -> None:
         """Give the shards their final names and write the index."""
@@ -184,7 +187,8 @@ class StreamPass:
         check_finite_source(self.streamed.layer_state(i).items(), f"layer {i} of the source")
 
     def done(self, i: int) -> None:
-        self.writer.write(self.streamed.layer_state(i))
+        s = self.streamed
+        self.writer.write(s.layer_state(i), branch_markers(s.model, s.adapter, [i], self.writer.dtype))
         self.streamed.release_layer(i)
 
 

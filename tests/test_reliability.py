@@ -18,6 +18,7 @@ import yaml
 
 from secateur.api import prune
 from secateur.graph.adapters import adapter_for
+from secateur.graph.keep import LayerKeep
 from secateur.lock import LOCK_NAME, LockError
 from secateur.recipe.compile import BudgetError
 from secateur.recipe.errors import RecipeError
@@ -25,7 +26,7 @@ from secateur.recipe.load import load_recipe
 from secateur.runtime.io import PrunedFolderError, load_pruned, save_pruned
 from secateur.runtime.loader import ModelLoadError, load_model
 from secateur.runtime.outdir import MANIFEST, OutputExistsError, OutputLocationError
-from secateur.runtime.surgery import drop_attention
+from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +119,42 @@ def test_removed_branch_fails_loudly_in_plain_transformers(tmp_path: Path) -> No
     assert AutoTokenizer.from_pretrained(str(out)) is not None  # the tokenizer still loads
     lm = load_model(str(out))  # and Secateur loads the real model
     assert lm.model.model.layers[1].self_attn.__class__.__name__ == "SkippedAttention"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("branch", ["attention", "mlp"])
+def test_removed_branch_fails_through_concrete_classes_too(tmp_path: Path, family: str, branch: str) -> None:
+    import transformers
+
+    model = tiny_model(family).eval()
+    adapter = adapter_for(model.config)
+    (drop_attention if branch == "attention" else drop_mlp)(model, adapter, 1)
+    out = save_pruned(model, adapter, tmp_path / "out", tiny_tokenizer())
+    cls = type(model)  # LlamaForCausalLM / Qwen2ForCausalLM: they never read model_type
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        cls.from_pretrained(str(out))
+    arch = json.loads((out / "config.json").read_text())["architectures"]
+    assert arch == [f"SecateurPruned{cls.__name__}"] and not hasattr(transformers, arch[0])
+    back = load_pruned(out)
+    _same_weights(back, model)  # Secateur's loader: bit for bit
+    back.save_pretrained(str(tmp_path / "again"))  # a loaded model saved the usual way stays refused
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        cls.from_pretrained(str(tmp_path / "again"))
+    _same_weights(load_pruned(tmp_path / "again"), model)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_uniform_output_still_loads_exactly_through_concrete_classes(tmp_path: Path, family: str) -> None:
+    model = tiny_model(family).eval()
+    adapter = adapter_for(model.config)
+    apply_keep(model, adapter, {i: LayerKeep(mlp=list(range(0, 96, 2))) for i in range(3)})
+    out = save_pruned(model, adapter, tmp_path / "out", tiny_tokenizer())
+    _same_weights(type(model).from_pretrained(str(out)), model)
 
 
 def test_flap_bias_output_fails_loudly_in_plain_transformers(tmp_path: Path) -> None:
