@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from secateur.recipe.errors import FieldProblems, KeyPath
+from secateur.recipe.heal import Heal
 
 SCHEMA_VERSION = 1
 
@@ -471,6 +472,7 @@ class Pass(_Section):
     importance: Importance = Field(default_factory=Importance)
     restore: Restore = Field(default_factory=Restore)
     method: PassMethod = "fasp"
+    heal: Heal | None = None  # distil from the dense model after this pass
 
 
 class PerplexitySet(_Section):
@@ -573,6 +575,7 @@ class Stage:
     targets: Targets
     importance: Importance
     restore: Restore
+    heal: Heal | None = None  # healing after this stage (a pass's own, or the recipe's after the last)
 
 
 @dataclass(frozen=True)
@@ -659,17 +662,26 @@ class Recipe(_Section):
     restore: Restore = Field(default_factory=Restore)
     method: Method = "fasp"
     passes: list[Pass] = Field(default_factory=list)
+    heal: Heal | None = None  # distil from the dense model after the last stage
     evaluate: Evaluate = Field(default_factory=Evaluate)
     output: Output = Field(default_factory=Output)
 
     def stages(self) -> list[Stage]:
         """The stages to run: each pass, or the recipe itself when it has none."""
         if self.passes:
+            last = len(self.passes) - 1
             return [
-                Stage(("passes", i), p.method, p.targets, p.importance, p.restore)
+                Stage(
+                    ("passes", i),
+                    p.method,
+                    p.targets,
+                    p.importance,
+                    p.restore,
+                    heal=p.heal if i < last or self.heal is None else self.heal,
+                )
                 for i, p in enumerate(self.passes)
             ]
-        return [Stage((), self.method, self.targets, self.importance, self.restore)]
+        return [Stage((), self.method, self.targets, self.importance, self.restore, heal=self.heal)]
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -679,6 +691,16 @@ class Recipe(_Section):
         return self
 
     def _problems(self) -> Iterator[tuple[KeyPath, str]]:
+        if self.model.stream and (self.heal or any(p.heal for p in self.passes)):
+            yield (
+                ("heal",) if self.heal else ("passes",),
+                "healing trains the whole pruned model in memory; it cannot run with model.stream: true",
+            )
+        if self.passes and self.heal and self.passes[-1].heal:
+            yield (
+                ("passes", len(self.passes) - 1, "heal"),
+                "the last pass and the recipe both set heal; keep one (the recipe's heals after the last pass)",
+            )
         if self.passes:
             shares = [p.share for p in self.passes]
             if abs(sum(shares) - 1.0) > 1e-6:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from secateur.runtime.heal.plot import HEAL_PNG, plot_heal
 from secateur.runtime.speed.table import format_speed
 from secateur.runtime.timing import memory_lines
 
@@ -227,6 +228,33 @@ def _serving(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _healing(report: dict[str, Any], chart: bool = False) -> list[str]:
+    """Each heal: data, tokens, time, and quality before it against the final quality."""
+    out = ["## Healing (distillation from the dense model)", ""]
+    final = (report.get("perplexity") or {}).get("pruned", {})
+    for h in report["heal"]:
+        d = h["data"]
+        out.append(
+            f"- after stage {h['after_stage']}: {h['tokens']:,} tokens of {d['source']} (data sha256 "
+            f"`{d['fingerprint'][:12]}`), {h['steps']} steps, {h['seconds']:.0f} s ({h['tokens_per_s']:,.0f} "
+            f"tokens/s, {h['precision']}), {h['trainable_params']:,} trainable parameters"
+            + (f", resumed from step {h['resumed_from']}" if h.get("resumed_from") else "")
+        )
+        before = (h.get("before") or {}).get("perplexity") or {}
+        rows = [
+            [k, _fmt(v, ".3f"), _fmt(final.get(k), ".3f"), _delta(final.get(k), v)] for k, v in before.items()
+        ]
+        if rows:
+            out += ["", *_table(["perplexity", "before healing", "after (final)", "change"], rows, 1), ""]
+    zs = (report["heal"][-1].get("before") or {}).get("zeroshot")
+    if zs and (report.get("zeroshot") or {}).get("pruned"):
+        out += ["Zero-shot before the last heal vs the final model:", ""]
+        out += _zeroshot({"dense": zs, "pruned": report["zeroshot"]["pruned"]})
+    if chart:
+        out += ["", f"![heal loss]({HEAL_PNG})"]
+    return out
+
+
 def _timing(report: dict[str, Any]) -> list[str]:
     phases = report["phases"]
     rows = [[k, _fmt(v, ".2f")] for k, v in phases.items()]
@@ -261,8 +289,8 @@ def result_sections(report: dict[str, Any]) -> list[str]:
     return ["\n".join(p) for p in parts]
 
 
-def render_markdown(report: dict[str, Any], chart: bool = False) -> str:
-    """report.md text; `chart` says whether widths.png was written next to it."""
+def render_markdown(report: dict[str, Any], chart: bool = False, heal_chart: bool = False) -> str:
+    """report.md text; `chart` / `heal_chart`: whether widths.png / heal.png were written next to it."""
     parts: list[list[str]] = [["# Secateur report"]]
     labels = {"device": "device", "dtype": "dtype", "output_dtype": "saved as"}
     run = [f"{label}: `{report[k]}`" for k, label in labels.items() if report.get(k)]
@@ -280,6 +308,8 @@ def render_markdown(report: dict[str, Any], chart: bool = False) -> str:
         parts.append(_speed(report))
     if report.get("serving") or report.get("engine_speed"):
         parts.append(_serving(report))
+    if report.get("heal"):
+        parts.append(_healing(report, heal_chart))
     if "phases" in report:
         parts.append(_timing(report))
     if "lock_fingerprint" in report:
@@ -331,7 +361,8 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     chart = False
     if report.get("layers") and report.get("dense_layer"):
         chart = plot_widths(folder / WIDTHS_PNG, report["layers"], report["dense_layer"])
-    (folder / REPORT_MD).write_text(render_markdown(report, chart), encoding="utf-8")
+    heal_chart = bool(report.get("heal")) and plot_heal(folder / HEAL_PNG, report["heal"])
+    (folder / REPORT_MD).write_text(render_markdown(report, chart, heal_chart), encoding="utf-8")
 
 
 def read_report(folder: str | Path) -> str:

@@ -25,6 +25,7 @@ from secateur.export import (
     tokenizer_gguf_for,
 )
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
+from secateur.heal_stage import Healing, check_heal_lock, check_heals, heal_after, prepare_heals
 from secateur.lock import (
     LOCK_NAME,
     LockError,
@@ -119,6 +120,7 @@ def preflight(
     for line in check_resources(recipe, adapter):
         (log or print)(line)
     check_exports(recipe, adapter, base_dir)
+    check_heals(recipe, base_dir)
     recipe, speed = resolve_speed(recipe, model, adapter, log)
     return recipe, plan_stages(recipe, model, adapter), speed
 
@@ -229,8 +231,10 @@ def _run_stages(
     progress: bool,
     log: Callable[[str], None],
     layer_io: Any = None,
+    after_stage: Callable[[int, Any], None] | None = None,
 ) -> list[PruneResult]:
-    """Run every stage in order; each aims at the cumulative target (whole sublayers overshoot)."""
+    """Run every stage in order; each aims at the cumulative target (whole sublayers overshoot).
+    `after_stage(i, stage)` runs after each (healing)."""
     stages, counts, stage_layers = plan
     c = recipe.calibration
     slack = sum(
@@ -250,6 +254,8 @@ def _run_stages(
         )
         ctx.layer_io = layer_io
         results.append(get_method(st.method).run(ctx))
+        if after_stage is not None:
+            after_stage(si, st)
     achieved = dense_linear - decoder_linear_params(lm.model, lm.adapter)
     check_budget(sum(counts), achieved, dense_linear, slack)
     return results
@@ -486,8 +492,19 @@ def _prune(
     for k, v in dense_ppl.items():
         log(f"dense perplexity {k}: {v:.3f}")
     dense_copy = copy.deepcopy(lm.model) if ev.enabled else None
+    healing = prepare_heals(recipe, lm, dense_fp, base_dir, log, progress)
+    check_heal_lock(lock_data, lock_path, healing)
 
-    results = _run_stages(recipe, lm, cal, plan, dense_size["decoder_linear_params"], progress, log)
+    results = _run_stages(
+        recipe,
+        lm,
+        cal,
+        plan,
+        dense_size["decoder_linear_params"],
+        progress,
+        log,
+        after_stage=_healer(recipe, lm, healing, base_dir, ppl_cache, log, progress),
+    )
     kept = kept_units(results)
     # what is evaluated and fingerprinted from here on is exactly what the output holds
     round_to_dtype(lm.model, out_dtype)
@@ -506,8 +523,43 @@ def _prune(
     report["serving"] = speed.to_dict()
     lock = make_lock(recipe, results, kept, dense_fp, cal.fingerprint, report, pruned_fp)
     lock["recipe_dir"] = str(base_dir)
+    if healing:
+        report["heal"] = healing.entries
+        report["phases"]["heal"] = sum(r.seconds for r in healing.results)
+        lock["heal"] = healing.lock_entries()
     _write_output(out, overwrite, lm, recipe, lock, report, out_dtype, base_dir)
+    healing.finish()
     return PruneOutcome(out, report, lock, results, reproduced)
+
+
+def _healer(
+    recipe: Recipe,
+    lm: LoadedModel,
+    healing: Healing,
+    base_dir: Path,
+    ppl_cache: dict,
+    log: Callable[[str], None],
+    progress: bool,
+) -> Callable[[int, Any], None] | None:
+    """The after-stage hook that heals, measuring quality just before each heal when the recipe
+    evaluates (perplexity; zero-shot too before the last stage's heal)."""
+    if not healing:
+        return None
+    ev, last = recipe.evaluate, len(recipe.stages()) - 1
+
+    def before(si: int) -> dict[str, Any]:
+        if not ev.enabled:
+            return {}
+        out: dict[str, Any] = {"perplexity": evaluate_ppl(recipe, lm, base_dir, ppl_cache, "before heal")}
+        for k, v in out["perplexity"].items():
+            log(f"perplexity before healing {k}: {v:.3f}")
+        if ev.tasks and si == last:
+            from secateur.runtime.zeroshot import run_zeroshot
+
+            out["zeroshot"] = run_zeroshot(lm.model, lm.tokenizer, ev.tasks, _data_root(recipe), ev.limit)
+        return out
+
+    return lambda si, st: heal_after(si, st, lm, healing, lambda: before(si), log, progress)
 
 
 def base_report(

@@ -98,6 +98,11 @@ def check_streamable(recipe: Recipe) -> None:
             f"model.stream: a recipe with {len(stages)} passes cannot stream (each pass would need the "
             f"previous one's whole output); run the passes as separate prunes, or set model.stream: false"
         )
+    if stages[0].heal is not None:
+        raise StreamError(
+            "model.stream: healing trains the whole pruned model in memory; prune with streaming first, "
+            "or set model.stream: false to heal"
+        )
     method = stages[0].method
     if not get_method(method).streams:
         why = WHOLE_MODEL_REASONS.get(method, "it needs the whole model in memory")

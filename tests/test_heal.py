@@ -1,0 +1,199 @@
+"""Healing (recipe `heal:`): distillation from the dense model on tiny real models through
+Hugging Face Trainer — the loss, what trains, save/load, resume after kill -9, locks, bad data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from secateur.api import prune
+from secateur.graph.adapters import adapter_for
+from secateur.graph.keep import LayerKeep
+from secateur.recipe.errors import RecipeError
+from secateur.recipe.heal import Heal
+from secateur.recipe.load import load_recipe
+from secateur.runtime.fingerprint import model_fingerprint
+from secateur.runtime.heal.data import self_generated, text_sequences
+from secateur.runtime.heal.loss import rest_logmass, topk_kl
+from secateur.runtime.heal.teacher import teacher_targets
+from secateur.runtime.heal.train import run_trainer
+from secateur.runtime.io import load_pruned
+from secateur.runtime.surgery import apply_keep
+from secateur.testing import tiny_model, tiny_tokenizer
+from tests.test_prune import _recipe, _text
+
+
+@pytest.fixture(autouse=True)
+def _heal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECATEUR_HEAL_DIR", str(tmp_path / "heal-work"))
+
+
+def _small_heal(**over) -> Heal:
+    base = dict(tokens=8 * 32 * 6, seqlen=32, batch=8, micro_batch=4, lr=3e-3, top_k=16, checkpoint_every=2)
+    return Heal(**(base | over))
+
+
+def _pruned_tiny(family: str = "llama"):
+    m = tiny_model(family)
+    tok = tiny_tokenizer()
+    return m, tok, adapter_for(m.config)
+
+
+def test_topk_kl_is_the_exact_kl_when_k_covers_the_vocabulary() -> None:
+    g = torch.Generator().manual_seed(0)
+    t_logits, s_logits = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    t_logp = torch.log_softmax(t_logits, -1)
+    full = (t_logp.exp() * (t_logp - torch.log_softmax(s_logits, -1))).sum(-1).mean()
+    v, i = t_logp.topk(11, -1)
+    assert torch.allclose(topk_kl(s_logits, i, v, rest_logmass(v)), full, atol=1e-4)
+    v4, i4 = t_logp.topk(4, -1)  # coarser: the KL of the merged distribution is never larger
+    assert topk_kl(s_logits, i4, v4, rest_logmass(v4)) <= full + 1e-6
+    assert topk_kl(t_logits, i4, v4, rest_logmass(v4)).abs() < 1e-5  # the teacher against itself
+
+
+def test_heal_lowers_the_kl_on_per_layer_shaped_and_branch_removed_models() -> None:
+    m, tok, ad = _pruned_tiny()
+    heal = _small_heal()
+    w = self_generated(m, tok, heal.sequences, heal.seqlen, 1.0, 0, progress=False)
+    t = teacher_targets(m, w, heal.top_k, progress=False)
+    apply_keep(
+        m,
+        ad,
+        {
+            0: LayerKeep(mlp=list(range(0, 96, 2))),
+            1: LayerKeep(drop_attn=True, mlp=list(range(40))),
+            2: LayerKeep(drop_mlp=True),
+        },
+    )
+    shapes = [(n, p.shape) for n, p in m.named_parameters()]
+
+    def kl() -> float:
+        with torch.no_grad():
+            return topk_kl(m(input_ids=w).logits, t.idx, t.logp, t.rest).item()
+
+    before = kl()
+    r = run_trainer(m, heal, w, t, Path(os.environ["SECATEUR_HEAL_DIR"]) / "x", {0, 1, 2}, ad.layers(m), print, False)
+    assert kl() < 0.8 * before
+    assert [(n, p.shape) for n, p in m.named_parameters()] == shapes  # healing never changes shapes
+    assert r.steps == 6 and r.tokens == 6 * 8 * 32 and r.loss
+    assert not any(p.requires_grad for p in m.parameters()) and not m.training
+
+
+def test_trainable_choices_touch_only_what_they_say() -> None:
+    m, tok, ad = _pruned_tiny()
+    w = self_generated(m, tok, 8, 32, 1.0, 0, progress=False)
+    t = teacher_targets(m, w, 16, progress=False)
+    apply_keep(m, ad, {1: LayerKeep(mlp=list(range(48)))})
+    emb = m.get_input_embeddings().weight.clone()
+    layer0 = {n: p.clone() for n, p in ad.layers(m)[0].named_parameters()}
+    heal = _small_heal(tokens=8 * 32, train="pruned")
+    run_trainer(m, heal, w, t, Path(os.environ["SECATEUR_HEAL_DIR"]) / "p", {1}, ad.layers(m), print, False)
+    assert torch.equal(m.get_input_embeddings().weight, emb)  # frozen embeddings
+    assert all(torch.equal(p, layer0[n]) for n, p in ad.layers(m)[0].named_parameters())  # unpruned layer
+    lora = _small_heal(tokens=8 * 32, train="lora")
+    shapes = {n: p.shape for n, p in m.named_parameters()}
+    before = ad.layers(m)[1].mlp.down_proj.weight.clone()
+    run_trainer(m, lora, w, t, Path(os.environ["SECATEUR_HEAL_DIR"]) / "l", {1}, ad.layers(m), print, False)
+    assert {n: p.shape for n, p in m.named_parameters()} == shapes  # adapters merged away
+    assert not torch.equal(ad.layers(m)[1].mlp.down_proj.weight, before)
+
+
+def test_text_sequences_are_seeded_and_report_repeats() -> None:
+    toks = torch.arange(1000)
+    a, passes = text_sequences(toks, 40, 32, seed=1)
+    b, _ = text_sequences(toks, 40, 32, seed=1)
+    assert torch.equal(a, b) and a.shape == (40, 32) and passes == 2
+    small, _ = text_sequences(toks, 8, 32, seed=1)
+    assert torch.equal(small, a[:8])
+
+
+def test_self_generated_text_is_a_prefix_of_a_larger_budget(tmp_path: Path) -> None:
+    m, tok, _ = _pruned_tiny()
+    cache = tmp_path / "s.pt"
+    big = self_generated(m, tok, 40, 16, 1.0, 3, cache, progress=False)
+    small = self_generated(m, tok, 20, 16, 1.0, 3, None, progress=False)
+    assert torch.equal(big[:20], small) and big.shape == (40, 16)
+    assert torch.equal(self_generated(m, tok, 40, 16, 1.0, 3, cache, progress=False), big)  # from the cache
+
+
+def _heal_recipe(tmp: Path, **heal) -> Path:
+    path = _recipe(tmp, targets={"mlp": True, "attention": "q_head"}, budget={"params": 0.3, "multiple_of": 4})
+    doc = yaml.safe_load(path.read_text())
+    doc["heal"] = {"tokens": 8 * 32 * 4, "seqlen": 32, "lr": 0.003, "top_k": 16, "checkpoint_every": 2} | heal
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_prune_with_heal_saves_loads_and_relocks_bit_for_bit(tmp_path: Path) -> None:
+    # text like the evaluation text (a random tiny model's own samples say nothing about it)
+    _text(tmp_path / "heal.txt", seed=1)
+    path = _heal_recipe(tmp_path, data={"dataset": "heal.txt", "split": "train"})
+    res = prune(path, output=tmp_path / "out", progress=False, log=lambda s: None)
+    rep = res.report
+    (h,) = rep["heal"]
+    assert h["after_stage"] == 1 and h["data"]["source"] == "heal.txt" and h["steps"] == 4
+    before = h["before"]["perplexity"]
+    after = rep["perplexity"]["pruned"]
+    assert before.keys() == after.keys() and all(after[k] < before[k] for k in before)  # healing helps
+    assert res.lock["heal"][0]["data_fingerprint"] == h["data"]["fingerprint"]
+    assert (tmp_path / "out" / "heal.png").is_file() and "## Healing" in (tmp_path / "out" / "report.md").read_text()
+    assert not Path(h["work_dir"]).exists()  # checkpoints dropped once the output is saved
+    loaded = load_pruned(tmp_path / "out", dtype=torch.float32)
+    assert model_fingerprint(loaded) == res.report["lock_fingerprint"]
+    again = prune(lock_path=tmp_path / "out" / "recipe.lock.yaml", output=tmp_path / "again", progress=False, log=lambda s: None)
+    assert again.reproduced and again.report["lock_fingerprint"] == res.report["lock_fingerprint"]
+
+
+_KILLED = """
+import sys
+from secateur.api import prune
+prune(sys.argv[1], output=sys.argv[2], progress=False, log=lambda s: print(s, flush=True))
+"""
+
+
+def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    path = _heal_recipe(tmp_path, tokens=8 * 32 * 12, checkpoint_every=3)
+    doc = yaml.safe_load(path.read_text())
+    doc["evaluate"]["enabled"] = False
+    path.write_text(yaml.safe_dump(doc))
+    work = Path(os.environ["SECATEUR_HEAL_DIR"]) / "runs"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED, str(path), str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(work.glob("*/checkpoint-6")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(work.glob("*/checkpoint-*")), "the child never wrote a checkpoint"
+    assert not (tmp_path / "killed").exists()
+    resumed = prune(path, output=tmp_path / "killed", progress=False, log=lambda s: None)
+    assert resumed.report["heal"][0]["resumed_from"] >= 3
+    straight = prune(path, output=tmp_path / "straight", progress=False, log=lambda s: None)
+    assert straight.report["heal"][0]["resumed_from"] is None
+    assert resumed.report["lock_fingerprint"] == straight.report["lock_fingerprint"]
+
+
+def test_heal_refuses_test_splits_and_evaluation_files(tmp_path: Path) -> None:
+    path = _heal_recipe(tmp_path, data={"dataset": "wikitext2", "split": "test"})
+    with pytest.raises(RecipeError, match="heal.data.split.*never trains on a test split"):
+        load_recipe(path)
+    path = _heal_recipe(tmp_path, data={"dataset": "calib.txt", "split": "train"})  # the recipe evaluates on it
+    with pytest.raises(ValueError, match="also an evaluation set"):
+        prune(path, output=tmp_path / "o", progress=False, log=lambda s: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_heal_cannot_stream(tmp_path: Path) -> None:
+    path = _heal_recipe(tmp_path)
+    with pytest.raises(ValueError, match="healing trains the whole pruned model"):
+        prune(path, output=tmp_path / "o", progress=False, log=lambda s: None, stream=True)
