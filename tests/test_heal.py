@@ -80,7 +80,9 @@ def test_heal_lowers_the_kl_on_per_layer_shaped_and_branch_removed_models() -> N
             return topk_kl(m(input_ids=w).logits, t.idx, t.logp, t.rest).item()
 
     before = kl()
-    r = run_trainer(m, heal, w, t, Path(os.environ["SECATEUR_HEAL_DIR"]) / "x", {0, 1, 2}, ad.layers(m), print, False)
+    r = run_trainer(
+        m, heal, w, t, Path(os.environ["SECATEUR_HEAL_DIR"]) / "x", {0, 1, 2}, ad.layers(m), print, False
+    )
     assert kl() < 0.8 * before
     assert [(n, p.shape) for n, p in m.named_parameters()] == shapes  # healing never changes shapes
     assert r.steps == 6 and r.tokens == 6 * 8 * 32 and r.loss
@@ -125,7 +127,9 @@ def test_self_generated_text_is_a_prefix_of_a_larger_budget(tmp_path: Path) -> N
 
 
 def _heal_recipe(tmp: Path, **heal) -> Path:
-    path = _recipe(tmp, targets={"mlp": True, "attention": "q_head"}, budget={"params": 0.3, "multiple_of": 4})
+    path = _recipe(
+        tmp, targets={"mlp": True, "attention": "q_head"}, budget={"params": 0.3, "multiple_of": 4}
+    )
     doc = yaml.safe_load(path.read_text())
     doc["heal"] = {"tokens": 8 * 32 * 4, "seqlen": 32, "lr": 0.003, "top_k": 16, "checkpoint_every": 2} | heal
     path.write_text(yaml.safe_dump(doc))
@@ -144,11 +148,18 @@ def test_prune_with_heal_saves_loads_and_relocks_bit_for_bit(tmp_path: Path) -> 
     after = rep["perplexity"]["pruned"]
     assert before.keys() == after.keys() and all(after[k] < before[k] for k in before)  # healing helps
     assert res.lock["heal"][0]["data_fingerprint"] == h["data"]["fingerprint"]
-    assert (tmp_path / "out" / "heal.png").is_file() and "## Healing" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "heal.png").is_file() and "## Healing" in (
+        tmp_path / "out" / "report.md"
+    ).read_text()
     assert not Path(h["work_dir"]).exists()  # checkpoints dropped once the output is saved
     loaded = load_pruned(tmp_path / "out", dtype=torch.float32)
     assert model_fingerprint(loaded) == res.report["lock_fingerprint"]
-    again = prune(lock_path=tmp_path / "out" / "recipe.lock.yaml", output=tmp_path / "again", progress=False, log=lambda s: None)
+    again = prune(
+        lock_path=tmp_path / "out" / "recipe.lock.yaml",
+        output=tmp_path / "again",
+        progress=False,
+        log=lambda s: None,
+    )
     assert again.reproduced and again.report["lock_fingerprint"] == res.report["lock_fingerprint"]
 
 
@@ -167,7 +178,10 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path: Path) -> No
     work = Path(os.environ["SECATEUR_HEAL_DIR"]) / "runs"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED, str(path), str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _KILLED, str(path), str(tmp_path / "killed")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 240
     while time.time() < deadline and not list(work.glob("*/checkpoint-6")):
@@ -187,7 +201,9 @@ def test_heal_refuses_test_splits_and_evaluation_files(tmp_path: Path) -> None:
     path = _heal_recipe(tmp_path, data={"dataset": "wikitext2", "split": "test"})
     with pytest.raises(RecipeError, match="heal.data.split.*never trains on a test split"):
         load_recipe(path)
-    path = _heal_recipe(tmp_path, data={"dataset": "calib.txt", "split": "train"})  # the recipe evaluates on it
+    path = _heal_recipe(
+        tmp_path, data={"dataset": "calib.txt", "split": "train"}
+    )  # the recipe evaluates on it
     with pytest.raises(ValueError, match="also an evaluation set"):
         prune(path, output=tmp_path / "o", progress=False, log=lambda s: None)
     assert not (tmp_path / "o").exists()
