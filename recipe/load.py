@@ -495,8 +495,13 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
 
 
 def resolved_dict(recipe: Recipe) -> dict[str, Any]:
-    """The fully resolved recipe as plain data (every default filled in), for locks and dumps."""
-    return recipe.model_dump(mode="json", exclude={"extends"})
+    """The fully resolved recipe as plain data (every default filled in), for locks and dumps.
+    An unset optional stage (`heal`) is left out, so recipes without it dump as they always did."""
+    data = recipe.model_dump(mode="json", exclude={"extends"})
+    for section in [data, *data.get("passes", [])]:
+        if section.get("heal", 0) is None:
+            del section["heal"]
+    return data
 
 
 def dump_recipe(recipe: Recipe) -> str:
