@@ -25,6 +25,7 @@ from _results import machine, write_results
 from quality_bench import DTYPES, evaluate
 
 from secateur.graph.count import decoder_linear_params
+from secateur.graph.plan import Plan
 from secateur.lock import model_fingerprint
 from secateur.recipe.compile import budget_spec, eligible_layers, removal_goal
 from secateur.recipe.load import load_recipe
@@ -34,13 +35,26 @@ from secateur.runtime.timing import sync
 from secateur.runtime.variants import prune_stitched
 from secateur.search.plots import write_plots
 from secateur.search.study import run_search
+from secateur.search_cmd import sequential_compiler
+
+
+def keeping_compiler(compile_fn, built: dict):
+    """`compile_fn` that also keeps each model it compiled, by plan (the bench evaluates them)."""
+
+    def run(model, plan) -> None:
+        key = repr(plan.to_dict())
+        compile_fn(model, plan)
+        built[key] = model
+
+    return run
 
 
 @torch.inference_mode()
-def plot_dir(ratio: float, sampler: str, model: str) -> str:
+def plot_dir(ratio: float, sampler: str, model: str, compile: str = "stitched") -> str:
     """Plot folder beside the table; other models than SmolLM2 get their name in front."""
     prefix = "" if model == "smollm2-135m" else f"{Path(model).name}-"
-    return f"{prefix}search-{round(ratio * 100)}-{sampler}"
+    suffix = "" if compile == "stitched" else f"-{compile}"
+    return f"{prefix}search-{round(ratio * 100)}-{sampler}{suffix}"
 
 
 def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: int = 4) -> float:
@@ -53,11 +67,19 @@ def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: 
     return time.perf_counter() - t
 
 
-def compiled_eval(lm, calib, plan, test, args) -> tuple[dict, float]:
-    """Compile `plan` by stitching (seconds), then evaluate perplexity and zero-shot."""
-    m = copy.deepcopy(lm.model)
+def compiled_eval(lm, calib, plan, test, args, built: dict | None = None) -> tuple[dict, float]:
+    """Compile `plan` as the recipe compiles (seconds; a model the re-scoring already built is taken
+    from `built`), then evaluate perplexity and zero-shot."""
+    key = repr(plan.to_dict())
     t = time.perf_counter()
-    prune_stitched(m, lm.adapter, calib, plan, progress=False)
+    if built and key in built:
+        m = built.pop(key)
+    else:
+        m = copy.deepcopy(lm.model)
+        if args.compile == "stitched":
+            prune_stitched(m, lm.adapter, calib, plan, progress=False)
+        else:
+            args.compiler(m, plan)
     compile_s = time.perf_counter() - t
     ev = evaluate(m, lm.tokenizer, test, DTYPES[args.eval_dtype], None, args.limit)
     ev["decoder_linear_params"] = decoder_linear_params(m, lm.adapter)
@@ -79,6 +101,7 @@ def main() -> None:
         "--recipe-prefix", default="", help="e.g. gemma3- for recipes_examples/gemma3-search-NN.yaml"
     )
     ap.add_argument("--out", default="bench/results/search")
+    ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     lm = load_model(args.model, dtype="float32", device="cpu")
@@ -90,8 +113,10 @@ def main() -> None:
     cfg: dict = old.get("config", {})
     for ratio in args.ratios:
         recipe = load_recipe(
-            f"recipes_examples/{args.recipe_prefix}search-{round(ratio * 100)}.yaml", [f"model={args.model}"]
+            f"recipes_examples/{args.recipe_prefix}search-{round(ratio * 100)}.yaml",
+            [f"model={args.model}", *args.set],
         )
+        args.compile = recipe.allocation.compile
         cal, opts = recipe.calibration, recipe.allocation.search
         tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split))
         calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
@@ -109,9 +134,11 @@ def main() -> None:
             "test_all": args.windows_2048 is None,
             "proxy_forward_2048_s": fwd,
         }
-        uniform_done = any(r["ratio"] == ratio and r["sampler"] == "uniform" for r in rows)
+        uniform_done = any(_group(r) == (ratio, args.compile) and r["sampler"] == "uniform" for r in rows)
         for sampler in args.samplers:
             options = opts.model_copy(update={"sampler": sampler, "trials": args.trials})
+            built: dict = {}  # the models the re-scoring compiled, by plan, evaluated below without a rebuild
+            args.compiler = keeping_compiler(sequential_compiler(recipe, lm, calib), built)
             t = time.perf_counter()
             res = run_search(
                 lm.model,
@@ -128,27 +155,43 @@ def main() -> None:
                 damping=recipe.restore.damping,
                 progress=True,
                 cache_kwargs={"weights_fp": fp},
+                compile_fn=None if args.compile == "stitched" else args.compiler,
             )
             search_s = time.perf_counter() - t
+            rescore_s = sum(r["seconds"] or 0 for r in res.rescored)
+            wanted = {repr(res.best_plan.to_dict())} | {
+                repr(Plan.from_dict(v["plan"]).to_dict()) for v in res.seeds.values()
+            }
+            for key in set(built) - wanted:  # only the rows below are evaluated
+                del built[key]
             trials = res.study.get_trials(deepcopy=False)
             durations = [x.duration.total_seconds() for x in trials if x.duration is not None]
             tokens = sum(int(x.last_step or 0) for x in trials)
-            write_plots(res, Path(args.out).parent / plot_dir(ratio, sampler, args.model))
-            if not uniform_done:
-                ev, compile_s = compiled_eval(lm, calib, res.uniform_plan, test, args)
+            write_plots(res, Path(args.out).parent / plot_dir(ratio, sampler, args.model, args.compile))
+            kl_key = "compiled" if res.rescored else "value"
+            for seed in ("uniform", "cfsp"):
+                if seed == "uniform" and uniform_done or seed not in res.seeds:
+                    continue
+                ev, compile_s = compiled_eval(lm, calib, Plan.from_dict(res.seeds[seed]["plan"]), test, args)
+                rows = [r for r in rows if (_group(r), r["sampler"]) != ((ratio, args.compile), seed)]
                 rows.append(
                     {
                         "ratio": ratio,
-                        "sampler": "uniform",
-                        "kl": res.uniform_value,
+                        "sampler": seed,
+                        "compile": args.compile,
+                        "kl": res.seeds[seed][kl_key],
                         **ev,
                         "compile_s": compile_s,
                     }
                 )
-                uniform_done = True
                 print(json.dumps(rows[-1]), flush=True)
-            ev, compile_s = compiled_eval(lm, calib, res.best_plan, test, args)
+            uniform_done = True
+            ev, compile_s = compiled_eval(lm, calib, res.best_plan, test, args, built)
+            built.clear()
             row = {
+                "compile": args.compile,
+                "rescore_s": rescore_s,
+                "rescored": [{k: v for k, v in r.items() if k != "plan"} for r in res.rescored],
                 "command": "python " + " ".join(sys.argv),
                 "ratio": ratio,
                 "sampler": sampler,
@@ -171,56 +214,71 @@ def main() -> None:
                 / lm.adapter.num_layers,
                 "plan": res.best_plan.to_dict(),  # the winner, to compile or to put in a recipe table
             }
-            rows = [r for r in rows if (r["ratio"], r["sampler"]) != (ratio, sampler)] + [row]
+            rows = [r for r in rows if (_group(r), r["sampler"]) != ((ratio, args.compile), sampler)] + [row]
             print(json.dumps(row), flush=True)
             write(args, rows, cfg)
 
 
+def _group(r: dict) -> tuple:
+    return (r["ratio"], r.get("compile", "stitched"))
+
+
 def write(args: argparse.Namespace, rows: list[dict], cfg: dict) -> None:
-    rows = sorted(rows, key=lambda r: (-r["ratio"], r["sampler"] != "uniform", r["sampler"]))
-    uniform = {r["ratio"]: r for r in rows if r["sampler"] == "uniform"}
+    order = {"uniform": 0, "cfsp": 1}
+    rows = sorted(
+        rows,
+        key=lambda r: (-r["ratio"], r.get("compile", "stitched"), order.get(r["sampler"], 2), r["sampler"]),
+    )
+    base = {(_group(r), r["sampler"]): r for r in rows if r["sampler"] in order}
     fwd = cfg["proxy_forward_2048_s"]
     lines = [
-        "# Searched vs uniform allocation, SmolLM2-135M, FASP scores + least-squares restoration, stitched",
+        "# Searched vs uniform and CFSP allocation, SmolLM2-135M, FASP scores + least-squares restoration",
         "",
         "Commands (each row's own is in the .json):  ",
         *[f"`{c}`  " for c in dict.fromkeys(r["command"] for r in rows if "command" in r)],
         f"Machine: {machine()}; search and compile in float32, evaluation in {args.eval_dtype}  ",
-        f"Recipes: recipes_examples/search-20.yaml / search-30.yaml (= fasp-20/30.yaml with `allocation: search`, "
-        f"`compile: stitched`). Calibration {cfg['calibration']} tokens of WikiText-2 validation (first 90%); "
+        "Recipes: recipes_examples/search-NN.yaml (= fasp-NN.yaml with `allocation: search`). "
+        f"Calibration {cfg['calibration']} tokens of WikiText-2 validation (first 90%); "
         f"held-out KL on {cfg['heldout_tokens']} tokens of its last 10% (disjoint), stages {cfg['stages']} tokens "
-        f"then all, {cfg['survivors']:.0%} survive each stage; {cfg['levels']} keep levels per layer. "
-        "Uniform and winners are compiled by stitching the same variants (same restoration). "
+        f"then all, {cfg['survivors']:.0%} survive each stage (rows after issue #27: a child goes on only while "
+        f"it beats its parent on the same tokens); {cfg['levels']} keep levels per layer. "
+        "compile `stitched`: every row (uniform, CFSP seed, winner) stitched from the one-shot variants the search "
+        "scored; `sequential`: every row pruned layer by layer as `secateur prune` does, the winner chosen among the "
+        "best candidates and the seeds compiled that way and re-scored (KL column: the compiled model's). "
         f"Perplexity: {'all' if cfg.get('test_all') else 'the first'} {cfg['test_windows']} windows of 2048 tokens "
         "of WikiText-2 test. Zero-shot: mean acc of "
-        f"six tasks on the first {args.limit} documents each. Proxy forward: one dense fp32 forward over 2048 "
-        f"held-out tokens (latest run: {fwd:.1f} s; each row's ratio uses its own run's).",
+        f"six tasks on the first {args.limit} documents each (nan: not run). Proxy forward: one dense fp32 forward "
+        f"over 2048 held-out tokens (latest run: {fwd:.1f} s; each row's ratio uses its own run's).",
         "",
-        "| removed | allocation | ppl@2048 | ppl vs uniform | zero-shot mean | KL held-out | DB build s | "
-        "search s | evaluations (pruned) | tokens scored | s/eval | eval / proxy fwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| removed | compile | allocation | ppl@2048 | vs uniform | vs CFSP | zero-shot mean | KL held-out | DB build s | "
+        "search s | rescore s | evaluations (pruned) | tokens scored | s/eval | eval / proxy fwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        u = uniform.get(r["ratio"])
-        gain = f"{r['ppl'] / u['ppl'] - 1:+.1%}" if u is not None and r is not u else "-"
-        if r["sampler"] == "uniform":
-            rest = "- | - | - | - | - | -"
+        gains = []
+        for name in ("uniform", "cfsp"):
+            b = base.get((_group(r), name))
+            gains.append(f"{r['ppl'] / b['ppl'] - 1:+.1%}" if b is not None and b is not r else "-")
+        if r["sampler"] in order:
+            rest = "- | - | - | - | - | - | -"
         else:
             rest = (
-                f"{r['db_build_s']:.0f} ({r['db_built']} built) | {r['search_s']:.0f} | {r['evaluations']} "
-                f"({r['pruned']}) | {r['tokens_scored']:,} | {r['s_per_eval']:.1f} | {r['s_per_eval'] / r.get('proxy_forward_2048_s', fwd):.2f}"
+                f"{r['db_build_s']:.0f} ({r['db_built']} built) | {r['search_s']:.0f} | "
+                f"{r.get('rescore_s', 0):.0f} | {r['evaluations']} "
+                f"({r['pruned']}) | {r['tokens_scored']:,} | {r['s_per_eval']:.1f} | "
+                f"{r['s_per_eval'] / r.get('proxy_forward_2048_s', fwd):.2f}"
             )
         lines.append(
-            f"| {r['ratio']:.0%} | {r['sampler']} | {r['ppl']:.2f} | {gain} | {r['zeroshot_mean']:.4f} | "
-            f"{r['kl']:.4f} | {rest} |"
+            f"| {r['ratio']:.0%} | {r.get('compile', 'stitched')} | {r['sampler']} | {r['ppl']:.2f} | {gains[0]} | "
+            f"{gains[1]} | {r['zeroshot_mean']:.4f} | {r['kl']:.4f} | {rest} |"
         )
     for r in rows:
-        if r["sampler"] != "uniform":
-            d = plot_dir(r["ratio"], r["sampler"], args.model)
+        if r["sampler"] not in order:
+            d = plot_dir(r["ratio"], r["sampler"], args.model, r.get("compile", "stitched"))
             lines += [
                 "",
-                f"{r['ratio']:.0%}, {r['sampler']}: kept fraction per layer and structure (winner vs uniform), "
-                "fitness history:",
+                f"{r['ratio']:.0%}, {r['sampler']}, {r.get('compile', 'stitched')}: kept fraction per layer and "
+                "structure (winner vs uniform), fitness history:",
                 "",
                 f"![allocation]({d}/allocation.png) ![history]({d}/history.png)",
             ]

@@ -356,6 +356,9 @@ class SearchOptions(_Section):
     stages: list[PositiveInt] = Field(default_factory=list)
     # share of the recent trials that reach a stage and go on past it (search/pruner.py)
     survivors: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # with allocation.compile: sequential, the best `rescore` candidates (plus the uniform and CFSP
+    # seeds) are compiled sequentially and re-scored before the winner is named (search/rescore.py)
+    rescore: NonNegativeInt = 3
 
     @model_validator(mode="after")
     def _levels_and_stages(self) -> SearchOptions:

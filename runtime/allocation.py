@@ -133,8 +133,23 @@ def proportional_plan(
     spread: float = 0.1,
 ) -> Plan:
     """CFSP: blocks that change the residual stream more (angular distance) keep more."""
+    return angular_plan(model, adapter, spec, layers, dense.angular, metric, restore, damping, spread)
+
+
+def angular_plan(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    spec: BudgetSpec,
+    layers: list[int],
+    angular: dict[int, float],
+    metric: str,
+    restore: str,
+    damping: float,
+    spread: float = 0.1,
+) -> Plan:
+    """CFSP's allocation from given block angular distances (the search seeds itself with it)."""
     space = SearchSpace.build(model, adapter, spec, layers, metric, restore, damping)
-    plan = project_to_budget(angular_fractions(space, dense.angular, spread), space)
+    plan = project_to_budget(angular_fractions(space, angular, spread), space)
     if abs(planned_removal(model, adapter, plan) - space.goal) > space.step_params:
         raise BudgetError(
             "budget.params: the proportional allocation cannot meet the budget within min/max keep"

@@ -42,6 +42,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.space, self.seed, self.max_switches, self.tries = space, seed, max_switches, tries
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
         self._proposals: dict[int, dict[str, float]] = {}
+        self._parents: dict[int, int] = {}  # trial number -> its parent's (for the paired comparison)
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
@@ -68,12 +69,20 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     ) -> None:
         self._proposals.pop(trial._trial_id, None)
 
-    def parent(self, study: optuna.Study) -> dict[str, int]:
-        """Level genome of the best complete trial (the uniform allocation before any completes)."""
+    def parent_of(self, number: int) -> int | None:
+        """The trial number of the parent trial `number` was proposed from (None: none, or not here)."""
+        return self._parents.get(number)
+
+    def best(self, study: optuna.Study) -> FrozenTrial | None:
+        """The best complete trial (a seed, e.g. CFSP's allocation, until a child beats it)."""
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         done = [t for t in done if "plan" in t.user_attrs]
-        if done:
-            best = min(done, key=lambda t: (t.value, t.number))
+        return min(done, key=lambda t: (t.value, t.number)) if done else None
+
+    def parent(self, study: optuna.Study) -> dict[str, int]:
+        """Level genome of the best complete trial (the uniform allocation before any completes)."""
+        best = self.best(study)
+        if best is not None:
             keeps = self.space.keeps_of(Plan.from_dict(best.user_attrs["plan"]))
         else:
             keeps = self.space.keeps_of(project_to_budget(uniform_fractions(self.space), self.space))
@@ -89,6 +98,9 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def propose(self, study: optuna.Study, number: int) -> dict[str, float]:
         """A child of the current parent as per-slot keep fractions, avoiding allocations already tried."""
         rng = random.Random(self.seed * 1_000_003 + number)
+        best = self.best(study)
+        if best is not None:
+            self._parents[number] = best.number
         parent = self.parent(study)
         seen = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False) if t.params}
         child = parent

@@ -164,6 +164,10 @@ class Objective:
         trial.set_user_attr("owner", owner_tag())
         fractions = suggest(self.space, trial)
         init = trial.user_attrs.get("init")
+        parent_of = getattr(trial.study.sampler, "parent_of", None)  # the evolution's (paired comparison)
+        parent = parent_of(trial.number) if parent_of is not None and init is None else None
+        if parent is not None:
+            trial.set_user_attr("parent", parent)
         plan = self.fixed[init] if init in self.fixed else project_to_budget(fractions, self.space)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("removed", self.space.removal(self.space.keeps_of(plan)))

@@ -45,17 +45,18 @@ from secateur.recipe.compile import BudgetError, BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
 from secateur.recipe.space import (
     SearchSpace,
-    angular_fractions,
     level_plans,
     project_to_budget,
     uniform_fractions,
 )
+from secateur.runtime.allocation import angular_plan
 from secateur.runtime.variants import plan_variants
 from secateur.search.cache import SearchCache
 from secateur.search.evolution import EvolutionSampler
 from secateur.search.objective import Objective, owner_tag
 from secateur.search.prefix import PREFIX_CACHE_BYTES, PrefixCache
 from secateur.search.pruner import StagePruner
+from secateur.search.rescore import CompileFn, Rescored, rescore
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -86,6 +87,11 @@ class SearchResult:
     uniform_plan: Plan | None = None
     storage: str | None = None
     variants: dict[str, Any] | None = None  # the variant database: folder, build seconds, variants built
+    # the seeded allocations (uniform, cfsp): value, trial number and plan of each that completed
+    seeds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # candidates compiled the way the recipe compiles and re-scored (search/rescore.py), best first
+    rescored: list[dict[str, Any]] = field(default_factory=list)
+    rescored_model: nn.Module | None = None  # the winner as compiled by the rescoring (when built here)
 
 
 @dataclass
@@ -447,14 +453,15 @@ def open_study(
     return _open(url, study_name, fingerprint, options, rank, heartbeat, space).study
 
 
-def _seed(study: optuna.Study, space: SearchSpace, cache: SearchCache) -> None:
-    """Enqueue the uniform and the CFSP (angular) allocations unless they already ran or wait."""
+def _seed(study: optuna.Study, space: SearchSpace, fixed: dict[str, Plan]) -> None:
+    """Enqueue the uniform allocation and CFSP's (angular-proportional, the best heuristic) at the same
+    budget unless they already ran or wait: each is scored on every stage, never pruned, and is the
+    evolution's parent while no child beats it, so the winner is never worse than either on the proxy."""
     live = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
     present = {t.user_attrs.get("init") for t in study.get_trials(deepcopy=False) if t.state in live}
-    seeds = {"uniform": uniform_fractions(space), "angular": angular_fractions(space, cache.angular)}
-    for name, fractions in seeds.items():
+    for name, plan in fixed.items():
         if name not in present:
-            study.enqueue_trial(space.params_of(fractions), user_attrs={"init": name})
+            study.enqueue_trial(space.params_of(space.fractions_of(plan)), user_attrs={"init": name})
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -643,6 +650,9 @@ def _build(
                 f"search: variant database {cache.source.store.folder}: {len(wanted)} level variants, "
                 f"{cache.source.store.built} built in {cache.build_seconds:.0f} s"
             )
+    cfsp = angular_plan(  # the best heuristic at the same budget: CFSP's allocation, exactly
+        model, adapter, setup.spec, setup.layers, cache.angular, setup.metric, setup.restore, setup.damping
+    )
     objective = Objective(
         model,
         adapter,
@@ -651,7 +661,7 @@ def _build(
         setup.options.objective,
         stage_windows(setup.options, setup.heldout_ids),
         setup.batch_size,
-        {"uniform": uniform},
+        {"uniform": uniform, "cfsp": cfsp},
         PrefixCache(adapter, setup.heldout_ids, next(model.parameters()).dtype, PREFIX_CACHE_BYTES),
     )
     return space, cache, objective
@@ -722,13 +732,16 @@ def run_search(
     progress: bool | Callable[[str], None] = True,
     cache_kwargs: dict[str, Any] | None = None,
     heartbeat: tuple[int, int] = (60, 180),
+    compile_fn: CompileFn | None = None,
 ) -> SearchResult:
     """Search per-layer keep fractions for `spec` on `model` (left dense) and return the best plan.
 
     `storage` (else options.storage) is an Optuna RDB URL or a SQLite path; by default
     `<output_dir>/search.db`. `n_trials` (else options.trials) counts finished trials in the
     study, so re-running resumes. `workers` > 1 spawns processes that each build their own
-    model with `model_factory` (a picklable top-level callable) and share the storage.
+    model with `model_factory` (a picklable top-level callable) and share the storage. With
+    `compile_fn` (the recipe's sequential compile) the best `options.rescore` candidates and the seeds
+    are compiled and re-scored, and the best compiled one is the winner (search/rescore.py).
     """
     options = options or SearchOptions()
     total = int(n_trials if n_trials is not None else options.trials)
@@ -770,7 +783,7 @@ def run_search(
         if remaining > 0:
             space, cache, objective = _build(setup, model, adapter, emit)
             with opened.lock():  # processes starting together enqueue the seeds once
-                _seed(study, space, cache)
+                _seed(study, space, objective.fixed)
             shares = [remaining // workers + (r < remaining % workers) for r in range(workers)]
             procs = []
             ctx = mp.get_context("spawn")
@@ -794,6 +807,15 @@ def run_search(
         elif emit is not None:
             emit(f"study {study_name!r} already has {total - remaining} finished trials; nothing to run")
         result = _result(study, space, url)
+        if compile_fn is not None and options.rescore > 0:
+            if remaining <= 0:
+                space, cache, objective = _build(setup, model, adapter, emit)
+            _apply_rescore(
+                result,
+                rescore(
+                    study, model, cache, compile_fn, options.rescore, options.objective, batch_size, emit
+                ),
+            )
         if remaining > 0:
             store = cache.source.store
             result.variants = {
@@ -807,13 +829,33 @@ def run_search(
         torch.set_num_threads(threads)
 
 
+def _apply_rescore(result: SearchResult, rescored: Rescored) -> None:
+    """The best compiled candidate becomes the winner; every compiled value is kept in the result."""
+    top = rescored.rows[0]
+    result.rescored, result.rescored_model = rescored.rows, rescored.model
+    result.best_plan, result.best_value, result.best_trial = (
+        Plan.from_dict(top["plan"]),
+        top["value"],
+        top["trial"],
+    )
+    for row in rescored.rows:
+        if row["init"] in result.seeds:
+            result.seeds[row["init"]]["compiled"] = row["value"]
+
+
 def _result(study: optuna.Study, space: SearchSpace, url: str | None) -> SearchResult:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         raise SearchError(f"study {study.study_name!r} has no complete trial (all pruned or failed)")
     best = min(done, key=lambda t: (t.value, t.number))
     uniform = [t for t in done if t.user_attrs.get("init") == "uniform"]
+    seeds = {
+        t.user_attrs["init"]: {"value": float(t.value), "trial": t.number, "plan": t.user_attrs["plan"]}
+        for t in done
+        if t.user_attrs.get("init")
+    }
     return SearchResult(
+        seeds=seeds,
         best_plan=Plan.from_dict(best.user_attrs["plan"]),
         best_value=float(best.value),
         best_trial=best.number,

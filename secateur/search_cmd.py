@@ -7,19 +7,23 @@ SQLite file beside the output (or any Optuna storage URL), so the same command r
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
 from secateur.graph.count import decoder_linear_params
+from secateur.graph.plan import Plan
 from secateur.lock import model_fingerprint
 from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fraction, removal_goal
 from secateur.recipe.load import load_recipe, resolved_dict
+from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
     eval_windows,
     load_text,
@@ -46,11 +50,43 @@ class SearchOutcome:
     output: Path
     winner_recipe: Path
     summary: dict[str, Any]
+    winner_model: Any = None  # the winner as the re-scoring compiled it (sequential recipes), in memory
 
 
 def reload_model(model_id: str, dtype: str, device: str, base_dir: str | None) -> Any:
     """The recipe's model, loaded again in a `--workers` process (picklable through functools.partial)."""
     return load_model(model_id, dtype, device, base_dir=base_dir, tokenizer=False).model
+
+
+def sequential_compiler(recipe: Recipe, lm: Any, calib: Any) -> Callable[[Any, Plan], None]:
+    """The recipe's sequential compile of a plan (selection, error correction, refinement included),
+    as `secateur prune` runs it on the winner recipe: what the re-scoring after the search builds."""
+    from secateur.runtime.sequential import prune_sequential
+
+    def compile_plan(model: Any, plan: Plan) -> None:
+        plan = dc_replace(
+            copy.deepcopy(plan),  # the pass may rewrite its plan's layers
+            selection=recipe.importance.selection,
+            error_correction=recipe.restore.error_correction,
+            refine_steps=recipe.restore.refine_steps,
+            refine_lr=recipe.restore.refine_lr,
+        )
+        prune_sequential(model, lm.adapter, calib, plan, progress=False)
+
+    return compile_plan
+
+
+def seed_line(result: Any, kind: str) -> str:
+    """The winner against uniform and against the CFSP seed at the same budget, on the search's own
+    fitness (compiled values when the candidates were re-scored)."""
+    key = "compiled" if result.rescored else "value"
+    parts = [f"winner (trial {result.best_trial}) {kind} {result.best_value:.4f}"]
+    for name in ("uniform", "cfsp"):
+        seed = result.seeds.get(name)
+        if seed is not None and key in seed:
+            parts.append(f"{name} {seed[key]:.4f} ({result.best_value / seed[key] - 1:+.1%})")
+    where = "compiled as the recipe compiles" if result.rescored else "as scored"
+    return f"search: {', '.join(parts)}; {where}"
 
 
 def _warn(line: str) -> None:
@@ -127,7 +163,6 @@ def search(
     each load the recipe's model again. `validate` compiles the uniform and the winning allocation and
     measures both (and dense) on the recipe's evaluate sets: validation.md / .json in the search folder.
     """
-    from secateur.search.cache import search_windows
     from secateur.search.plots import write_plots, write_winner_recipe
     from secateur.search.study import resolve_storage, run_search
 
@@ -166,17 +201,15 @@ def search(
             f"feasible budget is params: {limit:.4f}"
         )
     tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, cal.data_root, base))
-    stitched = recipe.allocation.compile == "stitched"
-    if stitched:  # the compiler's own calibration windows, so the winner compiles from the same variants
-        calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
-        heldout = eval_windows(tail, 256, max(1, opts.heldout_tokens // 256))
-        if heldout.numel() < opts.heldout_tokens:
-            warn(
-                f"allocation.search.heldout_tokens: {opts.heldout_tokens} asked, the held-out tail of the "
-                f"calibration text has {heldout.numel()}; scoring those"
-            )
-    else:
-        calib, heldout = search_windows(tokens, cal.n_samples, cal.seqlen, opts.heldout_tokens, 256, cal.seed)
+    # the compiler's own calibration windows: the winner compiles from the same variants (stitched), and
+    # the candidates re-scored after the search are compiled exactly as `secateur prune` will (sequential)
+    calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
+    heldout = eval_windows(tail, 256, max(1, opts.heldout_tokens // 256))
+    if heldout.numel() < opts.heldout_tokens:
+        warn(
+            f"allocation.search.heldout_tokens: {opts.heldout_tokens} asked, the held-out tail of the "
+            f"calibration text has {heldout.numel()}; scoring those"
+        )
     fp = model_fingerprint(lm.model)
     out.mkdir(parents=True, exist_ok=True)
     log(
@@ -205,6 +238,9 @@ def search(
         ),
         progress=progress,
         cache_kwargs={"weights_fp": fp, "variants_dir": recipe.allocation.variants_dir},
+        compile_fn=None
+        if recipe.allocation.compile == "stitched"
+        else sequential_compiler(recipe, lm, calib),
     )
     winner = absolutize(resolved_dict(recipe), base)
     winner["name"] = f"{recipe.name or 'search'}-winner"
@@ -226,9 +262,12 @@ def search(
     except Exception as e:
         hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
         warn(f"plots not written: {type(e).__name__}: {e}{hint}; the winner recipe is {winner_path}")
+    log(seed_line(result, opts.objective))
     summary = {
         "best_value": result.best_value,
         "uniform_value": result.uniform_value,
+        "seeds": {k: {x: v[x] for x in v if x != "plan"} for k, v in result.seeds.items()},
+        "rescored": [{x: r[x] for x in r if x != "plan"} for r in result.rescored],
         "best_trial": result.best_trial,
         "trials": len(result.trials_table),
         "seconds": time.perf_counter() - t0,
@@ -254,4 +293,4 @@ def search(
 
         prune(winner_path, output=out.parent / "model", overwrite=True, progress=progress, log=log)
         summary["model"] = str(out.parent / "model")
-    return SearchOutcome(out, winner_path, summary)
+    return SearchOutcome(out, winner_path, summary, result.rescored_model)

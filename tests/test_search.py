@@ -234,7 +234,7 @@ def test_search_writes_db_and_beats_uniform(tmp_path, search_script):
     trials = res.study.get_trials()
     assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 6
     assert trials[0].user_attrs["init"] == "uniform" and trials[0].state == TrialState.COMPLETE
-    assert trials[1].user_attrs["init"] == "angular"
+    assert trials[1].user_attrs["init"] == "cfsp"
     assert res.uniform_value == trials[0].value
     assert res.best_value <= res.uniform_value
     trial_lines = [s for s in lines if s.lstrip().startswith("trial")]  # plus the statistics/database phases

@@ -38,7 +38,7 @@ def _assert_exact(study: optuna.Study, total: int) -> list[optuna.trial.FrozenTr
     assert len(finished) == total, [(t.number, t.state.name) for t in trials]
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert len({t.number for t in trials}) == len(trials)
-    for seed in ("uniform", "angular"):
+    for seed in ("uniform", "cfsp"):
         assert sum(t.user_attrs.get("init") == seed for t in finished) == 1
     return finished
 

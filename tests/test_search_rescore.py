@@ -1,0 +1,111 @@
+"""Seeded search and choosing on the built model (issue 27): never worse than the CFSP seed, and the
+re-scored winner is the model `secateur prune` builds from the winner recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from secateur.graph.adapters import adapter_for
+from secateur.recipe.compile import BudgetSpec
+from secateur.recipe.schema import SearchOptions
+from secateur.runtime.allocation import proportional_plan
+from secateur.runtime.dense import dense_statistics
+from secateur.runtime.io import load_pruned
+from secateur.search.study import run_search
+from secateur.testing import save_tiny, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LAYERS = [0, 1, 2, 3, 4, 5]
+
+
+def _ids(n: int, t: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_seeded_search_is_never_worse_than_its_cfsp_seed(tmp_path: Path) -> None:
+    """The CFSP seed is CFSP's own plan at the same budget, scored in full; with children that are
+    mostly worse (few trials, coarse levels), the winner still is at least as good as the seed."""
+    m = tiny_model("llama", num_hidden_layers=6, intermediate_size=96)
+    a = adapter_for(m.config)
+    calib, held = _ids(8, 32, 0), _ids(8, 32, 1)
+    spec = BudgetSpec(fraction=0.4, multiple_of=4)
+    opts = SearchOptions(trials=8, levels=5, sampler="evolution", stages=[64], survivors=0.5)
+    res = run_search(
+        m, a, calib, held, spec, LAYERS, opts, progress=False, cache_kwargs={"variants_dir": str(tmp_path)}
+    )
+    cfsp = proportional_plan(
+        m, a, spec, LAYERS, dense_statistics(m, a, calib, LAYERS), "fasp", "least_squares", 0.01
+    )
+    assert res.seeds["cfsp"]["plan"] == cfsp.to_dict()
+    assert res.best_value <= res.seeds["cfsp"]["value"]
+    assert res.best_value <= res.seeds["uniform"]["value"]
+    trials = res.study.get_trials()
+    assert {t.user_attrs.get("init") for t in trials[:2]} == {"uniform", "cfsp"}
+    assert all(t.state.name == "COMPLETE" for t in trials[:2])  # seeds are never pruned
+    children = [t for t in trials if "parent" in t.user_attrs]
+    assert children  # the evolution's children record the parent they are compared with
+    for t in children:  # paired comparison: a pruned child was worse than its parent on the same tokens
+        if t.state.name == "PRUNED":
+            parent = trials[t.user_attrs["parent"]]
+            step = t.last_step
+            assert t.intermediate_values[step] > parent.intermediate_values[step]
+
+
+def _recipe(tmp: Path) -> Path:
+    save_tiny(str(tmp / "m"), "llama", num_hidden_layers=4)
+    (tmp / "c.txt").write_text("a searched allocation beats a uniform one when layers differ. " * 600)
+    path = tmp / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-rescore",
+                "model": {"id": str(tmp / "m"), "dtype": "float32"},
+                "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
+                "targets": {"mlp": True, "attention": "none"},
+                "budget": {"params": 0.3, "multiple_of": 4},
+                "allocation": {
+                    "method": "search",
+                    "compile": "sequential",
+                    "variants_dir": str(tmp / "db"),
+                    "search": {
+                        "trials": 6,
+                        "heldout_tokens": 256,
+                        "levels": 5,
+                        "stages": [64],
+                        "rescore": 2,
+                    },
+                },
+                "evaluate": {"enabled": False},
+                "output": {"dir": str(tmp / "run"), "dtype": "float32"},
+            }
+        )
+    )
+    return path
+
+
+def test_rescored_winner_is_the_model_prune_builds(tmp_path: Path) -> None:
+    from secateur.api import prune
+    from secateur.search_cmd import search
+
+    lines: list[str] = []
+    out = search(_recipe(tmp_path), progress=False, log=lines.append)
+    rows = out.summary["rescored"]
+    assert len([r for r in rows if not r["init"]]) <= 2 and {"uniform", "cfsp"} <= {r["init"] for r in rows}
+    assert [r["value"] for r in rows] == sorted(r["value"] for r in rows)
+    assert out.summary["best_value"] == rows[0]["value"]
+    assert out.summary["best_value"] <= out.summary["seeds"]["cfsp"]["compiled"]
+    assert any("compiled as the recipe compiles" in s for s in lines)
+    assert out.winner_model is not None
+    prune(out.winner_recipe, progress=False, log=lambda s: None)
+    built = load_pruned(tmp_path / "run" / "model")
+    ids = _ids(2, 32, 5)
+    with torch.inference_mode():
+        assert torch.equal(out.winner_model(ids).logits, built(ids).logits)
+    # resumed: nothing compiled twice, the same winner
+    again = search(_recipe(tmp_path), progress=False, log=lines.append)
+    assert again.summary["rescored"] == [{**r, "seconds": None} for r in rows]
+    assert again.summary["best_trial"] == out.summary["best_trial"]
