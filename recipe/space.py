@@ -334,9 +334,8 @@ def _greedy(
     return removed
 
 
-def _on_levels(fractions: Fractions, space: SearchSpace) -> dict[str, int] | None:
-    """The level counts the fractions sit on exactly (a level sampler's proposal) when they meet the
-    goal to within one level step; None otherwise."""
+def level_keeps(fractions: Fractions, space: SearchSpace) -> dict[str, int] | None:
+    """The level counts the fractions sit on exactly (a level sampler's proposal); None when one is off."""
     if not space.levels:
         return None
     keeps: dict[str, int] = {}
@@ -346,6 +345,23 @@ def _on_levels(fractions: Fractions, space: SearchSpace) -> dict[str, int] | Non
         if abs(near - k) > 1e-6:
             return None
         keeps[s.name] = near
+    return keeps
+
+
+def nearest_levels(fractions: Fractions, space: SearchSpace) -> dict[str, int]:
+    """Each slot's level nearest its fraction (a sampler without a budget: NSGA-II's genome)."""
+    return {
+        s.name: min(s.levels or s.allowed, key=lambda v: (abs(v - float(fractions[s.name]) * s.n), v))
+        for s in space.slots
+    }
+
+
+def _on_levels(fractions: Fractions, space: SearchSpace) -> dict[str, int] | None:
+    """The level counts the fractions sit on exactly (a level sampler's proposal) when they meet the
+    goal to within one level step; None otherwise."""
+    keeps = level_keeps(fractions, space)
+    if keeps is None:
+        return None
     if abs(space.goal - space.removal(keeps)) > space.level_step_params:
         return None
     return keeps
@@ -441,6 +457,22 @@ def level_switch(
         out[a], out[b] = sa.levels[ia - 1], sb.levels[ib + 1]
         return out
     return dict(keeps)
+
+
+def free_move(keeps: dict[str, int], space: SearchSpace, rng: random.Random) -> dict[str, int]:
+    """A move that may change the removal: one slot down a level and another, of any kind, up one
+    (MLP width for attention, a whole branch for widths elsewhere), or a single slot up or down a level.
+    A speed-budgeted search keeps the moves whose predicted time meets its goal."""
+    by_name = {s.name: s for s in space.slots}
+    out = dict(keeps)
+    a, b = rng.sample(list(by_name), 2)
+    kind = rng.random()
+    for name, step in ((a, -1), (b, +1)) if kind < 0.6 else (((a, +1),) if kind < 0.8 else ((a, -1),)):
+        levels = by_name[name].levels
+        j = levels.index(out[name]) + step
+        if 0 <= j < len(levels):
+            out[name] = levels[j]
+    return out
 
 
 def uniform_fractions(space: SearchSpace) -> Fractions:

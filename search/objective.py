@@ -24,7 +24,7 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
-from secateur.recipe.space import SearchSpace, project_to_budget
+from secateur.recipe.space import SearchSpace, level_keeps, nearest_levels, project_to_budget
 from secateur.runtime.proxy import ProxyKind, batch_terms, proxy_value
 from secateur.runtime.select import by_score, select_units
 from secateur.runtime.snapshot import ModuleSnapshot
@@ -32,6 +32,7 @@ from secateur.runtime.variants import stitch
 from secateur.search.cache import SearchCache
 from secateur.search.prefix import PrefixCache
 from secateur.search.space import suggest
+from secateur.search.speed import TOLERANCE, SpeedBudget
 
 
 def owner_tag() -> str:
@@ -154,11 +155,22 @@ class Objective:
         batch_size: int = 4,
         fixed: dict[str, Plan] | None = None,
         prefix: PrefixCache | None = None,
+        speed: SpeedBudget | None = None,
     ) -> None:
         self.model, self.adapter, self.cache, self.space = model, adapter, cache, space
         self.prefix = prefix
         self.kind, self.stages, self.batch_size = kind, list(stages or []), batch_size
         self.fixed = dict(fixed or {})  # seed tag -> exact plan (e.g. the compiler's uniform plan)
+        self.speed = speed  # a latency goal: candidates are level plans held to it, not to a count
+
+    def plan_of(self, fractions: dict[str, float], init: str | None) -> Plan:
+        """A seed's exact plan; a level plan as proposed under a speed goal; else the budget projection."""
+        if init in self.fixed:
+            return self.fixed[init]
+        if self.speed is not None and self.space.levels:
+            keeps = level_keeps(fractions, self.space) or nearest_levels(fractions, self.space)
+            return self.space.to_plan(keeps)
+        return project_to_budget(fractions, self.space)
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("owner", owner_tag())
@@ -168,8 +180,12 @@ class Objective:
         parent = parent_of(trial.number) if parent_of is not None and init is None else None
         if parent is not None:
             trial.set_user_attr("parent", parent)
-        plan = self.fixed[init] if init in self.fixed else project_to_budget(fractions, self.space)
+        plan = self.plan_of(fractions, init)
         trial.set_user_attr("plan", plan.to_dict())
+        if self.speed is not None:
+            worst = self.speed.worst(plan)
+            trial.set_user_attr("latency", worst)
+            trial.set_user_attr("feasible", worst <= self.speed.goal + TOLERANCE)
         trial.set_user_attr("removed", self.space.removal(self.space.keeps_of(plan)))
         if self.prefix is not None:  # layers below it ran for an earlier candidate (search/prefix.py)
             trial.set_user_attr("from_layer", self.prefix.first_changed(plan))

@@ -46,7 +46,7 @@ def candidates(study: optuna.Study, k: int) -> list[FrozenTrial]:
         (
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "plan" in t.user_attrs
+            if "plan" in t.user_attrs and t.user_attrs.get("feasible", True)
         ),
         key=lambda t: (t.value, t.number),
     )

@@ -52,11 +52,12 @@ from secateur.recipe.space import (
 from secateur.runtime.allocation import angular_plan
 from secateur.runtime.variants import plan_variants
 from secateur.search.cache import SearchCache
-from secateur.search.evolution import EvolutionSampler
+from secateur.search.evolution import EvolutionSampler, feasible
 from secateur.search.objective import Objective, owner_tag
 from secateur.search.prefix import PREFIX_CACHE_BYTES, PrefixCache
 from secateur.search.pruner import StagePruner
 from secateur.search.rescore import CompileFn, Rescored, rescore
+from secateur.search.speed import SpeedBudget
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -113,6 +114,7 @@ class _Setup:
     cache_kwargs: dict[str, Any] = field(default_factory=dict)
     heartbeat: tuple[int, int] = (60, 180)
     threads: int = 1
+    speed: SpeedBudget | None = None
 
 
 # ---- storage and study -------------------------------------------------------------------------
@@ -358,7 +360,10 @@ def fail_orphans(
 
 
 def make_sampler(
-    options: SearchOptions, rank: int = 0, space: SearchSpace | None = None
+    options: SearchOptions,
+    rank: int = 0,
+    space: SearchSpace | None = None,
+    speed: SpeedBudget | None = None,
 ) -> optuna.samplers.BaseSampler:
     """Seeded sampler; each worker gets its own seed so workers do not propose the same trials
     (the evolution sampler seeds by trial number instead, so any worker proposes the same child)."""
@@ -368,7 +373,7 @@ def make_sampler(
     if options.sampler == "evolution":
         if space is None:
             raise SearchError("the evolution sampler needs the search space")
-        return EvolutionSampler(space, seed=options.seed)
+        return EvolutionSampler(space, seed=options.seed, speed=speed)
     if options.sampler == "cmaes":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -401,6 +406,7 @@ def _open(
     rank: int = 0,
     heartbeat: tuple[int, int] = (60, 180),
     space: SearchSpace | None = None,
+    speed: SpeedBudget | None = None,
 ) -> _Opened:
     storage = open_storage(url, *heartbeat) if url is not None else None
     engine = storage.engine if storage is not None else None
@@ -414,7 +420,7 @@ def _open(
                 storage=storage,
                 study_name=study_name,
                 direction="minimize",
-                sampler=make_sampler(options, rank, space),
+                sampler=make_sampler(options, rank, space, speed),
                 pruner=make_pruner(options),
                 load_if_exists=True,
             )
@@ -663,6 +669,7 @@ def _build(
         setup.batch_size,
         {"uniform": uniform, "cfsp": cfsp},
         PrefixCache(adapter, setup.heldout_ids, next(model.parameters()).dtype, PREFIX_CACHE_BYTES),
+        setup.speed,
     )
     return space, cache, objective
 
@@ -687,7 +694,9 @@ def _worker(
     model = setup.model_factory()
     adapter = adapter_for(model.config)
     space, _, objective = _build(setup, model, adapter)
-    opened = _open(setup.url, setup.study_name, fingerprint, setup.options, rank, setup.heartbeat, space)
+    opened = _open(
+        setup.url, setup.study_name, fingerprint, setup.options, rank, setup.heartbeat, space, setup.speed
+    )
     _optimize(opened, objective, n, total, _emitter(progress), prefix=f"[worker {rank}] ")
 
 
@@ -733,6 +742,7 @@ def run_search(
     cache_kwargs: dict[str, Any] | None = None,
     heartbeat: tuple[int, int] = (60, 180),
     compile_fn: CompileFn | None = None,
+    speed: SpeedBudget | None = None,
 ) -> SearchResult:
     """Search per-layer keep fractions for `spec` on `model` (left dense) and return the best plan.
 
@@ -764,6 +774,7 @@ def run_search(
         dict(cache_kwargs or {}),
         heartbeat,
         max(1, torch.get_num_threads() // max(workers, 1)),  # local workers share the cores
+        speed,
     )
     verbosity, threads = optuna.logging.get_verbosity(), torch.get_num_threads()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -776,7 +787,9 @@ def run_search(
         fp = space_fingerprint(space, model_fingerprint, options.objective, calib_ids, heldout_ids)
         if options.stages or options.survivors != 0.5:
             fp["stages"] = [options.stages, options.survivors]  # studies made before stages still match
-        opened = _open(url, study_name, fp, options, 0, heartbeat, space)
+        if speed is not None:
+            fp["speed"] = speed.fingerprint()
+        opened = _open(url, study_name, fp, options, 0, heartbeat, space, speed)
         study = opened.study
         remaining = total - finished_count(study)
         emit = _emitter(progress)
@@ -844,9 +857,11 @@ def _apply_rescore(result: SearchResult, rescored: Rescored) -> None:
 
 
 def _result(study: optuna.Study, space: SearchSpace, url: str | None) -> SearchResult:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
     if not done:
-        raise SearchError(f"study {study.study_name!r} has no complete trial (all pruned or failed)")
+        raise SearchError(
+            f"study {study.study_name!r} has no complete trial that meets its budget (all pruned, failed or too slow)"
+        )
     best = min(done, key=lambda t: (t.value, t.number))
     uniform = [t for t in done if t.user_attrs.get("init") == "uniform"]
     seeds = {

@@ -21,7 +21,13 @@ from typing import Any
 from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
 from secateur.lock import model_fingerprint
-from secateur.recipe.compile import budget_spec, eligible_layers, feasible_fraction, removal_goal
+from secateur.recipe.compile import (
+    budget_spec,
+    eligible_layers,
+    feasible_fraction,
+    planned_removal,
+    removal_goal,
+)
 from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
@@ -190,7 +196,12 @@ def search(
 
     t0 = time.perf_counter()
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base)
-    recipe, _ = resolve_speed(recipe, lm.model, lm.adapter, print)
+    recipe, resolution = resolve_speed(recipe, lm.model, lm.adapter, print)
+    speed = None
+    if resolution.goal is not None:  # the search is held to the goal itself, seeded at its uniform count
+        from secateur.search.speed import SpeedBudget
+
+        speed = SpeedBudget(resolution.latency, resolution.goal, resolution.phase, lm.adapter.num_layers)
     layers = eligible_layers(recipe.targets, lm.adapter.num_layers, lm.adapter.layers_path)
     goal = removal_goal(recipe, lm.model, lm.adapter)
     spec = budget_spec(recipe, count=goal)
@@ -241,10 +252,19 @@ def search(
         compile_fn=None
         if recipe.allocation.compile == "stitched"
         else sequential_compiler(recipe, lm, calib),
+        speed=speed,
     )
     winner = absolutize(resolved_dict(recipe), base)
     winner["name"] = f"{recipe.name or 'search'}-winner"
     winner["output"]["dir"] = str(out.parent / "model")
+    if speed is not None:  # what the winner removes: a speed goal is met by a plan, not by one count
+        winner["budget"]["params"] = planned_removal(lm.model, lm.adapter, result.best_plan)
+        ratios = speed.ratios(result.best_plan)
+        log(
+            "search: winner predicted at "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+            + " of dense time"
+        )
     digest = hashlib.sha256(str(result.best_plan.to_dict()).encode()).hexdigest()[:12]
     winner_path = write_winner_recipe(
         winner,

@@ -17,7 +17,6 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params
-from secateur.graph.plan import Plan
 from secateur.recipe.compile import (
     BudgetError,
     BudgetSpec,
@@ -29,6 +28,7 @@ from secateur.recipe.load import recipe_from_dict, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.speed.engines import default_threads
 from secateur.runtime.speed.latency import PHASES, LatencyModel
+from secateur.runtime.speed.latency import plan_shapes as layer_shapes_of_plan
 from secateur.runtime.speed.measure import Target
 from secateur.runtime.speed.probe import ProbeShape, shape_of_config
 from secateur.runtime.speed.width import Sweep, auto_multiple_of
@@ -87,27 +87,6 @@ def target_of(recipe: Recipe) -> Target:
 
 def dense_probe(adapter: ModelAdapter) -> ProbeShape:
     return shape_of_config(adapter.config)
-
-
-def layer_shapes_of_plan(dense: ProbeShape, plan: Plan, n_layers: int) -> list[dict[str, Any]]:
-    """Per-layer shapes a plan gives (kept counts only; which units are kept does not change speed)."""
-    out = []
-    group = dense.n_head // max(dense.n_kv, 1)
-    for i in range(n_layers):
-        lp = plan.layers.get(i)
-        kv = lp.kv_groups if lp and lp.kv_groups is not None else dense.n_kv
-        q = lp.q_per_group if lp and lp.q_per_group is not None else group
-        ff = lp.mlp if lp and lp.mlp is not None else dense.n_ff
-        out.append(
-            {
-                "num_heads": kv * q,
-                "num_kv_heads": kv,
-                "intermediate_size": ff,
-                "skip_attention": bool(lp and lp.drop_attn),
-                "skip_mlp": bool(lp and lp.drop_mlp),
-            }
-        )
-    return out
 
 
 def latency_to_params(

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from secateur.graph.adapters import adapter_for
+from secateur.graph.plan import Plan
 from secateur.recipe.compile import BudgetSpec
 from secateur.recipe.schema import SearchOptions
 from secateur.runtime.allocation import proportional_plan
@@ -109,3 +110,54 @@ def test_rescored_winner_is_the_model_prune_builds(tmp_path: Path) -> None:
     again = search(_recipe(tmp_path), progress=False, log=lines.append)
     assert again.summary["rescored"] == [{**r, "seconds": None} for r in rows]
     assert again.summary["best_trial"] == out.summary["best_trial"]
+
+
+def test_latency_budget_holds_the_search_to_the_predicted_time(tmp_path: Path, monkeypatch) -> None:
+    """budget.latency as the search's constraint: MLP widths, KV groups and whole sublayers traded
+    freely (the removal is not fixed), every candidate marked feasible is predicted within the goal,
+    and the winner is one of them."""
+    from secateur.runtime.speed.latency import LatencyModel
+    from secateur.runtime.speed.measure import Target
+    from secateur.search.speed import SpeedBudget
+    from secateur.speed_target import dense_probe
+
+    monkeypatch.setenv("SECATEUR_CACHE_DIR", str(tmp_path / "speed-cache"))
+    over = dict(
+        hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    )
+    m = tiny_model("llama", num_hidden_layers=4, vocab_size=256, **over)
+    a = adapter_for(m.config)
+    target = Target(engine="torch", dtype="float32", threads=1, prefill_len=32, decode_tokens=4, rounds=3)
+    lat = LatencyModel.build(target, dense_probe(a), 32, rounds=3)
+    layers = [0, 1, 2, 3]
+    spec = BudgetSpec(fraction=0.3, attention="kv_group", multiple_of=32)
+    from secateur.recipe.compile import uniform_plan
+
+    goal = lat.plan_ratios(uniform_plan(m, a, spec, layers), 4)["prefill"]  # the uniform plan's own time
+    speed = SpeedBudget(lat, goal, "prefill", 4)
+    opts = SearchOptions(trials=14, levels=5, sampler="evolution", stages=[64], survivors=0.5, rescore=0)
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    held = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    res = run_search(
+        m,
+        a,
+        calib,
+        held,
+        spec,
+        layers,
+        opts,
+        progress=False,
+        speed=speed,
+        cache_kwargs={"variants_dir": str(tmp_path / "db")},
+    )
+    trials = [t for t in res.study.get_trials() if "latency" in t.user_attrs]
+    assert trials and all(
+        t.user_attrs["feasible"] == (t.user_attrs["latency"] <= goal + 1e-9) for t in trials
+    )
+    assert speed.worst(res.best_plan) <= goal + 1e-9
+    children = [t for t in trials if t.user_attrs.get("init") is None]
+    assert children and all(t.user_attrs["feasible"] for t in children)  # proposals meet the goal
+    removals = {res.space.removal(res.space.keeps_of(Plan.from_dict(t.user_attrs["plan"]))) for t in children}
+    assert len(removals) > 1  # not held to one parameter count
+    kv = {lp.get("kv_groups", 2) for t in children for lp in t.user_attrs["plan"]["layers"].values()}
+    assert len(kv) > 1  # attention traded against MLP width

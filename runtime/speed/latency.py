@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from secateur.graph.plan import Plan
 from secateur.runtime.speed.measure import Target, time_shapes
 from secateur.runtime.speed.probe import ProbeShape
 
@@ -120,3 +121,30 @@ class LatencyModel:
         d = self.dense
         one = {"num_heads": d.n_head, "num_kv_heads": d.n_kv, "intermediate_size": d.n_ff}
         return [dict(one) for _ in range(n_layers)]
+
+    def plan_ratios(self, plan: Plan, n_layers: int) -> dict[str, float]:
+        """Predicted time of a plan per phase as a fraction of the dense model's."""
+        dense = self.predict(self.dense_shapes(n_layers))
+        pred = self.predict(plan_shapes(self.dense, plan, n_layers))
+        return {p: pred[p] / dense[p] for p in PHASES}
+
+
+def plan_shapes(dense: ProbeShape, plan: Plan, n_layers: int) -> list[dict[str, Any]]:
+    """Per-layer shapes a plan gives (kept counts only; which units are kept does not change speed)."""
+    out = []
+    group = dense.n_head // max(dense.n_kv, 1)
+    for i in range(n_layers):
+        lp = plan.layers.get(i)
+        kv = lp.kv_groups if lp and lp.kv_groups is not None else dense.n_kv
+        q = lp.q_per_group if lp and lp.q_per_group is not None else group
+        ff = lp.mlp if lp and lp.mlp is not None else dense.n_ff
+        out.append(
+            {
+                "num_heads": kv * q,
+                "num_kv_heads": kv,
+                "intermediate_size": ff,
+                "skip_attention": bool(lp and lp.drop_attn),
+                "skip_mlp": bool(lp and lp.drop_mlp),
+            }
+        )
+    return out
