@@ -97,6 +97,13 @@ def explain(
     stages: list[dict[str, Any]] = []
     for st, count, layers in zip(*plan_stages(recipe, model, adapter)):
         stages.append({"method": st.method, "params_to_remove": count, "layers": len(layers)})
+        if st.heal is not None:
+            h = st.heal
+            stages[-1]["heal"] = (
+                f"then heal: {h.steps} steps x {h.batch} x {h.seqlen} = {h.steps * h.batch * h.seqlen:,} tokens of "
+                f"{'self-generated text' if h.data.dataset == 'self' else h.data.dataset}, train {h.train}, "
+                f"teacher top-{h.top_k}"
+            )
         if st.method in ("fasp", "cfsp", "flap"):
             stages[-1]["options"] = (
                 f"metric {st.importance.metric}, selection {st.importance.selection}, restore {st.restore.method}"
@@ -181,6 +188,8 @@ def format_explanation(ex: Explanation) -> str:
         note = f" ({st['note']})" if "note" in st else ""
         note += f"; {st['options']}" if "options" in st else ""
         lines.append(f"stage {n}: {st['method']} removes {st['params_to_remove']:,} parameters{note}")
+        if "heal" in st:
+            lines.append(f"  {st['heal']}")
     for k in ("params", "decoder_linear_params", "flops_per_token"):
         lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
     lines += [f"export {line}" for line in ex.exports]

@@ -120,10 +120,11 @@ def test_text_sequences_are_seeded_and_report_repeats() -> None:
 def test_self_generated_text_is_a_prefix_of_a_larger_budget(tmp_path: Path) -> None:
     m, tok, _ = _pruned_tiny()
     cache = tmp_path / "s.pt"
-    big = self_generated(m, tok, 40, 16, 1.0, 3, cache, progress=False)
+    big = self_generated(m, tok, 100, 16, 1.0, 3, cache, progress=False)  # two sampling batches
     small = self_generated(m, tok, 20, 16, 1.0, 3, None, progress=False)
-    assert torch.equal(big[:20], small) and big.shape == (40, 16)
-    assert torch.equal(self_generated(m, tok, 40, 16, 1.0, 3, cache, progress=False), big)  # from the cache
+    assert torch.equal(big[:20], small) and big.shape == (100, 16)
+    assert not torch.equal(big[:10], big[64:74])  # each batch has its own seed
+    assert torch.equal(self_generated(m, tok, 100, 16, 1.0, 3, cache, progress=False), big)  # from the cache
 
 
 def _heal_recipe(tmp: Path, **heal) -> Path:
