@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from secateur.api import prune
 from secateur.graph.adapters import adapter_for
@@ -155,6 +156,10 @@ def test_prune_with_heal_saves_loads_and_relocks_bit_for_bit(tmp_path: Path) -> 
     assert not Path(h["work_dir"]).exists()  # checkpoints dropped once the output is saved
     loaded = load_pruned(tmp_path / "out", dtype=torch.float32)
     assert model_fingerprint(loaded) == res.report["lock_fingerprint"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)  # uniform shapes
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, loaded(ids).logits)
     again = prune(
         lock_path=tmp_path / "out" / "recipe.lock.yaml",
         output=tmp_path / "again",
@@ -214,3 +219,38 @@ def test_heal_cannot_stream(tmp_path: Path) -> None:
     path = _heal_recipe(tmp_path)
     with pytest.raises(ValueError, match="healing trains the whole pruned model"):
         prune(path, output=tmp_path / "o", progress=False, log=lambda s: None, stream=True)
+
+
+def test_heal_between_passes_and_after_flap_biases(tmp_path: Path) -> None:
+    """A pass's own heal runs after it, the recipe's after the last; FLAP's added biases train and
+    save (per-layer shapes: load_pruned reads them)."""
+    _text(tmp_path / "heal.txt", seed=1)
+    small = {"tokens": 8 * 32 * 2, "seqlen": 32, "lr": 0.003, "top_k": 16, "data": {"dataset": "heal.txt"}}
+    path = _recipe(
+        tmp_path,
+        targets={"mlp": True, "attention": "none"},
+        budget={"params": 0.3, "multiple_of": 4},
+        passes=[
+            {
+                "name": "flap",
+                "method": "flap",
+                "share": 0.5,
+                "targets": {"mlp": True, "attention": "none"},
+                "importance": {"metric": "fluctuation"},
+                "restore": {"method": "bias_compensation"},
+                "heal": small,
+            },
+            {"name": "fasp", "method": "fasp", "share": 0.5, "targets": {"mlp": True, "attention": "none"}},
+        ],
+        heal=small | {"train": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        output={"export": [{"format": "gguf", "outtype": "f32", "tokenizer_gguf": None}]},
+    )
+    doc = yaml.safe_load(path.read_text())
+    del doc["output"]  # the tiny model has no GGUF tokenizer: exports are covered by test_export
+    path.write_text(yaml.safe_dump(doc))
+    res = prune(path, output=tmp_path / "out", progress=False, log=lambda s: None)
+    assert [h["after_stage"] for h in res.report["heal"]] == [1, 2]
+    assert res.report["heal"][1]["config"]["train"] == "lora" and len(res.lock["heal"]) == 2
+    ours = load_pruned(tmp_path / "out", dtype=torch.float32)
+    assert any(n.endswith("down_proj.bias") for n, _ in ours.named_parameters())  # FLAP's compensation
+    assert model_fingerprint(ours) == res.report["lock_fingerprint"]
