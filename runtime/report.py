@@ -286,6 +286,8 @@ def result_sections(report: dict[str, Any]) -> list[str]:
         parts.append(_speed(report))
     if report.get("serving") or report.get("engine_speed"):
         parts.append(_serving(report))
+    if report.get("heal"):
+        parts.append(_healing(report))
     return ["\n".join(p) for p in parts]
 
 
