@@ -153,6 +153,7 @@ def test_prune_with_heal_saves_loads_and_relocks_bit_for_bit(tmp_path: Path) -> 
     assert (tmp_path / "out" / "heal.png").is_file() and "## Healing" in (
         tmp_path / "out" / "report.md"
     ).read_text()
+    assert "## Healing" in (tmp_path / "out" / "README.md").read_text()  # the model card says it was healed
     assert not Path(h["work_dir"]).exists()  # checkpoints dropped once the output is saved
     loaded = load_pruned(tmp_path / "out", dtype=torch.float32)
     assert model_fingerprint(loaded) == res.report["lock_fingerprint"]
