@@ -57,7 +57,8 @@ class Plan:
             "damping": self.damping,
             **extra,
             "layers": {
-                str(i): {k: v for k, v in asdict(lp).items() if v not in (None, False)}
+                # a kept count of 0 (a removed branch) is recorded: `0 in (None, False)` dropped it
+                str(i): {k: v for k, v in asdict(lp).items() if v is not None and v is not False}
                 for i, lp in sorted(self.layers.items())
             },
         }

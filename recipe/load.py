@@ -496,12 +496,22 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
 
 def resolved_dict(recipe: Recipe) -> dict[str, Any]:
     """The fully resolved recipe as plain data (every default filled in), for locks and dumps.
-    An unset optional stage (`heal`) is left out, so recipes without it dump as they always did."""
+    An unset optional stage (`heal`) and search keys added later at their defaults are left out, so
+    recipes without them dump as they always did."""
     data = recipe.model_dump(mode="json", exclude={"extends"})
     for section in [data, *data.get("passes", [])]:
         if section.get("heal", 0) is None:
             del section["heal"]
+    search = data.get("allocation", {}).get("search", {})
+    for key, default in LATER_SEARCH_DEFAULTS.items():  # keys added later, left out at their defaults
+        if key in search and search[key] == default:
+            del search[key]
     return data
+
+
+# allocation.search keys added after recipes were locked (issue 27): a recipe that leaves them at
+# these defaults dumps, locks and reports exactly as before
+LATER_SEARCH_DEFAULTS = {"objectives": None, "rescore": 3}
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -343,7 +343,10 @@ class SearchOptions(_Section):
     seed: int = 0
     # default: evolution wherever it applies (a level space), measured best in bench/results/search.md;
     # TPE otherwise (evolution moves keep levels and has none to move without `levels`)
-    sampler: Literal["evolution", "tpe", "cmaes", "random"] | None = None
+    sampler: Literal["evolution", "nsga2", "tpe", "cmaes", "random"] | None = None
+    # Pareto mode: [kl or ppl, latency or params] gives a front (quality against predicted time on the
+    # recipe's target, or against the parameters kept) through a multi-objective study (NSGA-II)
+    objectives: list[Literal["kl", "ppl", "latency", "params"]] | None = None
     pruner: bool = True
     # 0: one keep fraction per layer and structure; N >= 2: N knots over depth, interpolated
     knots: NonNegativeInt = 0
@@ -363,8 +366,37 @@ class SearchOptions(_Section):
     @model_validator(mode="after")
     def _levels_and_stages(self) -> SearchOptions:
         if self.sampler is None:
-            self.sampler = "evolution" if self.levels >= 2 and not self.knots else "tpe"
+            if self.objectives:
+                self.sampler = "nsga2"
+            else:
+                self.sampler = "evolution" if self.levels >= 2 and not self.knots else "tpe"
         problems: list[tuple[KeyPath, str]] = []
+        if self.objectives is not None:
+            o = self.objectives
+            if len(o) != 2 or o[0] not in ("kl", "ppl") or o[1] not in ("latency", "params"):
+                problems.append(
+                    (("objectives",), f"objectives: {o} (two: kl or ppl, then latency or params)")
+                )
+            elif o[0] != self.objective:
+                problems.append(
+                    (
+                        ("objectives",),
+                        f"objectives: {o} starts with {o[0]!r}; objective is {self.objective!r}",
+                    )
+                )
+            if self.levels < 2:
+                problems.append(
+                    (("levels",), "levels: Pareto mode searches keep levels; set levels (e.g. 9)")
+                )
+            if self.sampler not in ("nsga2", "tpe", "random"):
+                problems.append(
+                    (
+                        ("sampler",),
+                        f"sampler: {self.sampler} is single-objective; use nsga2 (default), tpe or random",
+                    )
+                )
+        elif self.sampler == "nsga2":
+            problems.append((("sampler",), "sampler: nsga2 is for Pareto mode (objectives: [kl, latency])"))
         if self.levels == 1:
             problems.append((("levels",), "levels: 1 (0 for any count, or >= 2)"))
         if self.sampler == "evolution" and self.levels < 2:

@@ -30,6 +30,7 @@ from secateur.runtime.select import by_score, select_units
 from secateur.runtime.snapshot import ModuleSnapshot
 from secateur.runtime.variants import stitch
 from secateur.search.cache import SearchCache
+from secateur.search.pareto import Cost
 from secateur.search.prefix import PrefixCache
 from secateur.search.space import suggest
 from secateur.search.speed import TOLERANCE, SpeedBudget
@@ -156,23 +157,25 @@ class Objective:
         fixed: dict[str, Plan] | None = None,
         prefix: PrefixCache | None = None,
         speed: SpeedBudget | None = None,
+        cost: Cost | None = None,
     ) -> None:
         self.model, self.adapter, self.cache, self.space = model, adapter, cache, space
         self.prefix = prefix
         self.kind, self.stages, self.batch_size = kind, list(stages or []), batch_size
         self.fixed = dict(fixed or {})  # seed tag -> exact plan (e.g. the compiler's uniform plan)
         self.speed = speed  # a latency goal: candidates are level plans held to it, not to a count
+        self.cost = cost  # Pareto mode: the second objective (search/pareto.py)
 
     def plan_of(self, fractions: dict[str, float], init: str | None) -> Plan:
         """A seed's exact plan; a level plan as proposed under a speed goal; else the budget projection."""
         if init in self.fixed:
             return self.fixed[init]
-        if self.speed is not None and self.space.levels:
+        if (self.speed is not None or self.cost is not None) and self.space.levels:
             keeps = level_keeps(fractions, self.space) or nearest_levels(fractions, self.space)
             return self.space.to_plan(keeps)
         return project_to_budget(fractions, self.space)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr("owner", owner_tag())
         fractions = suggest(self.space, trial)
         init = trial.user_attrs.get("init")
@@ -182,6 +185,23 @@ class Objective:
             trial.set_user_attr("parent", parent)
         plan = self.plan_of(fractions, init)
         trial.set_user_attr("plan", plan.to_dict())
+        if self.cost is not None:  # Pareto mode: both values, every window (Optuna prunes one objective only)
+            trial.set_user_attr("removed_fraction", self.cost.removed(plan))
+            if self.cost.speed is not None:
+                trial.set_user_attr("latency", self.cost.speed.worst(plan))
+            value = evaluate_plan(
+                self.model,
+                self.adapter,
+                self.cache,
+                plan,
+                self.kind,
+                None,
+                None,
+                self.batch_size,
+                False,
+                self.prefix,
+            )
+            return value, self.cost(plan)
         if self.speed is not None:
             worst = self.speed.worst(plan)
             trial.set_user_attr("latency", worst)

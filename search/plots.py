@@ -66,7 +66,7 @@ def plot_history(study: optuna.Study, path: str | Path) -> Path:
         for t in study.get_trials(deepcopy=False)
         if t.state == TrialState.PRUNED and t.last_step is not None
     ]
-    ax.scatter([t.number for t in done], [t.value for t in done], s=14, color="C0", label="complete")
+    ax.scatter([t.number for t in done], [t.values[0] for t in done], s=14, color="C0", label="complete")
     if pruned:
         ax.scatter(
             [t.number for t in pruned],
@@ -78,7 +78,7 @@ def plot_history(study: optuna.Study, path: str | Path) -> Path:
         )
     best, xs, ys = float("inf"), [], []
     for t in sorted(done, key=lambda t: t.number):
-        best = min(best, t.value)
+        best = min(best, t.values[0])
         xs.append(t.number)
         ys.append(best)
     ax.step(xs, ys, where="post", color="k", label="best so far")
@@ -92,18 +92,37 @@ def plot_history(study: optuna.Study, path: str | Path) -> Path:
 
 
 def plot_pareto(study: optuna.Study, path: str | Path) -> Path | None:
-    """Pareto front of a two-objective study (quality vs latency); None for a single objective."""
+    """Quality against cost of a two-objective study: every trial, the front, the uniform and CFSP
+    seeds at each of their budgets, and the dense model (no loss, full cost); None for one objective."""
     if len(study.directions) != 2:
         return None
+    kinds = study.user_attrs.get("space", {}).get("objectives") or ["objective 0", "objective 1"]
     fig = _figure(6, 5)
     ax = fig.add_subplot(1, 1, 1)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front = {t.number for t in study.best_trials}
-    ax.scatter([t.values[0] for t in done], [t.values[1] for t in done], s=12, color="0.6", label="trials")
-    pts = sorted((t.values[0], t.values[1]) for t in done if t.number in front)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", label="Pareto front")
-    ax.set_xlabel("objective 0")
-    ax.set_ylabel("objective 1")
+    ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], s=10, color="0.7", label="searched")
+    pts = sorted((t.values[1], t.values[0]) for t in done if t.number in front)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", ms=4, label="Pareto front")
+    for name, marker, color in (("uniform", "s", "C0"), ("cfsp", "^", "C2")):
+        seeds = [t for t in done if str(t.user_attrs.get("init", "")).split("@")[0] == name]
+        if seeds:
+            ax.scatter(
+                [t.values[1] for t in seeds],
+                [t.values[0] for t in seeds],
+                s=40,
+                marker=marker,
+                color=color,
+                label=name,
+                zorder=3,
+            )
+    ax.scatter([1.0], [0.0], s=50, marker="*", color="k", label="dense", zorder=3)
+    cost = {
+        "latency": "predicted time / dense (target's latency model)",
+        "params": "decoder linear params kept",
+    }
+    ax.set_xlabel(cost.get(kinds[1], kinds[1]))
+    ax.set_ylabel(f"held-out {kinds[0]} to dense" if kinds[0] == "kl" else f"held-out {kinds[0]}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

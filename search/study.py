@@ -40,6 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
 from secateur.recipe.compile import BudgetError, BudgetSpec, uniform_plan
 from secateur.recipe.schema import SearchOptions
@@ -54,6 +55,10 @@ from secateur.runtime.variants import plan_variants
 from secateur.search.cache import SearchCache
 from secateur.search.evolution import EvolutionSampler, feasible
 from secateur.search.objective import Objective, owner_tag
+from secateur.search.pareto import Cost
+from secateur.search.pareto import front as pareto_front
+from secateur.search.pareto import seeds as pareto_seeds
+from secateur.search.pareto import winner as pareto_winner
 from secateur.search.prefix import PREFIX_CACHE_BYTES, PrefixCache
 from secateur.search.pruner import StagePruner
 from secateur.search.rescore import CompileFn, Rescored, rescore
@@ -93,6 +98,7 @@ class SearchResult:
     # candidates compiled the way the recipe compiles and re-scored (search/rescore.py), best first
     rescored: list[dict[str, Any]] = field(default_factory=list)
     rescored_model: nn.Module | None = None  # the winner as compiled by the rescoring (when built here)
+    front: list[dict[str, Any]] = field(default_factory=list)  # Pareto mode: the non-dominated points
 
 
 @dataclass
@@ -370,6 +376,9 @@ def make_sampler(
     seed = options.seed + 1000 * rank
     if options.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if options.sampler == "nsga2":  # small generations: a 100-trial search runs several of them
+        size = min(50, max(8, options.trials // 6))
+        return optuna.samplers.NSGAIISampler(population_size=size, seed=seed)
     if options.sampler == "evolution":
         if space is None:
             raise SearchError("the evolution sampler needs the search space")
@@ -384,7 +393,7 @@ def make_sampler(
 def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
     """Multi-fidelity selection: at each stage only the best `survivors` share of the recent trials
     that reached it goes on (search/pruner.py)."""
-    if not options.pruner:
+    if not options.pruner or options.objectives:
         return optuna.pruners.NopPruner()
     return StagePruner(options.survivors)
 
@@ -419,7 +428,7 @@ def _open(
             study = optuna.create_study(
                 storage=storage,
                 study_name=study_name,
-                direction="minimize",
+                directions=["minimize"] * len(options.objectives or [options.objective]),
                 sampler=make_sampler(options, rank, space, speed),
                 pruner=make_pruner(options),
                 load_if_exists=True,
@@ -489,7 +498,9 @@ def _progress_callback(kind: str, emit: Callable[[str], None], prefix: str = "")
     t0 = time.perf_counter()
 
     def cb(study: optuna.Study, t: FrozenTrial) -> None:
-        if t.state == TrialState.COMPLETE:
+        if t.state == TrialState.COMPLETE and len(t.values) == 2:  # Pareto mode: both values
+            shown = f"{kind}={t.values[0]:.6g} cost={t.values[1]:.4f}"
+        elif t.state == TrialState.COMPLETE:
             shown = f"{kind}={t.value:.6g}"
         elif t.state == TrialState.PRUNED:
             last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
@@ -497,8 +508,11 @@ def _progress_callback(kind: str, emit: Callable[[str], None], prefix: str = "")
         else:
             shown = t.state.name.lower()
         try:
-            best = study.best_trial
-            best_s = f"best={best.value:.6g} (#{best.number})"
+            if len(study.directions) > 1:
+                best_s = f"front={len(study.best_trials)}"
+            else:
+                best = study.best_trial
+                best_s = f"best={best.value:.6g} (#{best.number})"
         except ValueError:
             best_s = "best=-"
         dur = t.duration.total_seconds() if t.duration is not None else float("nan")
@@ -659,6 +673,26 @@ def _build(
     cfsp = angular_plan(  # the best heuristic at the same budget: CFSP's allocation, exactly
         model, adapter, setup.spec, setup.layers, cache.angular, setup.metric, setup.restore, setup.damping
     )
+    fixed, cost = {"uniform": uniform, "cfsp": cfsp}, None
+    kinds = setup.options.objectives
+    if kinds:  # Pareto mode: seeds at several budgets, the second objective as a cost
+        if kinds[1] == "latency" and setup.speed is None:
+            raise SearchError("objectives: [.., latency] needs the recipe's target latency model")
+        cost = Cost(kinds[1], decoder_linear_params(model, adapter), space, setup.speed)
+        fixed = {"uniform": uniform, "cfsp": cfsp}
+        fixed.update(
+            pareto_seeds(
+                model,
+                adapter,
+                setup.spec,
+                setup.layers,
+                cache.angular,
+                space.goal,
+                setup.metric,
+                setup.restore,
+                setup.damping,
+            )
+        )
     objective = Objective(
         model,
         adapter,
@@ -667,9 +701,10 @@ def _build(
         setup.options.objective,
         stage_windows(setup.options, setup.heldout_ids),
         setup.batch_size,
-        {"uniform": uniform, "cfsp": cfsp},
+        fixed,
         PrefixCache(adapter, setup.heldout_ids, next(model.parameters()).dtype, PREFIX_CACHE_BYTES),
-        setup.speed,
+        None if cost is not None else setup.speed,
+        cost,
     )
     return space, cache, objective
 
@@ -677,7 +712,7 @@ def _build(
 def stage_windows(options: SearchOptions, heldout_ids: torch.Tensor) -> list[int]:
     """Cumulative held-out windows scored before each pruning decision (`stages` are in tokens)."""
     n, seqlen = heldout_ids.shape[0], heldout_ids.shape[1]
-    if not options.pruner or n < 2:
+    if not options.pruner or n < 2 or options.objectives:
         return []
     if not options.stages:
         return [max(1, n // 4)]
@@ -708,7 +743,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             {
                 "number": t.number,
                 "state": t.state.name,
-                "value": t.value,
+                "value": t.values[0] if t.values else None,
+                **({"cost": t.values[1]} if t.values and len(t.values) > 1 else {}),
                 "init": t.user_attrs.get("init"),
                 "seconds": t.duration.total_seconds() if t.duration is not None else None,
                 "removed": t.user_attrs.get("removed"),
@@ -789,6 +825,8 @@ def run_search(
             fp["stages"] = [options.stages, options.survivors]  # studies made before stages still match
         if speed is not None:
             fp["speed"] = speed.fingerprint()
+        if options.objectives:
+            fp["objectives"] = list(options.objectives)
         opened = _open(url, study_name, fp, options, 0, heartbeat, space, speed)
         study = opened.study
         remaining = total - finished_count(study)
@@ -819,8 +857,8 @@ def run_search(
                 raise SearchError(f"{len(bad)} search worker(s) failed (exit codes {bad})")
         elif emit is not None:
             emit(f"study {study_name!r} already has {total - remaining} finished trials; nothing to run")
-        result = _result(study, space, url)
-        if compile_fn is not None and options.rescore > 0:
+        result = _result(study, space, url, options, speed)
+        if compile_fn is not None and options.rescore > 0 and not options.objectives:
             if remaining <= 0:
                 space, cache, objective = _build(setup, model, adapter, emit)
             _apply_rescore(
@@ -856,28 +894,39 @@ def _apply_rescore(result: SearchResult, rescored: Rescored) -> None:
             result.seeds[row["init"]]["compiled"] = row["value"]
 
 
-def _result(study: optuna.Study, space: SearchSpace, url: str | None) -> SearchResult:
+def _result(
+    study: optuna.Study,
+    space: SearchSpace,
+    url: str | None,
+    options: SearchOptions | None = None,
+    speed: SpeedBudget | None = None,
+) -> SearchResult:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
     if not done:
         raise SearchError(
             f"study {study.study_name!r} has no complete trial that meets its budget (all pruned, failed or too slow)"
         )
-    best = min(done, key=lambda t: (t.value, t.number))
+    kinds = options.objectives if options is not None else None
+    if kinds:
+        best = pareto_winner(study, space, speed)
+    else:
+        best = min(done, key=lambda t: (t.values[0], t.number))
     uniform = [t for t in done if t.user_attrs.get("init") == "uniform"]
     seeds = {
-        t.user_attrs["init"]: {"value": float(t.value), "trial": t.number, "plan": t.user_attrs["plan"]}
+        t.user_attrs["init"]: {"value": float(t.values[0]), "trial": t.number, "plan": t.user_attrs["plan"]}
         for t in done
         if t.user_attrs.get("init")
     }
     return SearchResult(
         seeds=seeds,
         best_plan=Plan.from_dict(best.user_attrs["plan"]),
-        best_value=float(best.value),
+        best_value=float(best.values[0]),
         best_trial=best.number,
         trials_table=trials_table(study),
         study=study,
         space=space,
-        uniform_value=float(uniform[0].value) if uniform else None,
+        uniform_value=float(uniform[0].values[0]) if uniform else None,
         uniform_plan=Plan.from_dict(uniform[0].user_attrs["plan"]) if uniform else None,
         storage=url,
+        front=pareto_front(study, list(kinds)) if kinds else [],
     )

@@ -49,8 +49,16 @@ def _prune(args: argparse.Namespace) -> int:
 
     if (args.recipe is None) == (args.lock is None):
         raise CliError("give either a RECIPE or --lock LOCK")
+    recipe = args.recipe
+    if args.pick is not None:
+        from secateur.pick import picked_recipe
+
+        if args.lock is not None:
+            raise CliError("--pick compiles a front point of a search folder; it takes no --lock")
+        recipe, point = picked_recipe(args.recipe, args.pick)
+        print(f"picked front point: trial {point['trial']} -> {recipe}")
     out = prune(
-        args.recipe,
+        recipe,
         output=args.output,
         overwrite=args.overwrite,
         overrides=args.set or (),
@@ -332,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     pr.add_argument("--lock", help="re-apply a recipe.lock.yaml instead of a recipe")
+    pr.add_argument(
+        "--pick",
+        metavar="latency=X|params=X",
+        help="RECIPE is a Pareto search folder: compile its front point with the lowest proxy that is "
+        "predicted at most X of dense time (latency) or removes at least X of the parameters (params)",
+    )
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument(
         "--stream",

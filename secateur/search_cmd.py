@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -95,6 +97,37 @@ def seed_line(result: Any, kind: str) -> str:
     return f"search: {', '.join(parts)}; {where}"
 
 
+def pareto_speed(recipe: Recipe, adapter: Any) -> Any:
+    """The recipe target's latency model as a Pareto cost (no goal to meet: 1.0 of dense time)."""
+    from secateur.runtime.speed.latency import LatencyModel
+    from secateur.search.speed import SpeedBudget
+    from secateur.speed_target import dense_probe, target_of
+
+    b = recipe.budget
+    lat = LatencyModel.build(target_of(recipe), dense_probe(adapter), int(b.multiple_of), b.min_keep, print)
+    return SpeedBudget(lat, 1.0, b.phase, adapter.num_layers)
+
+
+def write_front(path: Path, result: Any, lm: Any, speed: Any) -> Path:
+    """front.json: every non-dominated point with its values, removal, predicted time per phase
+    (with a latency model) and allocation table, so `prune --pick` compiles one without Optuna."""
+    from secateur.search.plots import winner_table
+
+    points = []
+    for row in result.front:
+        plan = Plan.from_dict(row["plan"])
+        point = {**row, "removed_params": planned_removal(lm.model, lm.adapter, plan)}
+        if speed is not None:
+            point["predicted"] = speed.ratios(plan)
+        point["table"] = winner_table(plan, result.space)
+        points.append(point)
+    doc = {"objectives": result.study.user_attrs.get("space", {}).get("objectives"), "points": points}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)  # a kill never leaves half a front
+    return path
+
+
 def _warn(line: str) -> None:
     print(f"secateur search: warning: {line}", file=sys.stderr, flush=True)
 
@@ -120,6 +153,8 @@ SEARCH_FILES = (
     "allocation.png",
     "history.png",
     "pareto.png",
+    "front.json",
+    "picked.yaml",
     "uniform.yaml",
     "validation.json",
     "validation.md",
@@ -202,6 +237,8 @@ def search(
         from secateur.search.speed import SpeedBudget
 
         speed = SpeedBudget(resolution.latency, resolution.goal, resolution.phase, lm.adapter.num_layers)
+    elif opts.objectives and opts.objectives[1] == "latency":  # a front against predicted time, no goal
+        speed = pareto_speed(recipe, lm.adapter)
     layers = eligible_layers(recipe.targets, lm.adapter.num_layers, lm.adapter.layers_path)
     goal = removal_goal(recipe, lm.model, lm.adapter)
     spec = budget_spec(recipe, count=goal)
@@ -275,6 +312,12 @@ def search(
         f"(uniform {result.uniform_value}); plan {digest}",
     )
     record_files([winner_path, out / "best_plan.json"])
+    if result.front:
+        record_files([write_front(out / "front.json", result, lm, speed)])
+        log(
+            f"search: Pareto front of {len(result.front)} points in {out / 'front.json'}; compile one with "
+            f"`secateur prune --pick {opts.objectives[1]}=X {out}`"
+        )
     plots: list[Path] = []
     try:  # last: the search's result is already on disk whatever happens here
         plots = write_plots(result, out)
