@@ -126,8 +126,7 @@ def speed(args: argparse.Namespace) -> None:
     files = {name: _gguf(lm, tok, name, args.outtype, args.workdir) for name, lm in models}
     meas: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in models}
     ctx = args.prefill + args.decode + 8
-    # one llama.cpp model open at a time: two Llama objects alive in one process segfault in
-    # llama-cpp-python 0.3.36 (libllama.so); each round opens, warms up and measures every model in turn
+    # each round opens (in a child process), warms up and measures every model in turn
     for rep in range(args.repeats):
         for name, _ in models:
             with lc.open_gguf(files[name], ctx, args.threads, all_logits=False) as llm:

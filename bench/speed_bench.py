@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
 
 from secateur.graph.plan import round_keep  # noqa: E402
-from secateur.runtime.speed.engines import default_threads, engine_version, time_gguf, time_torch  # noqa: E402
+from secateur.runtime.speed.engines import GGUFTimer, default_threads, engine_version, time_torch  # noqa: E402
 from secateur.runtime.speed.latency import LatencyModel  # noqa: E402
 from secateur.runtime.speed.measure import Target, measure_alternating  # noqa: E402
 from secateur.runtime.speed.probe import ProbeShape, probe_torch_model, write_probe_gguf  # noqa: E402
@@ -92,9 +92,7 @@ def run(args: argparse.Namespace) -> None:
                     path = Path(tmp) / f"{abs(hash(name))}.gguf"
                     write_probe_gguf(s, path, target.weight_type)
                     ids = [3 + (i * 7919) % (s.vocab - 3) for i in range(args.prefill + args.decode)]
-                    timers[name] = lambda p=path, i=ids: time_gguf(
-                        p, i[: args.prefill], i[args.prefill :], threads
-                    )
+                    timers[name] = GGUFTimer(path, ids[: args.prefill], ids[args.prefill :], threads)
                 else:
                     model = probe_torch_model(s, getattr(torch, wtype))
                     timers[name] = lambda m_=model: time_torch(m_, args.prefill, args.decode, threads)

@@ -299,21 +299,25 @@ def require_positive(args: argparse.Namespace, *flags: str) -> None:
 def _speed(args: argparse.Namespace) -> int:
     import json
 
+    from secateur.runtime.speed.engines import EngineUnavailable
     from secateur.runtime.speed.table import format_speed
     from secateur.speed import run_speed
 
     require_positive(args, "rounds", "prefill", "decode", "threads")
-    table = run_speed(
-        args.run_dir,
-        engine=args.engine,
-        rounds=args.rounds,
-        prefill=args.prefill,
-        decode=args.decode,
-        threads=args.threads,
-        outtype=args.outtype,
-        tokenizer_gguf=args.tokenizer_gguf,
-        log=None if args.json else print,
-    )
+    try:
+        table = run_speed(
+            args.run_dir,
+            engine=args.engine,
+            rounds=args.rounds,
+            prefill=args.prefill,
+            decode=args.decode,
+            threads=args.threads,
+            outtype=args.outtype,
+            tokenizer_gguf=args.tokenizer_gguf,
+            log=None if args.json else print,
+        )
+    except EngineUnavailable as e:  # no llama-cpp-python, or llama.cpp crashed in its child process
+        raise CliError(str(e)) from e
     print(json.dumps(table, indent=1) if args.json else format_speed(table))
     return 0
 

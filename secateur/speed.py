@@ -1,7 +1,8 @@
 """`secateur speed RUN`: the pruned model against its dense source where it is served.
 
 llama.cpp: both are exported to GGUF (the type the target names) in a temporary folder and timed
-alternately, one model open at a time, each round a fresh open, a short warm-up, a prefill of the
+alternately, each in its own child process that loads it once and warms it up (a llama.cpp crash is
+reported as the engine being unavailable, not the end of this process), each round a prefill of the
 prompt and one-token decode steps with the KV cache. PyTorch: both are loaded and timed alternately
 with runtime.timing's prefill and cached-decode loops. At least 10 rounds; medians, interquartile
 spread, and the realised share of the FLOPs ratio ((speedup - 1) / (FLOPs ratio - 1)). A
@@ -24,7 +25,7 @@ from secateur.runtime.data import load_text, tokenize_text
 from secateur.runtime.export.gguf import write_gguf
 from secateur.runtime.io import load_pruned
 from secateur.runtime.loader import LoadedModel, load_model
-from secateur.runtime.speed.engines import Phases, default_threads, engine_version, time_gguf, time_torch
+from secateur.runtime.speed.engines import GGUFTimer, Phases, default_threads, engine_version, time_torch
 from secateur.runtime.speed.measure import measure_alternating
 from secateur.runtime.speed.table import speed_table
 
@@ -71,7 +72,7 @@ def measure_pair(
             for k, lm in models.items():
                 write_gguf(lm.model, lm.adapter, files[k], tokenizer_gguf, outtype)
             timers: dict[str, Callable[[], Phases]] = {
-                k: (lambda f=f: time_gguf(f, prompt, steps, threads)) for k, f in files.items()
+                k: GGUFTimer(f, prompt, steps, threads) for k, f in files.items()
             }
         elif engine == "torch":
             timers = {

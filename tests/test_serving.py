@@ -185,3 +185,49 @@ def test_an_engine_that_cannot_run_gives_the_coarsest_step_and_says_why():
     sweep = auto_multiple_of(vllm, SMALL)
     assert sweep.multiple_of == sweep.cap == 64 and sweep.measured is None
     assert "not measured: target.engine vllm" in sweep.describe()
+
+
+# ---- llama.cpp runs in a child process: its crashes are messages, not the end of the run -------------
+
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> None:
+    from secateur.runtime.export.llamacpp import available
+
+    reason = available()
+    if reason:
+        pytest.skip(f"llama.cpp checks skipped: {reason}")
+
+
+def test_a_quantised_prefill_that_crashes_llama_cpp_is_engine_unavailable(tmp_path, llama_cpp):
+    from secateur.runtime.speed.engines import EngineUnavailable, GGUFTimer, Phases, time_gguf
+    from secateur.runtime.speed.probe import write_probe_gguf
+
+    path = write_probe_gguf(SMALL.with_(n_layers=2), tmp_path / "q.gguf", "q8_0")
+    prompt = [3 + i * 7 % 250 for i in range(32)]  # >= 16 tokens: llama-cpp-python 0.3.36 dies on AMX CPUs
+    try:
+        got = time_gguf(path, prompt, prompt[:2], 1)
+    except EngineUnavailable as e:  # this CPU: the child died, pytest did not
+        assert "llama.cpp crashed (signal SIG" in str(e) and "q8_0 GGUF q.gguf" in str(e)
+    else:  # a CPU where it runs: a real timing
+        assert isinstance(got, Phases) and got.prefill_s > 0 and got.decode_s > 0
+    f16 = write_probe_gguf(SMALL.with_(n_layers=2), tmp_path / "f.gguf", "f16")
+    timer = GGUFTimer(f16, prompt, prompt[:2], 1)
+    try:
+        rounds = [timer() for _ in range(3)]  # one child, loaded once, several rounds
+        child = timer._llm._proc.pid
+        assert timer() and timer._llm._proc.pid == child
+    finally:
+        timer.close()
+    assert all(r.prefill_s > 0 and r.decode_s > 0 for r in rounds)
+
+
+def test_a_crashing_quantised_sweep_takes_the_coarsest_step_and_says_why(llama_cpp):
+    q8 = Target(engine="llama.cpp", quant="q8_0", threads=1, prefill_len=32, decode_tokens=2, rounds=3)
+    wide = ProbeShape(hidden=128, n_head=4, n_kv=2, head_dim=32, n_ff=2048, vocab=256)
+    sweep = auto_multiple_of(q8, wide)
+    if sweep.unavailable:  # this CPU: llama.cpp's quantised prefill crashed in its child
+        assert sweep.multiple_of == sweep.cap and "llama.cpp crashed (signal SIG" in sweep.describe()
+        assert "q8_0" in sweep.describe()
+    else:
+        assert sweep.measured is not None

@@ -2,15 +2,15 @@
 KV cache on, then one-token decode steps, only the last position's logits computed.
 
 `Timer`s give raw seconds per round; `rounds.alternate` interleaves several models round by round
-so they share the machine's state. llama.cpp is timed through llama-cpp-python (one model open at
-a time: two open in one process crash libllama in 0.3.x); PyTorch through runtime.timing's
-prefill/decode loops, the same code the prune report uses.
+so they share the machine's state. llama.cpp is timed through llama-cpp-python, each model in its own
+child process that loads it once (`GGUFTimer`, runtime/export/llamacpp.py: two models open in one
+process crash libllama in 0.3.x, and a quantised prefill segfaults on some CPUs); PyTorch through
+runtime.timing's prefill/decode loops, the same code the prune report uses.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ ENGINES = ("llama.cpp", "torch", "vllm")
 
 
 class EngineUnavailable(RuntimeError):
-    """The target engine cannot run on this machine (package missing, no device)."""
+    """The target engine cannot run on this machine (package missing, no device, or it crashed)."""
 
 
 @dataclass(frozen=True)
@@ -67,34 +67,46 @@ def engine_version(engine: str) -> str:
     raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
 
 
-def time_gguf(path: str | Path, prompt: Sequence[int], decode: Sequence[int], threads: int) -> Phases:
-    """Open a GGUF in llama.cpp, warm it up with one short prefill, and time one prefill + decode."""
-    from llama_cpp import Llama
+class GGUFTimer:
+    """Times one GGUF in llama.cpp, round after round, in a child process that loads it once (a
+    crash there, like llama-cpp-python's on quantised GGUFs on some CPUs, is an EngineUnavailable
+    naming the file, its type and the signal, never the end of this process). Callable; close() ends
+    the child (`alternate` does it for every timer)."""
 
-    n_ctx = len(prompt) + len(decode) + 8
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_batch=len(prompt),
-        n_ubatch=min(len(prompt), 512),
-        logits_all=False,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    def __init__(self, path: str | Path, prompt: Sequence[int], decode: Sequence[int], threads: int) -> None:
+        self.path, self.prompt, self.decode, self.threads = Path(path), list(prompt), list(decode), threads
+        self._llm: Any = None
+
+    def __call__(self) -> Phases:
+        from secateur.runtime.export.llamacpp import LlamaProcess
+
+        if self._llm is None:
+            n = len(self.prompt)
+            self._llm = LlamaProcess(
+                self.path,
+                n + len(self.decode) + 8,
+                self.threads,
+                all_logits=False,
+                n_batch=n,
+                n_ubatch=min(n, 512),
+            )
+            self._llm.time(self.prompt[: min(32, n)], [])  # warm-up: weights paged in, threads started
+        return Phases(*self._llm.time(self.prompt, self.decode))
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+
+def time_gguf(path: str | Path, prompt: Sequence[int], decode: Sequence[int], threads: int) -> Phases:
+    """Open a GGUF in llama.cpp (in a child process), warm it up with one short prefill, and time one
+    prefill + decode."""
+    timer = GGUFTimer(path, prompt, decode, threads)
     try:
-        llm.reset()
-        llm.eval(list(prompt[: min(32, len(prompt))]))
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(list(prompt))
-        t1 = time.perf_counter()
-        for tok in decode:
-            llm.eval([int(tok)])
-        t2 = time.perf_counter()
+        return timer()
     finally:
-        llm.close()
-    return Phases(t1 - t0, t2 - t1)
+        timer.close()
 
 
 def time_torch(
@@ -117,9 +129,15 @@ def alternate(
     """Run every timer once per round, round after round, so all share the machine's state; the
     warm-up rounds are dropped."""
     out: dict[str, list[Phases]] = {k: [] for k in timers}
-    for r in range(warmup + rounds):
-        for name, t in timers.items():
-            p = t()
-            if r >= warmup:
-                out[name].append(p)
+    try:
+        for r in range(warmup + rounds):
+            for name, t in timers.items():
+                p = t()
+                if r >= warmup:
+                    out[name].append(p)
+    finally:
+        for t in timers.values():
+            close = getattr(t, "close", None)
+            if close is not None:
+                close()
     return out

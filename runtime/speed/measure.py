@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 
 from secateur.runtime.speed import cache
-from secateur.runtime.speed.engines import Phases, alternate, engine_version, time_gguf, time_torch
+from secateur.runtime.speed.engines import GGUFTimer, Phases, alternate, engine_version, time_torch
 from secateur.runtime.speed.probe import ProbeShape, probe_torch_model, write_probe_gguf
 from secateur.runtime.timing import SPREAD_LIMIT, relative_spread
 
@@ -122,7 +122,7 @@ def _gguf_timer(target: Target, shape: ProbeShape, folder: Path) -> Callable[[],
     path = write_probe_gguf(shape, folder / f"probe-{abs(hash(shape))}.gguf", target.weight_type)
     prompt = [3 + (i * 7919) % (shape.vocab - 3) for i in range(target.prefill_len)]
     decode = [3 + (i * 104729) % (shape.vocab - 3) for i in range(target.decode_tokens)]
-    return lambda: time_gguf(path, prompt, decode, target.threads)
+    return GGUFTimer(path, prompt, decode, target.threads)
 
 
 def _torch_timer(target: Target, shape: ProbeShape) -> Callable[[], Phases]:

@@ -94,7 +94,9 @@ def sweep_rows(
     """Time the candidates and the aligned neighbours; a row per candidate."""
     lo, hi = reference_widths(dense.n_ff)
     base = dense.with_(n_layers=SWEEP_LAYERS, vocab=SWEEP_VOCAB)
-    widths = {c: _odd_multiple(c, lo, hi) for c in CANDIDATES}
+    block = row_block(target.quant if target.engine == "llama.cpp" else None)
+    # a quantised type holds rows of whole blocks only: finer candidates cannot even be written
+    widths = {c: _odd_multiple(c, lo, hi) for c in CANDIDATES if c >= block}
     shapes = [base.with_(n_ff=w) for w in (lo, hi, *widths.values())]
     t = time_shapes(target, shapes, rounds, progress)
     t_lo, t_hi = t[shapes[0]], t[shapes[1]]
@@ -128,6 +130,8 @@ def auto_multiple_of(
     cap = width_cap(dense.n_ff)
     if cap <= CANDIDATES[0]:
         return Sweep(max(block, CANDIDATES[0]), None, block, cap)
+    if block > CANDIDATES[-1]:  # (q4_k_m's 256) every candidate is finer than one block: nothing to sweep
+        return Sweep(max(block, cap), None, block, cap)
     try:
         rows, ref, busy = sweep_rows(target, dense, progress, rounds)
     except EngineUnavailable as e:  # e.g. llama-cpp-python failed to build: safe widths, said so
