@@ -26,7 +26,7 @@ from secateur.testing import TINY_FAMILIES, save_tiny
 GOLDEN = Path(__file__).parent / "data" / "equivalence.json"
 RECORD = os.environ.get("SECATEUR_RECORD_GOLDEN") == "1"
 # report keys that measure this run (time, memory, speed) rather than describe its result
-VOLATILE_REPORT = {"phases", "memory", "speed", "engine_speed", "engine_speed_skipped", "stream"}
+VOLATILE_REPORT = {"phases", "memory", "speed", "engine_speed", "engine_speed_skipped"}
 VOLATILE_LOCK = {"versions", "threads", "recipe_dir"}
 
 
@@ -108,7 +108,8 @@ def _sha(data: bytes) -> str:
 def _timeless(obj: Any) -> Any:
     """`obj` without measured times (a layer's seconds, a sublayer step's cost per candidate)."""
     if isinstance(obj, dict):
-        return {k: _timeless(v) for k, v in obj.items() if not k.startswith("seconds") and k != "step_cost"}
+        timed = [k for k in obj if k.startswith("seconds") or k.endswith("_s") or k == "step_cost"]
+        return {k: _timeless(v) for k, v in obj.items() if k not in timed}
     if isinstance(obj, list):
         return [_timeless(v) for v in obj]
     return obj
