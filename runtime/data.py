@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from secateur.recipe.schema import Calibration
 
 DATA_ROOT_ENV = "SECATEUR_DATA_ROOT"
 WIKITEXT_NAMES = ("wikitext2", "wikitext2-raw")
@@ -193,3 +196,30 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     if max_windows is not None:
         n = min(n, max(int(max_windows), 0))
     return flat[: n * seqlen].reshape(n, seqlen)
+
+
+@dataclass(frozen=True)
+class CalibrationWindows:
+    """A recipe's statistics windows and the held-out windows disjoint from them."""
+
+    calib: torch.Tensor  # [n_samples, seqlen]
+    heldout: torch.Tensor  # [windows, heldout seqlen]
+
+
+def calibration_tokens(cal: Calibration, tokenizer: Any, base_dir: str | Path | None) -> torch.Tensor:
+    """Token ids [1, N] of a recipe's `calibration` text."""
+    return tokenize_text(tokenizer, load_text(cal.dataset, cal.split, cal.data_root, base_dir))
+
+
+def recipe_windows(
+    cal: Calibration,
+    tokens: torch.Tensor,
+    heldout_seqlen: int | None = None,
+    heldout_windows: int | None = None,
+) -> CalibrationWindows:
+    """The one way a recipe's `calibration` becomes windows: statistics from random windows of the
+    first 90% of the text, held-out windows from the tail (`calibration.heldout_*` unless given)."""
+    calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
+    seqlen = min(cal.seqlen, cal.heldout_seqlen) if heldout_seqlen is None else heldout_seqlen
+    windows = cal.heldout_windows if heldout_windows is None else heldout_windows
+    return CalibrationWindows(calib, eval_windows(tail, seqlen, windows))

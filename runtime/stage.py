@@ -6,9 +6,8 @@ absolute parameter count (its share of the whole goal, measured on the dense mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,8 +15,24 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.plan import Plan
 from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_fractions
+from secateur.recipe.schema import Recipe, Stage
 from secateur.runtime.allocation import global_plan, proportional_plan
 from secateur.runtime.dense import dense_statistics
+from secateur.runtime.sequential import LayerIO
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A recipe's stages in order, each with its parameter count (its share of the goal, measured
+    on the dense model) and eligible layers; the model's shapes alone decide them."""
+
+    stages: list[Stage]
+    counts: list[int]
+    layers: list[list[int]]
+
+    def __iter__(self) -> Iterator[tuple[Stage, int, list[int]]]:
+        """(stage, parameters to remove, eligible layers) of every stage."""
+        return iter(zip(self.stages, self.counts, self.layers))
 
 
 @dataclass
@@ -26,8 +41,8 @@ class CheckContext:
 
     model: nn.Module  # may be a skeleton on the meta device
     adapter: ModelAdapter
-    stage: Any  # recipe.schema.Stage
-    recipe: Any  # recipe.schema.Recipe
+    stage: Stage
+    recipe: Recipe
     params_to_remove: int
     layers: list[int]
 
@@ -40,14 +55,14 @@ class StageContext:
     adapter: ModelAdapter
     calib: torch.Tensor  # [n, seqlen] statistics windows
     heldout: torch.Tensor  # [m, seqlen] windows disjoint from calib, for quality proxies
-    stage: Any  # recipe.schema.Stage
-    recipe: Any  # recipe.schema.Recipe
+    stage: Stage
+    recipe: Recipe
     params_to_remove: int
     layers: list[int]
     progress: bool = True
     log: Callable[[str], None] = print
     cache_dir: str | None = None
-    layer_io: Any = None  # runtime.sequential.LayerIO when the layers stream from disk
+    layer_io: LayerIO | None = None  # when the layers stream from disk
 
 
 def check_plan_shapes(ctx: CheckContext) -> None:

@@ -20,7 +20,7 @@ from secateur.recipe.schema import Recipe
 from secateur.runtime.io import is_pruned_folder, pruned_skeleton
 from secateur.runtime.loader import load_config, resolve_source
 from secateur.runtime.methods import get_method
-from secateur.runtime.stage import CheckContext
+from secateur.runtime.stage import CheckContext, StagePlan
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,9 +50,7 @@ def load_skeleton(ref: str, base_dir: str | Path | None = None) -> tuple[nn.Modu
     return model, adapter_for(model.config)
 
 
-def plan_stages(
-    recipe: Recipe, model: nn.Module, adapter: ModelAdapter
-) -> tuple[list[Any], list[int], list[list[int]]]:
+def plan_stages(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> StagePlan:
     """Stages, their parameter counts and eligible layers, each stage checked by its method."""
     stages = recipe.stages()
     counts = stage_counts(recipe, model, adapter)
@@ -71,9 +69,12 @@ def plan_stages(
             raise BudgetError(
                 f"{where}budget: this stage would remove no parameter; the prune would change nothing"
             )
-        get_method(st.method).check(CheckContext(model, adapter, st, recipe, count, layers))
+        ctx = CheckContext(
+            model=model, adapter=adapter, stage=st, recipe=recipe, params_to_remove=count, layers=layers
+        )
+        get_method(st.method).check(ctx)
         stage_layers.append(layers)
-    return stages, counts, stage_layers
+    return StagePlan(stages, counts, stage_layers)
 
 
 # why a method cannot stream (methods registered with streams=True need no entry)

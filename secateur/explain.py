@@ -95,7 +95,7 @@ def explain(
     pruned = copy.deepcopy(model)
     plans: list[Plan] = []
     stages: list[dict[str, Any]] = []
-    for st, count, layers in zip(*plan_stages(recipe, model, adapter)):
+    for st, count, layers in plan_stages(recipe, model, adapter):
         stages.append({"method": st.method, "params_to_remove": count, "layers": len(layers)})
         if st.heal is not None:
             h = st.heal

@@ -33,11 +33,9 @@ from secateur.recipe.compile import (
 from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.data import (
-    eval_windows,
-    load_text,
+    calibration_tokens,
+    recipe_windows,
     resolve_text_source,
-    statistics_split,
-    tokenize_text,
 )
 from secateur.runtime.loader import load_model, resolve_source
 from secateur.runtime.outdir import (
@@ -248,11 +246,13 @@ def search(
             f"budget.params: {goal:,} parameters cannot be removed under min_keep={spec.min_keep}; the closest "
             f"feasible budget is params: {limit:.4f}"
         )
-    tokens = tokenize_text(lm.tokenizer, load_text(cal.dataset, cal.split, cal.data_root, base))
+    tokens = calibration_tokens(cal, lm.tokenizer, base)
     # the compiler's own calibration windows: the winner compiles from the same variants (stitched), and
     # the candidates re-scored after the search are compiled exactly as `secateur prune` will (sequential)
-    calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
-    heldout = eval_windows(tail, 256, max(1, opts.heldout_tokens // 256))
+    windows = recipe_windows(
+        cal, tokens, heldout_seqlen=256, heldout_windows=max(1, opts.heldout_tokens // 256)
+    )
+    calib, heldout = windows.calib, windows.heldout
     if heldout.numel() < opts.heldout_tokens:
         warn(
             f"allocation.search.heldout_tokens: {opts.heldout_tokens} asked, the held-out tail of the "

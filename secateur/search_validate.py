@@ -20,12 +20,15 @@ from typing import Any
 import torch
 import yaml
 
+from secateur.api import prune
+from secateur.evaluation import evaluate_ppl
 from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import Recipe
 from secateur.runtime.io import load_pruned
 from secateur.runtime.loader import LoadedModel
+from secateur.runtime.zeroshot import run_zeroshot
 
 
 def uniform_recipe_file(winner_path: Path, dest: Path) -> Path:
@@ -42,17 +45,13 @@ def uniform_recipe_file(winner_path: Path, dest: Path) -> Path:
 def _measure(
     recipe: Recipe, lm: LoadedModel, model: torch.nn.Module, base: Path, cache: dict, label: str
 ) -> dict:
-    from secateur.api import _data_root, evaluate_ppl
-
     ev = recipe.evaluate
     out: dict[str, Any] = {
         "decoder_linear_params": decoder_linear_params(model, lm.adapter),
         "perplexity": evaluate_ppl(recipe, replace(lm, model=model, stream=None), base, cache, label),
     }
     if ev.tasks:
-        from secateur.runtime.zeroshot import run_zeroshot
-
-        res = run_zeroshot(model, lm.tokenizer, list(ev.tasks), _data_root(recipe), ev.limit)
+        res = run_zeroshot(model, lm.tokenizer, list(ev.tasks), recipe.calibration.data_root, ev.limit)
         out["zeroshot"] = {t: m["acc"] for t, m in res.items()}
     return out
 
@@ -72,8 +71,6 @@ def _compiled(
         m = copy.deepcopy(lm.model)
         prune_stitched(m, lm.adapter, calib, plan, recipe.allocation.variants_dir, progress=False)
         return m
-    from secateur.api import prune
-
     with tempfile.TemporaryDirectory() as tmp:
         prune(
             recipe_file,

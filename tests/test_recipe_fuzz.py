@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import secateur.api as api
+import secateur.pipeline as api
 from secateur.cli import main
 from secateur.recipe.errors import RecipeError
 from secateur.recipe.load import load_recipe

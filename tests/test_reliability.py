@@ -247,7 +247,7 @@ def test_failed_lock_verification_writes_nothing(locked_run) -> None:
 
 
 def _never_load(monkeypatch) -> None:
-    import secateur.api as api
+    import secateur.pipeline as api
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the error")
