@@ -18,18 +18,29 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from secateur.recipe.errors import FieldProblems, KeyPath
 from secateur.recipe.heal import Heal
+from secateur.recipe.methods import (
+    BIAS_COMPENSATION_METRICS,
+    DEFAULT_METHOD,
+    METHOD_SPECS,
+    METHODS,
+    METRICS,
+    PASS_METHODS,
+    RESTORES,
+    MethodSpec,
+    method_spec,
+    names_with,
+    spoken,
+)
 
 SCHEMA_VERSION = 1
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionUnit = Literal["none", "kv_group", "q_head", "v_channel"]
-Metric = Literal[
-    "fasp", "magnitude", "wanda", "fluctuation", "activation_norm", "angular", "bonsai", "ppl_delta"
-]
+Metric = Literal[METRICS]
 AllocationMethod = Literal["uniform", "table", "proportional", "global", "search"]
-RestoreMethod = Literal["least_squares", "bias_compensation", "none"]
-PassMethod = Literal["fasp", "blockpruner", "sprint", "cfsp", "bonsai", "flap"]
-Method = Literal["fasp", "blockpruner", "sprint", "multipruner", "cfsp", "bonsai", "flap"]
+RestoreMethod = Literal[RESTORES]
+PassMethod = Literal[PASS_METHODS]  # recipe/methods.py declares every method once
+Method = Literal[METHODS]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -506,7 +517,7 @@ class Pass(_Section):
     share: KeepFraction
     importance: Importance = Field(default_factory=Importance)
     restore: Restore = Field(default_factory=Restore)
-    method: PassMethod = "fasp"
+    method: PassMethod = DEFAULT_METHOD
     heal: Heal | None = None  # distil from the dense model after this pass
 
 
@@ -594,12 +605,6 @@ class Output(_Section):
 
 # ---- cross-section rules ------------------------------------------------------------------------
 
-SUBLAYER_METHODS = frozenset({"blockpruner", "sprint"})  # remove whole residual branches or blocks
-BIAS_COMPENSATION_METHODS = frozenset({"flap"})
-BIAS_COMPENSATION_METRICS = frozenset({"fluctuation"})
-BONSAI_METRIC_METHODS = frozenset({"bonsai"})
-SEQUENTIAL_METHODS = frozenset({"fasp", "cfsp", "flap"})  # run the layer-wise selection and restoration
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -612,6 +617,10 @@ class Stage:
     restore: Restore
     heal: Heal | None = None  # healing after this stage (a pass's own, or the recipe's after the last)
 
+    @property
+    def spec(self) -> MethodSpec:
+        return method_spec(self.method)
+
 
 @dataclass(frozen=True)
 class StageRule:
@@ -622,49 +631,62 @@ class StageRule:
     message: str
 
 
+def _restores(s: Stage) -> frozenset[str]:
+    """The restore methods a stage may use: its method's, plus bias compensation with the metrics
+    that bring it."""
+    extra = {"bias_compensation"} if s.importance.metric in BIAS_COMPENSATION_METRICS else set()
+    return s.spec.restores | extra
+
+
+_SEQUENTIAL = spoken(names_with("sequential"))
+_BIAS_METHODS = " or ".join(repr(s.name) for s in METHOD_SPECS if "bias_compensation" in s.restores)
+_BIAS_METRICS = " or ".join(repr(m) for m in sorted(BIAS_COMPENSATION_METRICS))
+
+# every rule reads the stage's MethodSpec (recipe/methods.py), never a list of method names
 STAGE_RULES: tuple[StageRule, ...] = (
     StageRule(
         ("method",),
-        lambda s: s.method in SUBLAYER_METHODS and not (s.targets.sublayers or s.targets.blocks),
+        lambda s: s.spec.kind == "sublayer" and not (s.targets.sublayers or s.targets.blocks),
         "method {method!r} removes whole sublayers or blocks, but targets.sublayers and targets.blocks "
         "are both false; set one of them to true",
     ),
     StageRule(
         ("restore", "method"),
-        lambda s: (
-            s.restore.method == "bias_compensation"
-            and s.method not in BIAS_COMPENSATION_METHODS
-            and s.importance.metric not in BIAS_COMPENSATION_METRICS
-        ),
-        "restore 'bias_compensation' needs method 'flap' or importance.metric 'fluctuation' "
+        lambda s: s.restore.method not in _restores(s),
+        f"restore {{restore!r}} needs method {_BIAS_METHODS} or importance.metric {_BIAS_METRICS} "
         "(got method {method!r}, metric {metric!r})",
     ),
     StageRule(
         ("importance", "metric"),
-        lambda s: s.importance.metric == "bonsai" and s.method not in BONSAI_METRIC_METHODS,
-        "importance.metric 'bonsai' only works with method 'bonsai' (got method {method!r})",
+        lambda s: s.importance.metric not in s.spec.metrics,
+        "importance.metric {metric!r} only works with {metric_methods} (got method {method!r})",
     ),
     StageRule(
         ("importance", "selection"),
-        lambda s: s.importance.selection != "score" and s.method not in SEQUENTIAL_METHODS,
-        "importance.selection 'obs' works with methods fasp, cfsp and flap (got method {method!r})",
+        lambda s: s.importance.selection != "score" and not s.spec.sequential,
+        f"importance.selection 'obs' works with methods {_SEQUENTIAL} (got method {{method!r}})",
     ),
     StageRule(
         ("restore", "error_correction"),
         lambda s: (
-            s.restore.error_correction
-            and (s.method not in SEQUENTIAL_METHODS or s.restore.method != "least_squares")
+            s.restore.error_correction and (not s.spec.sequential or s.restore.method != "least_squares")
         ),
-        "restore.error_correction needs restore.method 'least_squares' and method fasp, cfsp or flap "
-        "(got method {method!r})",
+        "restore.error_correction needs restore.method 'least_squares' and method "
+        f"{spoken(names_with('sequential'), 'or')} (got method {{method!r}})",
     ),
     StageRule(
         ("restore", "refine_steps"),
-        lambda s: s.restore.refine_steps > 0 and (s.method not in SEQUENTIAL_METHODS or not s.targets.mlp),
-        "restore.refine_steps refines pruned MLP branches: it needs targets.mlp and method fasp, cfsp or "
-        "flap (got method {method!r})",
+        lambda s: s.restore.refine_steps > 0 and (not s.spec.sequential or not s.targets.mlp),
+        "restore.refine_steps refines pruned MLP branches: it needs targets.mlp and method "
+        f"{spoken(names_with('sequential'), 'or')} (got method {{method!r}})",
     ),
 )
+
+
+def _metric_methods(metric: str) -> str:
+    """'method 'x'' or 'methods 'x', 'y'': the methods that accept `metric` (for messages)."""
+    names = [repr(s.name) for s in METHOD_SPECS if metric in s.metrics]
+    return f"method {names[0]}" if len(names) == 1 else f"methods {', '.join(names)}"
 
 
 def _dotted(path: KeyPath) -> str:
@@ -695,7 +717,7 @@ class Recipe(_Section):
     importance: Importance = Field(default_factory=Importance)
     allocation: Allocation = Field(default_factory=Allocation)
     restore: Restore = Field(default_factory=Restore)
-    method: Method = "fasp"
+    method: Method = DEFAULT_METHOD
     passes: list[Pass] = Field(default_factory=list)
     heal: Heal | None = None  # distil from the dense model after the last stage
     evaluate: Evaluate = Field(default_factory=Evaluate)
@@ -765,7 +787,12 @@ class Recipe(_Section):
                 f"method {self.method!r}{' with passes' if self.passes else ''} needs 'sequential'",
             )
         for stage in self.stages():
-            fields = {"method": stage.method, "metric": stage.importance.metric}
+            fields = {
+                "method": stage.method,
+                "metric": stage.importance.metric,
+                "restore": stage.restore.method,
+                "metric_methods": _metric_methods(stage.importance.metric),
+            }
             for rule in STAGE_RULES:
                 if rule.broken(stage):
                     yield (stage.path + rule.key, rule.message.format(**fields))

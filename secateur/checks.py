@@ -16,6 +16,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.recipe.compile import BudgetError, eligible_layers, stage_counts
+from secateur.recipe.methods import names_with, spoken
 from secateur.recipe.schema import Recipe
 from secateur.runtime.io import is_pruned_folder, pruned_skeleton
 from secateur.runtime.loader import load_config, resolve_source
@@ -77,16 +78,6 @@ def plan_stages(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> Stag
     return StagePlan(stages, counts, stage_layers)
 
 
-# why a method cannot stream (methods registered with streams=True need no entry)
-WHOLE_MODEL_REASONS = {
-    "bonsai": "it scores perturbed sub-models by running the whole model many times",
-    "blockpruner": "its candidate scoring runs the whole model once per candidate block",
-    "sprint": "its candidate scoring runs the whole model once per candidate block",
-    "cfsp": "its proportional allocation needs every layer's importance before the first layer is pruned",
-    "flap": "its global ranking needs every layer's statistics before the first layer is pruned",
-}
-
-
 class StreamError(ValueError):
     """A recipe that cannot run with model.stream, named by its key."""
 
@@ -104,11 +95,12 @@ def check_streamable(recipe: Recipe) -> None:
             "model.stream: healing trains the whole pruned model in memory; prune with streaming first, "
             "or set model.stream: false to heal"
         )
-    method = stages[0].method
-    if not get_method(method).streams:
-        why = WHOLE_MODEL_REASONS.get(method, "it needs the whole model in memory")
+    spec = stages[0].spec
+    if not spec.streams:
+        use = spoken(names_with("streams"), "or")
         raise StreamError(
-            f"model.stream: method {method!r} cannot stream: {why}; use method fasp, or set model.stream: false"
+            f"model.stream: method {spec.name!r} cannot stream: {spec.whole_model}; use method {use}, "
+            "or set model.stream: false"
         )
     if recipe.allocation.method not in ("uniform", "table"):
         raise StreamError(

@@ -104,7 +104,7 @@ def explain(
                 f"{'self-generated text' if h.data.dataset == 'self' else h.data.dataset}, train {h.train}, "
                 f"teacher top-{h.top_k}"
             )
-        if st.method in ("fasp", "cfsp", "flap"):
+        if st.spec.sequential:
             stages[-1]["options"] = (
                 f"metric {st.importance.metric}, selection {st.importance.selection}, restore {st.restore.method}"
                 + (
@@ -114,7 +114,7 @@ def explain(
                 )
                 + (f", MLP refinement {st.restore.refine_steps} steps" if st.restore.refine_steps else "")
             )
-        if st.method not in ("fasp", "bonsai") or recipe.allocation.method in ("global", "proportional"):
+        if not st.spec.planned or recipe.allocation.method in ("global", "proportional"):
             stages[-1]["note"] = "units chosen from calibration data at prune time"
             continue
         spec = budget_spec(recipe, st.targets, count=count)

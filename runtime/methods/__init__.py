@@ -1,10 +1,15 @@
 """Pruning methods, one module each (BlockPruner and SPRINT share one greedy engine).
 
-Importing this package registers every method; see `registry` for the lookup and
-docs/ADD_A_METHOD.md for adding one.
+Importing this package imports every module in it, which registers every method against its
+spec in recipe/methods.py; see `registry` for the lookup and docs/ADD_A_METHOD.md for adding one.
 """
 
-from secateur.runtime.methods import blockpruner_sprint, bonsai, cfsp, fasp, flap  # noqa: F401
+import importlib
+import pkgutil
+
 from secateur.runtime.methods.registry import Method, get_method, method_names, register_method
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Method", "get_method", "method_names", "register_method"]

@@ -22,7 +22,7 @@ def check(ctx: CheckContext) -> None:
             raise ValueError("allocation.compile: 'stitched' has no variants of v_channel units")
 
 
-@register_method("fasp", check=check, streams=True)
+@register_method("fasp", check=check)
 def fasp(ctx: StageContext) -> PruneResult:
     """The recipe's allocation (uniform, table, global) executed by the sequential pass, or by
     stitching one-shot variants (`allocation.compile: stitched`, what a level search scores)."""

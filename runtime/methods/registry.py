@@ -1,8 +1,9 @@
 """The method registry: a recipe's `method:` name -> its data-free check and its run.
 
-Each method module registers itself with `@register_method(name, check=...)`; the API looks
-methods up here instead of branching on names, and a test asserts the schema's method names
-are exactly the registry's.
+Each method module registers itself with `@register_method(name, check=...)` against the spec of
+the same name in recipe/methods.py (what the method is and accepts, declared once); the API looks
+methods up here instead of branching on names, and a test asserts every spec has a registered
+method and every registered method a spec.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from secateur.recipe.methods import SPECS, MethodSpec
 from secateur.runtime.sequential import PruneResult
 from secateur.runtime.stage import CheckContext, StageContext
 
@@ -24,7 +26,12 @@ class Method:
     name: str
     run: RunFn
     check: CheckFn
-    streams: bool = False  # runs with the layers read from disk one at a time (model.stream)
+    spec: MethodSpec
+
+    @property
+    def streams(self) -> bool:
+        """Runs with the layers read from disk one at a time (model.stream)."""
+        return self.spec.streams
 
     def __call__(self, ctx: StageContext) -> PruneResult:
         return self.run(ctx)
@@ -37,16 +44,17 @@ def _no_check(ctx: CheckContext) -> None:
     return None
 
 
-def register_method(
-    name: str, check: CheckFn | None = None, streams: bool = False
-) -> Callable[[RunFn], RunFn]:
-    """Decorator registering `run` under the recipe name `method: NAME`, with its preflight check
-    (`streams`: the method passes `ctx.layer_io` to the sequential pass and needs no whole model)."""
+def register_method(name: str, check: CheckFn | None = None) -> Callable[[RunFn], RunFn]:
+    """Decorator registering `run` under the recipe name `method: NAME`, with its preflight check.
+    NAME must have a spec in recipe/methods.py (a spec with `streams` true promises that `run`
+    passes `ctx.layer_io` to the sequential pass and needs no whole model)."""
 
     def wrap(fn: RunFn) -> RunFn:
+        if name not in SPECS:
+            raise ValueError(f"method {name!r} has no spec: declare it in recipe/methods.py METHOD_SPECS")
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = Method(name, fn, check or _no_check, streams)
+        _METHODS[name] = Method(name, fn, check or _no_check, SPECS[name])
         return fn
 
     return wrap
