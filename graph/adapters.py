@@ -80,6 +80,8 @@ class ModelAdapter:
     heads_attr: str | None = None
     # rotary position embeddings on q/k (Secateur's own attention module supports these families)
     rope: bool = True
+    # why value-channel pruning (Secateur's own attention module) cannot hold this family, if it cannot
+    v_channel_refusal: str | None = None
     # inference-engine names per model_type: llama.cpp (GGUF) architecture for a uniform model and
     # for one with per-layer shapes (None: llama.cpp has none), and whether vLLM's DeciLM
     # (Nemotron-NAS, a Llama layout with per-layer blocks) can hold it
@@ -183,6 +185,10 @@ class Gemma3Adapter(ModelAdapter):
         self.mlp_adds_to_residual = False  # post_feedforward_layernorm comes after down_proj
         if getattr(config, "model_type", "") == "gemma3_text":
             self.head_norms = ("self_attn.q_norm", "self_attn.k_norm")
+        if getattr(config, "attn_logit_softcapping", None):
+            self.v_channel_refusal = (
+                "Secateur's attention module has no attention logit soft-capping (Gemma 2)"
+            )
 
     def can_save_plain_hf(self, num_heads: int) -> bool:
         # Gemma3TextConfig refuses hidden_size % num_attention_heads != 0 although head_dim is its

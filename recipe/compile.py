@@ -428,6 +428,11 @@ def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, laye
                 f"targets.attention: 'v_channel' runs through Secateur's RoPE attention module, which does not "
                 f"support {adapter.config.model_type}; use kv_group"
             )
+        if spec.attention == "v_channel" and adapter.v_channel_refusal:
+            raise BudgetError(
+                f"targets.attention: 'v_channel' cannot prune {adapter.config.model_type}: "
+                f"{adapter.v_channel_refusal}; use kv_group or q_head"
+            )
         if spec.attention == "v_channel" and spec.multiple_of > adapter.head_dim:
             raise BudgetError(
                 f"budget.multiple_of={spec.multiple_of} is larger than the head dim ({adapter.head_dim})"

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "opt")
 # real checkpoints' shapes that the GQA families above do not cover: Gemma 3 270M has one KV
 # head shared by all query heads (kv_group pruning has nothing to remove there)
 TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -38,11 +38,11 @@ def tiny_config(family: str, **over: Any) -> Any:
             num_key_value_heads=2,
             head_dim=16,
             rms_norm_eps=1e-6,
-            tie_word_embeddings=family in ("gemma3_text", "qwen3"),
+            tie_word_embeddings=family in ("gemma3_text", "gemma2", "qwen3"),
         )
         if family == "qwen2":
             cfg["attention_bias"] = True
-        if family == "gemma3_text":
+        if family in ("gemma3_text", "gemma2"):
             cfg.update(
                 sliding_window=8,
                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],

@@ -29,12 +29,15 @@ def _logits(model) -> torch.Tensor:
 
 
 def _hetero(family: str):
-    """A tiny model of `family` cut to HETERO (OPT, without GQA, drops whole heads in layer 0)."""
+    """A tiny model of `family` cut to HETERO (OPT, without GQA, drops whole heads in layer 0;
+    Gemma 2, whose logit soft-capping Secateur's value-channel attention lacks, keeps value heads whole)."""
     model = tiny_model(family)
     adapter = adapter_for(model.config)
     keep = dict(HETERO)
     if family == "opt":
         keep[0] = LayerKeep(mlp=list(range(0, 96, 3)), kv_heads=[1, 3])
+    if family == "gemma2":
+        keep[0] = LayerKeep(mlp=list(range(0, 96, 3)), q_heads=[1, 3])
     apply_keep(model, adapter, keep)
     return model, adapter
 
@@ -48,7 +51,7 @@ def test_heterogeneous_round_trip(family: str, tmp_path) -> None:
     meta = json.loads((out / "secateur.json").read_text())
     assert meta["per_layer_config"]["1"]["skip"] == ["attention"]
     assert meta["plain_hf_loadable"] is False
-    assert meta["layers"][0]["v_head_dim"] == (16 if family == "opt" else 8)
+    assert meta["layers"][0]["v_head_dim"] == (16 if family in ("opt", "gemma2") else 8)
     loaded = load_pruned(out)
     loaded.config._attn_implementation = "eager"
     torch.testing.assert_close(_logits(loaded), ref, atol=1e-5, rtol=1e-4)

@@ -60,8 +60,8 @@ def _recipe(tmp: Path, family: str = "llama", **over) -> Path:
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("attention", ["none", "heads", "v_channel"])
 def test_budget_reached_on_every_family(family: str, attention: str) -> None:
-    if family == "opt" and attention == "v_channel":
-        pytest.skip("v_channel runs through the RoPE attention module")
+    if family in ("opt", "gemma2") and attention == "v_channel":
+        pytest.skip("v_channel runs through Secateur's attention module (RoPE, no logit soft-capping)")
     model = tiny_model(family)
     adapter = adapter_for(model.config)
     attn = {"none": "none", "v_channel": "v_channel"}.get(
@@ -207,3 +207,14 @@ def test_bad_input_fails_before_work(tmp_path: Path) -> None:
         prune(recipe, output=tmp_path / "x", overrides=["calibration.seqlen=100000"], progress=False)
     assert not (tmp_path / "x").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_value_channels_of_a_soft_capped_family_are_refused_before_loading(tmp_path: Path) -> None:
+    """Gemma 2's attention logit soft-capping is not in Secateur's value-channel attention: the
+    recipe fails in preflight, naming the key, and nothing is written."""
+    r = _recipe(tmp_path, "gemma2", targets={"mlp": True, "attention": "v_channel"})
+    with pytest.raises(
+        BudgetError, match=r"targets.attention: 'v_channel' cannot prune gemma2: .*soft-capping"
+    ):
+        prune(r, output=tmp_path / "out", progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()

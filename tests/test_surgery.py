@@ -79,8 +79,8 @@ def test_physical_equals_masked(family: str, case: str) -> None:
     dense = tiny_model(family)
     adapter = adapter_for(dense.config)
     keep = copy.deepcopy(KEEPS[case])
-    if family == "opt" and case == "v_channels":
-        pytest.skip("v_channel needs a RoPE family")
+    if family in ("opt", "gemma2") and case == "v_channels":
+        pytest.skip("v_channel needs a RoPE family without attention logit soft-capping")
     if family == "opt":  # MHA: one query head per KV group, so q_head keep-sets become kv_group ones
         for lk in keep.values():
             if lk.q_heads is not None:
