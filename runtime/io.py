@@ -37,6 +37,7 @@ from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.runtime.fingerprint import saved_state_dict
+from secateur.runtime.formats import DTYPES
 from secateur.runtime.outdir import OutputExistsError, atomic_dir  # noqa: F401  (public here too)
 from secateur.runtime.refusal import (
     NOT_PLAIN_TYPE,
@@ -224,8 +225,6 @@ def save_pruned(
             raise TypeError("save_pruned: only out_dir and tokenizer may be given by position")
         tokenizer = rest[0]
     if isinstance(dtype, str):
-        from secateur.runtime.loader import DTYPES
-
         if dtype not in DTYPES:
             raise ValueError(f"save_pruned: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]

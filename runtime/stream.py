@@ -24,11 +24,13 @@ from secateur.runtime.capture import capture_inputs, run_layer
 from secateur.runtime.deliver import check_finite_source, check_finite_tensors
 from secateur.runtime.evaluate import window_nll
 from secateur.runtime.fingerprint import Fingerprint, saved_tensor
-from secateur.runtime.io import DEFAULT_MAX_SHARD_SIZE, INDEX_NAME, branch_markers
-from secateur.runtime.loader import (
-    LoadedModel,
-    ModelLoadError,
-    ModelSource,
+from secateur.runtime.formats import LoadedModel, ModelLoadError, ModelSource
+from secateur.runtime.io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_NAME,
+    branch_markers,
+    is_pruned_folder,
+    pruned_skeleton,
 )
 from secateur.runtime.weights import GGUFSource, SafetensorsSource, WeightSource, check_complete
 
@@ -269,8 +271,6 @@ def streamed_model(src: ModelSource, dev: torch.device, dt: torch.dtype, config:
     layers left on disk."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from secateur.runtime.io import is_pruned_folder, pruned_skeleton
 
     folder = Path(src.path)
     if not folder.is_dir():

@@ -14,6 +14,7 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import SKIPPED_MARKER, Group, Site, layer_groups, layer_shapes
 from secateur.graph.keep import KeepSet, KeepSetError
+from secateur.runtime.attention import VChannelAttention
 
 
 class SkippedAttention(nn.Module):
@@ -191,7 +192,6 @@ def apply_keep(model: nn.Module, adapter: ModelAdapter, keep: KeepSet) -> None:
 
 def _use_vchannel_attention(model: nn.Module, adapter: ModelAdapter, i: int) -> None:
     """Swap in Secateur's attention once values are narrower than queries (HF cannot run it)."""
-    from secateur.runtime.attention import VChannelAttention
 
     path = f"{adapter.layer_prefix(i)}.{adapter.attn}"
     attn = model.get_submodule(path)

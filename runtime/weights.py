@@ -15,7 +15,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
+
+from secateur.runtime.io import PrunedFolderError, weight_files
 
 
 class WeightSourceError(ValueError):
@@ -34,10 +37,6 @@ class SafetensorsSource:
     """A folder's safetensors weights (single file or sharded with an index), memory-mapped."""
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import safe_open
-
-        from secateur.runtime.io import PrunedFolderError, weight_files
-
         self.folder = Path(folder)
         try:
             files = weight_files(self.folder)  # the one listing of a folder's weights (index checked)

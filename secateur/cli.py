@@ -11,6 +11,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+# Each subcommand imports what it runs inside its function, on purpose: the prune pipeline pulls
+# in transformers' Trainer, peft and datasets (healing), the search optuna and sqlalchemy, and
+# together they take seconds to import, which `secateur --help`, `graph` or `report` should not pay.
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 

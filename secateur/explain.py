@@ -22,6 +22,7 @@ from secateur.graph.count import decoder_linear_params, flops_per_token, total_p
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
+from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_fractions
 from secateur.recipe.schema import Recipe
 from secateur.runtime.loader import DTYPES
 from secateur.runtime.speed.latency import PHASES, LatencyModel
@@ -81,12 +82,6 @@ def explain(
     FASP stages are compiled exactly; stages whose choices depend on calibration data
     (sublayer removal, global rankings) are listed with their parameter budget only.
     """
-    from secateur.recipe.compile import (
-        allocate,
-        budget_spec,
-        check_shapes,
-        table_fractions,
-    )
 
     model, adapter = load_skeleton(model_ref or recipe.model.id, base_dir)
     speed_goal = recipe.budget.latency_goal is not None

@@ -11,7 +11,9 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.lock import LOCK_NAME
 from secateur.runtime.export import FORMATS, ExportError, check_replaceable_path
-from secateur.runtime.loader import ModelSource, resolve_source
+from secateur.runtime.export.decilm import decilm_config, write_decilm
+from secateur.runtime.export.gguf import check_tokenizer, gguf_layout, write_gguf
+from secateur.runtime.loader import ModelSource, load_model, resolve_source
 from secateur.runtime.outdir import check_location, clean_leftovers, record_files
 
 
@@ -99,14 +101,10 @@ def check_pruned(
 ) -> None:
     """Raise ExportError when the engine cannot hold this pruned model exactly (nothing written)."""
     if fmt == "gguf":
-        from secateur.runtime.export.gguf import check_tokenizer, gguf_layout
-
         gguf_layout(model, adapter)
         if tokenizer_gguf is not None:
             check_tokenizer(model, tokenizer_gguf)
     else:
-        from secateur.runtime.export.decilm import decilm_config
-
         decilm_config(model, adapter)
 
 
@@ -124,14 +122,10 @@ def export_model(
 ) -> Path:
     """Write one export of an in-memory model (used by `export` and by a recipe's output.export)."""
     if fmt == "gguf":
-        from secateur.runtime.export.gguf import write_gguf
-
         if tokenizer_gguf is None:
             raise ExportError("gguf export needs a GGUF file to take the tokenizer from")
         write_gguf(model, adapter, out, tokenizer_gguf, outtype, name=name, overwrite=overwrite)
     elif fmt == "decilm":
-        from secateur.runtime.export.decilm import write_decilm
-
         write_decilm(model, adapter, out, tokenizer=tokenizer, dtype=outtype, overwrite=overwrite)
     else:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -172,7 +166,6 @@ def export(
     """Export a pruned output folder; everything checkable (the output above all) is checked before
     the model loads. A GGUF file is listed in its folder's `.secateur-files`, so --overwrite may
     replace it later (and only it)."""
-    from secateur.runtime.loader import load_model
 
     run = Path(run_dir)
     if fmt not in FORMATS:

@@ -28,6 +28,7 @@ from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import Recipe
 from secateur.runtime.io import load_pruned
 from secateur.runtime.loader import LoadedModel
+from secateur.runtime.variants import prune_stitched
 from secateur.runtime.zeroshot import run_zeroshot
 
 
@@ -66,8 +67,6 @@ def _compiled(
 ) -> torch.nn.Module:
     """The model `recipe_file` builds: stitched from the variant store, or pruned sequentially."""
     if recipe.allocation.compile == "stitched":
-        from secateur.runtime.variants import prune_stitched
-
         m = copy.deepcopy(lm.model)
         prune_stitched(m, lm.adapter, calib, plan, recipe.allocation.variants_dir, progress=False)
         return m

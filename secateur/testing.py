@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateur.runtime.speed.probe import byte_symbols, llama_header, shape_of_config
+
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "opt")
 # real checkpoints' shapes that the GQA families above do not cover: Gemma 3 270M has one KV
 # head shared by all query heads (kv_group pruning has nothing to remove there)
@@ -104,8 +106,6 @@ def save_tiny_gguf(path: str, seed: int = 0) -> nn.Module:
     The file is what llama.cpp's converter would make of the model, so loading it exercises the
     same dequantisation and q/k un-permutation as a real GGUF."""
     import gguf
-
-    from secateur.runtime.speed.probe import byte_symbols, llama_header, shape_of_config
 
     model = tiny_model("llama", seed, vocab_size=256)
     c = model.config

@@ -1,7 +1,9 @@
 """The package stack stays one-way: graph <- recipe <- runtime <- search <- secateur.
 
 Every import of every module is walked, function-local ones included; an import of a higher
-package, or of a private name from another package, fails with the file and line.
+package, or of a private name from another package, fails with the file and line, and so does
+an import cycle between modules (one closed by an import inside a function counts too; imports
+under `if TYPE_CHECKING:` do not run and do not count).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 from typing import get_args
+
+import networkx as nx
 
 from secateur.recipe.schema import Method, PassMethod
 from secateur.runtime.methods import method_names
@@ -50,6 +54,63 @@ def layering_violations(root: Path = ROOT) -> list[str]:
                 if pkg != folder and private:
                     problems.append(f"{where}: private name(s) {private} taken from {pkg}")
     return problems
+
+
+def _module_names(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the five packages."""
+    out = {}
+    for folder in STACK:
+        pkg = "secateur" if folder == "secateur" else f"secateur.{folder}"
+        for path in (root / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(root / folder).with_suffix("").parts if p != "__init__"]
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement that runs (anywhere, functions included), not those under TYPE_CHECKING."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for child in node.body for n in ast.walk(child)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) and id(n) not in skip]
+
+
+def import_cycles(root: Path = ROOT) -> list[list[str]]:
+    """Each set of modules that import one another in a cycle, function-level imports included."""
+    modules = _module_names(root)
+    graph = nx.DiGraph()
+    for name, path in modules.items():
+        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level or not node.module:
+                    continue
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+                targets = [t if t in modules else node.module for t in targets]
+            else:
+                targets = [a.name for a in node.names]
+            for t in targets:
+                while t and t not in modules:
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    graph.add_edge(name, t)
+    return sorted(sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1)
+
+
+def test_no_import_cycles() -> None:
+    assert import_cycles() == []
+
+
+def test_the_cycle_checker_sees_function_level_imports(tmp_path: Path) -> None:
+    for folder in STACK:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "runtime" / "a.py").write_text("from secateur.runtime.b import f\n")
+    (tmp_path / "runtime" / "b.py").write_text("def f():\n    from secateur.runtime import a\n    return a\n")
+    (tmp_path / "runtime" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from secateur.runtime.a import x\n"
+    )
+    (tmp_path / "runtime" / "d.py").write_text("from secateur.runtime.c import y\n")
+    assert import_cycles(tmp_path) == [["secateur.runtime.a", "secateur.runtime.b"]]
 
 
 def test_imports_point_down_the_stack() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from secateur.runtime.speed.engines import EngineUnavailable
+from secateur.runtime.formats import EngineUnavailable
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 START_TIMEOUT_S = 300  # loading a model: minutes for a large one on a slow disk, never forever

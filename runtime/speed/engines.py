@@ -18,13 +18,11 @@ from typing import Any
 
 import torch
 
+from secateur.runtime.export.llamacpp import LlamaProcess
+from secateur.runtime.formats import EngineUnavailable  # defined in the leaf; importable from here
 from secateur.runtime.timing import model_device, time_decode, time_prefill
 
 ENGINES = ("llama.cpp", "torch", "vllm")
-
-
-class EngineUnavailable(RuntimeError):
-    """The target engine cannot run on this machine (package missing, no device, or it crashed)."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,6 @@ class GGUFTimer:
         self._llm: Any = None
 
     def __call__(self) -> Phases:
-        from secateur.runtime.export.llamacpp import LlamaProcess
-
         if self._llm is None:
             n = len(self.prompt)
             self._llm = LlamaProcess(
