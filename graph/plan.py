@@ -30,22 +30,38 @@ class LayerPlan:
         return self == LayerPlan()
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How units are scored, chosen and restored; its defaults are the recipe's and every plan's
+    (the one place they are written)."""
+
+    metric: str = "fasp"
+    restore: str = "least_squares"
+    damping: float = 0.01
+    selection: str = "score"  # score: fixed per-unit scores; obs: greedy OBS on the consumer's Gram
+
+
 @dataclass
 class Plan:
     """Per-layer kept counts plus how units are scored and restored."""
 
     layers: dict[int, LayerPlan] = field(default_factory=dict)
-    metric: str = "fasp"
-    restore: str = "least_squares"
-    damping: float = 0.01
-    selection: str = "score"  # score: fixed per-unit scores; obs: greedy OBS on the consumer's Gram
+    metric: str = Scoring.metric
+    restore: str = Scoring.restore
+    damping: float = Scoring.damping
+    selection: str = Scoring.selection
     error_correction: float = 0.0  # how far restoration aims at the dense model's outputs (0 off, 1 fully)
     refine_steps: int = 0  # optimizer steps on each pruned MLP branch toward the dense branch
     refine_lr: float = 1e-4
 
+    @property
+    def scoring(self) -> Scoring:
+        """The plan's scoring options as one frozen object."""
+        return Scoring(self.metric, self.restore, self.damping, self.selection)
+
     def to_dict(self) -> dict[str, Any]:
         extra = {}  # recorded only when set, so plans of earlier locks read back unchanged
-        if self.selection != "score":
+        if self.selection != Scoring.selection:
             extra["selection"] = self.selection
         if self.error_correction:
             extra["error_correction"] = float(self.error_correction)
@@ -68,10 +84,10 @@ class Plan:
         layers = {int(i): LayerPlan(**lp) for i, lp in d.get("layers", {}).items()}
         return cls(
             layers,
-            d.get("metric", "fasp"),
-            d.get("restore", "least_squares"),
-            d.get("damping", 0.01),
-            d.get("selection", "score"),
+            d.get("metric", Scoring.metric),
+            d.get("restore", Scoring.restore),
+            d.get("damping", Scoring.damping),
+            d.get("selection", Scoring.selection),
             float(d.get("error_correction", 0.0)),
             int(d.get("refine_steps", 0)),
             float(d.get("refine_lr", 1e-4)),

@@ -16,8 +16,8 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import attention_products, attention_span, decoder_linear_params, flops_per_token
 from secateur.graph.groups import Group, layer_groups, layer_shapes
-from secateur.graph.plan import LayerPlan, Plan, min_units, round_keep
-from secateur.recipe.schema import parse_table_key, select_layers
+from secateur.graph.plan import LayerPlan, Plan, Scoring, min_units, round_keep
+from secateur.recipe.schema import Recipe, Targets, parse_table_key, select_layers
 
 
 class BudgetError(ValueError):
@@ -105,9 +105,9 @@ def allocate(
     spec: BudgetSpec,
     layers: list[int],
     fixed: dict[int, Any] | None = None,
-    metric: str = "fasp",
-    restore: str = "least_squares",
-    damping: float = 0.01,
+    metric: str = Scoring.metric,
+    restore: str = Scoring.restore,
+    damping: float = Scoring.damping,
 ) -> Plan:
     """Pinned layers keep their table fraction; the others share the rest of the budget uniformly."""
     fixed = fixed or {}
@@ -158,9 +158,9 @@ def uniform_plan(
     adapter: ModelAdapter,
     spec: BudgetSpec,
     layers: list[int],
-    metric: str = "fasp",
-    restore: str = "least_squares",
-    damping: float = 0.01,
+    metric: str = Scoring.metric,
+    restore: str = Scoring.restore,
+    damping: float = Scoring.damping,
 ) -> Plan:
     """The same sparsity in every eligible layer, meeting the parameter budget."""
     check_targets(spec, layers)
@@ -247,7 +247,7 @@ def planned_removal(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> int:
     return total
 
 
-def eligible_layers(targets: Any, num_layers: int, prefix: str) -> list[int]:
+def eligible_layers(targets: Targets, num_layers: int, prefix: str) -> list[int]:
     """Layers chosen by `targets.layers`, minus the protected ones."""
     try:
         chosen = select_layers(targets.layers, num_layers, prefix)
@@ -284,7 +284,7 @@ def table_fractions(table: dict[str, Any], num_layers: int) -> dict[int, Any]:
     return out
 
 
-def budget_spec(recipe: Any, targets: Any | None = None, count: int | None = None) -> BudgetSpec:
+def budget_spec(recipe: Recipe, targets: Targets | None = None, count: int | None = None) -> BudgetSpec:
     """The budget of a recipe, or of one stage given its absolute share `count` of parameters.
 
     A FLOPs budget has no parameter count until it meets a model: pass `count` from
@@ -364,13 +364,13 @@ def flops_to_params(
     return hi
 
 
-def removal_goal(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> int:
+def removal_goal(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> int:
     """Parameters the whole recipe removes: budget.params directly, or the count that cuts
     budget.flops of the dense model's FLOPs per token (see `stage_counts`)."""
     return sum(stage_counts(recipe, model, adapter))
 
 
-def stage_counts(recipe: Any, model: nn.Module, adapter: ModelAdapter) -> list[int]:
+def stage_counts(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> list[int]:
     """Parameters each stage removes: its share of the whole budget, measured on the dense model.
 
     budget.flops is a fraction of the dense model's FLOPs per token (decoder and LM head,

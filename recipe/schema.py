@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from secateur.graph.plan import Scoring
 from secateur.recipe.errors import FieldProblems, KeyPath
 from secateur.recipe.heal import Heal
 from secateur.recipe.methods import (
@@ -329,10 +330,10 @@ class BonsaiOptions(_Section):
 class Importance(_Section):
     """How units are scored."""
 
-    metric: Metric = "fasp"
+    metric: Metric = Scoring.metric  # type: ignore[assignment]
     # score: keep the best units by `metric`; obs: remove greedily the units whose loss the consumer's
     # least squares absorbs best (structured Optimal Brain Surgeon, SlimGPT / ZipLM)
-    selection: Literal["score", "obs"] = "score"
+    selection: Literal["score", "obs"] = Scoring.selection  # type: ignore[assignment]
     bonsai: BonsaiOptions = Field(default_factory=BonsaiOptions)
 
     @model_validator(mode="after")
@@ -497,8 +498,8 @@ class Allocation(_Section):
 class Restore(_Section):
     """How the consuming layer is corrected after pruning; `damping` scales the mean Gram diagonal."""
 
-    method: RestoreMethod = "least_squares"
-    damping: Annotated[float, Field(gt=0)] = 0.01
+    method: RestoreMethod = Scoring.restore  # type: ignore[assignment]
+    damping: Annotated[float, Field(gt=0)] = Scoring.damping
     # how far each consumer is fitted toward the DENSE model's outputs (a dense stream runs beside the
     # pruned one), so every layer also corrects part of the error the layers before it left: 0 off,
     # 1 the dense target W X_dense, a in between the target W (a X_dense + (1 - a) X)
@@ -620,6 +621,12 @@ class Stage:
     @property
     def spec(self) -> MethodSpec:
         return method_spec(self.method)
+
+    @property
+    def scoring(self) -> Scoring:
+        """The stage's metric, restore, damping and selection as one frozen object."""
+        imp, rest = self.importance, self.restore
+        return Scoring(imp.metric, rest.method, rest.damping, imp.selection)
 
 
 @dataclass(frozen=True)

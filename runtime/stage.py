@@ -75,7 +75,7 @@ def plan_for_stage(ctx: StageContext, allocation: str | None = None) -> Plan:
     """The plan of a FASP-style stage under its allocation, with the stage's selection rule and
     restoration target."""
     plan = _allocated_plan(ctx, allocation)
-    plan.selection = ctx.stage.importance.selection
+    plan.selection = ctx.stage.scoring.selection
     plan.error_correction = ctx.stage.restore.error_correction
     plan.refine_steps = ctx.stage.restore.refine_steps
     plan.refine_lr = ctx.stage.restore.refine_lr
@@ -88,13 +88,13 @@ def _allocated_plan(ctx: StageContext, allocation: str | None) -> Plan:
     check_shapes(ctx.model, ctx.adapter, spec, ctx.layers)
     alloc = ctx.recipe.allocation
     method = allocation or alloc.method
-    imp, rest = ctx.stage.importance.metric, ctx.stage.restore
+    s = ctx.stage.scoring
     if method in ("global", "proportional"):
         dense = dense_statistics(
             ctx.model, ctx.adapter, ctx.calib, ctx.layers, spec.mlp, spec.attention != "none"
         )
         build = global_plan if method == "global" else proportional_plan
-        return build(ctx.model, ctx.adapter, spec, ctx.layers, dense, imp, rest.method, rest.damping)
+        return build(ctx.model, ctx.adapter, spec, ctx.layers, dense, s.metric, s.restore, s.damping)
     fixed: dict[int, float] = {}
     if method == "table":
         fixed = {
@@ -104,4 +104,4 @@ def _allocated_plan(ctx: StageContext, allocation: str | None) -> Plan:
         raise ValueError(
             f"allocation.method: {method!r} is produced by `secateur search`, which writes a table"
         )
-    return allocate(ctx.model, ctx.adapter, spec, ctx.layers, fixed, imp, rest.method, rest.damping)
+    return allocate(ctx.model, ctx.adapter, spec, ctx.layers, fixed, s.metric, s.restore, s.damping)

@@ -10,6 +10,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.lock import LOCK_NAME
+from secateur.recipe.schema import Recipe
 from secateur.runtime.export import FORMATS, ExportError, check_replaceable_path
 from secateur.runtime.export.decilm import decilm_config, write_decilm
 from secateur.runtime.export.gguf import check_tokenizer, gguf_layout, write_gguf
@@ -66,7 +67,7 @@ def recipe_tokenizer_gguf(export: Any, source: ModelSource | None, base_dir: Pat
     return tokenizer_gguf_for(source, given, where)
 
 
-def check_exports(recipe: Any, adapter: ModelAdapter, base_dir: Path | None) -> list[str]:
+def check_exports(recipe: Recipe, adapter: ModelAdapter, base_dir: Path | None) -> list[str]:
     """What `output.export` will write, checked before any weights load (family, tokenizer source);
     one line per export. Shapes are checked again on the pruned model before anything is written."""
     lines = []

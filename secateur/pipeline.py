@@ -25,7 +25,7 @@ from secateur.export import check_exports
 from secateur.graph.count import decoder_linear_params
 from secateur.heal_stage import Healing, check_heal_lock, check_heals, heal_after, prepare_heals
 from secateur.lock import LockError, check_kept_ranges, locked_fingerprint, model_fingerprint
-from secateur.recipe.schema import Recipe, Stage
+from secateur.recipe.schema import Recipe, Stage, Targets
 from secateur.results import (
     base_report,
     check_lock_model,
@@ -157,7 +157,7 @@ def output_dtype(recipe: Recipe, lm: LoadedModel, lock_data: dict[str, Any] | No
     return DTYPES[recipe.output.dtype]
 
 
-def unit_kinds(targets: Any) -> set[str]:
+def unit_kinds(targets: Targets) -> set[str]:
     """The unit kinds a stage removes: channels and heads, whole sublayers, blocks."""
     kinds = {targets.attention} - {"none"} | ({"mlp_channel"} if targets.mlp else set())
     kinds |= {"attn_sublayer", "mlp_sublayer"} if targets.sublayers else set()

@@ -47,6 +47,7 @@ from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import linear_params
 from secateur.graph.groups import has_submodule, is_skipped, layer_shapes
 from secateur.graph.keep import LayerKeep
+from secateur.recipe.schema import Stage, Targets
 from secateur.runtime.capture import LayerInputs, capture_inputs, run_layer
 from secateur.runtime.methods.registry import register_method
 from secateur.runtime.proxy import HeldoutScorer, dense_reference
@@ -100,7 +101,9 @@ def branch_params(model: nn.Module, adapter: ModelAdapter, i: int) -> dict[str, 
     return out
 
 
-def candidates(model: nn.Module, adapter: ModelAdapter, layers: list[int], targets: Any) -> list[Candidate]:
+def candidates(
+    model: nn.Module, adapter: ModelAdapter, layers: list[int], targets: Targets
+) -> list[Candidate]:
     """Remaining candidates: branches with `targets.sublayers`, whole blocks with `targets.blocks`."""
     out: list[Candidate] = []
     for i in layers:
@@ -112,14 +115,19 @@ def candidates(model: nn.Module, adapter: ModelAdapter, layers: list[int], targe
     return out
 
 
-def _where(stage: Any) -> str:
+def _where(stage: Stage) -> str:
     """'stage passes.1' for a pass, 'top-level stage' for a recipe without passes."""
     path = getattr(stage, "path", ())
     return "stage " + ".".join(str(p) for p in path) if path else "top-level stage"
 
 
 def check_budget(
-    model: nn.Module, adapter: ModelAdapter, method: str, stage: Any, params_to_remove: int, layers: list[int]
+    model: nn.Module,
+    adapter: ModelAdapter,
+    method: str,
+    stage: Stage,
+    params_to_remove: int,
+    layers: list[int],
 ) -> int:
     """Fail early (from group sizes, no data touched) when sublayer removal cannot meet the budget.
 

@@ -46,7 +46,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +56,7 @@ from secateur.graph.count import decoder_linear_params
 from secateur.graph.groups import layer_groups, layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import Plan, min_units
+from secateur.recipe.schema import Targets
 from secateur.runtime.capture import base_model
 from secateur.runtime.methods.registry import register_method
 from secateur.runtime.proxy import mean_loss
@@ -318,7 +318,7 @@ def _select_global(
     return chosen
 
 
-def _kinds(targets: Any) -> list[str]:
+def _kinds(targets: Targets) -> list[str]:
     """The unit kinds the stage's targets prune: "mlp" and / or the attention kind."""
     kinds = (["mlp"] if targets.mlp else []) + ([targets.attention] if targets.attention != "none" else [])
     if not kinds:
