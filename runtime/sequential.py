@@ -318,23 +318,7 @@ def prune_sequential(
                 layers[i], consumers, hidden, dense_hidden, inputs.kwargs[i], branch, down
             )
             phases["statistics"] += time.perf_counter() - t
-            t = time.perf_counter()
-            lk = select_layer(model, adapter, i, lp, stats, plan.metric, plan.selection, plan.damping)
-            phases["scoring"] += time.perf_counter() - t
-            t = time.perf_counter()
-            new_w, errors = restore_layer(
-                model,
-                adapter,
-                i,
-                lk,
-                stats,
-                plan.damping,
-                plan.restore,
-                correction=float(plan.error_correction),
-            )
-            apply_keep(model, adapter, {i: lk})
-            write_consumers(model, new_w)
-            phases["restoration"] += time.perf_counter() - t
+            lk, errors = _select_and_restore(model, adapter, i, lp, stats, plan, phases)
             keep[i] = lk
             del stats
             if branch is not None:
@@ -363,6 +347,36 @@ def prune_sequential(
             on_layer(log)
     phases["total"] = time.perf_counter() - t0
     return PruneResult(keep, logs, phases, plan)
+
+
+def _select_and_restore(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    i: int,
+    lp: LayerPlan,
+    stats: dict[str, InputStats],
+    plan: Plan,
+    phases: dict[str, float],
+) -> tuple[LayerKeep, dict[str, dict[str, float]]]:
+    """Layer i's kept units chosen from its statistics, the layer sliced and its consumers restored."""
+    t = time.perf_counter()
+    lk = select_layer(model, adapter, i, lp, stats, plan.metric, plan.selection, plan.damping)
+    phases["scoring"] += time.perf_counter() - t
+    t = time.perf_counter()
+    new_w, errors = restore_layer(
+        model,
+        adapter,
+        i,
+        lk,
+        stats,
+        plan.damping,
+        plan.restore,
+        correction=float(plan.error_correction),
+    )
+    apply_keep(model, adapter, {i: lk})
+    write_consumers(model, new_w)
+    phases["restoration"] += time.perf_counter() - t
+    return lk, errors
 
 
 def _prune_without_data(

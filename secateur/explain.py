@@ -23,7 +23,7 @@ from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_fractions
-from secateur.recipe.schema import Recipe
+from secateur.recipe.schema import Recipe, Stage
 from secateur.runtime.loader import DTYPES
 from secateur.runtime.speed.latency import PHASES, LatencyModel
 from secateur.runtime.stream import memory_bound
@@ -69,6 +69,26 @@ class Explanation:
     latency: dict[str, Any] | None = None  # predicted per-layer and total times (speed goal or --latency)
 
 
+def stage_summary(st: Stage, count: int, layers: list[int]) -> dict[str, Any]:
+    """One stage as `recipe explain` lists it: method, budget, its options and its heal."""
+    out: dict[str, Any] = {"method": st.method, "params_to_remove": count, "layers": len(layers)}
+    if st.heal is not None:
+        h = st.heal
+        out["heal"] = (
+            f"then heal: {h.steps} steps x {h.batch} x {h.seqlen} = {h.steps * h.batch * h.seqlen:,} tokens of "
+            f"{'self-generated text' if h.data.dataset == 'self' else h.data.dataset}, train {h.train}, "
+            f"teacher top-{h.top_k}"
+        )
+    if st.spec.sequential:
+        r = st.restore
+        out["options"] = (
+            f"metric {st.importance.metric}, selection {st.importance.selection}, restore {r.method}"
+            + (f", error correction {r.error_correction:g}" if r.error_correction else "")
+            + (f", MLP refinement {r.refine_steps} steps" if r.refine_steps else "")
+        )
+    return out
+
+
 def explain(
     recipe: Recipe,
     model_ref: str | None = None,
@@ -82,7 +102,6 @@ def explain(
     FASP stages are compiled exactly; stages whose choices depend on calibration data
     (sublayer removal, global rankings) are listed with their parameter budget only.
     """
-
     model, adapter = load_skeleton(model_ref or recipe.model.id, base_dir)
     speed_goal = recipe.budget.latency_goal is not None
     recipe, speed = resolve_speed(recipe, model, adapter, log)
@@ -91,24 +110,7 @@ def explain(
     plans: list[Plan] = []
     stages: list[dict[str, Any]] = []
     for st, count, layers in plan_stages(recipe, model, adapter):
-        stages.append({"method": st.method, "params_to_remove": count, "layers": len(layers)})
-        if st.heal is not None:
-            h = st.heal
-            stages[-1]["heal"] = (
-                f"then heal: {h.steps} steps x {h.batch} x {h.seqlen} = {h.steps * h.batch * h.seqlen:,} tokens of "
-                f"{'self-generated text' if h.data.dataset == 'self' else h.data.dataset}, train {h.train}, "
-                f"teacher top-{h.top_k}"
-            )
-        if st.spec.sequential:
-            stages[-1]["options"] = (
-                f"metric {st.importance.metric}, selection {st.importance.selection}, restore {st.restore.method}"
-                + (
-                    f", error correction {st.restore.error_correction:g}"
-                    if st.restore.error_correction
-                    else ""
-                )
-                + (f", MLP refinement {st.restore.refine_steps} steps" if st.restore.refine_steps else "")
-            )
+        stages.append(stage_summary(st, count, layers))
         if not st.spec.planned or recipe.allocation.method in ("global", "proportional"):
             stages[-1]["note"] = "units chosen from calibration data at prune time"
             continue
@@ -121,9 +123,8 @@ def explain(
                 for i, f in table_fractions(recipe.allocation.table, adapter.num_layers).items()
                 if i in layers
             }
-        plan = allocate(
-            pruned, adapter, spec, layers, fixed, st.importance.metric, st.restore.method, st.restore.damping
-        )
+        sc = st.scoring
+        plan = allocate(pruned, adapter, spec, layers, fixed, sc.metric, sc.restore, sc.damping)
         apply_plan_shapes(pruned, adapter, plan)
         plans.append(plan)
     rows = []
