@@ -118,6 +118,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--windows", type=int, default=None)
     ap.add_argument("--eval-dtype", default="bfloat16")
+    ap.add_argument(
+        "--dense-from",
+        default=None,
+        help="reuse the dense row of a quality_bench .json measured with the same protocol (eval dtype, limit, windows)",
+    )
+    ap.add_argument("--pruned", default=None, help="keep the pruned model here and reuse it when it exists")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "heal"))
     args = ap.parse_args()
@@ -131,6 +137,11 @@ def main() -> None:
     dense = load_model("smollm2-135m", "float32", "cpu")
     windows = eval_windows(tokenize_text(dense.tokenizer, load_text("wikitext2", "test")), 2048, args.windows)
     dense_ev = prev.get("dense")
+    if dense_ev is None and args.dense_from:
+        src = json.loads(Path(args.dense_from).read_text())
+        same = src["args"].get("eval_dtype") == args.eval_dtype and src["args"].get("limit") == args.limit
+        if same and src["dense"].get("windows") == windows.shape[0]:
+            dense_ev = src["dense"] | {"limit": args.limit, "from": args.dense_from}
     if dense_ev is None or dense_ev.get("windows") != windows.shape[0] or dense_ev.get("limit") != args.limit:
         copy = load_model("smollm2-135m", "float32", "cpu")
         dense_ev = evaluate(copy.model, copy.tokenizer, windows, DTYPES[args.eval_dtype], None, args.limit)
@@ -142,8 +153,9 @@ def main() -> None:
         ["evaluate.enabled=false", "model.dtype=float32", "model.device=cpu"],
     )
     with tempfile.TemporaryDirectory() as tmp:
-        pruned_dir = Path(tmp) / "pruned"
-        prune(recipe=recipe, output=pruned_dir, progress=False, log=lambda s: None)
+        pruned_dir = Path(args.pruned) if args.pruned else Path(tmp) / "pruned"
+        if not (pruned_dir / "recipe.lock.yaml").is_file():
+            prune(recipe=recipe, output=pruned_dir, progress=False, log=lambda s: None)
         for tokens in args.tokens:
             model, info = heal_row(args, dense, pruned_dir, tokens, args.data)
             removed = 1 - decoder_linear_params(model, dense.adapter) / decoder_linear_params(
