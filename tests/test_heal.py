@@ -255,3 +255,15 @@ def test_heal_between_passes_and_after_flap_biases(tmp_path: Path) -> None:
     ours = load_pruned(tmp_path / "out", dtype=torch.float32)
     assert any(n.endswith("down_proj.bias") for n, _ in ours.named_parameters())  # FLAP's compensation
     assert model_fingerprint(ours) == res.report["lock_fingerprint"]
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped(tmp_path: Path) -> None:
+    from secateur.runtime.heal.train import last_complete_checkpoint
+
+    for step, state in ((3, '{"global_step": 3}'), (6, None)):  # 6: killed before trainer_state.json
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x")
+        if state:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert not (tmp_path / "checkpoint-6").exists()

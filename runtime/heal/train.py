@@ -10,8 +10,10 @@ schedule, RNG and data position), so the result equals an uninterrupted run on t
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,7 +212,7 @@ def run_trainer(
     if heal.train == "lora":
         trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     work.mkdir(parents=True, exist_ok=True)
-    last = get_last_checkpoint(str(work))
+    last = last_complete_checkpoint(work)
     resumed = int(last.rsplit("-", 1)[1]) if last else None
     if last:
         log(f"heal: resuming from {last} (step {resumed} of {heal.steps})")
@@ -244,6 +246,19 @@ def run_trainer(
         loss=_losses(trainer),
         work_dir=str(work),
     )
+
+
+def last_complete_checkpoint(work: Path) -> str | None:
+    """The newest checkpoint Trainer finished writing. Trainer writes a checkpoint in place, its
+    trainer_state.json last, and drops the older one only after that; a kill during the save leaves
+    a partial folder, which is removed here (the work folder is ours) so the previous one is used."""
+    while (last := get_last_checkpoint(str(work))) is not None:
+        try:
+            json.loads((Path(last) / "trainer_state.json").read_text())
+            return last
+        except (OSError, ValueError):
+            shutil.rmtree(last)
+    return None
 
 
 def _losses(trainer: Trainer) -> list[tuple[int, float]]:
