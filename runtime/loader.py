@@ -16,6 +16,7 @@ from torch import nn
 from secateur.graph.adapters import adapter_for
 from secateur.runtime.formats import DTYPES, LoadedModel, ModelLoadError, ModelSource
 from secateur.runtime.io import is_pruned_folder, load_pruned, pruned_hf_config
+from secateur.runtime.leftovers import partial_file
 from secateur.runtime.stream import streamed_model
 
 # DTYPES, LoadedModel, ModelLoadError and ModelSource live in the leaf runtime.formats and are
@@ -56,8 +57,9 @@ def _assemble_chunks(pkg: str) -> Path:
     print(f"model: joining {len(chunks)} chunks of {pkg} into {target} (once)", file=sys.stderr)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
-        mod.assemble(tmp, overwrite=True)  # checks the package's sha256
-        os.replace(tmp, target)
+        with partial_file(tmp, f"joining {pkg}"):  # a killed join's file is removed by a later run
+            mod.assemble(tmp, overwrite=True)  # checks the package's sha256
+            os.replace(tmp, target)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model: cannot assemble the GGUF of {pkg}: {e}") from e
     finally:

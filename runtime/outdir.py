@@ -7,8 +7,8 @@ that manifest is there and the folder holds nothing it does not list, so a user'
 files a user added to an output, are never deleted. Single files (a GGUF export, a search folder's
 winner.yaml, plots) are listed with their size and modification time in their folder's
 `.secateur-files`: such a file is replaced only while it is listed and unchanged. Killed runs leave
-`.NAME.tmp-PID-*` and `.NAME.old-PID` siblings; the next write removes them (or puts a displaced old
-output back).
+marked `.NAME.tmp-PID-*` temporary folders (runtime/leftovers.py: any later run removes them) and
+`.NAME.old-PID` siblings (an old output moved aside: the next write into NAME puts it back or removes it).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from secateur.runtime.leftovers import MARKER as PARTIAL_MARKER
+from secateur.runtime.leftovers import new_partial_dir, release_partial_dir, sweep
 
 MANIFEST = ".secateur-output"
 FILES_MANIFEST = ".secateur-files"  # single files Secateur wrote in a folder: {name: {size, mtime_ns}}
@@ -103,7 +106,7 @@ def check_location(
 
 def foreign_entries(out: Path) -> list[str]:
     """Entries of `out` that Secateur did not write there (empty: the folder may be replaced)."""
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != PARTIAL_MARKER)  # (a kill mid-rename)
     manifest = out / MANIFEST
     if manifest.is_file():
         try:
@@ -186,16 +189,18 @@ def check_file_replaceable(path: Path, overwrite: bool, flag: str | None = "--ov
 
 
 def clean_leftovers(out: Path) -> list[Path]:
-    """Remove temporary siblings of `out` left by killed runs; put a displaced old output back."""
-    removed: list[Path] = []
+    """Remove what killed runs left (`leftovers.sweep`: every registered leftover, and marked
+    temporary folders beside `out`); put back an old output a killed run had moved aside."""
+    removed = [x.path for x in sweep([out.parent])]
     if not out.parent.is_dir():
         return removed
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.old-(\d+)$")
     for p in sorted(out.parent.iterdir()):
         m = pat.match(p.name)
-        if not m or _pid_alive(int(m.group(2))):
+        # a Secateur output (its manifest) that a run now over moved aside between its two renames
+        if not m or _pid_alive(int(m.group(1))) or p.is_symlink() or not (p / MANIFEST).is_file():
             continue
-        if m.group(1) == "old" and not out.exists() and (p / MANIFEST).is_file():
+        if not out.exists():
             os.replace(p, out)  # killed between the two renames: the old output comes back
             continue
         shutil.rmtree(p, ignore_errors=True)
@@ -218,21 +223,22 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out_dir)
     clean_leftovers(out)
     check_replaceable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp, entry = new_partial_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-", f"for {out}")
     try:
         yield tmp
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir() if p.name != PARTIAL_MARKER)
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         apply_umask(tmp)
         check_replaceable(out, overwrite)  # nothing appeared in the meantime
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_partial_dir(tmp, entry)
         raise
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
+    release_partial_dir(out, entry)  # the marker names the temporary folder: it claims nothing here
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

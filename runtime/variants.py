@@ -37,6 +37,7 @@ from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.dense import dense_statistics
 from secateur.runtime.fingerprint import ids_fingerprint, model_fingerprint
+from secateur.runtime.leftovers import partial_file
 from secateur.runtime.score import unit_scores
 from secateur.runtime.select import by_score, select_units
 from secateur.runtime.sequential import LayerLog, PruneResult, restore_layer, write_consumers
@@ -306,8 +307,9 @@ class VariantStore:
                     v = build()
                     tensors, meta = _to_tensors(v)
                     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-                    save_file(tensors, str(tmp), metadata=meta)
-                    os.replace(tmp, path)
+                    with partial_file(tmp, "variant database"):  # a killed run's is removed later
+                        save_file(tensors, str(tmp), metadata=meta)
+                        os.replace(tmp, path)
                     self.built += 1
         self._remember(vid, v)
         return v

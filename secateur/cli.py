@@ -14,6 +14,9 @@ from typing import Any
 # Each subcommand imports what it runs inside its function, on purpose: the prune pipeline pulls
 # in transformers' Trainer, peft and datasets (healing), the search optuna and sqlalchemy, and
 # together they take seconds to import, which `secateur --help`, `graph` or `report` should not pay.
+# (`clean` is the exception: the standard library only, and main() sweeps leftovers before every command)
+from secateur import clean
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -446,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print the report of a pruned output")
     rp.add_argument("dir")
     rp.set_defaults(func=_report)
+    clean.register(sub)
     for register in _EXTRA_PARSERS:
         register(sub)
     return p
@@ -491,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_libraries()
     try:
         with _sigterm_cleans_up():
+            clean.announce_sweep(args.command)
             return args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"secateur {args.command}: error: {e}", file=sys.stderr)

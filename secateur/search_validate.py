@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from secateur.graph.plan import Plan
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import Recipe
 from secateur.runtime.io import load_pruned
+from secateur.runtime.leftovers import partial_dir
 from secateur.runtime.loader import LoadedModel
 from secateur.runtime.variants import prune_stitched
 from secateur.runtime.zeroshot import run_zeroshot
@@ -70,7 +70,7 @@ def _compiled(
         m = copy.deepcopy(lm.model)
         prune_stitched(m, lm.adapter, calib, plan, recipe.allocation.variants_dir, progress=False)
         return m
-    with tempfile.TemporaryDirectory() as tmp:
+    with partial_dir(prefix="secateur-validate-", purpose="search validation model") as tmp:
         prune(
             recipe_file,
             output=Path(tmp) / "model",

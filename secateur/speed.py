@@ -11,7 +11,6 @@ measurement whose spread stays above 10% after three attempts is reported as bus
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from secateur.lock import LOCK_NAME, read_lock
 from secateur.runtime.data import load_text, tokenize_text
 from secateur.runtime.export.gguf import write_gguf
 from secateur.runtime.io import load_pruned
+from secateur.runtime.leftovers import partial_dir
 from secateur.runtime.loader import LoadedModel, load_model
 from secateur.runtime.speed.engines import GGUFTimer, Phases, default_threads, engine_version, time_torch
 from secateur.runtime.speed.measure import measure_alternating
@@ -62,7 +62,7 @@ def measure_pair(
     ids = _prompt(dense, prefill + decode, data_root)
     prompt, steps = ids[:prefill], ids[prefill : prefill + decode]
     models = {"dense": dense, "pruned": pruned}
-    with tempfile.TemporaryDirectory(prefix="secateur-speed-") as tmp:
+    with partial_dir(prefix="secateur-speed-", purpose="secateur speed GGUFs") as tmp:
         if engine == "llama.cpp":
             if tokenizer_gguf is None:
                 raise ValueError(

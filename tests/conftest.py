@@ -15,6 +15,8 @@ DATA_ROOT = Path(os.environ.get("SECATEUR_DATA_ROOT", REPO.parent / "shared" / "
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # the variant database of every test run (subprocesses too) lives in a fresh folder, never ~/.cache
 os.environ.setdefault("SECATEUR_VARIANTS", tempfile.mkdtemp(prefix="secateur-variants-"))
+# and so does the registry of temporary folders (runtime/leftovers.py) every run sweeps
+os.environ.setdefault("SECATEUR_PARTIAL_DIR", tempfile.mkdtemp(prefix="secateur-partial-"))
 
 
 @pytest.fixture(scope="session")

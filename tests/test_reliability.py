@@ -300,17 +300,29 @@ def test_explain_refuses_a_noop_recipe(tmp_path: Path) -> None:
 # ---- 7. leftovers, modes, pickles, damaged folders, hints -----------------------------------------
 
 
+def _leftover(parent: Path, prefix: str) -> Path:
+    """A marked temporary folder made by a process that has ended (as a killed run leaves it)."""
+    code = (
+        "import sys; from pathlib import Path; from secateur.runtime.leftovers import new_partial_dir; "
+        "d, _ = new_partial_dir(Path(sys.argv[1]), sys.argv[2], 'test'); "
+        "(d / 'model.safetensors').write_text('partial'); print(d)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(parent), prefix], capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
 def test_leftovers_of_a_killed_write_are_removed_and_modes_follow_umask(tmp_path: Path) -> None:
     r = _recipe(tmp_path)
-    stale = tmp_path / ".out.tmp-999999999-abc"
-    stale.mkdir()
-    (stale / "model.safetensors").write_text("partial")
+    stale = _leftover(tmp_path, ".out.tmp-999999999-")
+    users = tmp_path / ".out.tmp-999999999-mine"  # named like one, but not marked: never touched
+    users.mkdir()
+    assert stale.is_dir()
     old_mask = os.umask(0o022)
     try:
         out = prune(r, output=tmp_path / "out", progress=False, log=lambda s: None).output
     finally:
         os.umask(old_mask)
-    assert not stale.exists()
+    assert not stale.exists() and users.is_dir()
     assert (out.stat().st_mode & 0o777) == 0o755
     assert ((out / "model.safetensors").stat().st_mode & 0o777) == 0o644
 

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_shapes
+from secateur.runtime.leftovers import new_partial_dir, release_partial_dir
 from secateur.runtime.outdir import MANIFEST, apply_umask, check_file_replaceable, check_replaceable
 
 FORMATS = ("gguf", "decilm")
@@ -57,8 +57,7 @@ def atomic_path(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling path (file or folder) that replaces `out` only if the block succeeds;
     a folder gets the manifest that lets a later --overwrite replace it."""
     check_replaceable_path(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp, entry = new_partial_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-", f"export {out}")
     target = tmp / out.name
     try:
         yield target
@@ -72,3 +71,4 @@ def atomic_path(out: Path, overwrite: bool) -> Iterator[Path]:
         os.replace(target, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_partial_dir(tmp, entry)

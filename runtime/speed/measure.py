@@ -8,7 +8,6 @@ key of the machine, engine version, weight type, threads and shape, so a later r
 from __future__ import annotations
 
 import statistics
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TypeVar
 
 import torch
 
+from secateur.runtime.leftovers import partial_dir
 from secateur.runtime.speed import cache
 from secateur.runtime.speed.engines import GGUFTimer, Phases, alternate, engine_version, time_torch
 from secateur.runtime.speed.probe import ProbeShape, probe_torch_model, write_probe_gguf
@@ -154,7 +154,7 @@ def time_shapes(
         )
     if progress:
         progress(f"timing {len(todo)} probe model(s) in {target.describe()}, {rounds} alternating rounds")
-    with tempfile.TemporaryDirectory(prefix="secateur-probe-") as tmp:
+    with partial_dir(prefix="secateur-probe-", purpose="speed probe GGUFs") as tmp:
         if target.engine == "llama.cpp":
             timers = {s: _gguf_timer(target, s, Path(tmp)) for s in todo}
         else:
