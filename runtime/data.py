@@ -124,9 +124,12 @@ def load_text(
         name, _, config = src[3:].partition(":")
         hf_split = "validation" if split == "valid" else split
         return "\n\n".join(load_dataset(name, config or None, split=hf_split)["text"])
-    if src.suffix == ".jsonl":
-        return "\n\n".join(_jsonl_texts(src))
-    text = src.read_text(encoding="utf-8")
+    try:
+        if src.suffix == ".jsonl":
+            return "\n\n".join(_jsonl_texts(src))
+        text = src.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"dataset {src}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if src.suffix == ".raw":
         return "\n\n".join(wikitext_rows(text))
     return text

@@ -6,6 +6,7 @@ import copy
 import functools
 import importlib.util
 import os
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,8 @@ def gguf_dtype(path: str | Path) -> torch.dtype:
 
     try:
         reader = GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model: {path}: not a readable GGUF file ({e})") from e
+    except Exception as e:  # a truncated file fails in struct/numpy too
+        raise ModelLoadError(f"model: {path}: not a readable GGUF file ({_why(e)})") from e
     by_file = {
         LlamaFileType.ALL_F32: torch.float32,
         LlamaFileType.MOSTLY_F16: torch.float16,
@@ -220,8 +221,14 @@ def _gguf_config(path: str, size: int, mtime_ns: int) -> Any:
     f = Path(path)
     try:
         return AutoConfig.from_pretrained(str(f.parent), gguf_file=f.name)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model: cannot read a config from {f}: {e}") from e
+    except Exception as e:  # a truncated file fails in struct/numpy, not only with OSError/ValueError
+        raise ModelLoadError(f"model: cannot read a config from {f}: {_why(e)}") from e
+
+
+def _why(e: Exception) -> str:
+    """An exception as a short reason (truncated/garbled files raise struct.error, EOFError...)."""
+    kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+    return f"{kind}{e}" if not isinstance(e, struct.error) else f"damaged or truncated file ({e})"
 
 
 def drop_quantizer(model: nn.Module) -> None:
@@ -246,7 +253,26 @@ def resolve_load(
     dt = resolve_dtype(dtype, dev)
     config = load_config(src)
     adapter_for(config)
+    check_weight_headers(src)
     return src, dev, dt, config
+
+
+def check_weight_headers(src: ModelSource) -> None:
+    """A local folder's safetensors files are readable (headers parse, data covers the file), so a
+    truncated or foreign weight file is named before anything loads."""
+    from secateur.runtime.io import INDEX_NAME, WEIGHTS_NAME, PrunedFolderError, header_shapes
+
+    if src.gguf_file or not os.path.isdir(src.path) or _is_pruned(src):
+        return  # GGUF files are read by their own reader; Secateur outputs by load_pruned, which checks
+    folder = Path(src.path)
+    try:
+        if (folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
+            header_shapes(folder)
+    except PrunedFolderError as e:
+        raise ModelLoadError(f"model {src.ref}: {e}") from e
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 
 
 def load_tokenizer(src: ModelSource, config: Any) -> Any:
@@ -256,7 +282,18 @@ def load_tokenizer(src: ModelSource, config: Any) -> Any:
     end-of-text) are not counted: plain text does not produce them."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs())
+    folder = Path(src.path)
+    if not src.gguf_file and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model {src.ref}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy "
+            f"the tokenizer of the model it was made from into it"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs())
+    except Exception as e:  # a damaged tokenizer.json fails in json/tokenizers with bare messages
+        raise ModelLoadError(
+            f"model {src.ref}: cannot load its tokenizer ({type(e).__name__}: {str(e).strip()[:300]})"
+        ) from e
     rows, vocab = getattr(config, "vocab_size", None), getattr(tok, "vocab_size", None)
     if isinstance(rows, int) and isinstance(vocab, int) and vocab > rows:
         raise ModelLoadError(

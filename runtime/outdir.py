@@ -88,6 +88,12 @@ def check_location(
     for p in inside:
         if contains(Path(p).resolve(), resolved):
             raise OutputLocationError(f"output {out} lies inside {p}, which this run reads; write beside it")
+    for p in resolved.parents:
+        if (p / MANIFEST).is_file() or (p / "secateur.json").is_file():
+            raise OutputLocationError(
+                f"output {out} lies inside the Secateur output {p}; writing there would change that output "
+                f"(and a later --overwrite of it would refuse): write beside it"
+            )
     if is_file and out.is_dir():
         raise OutputLocationError(f"output {out} exists and is a folder, not a file")
     if not is_file and out.exists() and not out.is_dir():

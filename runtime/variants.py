@@ -12,7 +12,9 @@ everything that shapes the variants (format, dense weights, calibration windows,
 restoration, damping, dtype, device type): when any of them changes the folder is another one,
 so a stale variant is never read, and an unchanged setup reuses what earlier searches built.
 Several processes may fill one folder at once: each file is built under its own file lock,
-written to a temporary name and renamed into place.
+written to a temporary name and renamed into place. Each file carries the sha256 of its tensors in
+its metadata, checked on every read: a truncated or edited file is rebuilt (with a warning naming
+it), never stitched into a candidate.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from secateur.graph.groups import layer_groups
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.dense import dense_statistics
-from secateur.runtime.fingerprint import ids_fingerprint, model_fingerprint
+from secateur.runtime.fingerprint import ids_fingerprint, model_fingerprint, tensor_fingerprint
 from secateur.runtime.leftovers import partial_file
 from secateur.runtime.score import unit_scores
 from secateur.runtime.select import by_score, select_units
@@ -44,7 +47,7 @@ from secateur.runtime.sequential import LayerLog, PruneResult, restore_layer, wr
 from secateur.runtime.stats import InputStats
 from secateur.runtime.surgery import apply_keep
 
-FORMAT = 1
+FORMAT = 2  # 2: every file carries the sha256 of its tensors (format 1 folders are not read)
 KINDS = ("mlp", "kv_groups", "q_per_group")  # the LayerPlan field each structure's count lives in
 STATS_BATCH = 8  # batch size of the dense statistics pass (fixed: it shapes the float sums)
 
@@ -187,7 +190,14 @@ def _to_tensors(v: Variant) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         "drop_mlp": str(int(v.keep.drop_mlp)),
         "drop_attn": str(int(v.keep.drop_attn)),
     }
+    meta["sha256"] = _checksum(tensors, meta)
     return tensors, meta
+
+
+def _checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 of a variant file's tensors and metadata: a changed or damaged file is never stitched."""
+    fields = sorted((k, v) for k, v in meta.items() if k != "sha256")
+    return tensor_fingerprint([*sorted(tensors.items()), ("meta", torch.tensor(list(str(fields).encode())))])
 
 
 def _from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], device: torch.device) -> Variant:
@@ -278,17 +288,28 @@ class VariantStore:
                 t.numel() * t.element_size() for w, b in old.weights.values() for t in (w, b) if t is not None
             )
 
-    def _read(self, path: Path, device: torch.device) -> Variant:
+    def _read(self, path: Path, device: torch.device) -> Variant | None:
+        """The stored variant, or None (with a warning naming the file) when it is damaged or changed."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return _from_tensors(load_file(str(path)), meta, device)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises its own types for truncated or foreign files
+            why = f"unreadable ({type(e).__name__}: {e})"
+        else:
+            if meta.get("sha256") == _checksum(tensors, meta):
+                return _from_tensors(tensors, meta, device)
+            why = "its checksum does not match its contents (changed since it was written)"
+        warnings.warn(f"variant database: {path} is {why}; rebuilding it", stacklevel=3)
+        return None
 
     def get(
         self, i: int, kind: str, count: int, build: Callable[[], Variant], device: torch.device | str = "cpu"
     ) -> Variant:
-        """The stored variant, else `build()` it under the file's lock and store it (write, then rename)."""
+        """The stored variant, else `build()` it under the file's lock and store it (write, then rename);
+        a damaged or changed file is rebuilt, never stitched."""
         vid = (i, kind, count)
         hit = self._memo.get(vid)
         if hit is not None:
@@ -296,14 +317,13 @@ class VariantStore:
             return hit
         path = self.path(*vid)
         dev = torch.device(device)
-        if path.exists():
-            v = self._read(path, dev)
-        else:
+        v = self._read(path, dev) if path.exists() else None
+        if v is None:
             self._ensure_folder()
             with FileLock(str(path) + ".lock", timeout=600):
-                if path.exists():  # another process built it while this one waited
-                    v = self._read(path, dev)
-                else:
+                # another process may have built (or rebuilt) it while this one waited
+                v = self._read(path, dev) if path.exists() else None
+                if v is None:
                     v = build()
                     tensors, meta = _to_tensors(v)
                     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
