@@ -355,7 +355,7 @@ class SearchOptions(_Section):
     # TPE otherwise (evolution moves keep levels and has none to move without `levels`)
     sampler: Literal["evolution", "nsga2", "tpe", "cmaes", "random"] | None = None
     # Pareto mode: [kl or ppl, latency or params] gives a front (quality against predicted time on the
-    # recipe's target, or against the parameters kept) through a multi-objective study (NSGA-II)
+    # recipe's target, or against the parameters kept) through a multi-objective study (TPE by default)
     objectives: list[Literal["kl", "ppl", "latency", "params"]] | None = None
     pruner: bool = True
     # 0: one keep fraction per layer and structure; N >= 2: N knots over depth, interpolated
@@ -376,8 +376,8 @@ class SearchOptions(_Section):
     @model_validator(mode="after")
     def _levels_and_stages(self) -> SearchOptions:
         if self.sampler is None:
-            if self.objectives:
-                self.sampler = "nsga2"
+            if self.objectives:  # measured: bench/results/pareto-samplers.md
+                self.sampler = "tpe"
             else:
                 self.sampler = "evolution" if self.levels >= 2 and not self.knots else "tpe"
         problems: list[tuple[KeyPath, str]] = []
@@ -402,7 +402,7 @@ class SearchOptions(_Section):
                 problems.append(
                     (
                         ("sampler",),
-                        f"sampler: {self.sampler} is single-objective; use nsga2 (default), tpe or random",
+                        f"sampler: {self.sampler} is single-objective; use tpe (default), nsga2 or random",
                     )
                 )
         elif self.sampler == "nsga2":

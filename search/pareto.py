@@ -1,6 +1,7 @@
 """Pareto mode (`allocation.search.objectives: [kl, latency]` or `[kl, params]`): a front, not a winner.
 
-A multi-objective Optuna study minimises the held-out proxy and a cost at once. The cost of a plan
+A multi-objective Optuna study (multivariate TPE by default, measured against NSGA-II and random in
+bench/results/pareto-samplers.md) minimises the held-out proxy and a cost at once. The cost of a plan
 is its predicted time on the recipe's target as a fraction of dense (the worst phase the recipe's
 `budget.phase` names, from the latency model of runtime/speed/latency.py), or the share of the
 decoder's linear parameters it keeps. Candidates are level plans (each slot at the level nearest
