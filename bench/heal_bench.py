@@ -77,7 +77,12 @@ def table(rows: list[dict], dense: dict, args) -> list[str]:
         f"Command: `python bench/heal_bench.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}; heal in float32 master weights with the precision shown, evaluation in "
         f"{args.eval_dtype}  ",
-        "Perplexity: all non-overlapping 2048-token windows of wiki.test.raw. Zero-shot: mean acc of piqa, "
+        (
+            f"Perplexity: the first {args.windows} non-overlapping 2048-token windows of wiki.test.raw"
+            if args.windows
+            else "Perplexity: all non-overlapping 2048-token windows of wiki.test.raw"
+        )
+        + ". Zero-shot: mean acc of piqa, "
         "arc_easy, arc_challenge, hellaswag, winogrande, boolq on the first "
         f"{args.limit} documents of each task. Heal: KL to the dense model's top-{args.top_k} "
         f"(+ rest) next-token distribution, seqlen {args.seqlen}, batch {args.batch}, lr {args.lr:g} cosine, "
