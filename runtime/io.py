@@ -145,7 +145,15 @@ def write_weights(
 
     state = saved_state_dict(model, dtype)
     state.update(branch_markers(model, adapter_for(model.config), dtype=dtype))
-    save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
+    try:
+        save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
+    except Exception as e:  # safetensors reports a full disk as its own error type
+        raise write_error(folder, e) from e
+
+
+def write_error(folder: Path, e: Exception) -> OSError:
+    """A failed weight write (a full disk, no permission) as an OSError naming the folder."""
+    return e if isinstance(e, OSError) else OSError(f"cannot write the weights into {folder}: {e}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -107,11 +107,13 @@ def _unregister(entry: Path | None) -> None:
 def new_partial_dir(parent: Path, prefix: str, purpose: str) -> tuple[Path, Path | None]:
     """A fresh temporary folder in `parent`, marked and registered; (folder, registry entry)."""
     parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     token = secrets.token_hex(8)
+    folder = parent / f"{prefix}{token}"
+    entry = _register(folder, "folder", purpose, token)  # first: a kill right after mkdir is covered
+    folder.mkdir(mode=0o700)
     mark = {**_owner(), "name": folder.name, "purpose": purpose, "token": token, "created": time.time()}
     (folder / MARKER).write_text(json.dumps(mark))
-    return folder, _register(folder, "folder", purpose, token)
+    return folder, entry
 
 
 def release_partial_dir(folder: Path, entry: Path | None) -> None:
@@ -189,6 +191,8 @@ def _marked(folder: Path, token: str | None = None) -> dict[str, Any] | None:
     """The folder's marker when it is a temporary folder Secateur made under this very name."""
     if folder.is_symlink() or not folder.is_dir():
         return None
+    if token is not None and folder.name.endswith(token) and not any(folder.iterdir()):
+        return {"name": folder.name, "token": token}  # registered, killed before its marker: still empty
     mark = _read(folder / MARKER)
     if mark is None or mark.get("name") != folder.name or (token is not None and mark.get("token") != token):
         return None
@@ -258,8 +262,8 @@ def remove(items: Iterable[Leftover]) -> list[Leftover]:
         if x.state != "gone":
             continue
         if x.kind == "folder":
-            mark = _marked(x.path)
-            if mark is None or owner_state(mark) != "gone":
+            mark = _marked(x.path, (_read(x.entry) or {}).get("token") if x.entry else None)
+            if mark is None or ("pid" in mark and owner_state(mark) != "gone"):
                 continue
             shutil.rmtree(x.path, ignore_errors=True)
         else:

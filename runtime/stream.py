@@ -31,6 +31,7 @@ from secateur.runtime.io import (
     branch_markers,
     is_pruned_folder,
     pruned_skeleton,
+    write_error,
 )
 from secateur.runtime.weights import GGUFSource, SafetensorsSource, WeightSource, check_complete
 
@@ -159,7 +160,10 @@ class ShardWriter:
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=self.max_shard_size)
         for names in split.filename_to_tensors.values():
             name = f"part-{len(self.files) + 1:05d}.safetensors.partial"
-            save_file({k: tensors[k] for k in names}, str(self.folder / name), metadata={"format": "pt"})
+            try:
+                save_file({k: tensors[k] for k in names}, str(self.folder / name), metadata={"format": "pt"})
+            except Exception as e:  # a full disk: safetensors' own error type
+                raise write_error(self.folder, e) from e
             self.files.append(name)
             for key in names:
                 self.weight_map[key] = name

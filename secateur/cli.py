@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_cleans_up():
             clean.announce_sweep(args.command)
             return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (CliError, ValueError, OSError) as e:  # OSError: a full disk, no permission, a missing file
         print(f"secateur {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Terminated as e:
