@@ -81,7 +81,12 @@ def model_fingerprint_v1(model: nn.Module, dtype: torch.dtype | None = None) -> 
     return h.hexdigest()
 
 
+def ids_digest(ids: torch.Tensor) -> str:
+    """sha256 of token ids (shape included), e.g. the text a heal trained on (locks record it)."""
+    t = ids.detach().to(torch.int64).cpu().contiguous()
+    return hashlib.sha256(f"{tuple(t.shape)}".encode() + t.numpy().tobytes()).hexdigest()
+
+
 def ids_fingerprint(ids: torch.Tensor) -> str:
     """Short digest of token ids (shape included), e.g. calibration windows."""
-    t = ids.detach().to(torch.int64).cpu().contiguous()
-    return hashlib.sha256(f"{tuple(t.shape)}".encode() + t.numpy().tobytes()).hexdigest()[:16]
+    return ids_digest(ids)[:16]

@@ -5,7 +5,6 @@ so a smaller token budget is always a prefix of a larger one (and of its cache).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from pathlib import Path
 
@@ -86,9 +85,3 @@ def text_sequences(tokens: torch.Tensor, n_seq: int, seqlen: int, seed: int) -> 
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n_win, generator=gen) for _ in range(-(-n_seq // n_win))])[:n_seq]
     return windows[order], -(-n_seq // n_win)
-
-
-def windows_fingerprint(windows: torch.Tensor) -> str:
-    """sha256 of the training token ids (shape included): what the lock records."""
-    t = windows.to(torch.int64).contiguous()
-    return hashlib.sha256(f"{tuple(t.shape)}".encode() + t.numpy().tobytes()).hexdigest()

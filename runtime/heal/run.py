@@ -17,14 +17,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from secateur.recipe.heal import SELF_DATA, Heal
-from secateur.runtime.data import load_text, resolve_text_source, tokenize_text
-from secateur.runtime.heal.data import self_generated, text_sequences, windows_fingerprint
+from secateur.runtime.data import FILE_SUFFIXES, load_text, resolve_text_source, tokenize_text
+from secateur.runtime.fingerprint import ids_digest
+from secateur.runtime.heal.data import self_generated, text_sequences
 from secateur.runtime.heal.teacher import TeacherTargets, teacher_targets
 from secateur.runtime.heal.train import HealResult, run_trainer, work_root
 
 
 class HealError(ValueError):
-    """A heal setting that cannot be used (data that is the evaluation set, a lock mismatch)."""
+    """A heal setting that cannot be used (training text that is an evaluation set)."""
 
 
 @dataclass
@@ -86,14 +87,12 @@ def prepare(
     else:
         text = load_text(d.dataset, d.split, data_root, base_dir)
         windows, passes = text_sequences(tokenize_text(tokenizer, text), heal.sequences, heal.seqlen, d.seed)
-        source = (
-            f"{d.dataset} ({d.split})" if not d.dataset.endswith((".txt", ".raw", ".jsonl")) else d.dataset
-        )
+        source = f"{d.dataset} ({d.split})" if not d.dataset.endswith(FILE_SUFFIXES) else d.dataset
         if passes > 1:
             log(
                 f"heal: {source} holds fewer than {heal.sequences} windows of {heal.seqlen}; it is read {passes} times"
             )
-    fp = windows_fingerprint(windows)
+    fp = ids_digest(windows)
     tfile = work_root() / "teacher" / f"{_key(dense_fp, device.type, fp, heal.top_k)}.safetensors"
     if tfile.is_file():
         t = load_file(tfile)

@@ -128,10 +128,10 @@ class HealResult:
         return dict(vars(self))
 
 
-def choose_trainable(model: nn.Module, heal: Heal, pruned_layers: set[int], layers: nn.ModuleList) -> int:
-    """Set requires_grad by `heal.train` and `freeze_embeddings`; returns the trainable count."""
+def choose_trainable(model: nn.Module, heal: Heal, pruned_layers: set[int], layers: nn.ModuleList) -> None:
+    """Set requires_grad by `heal.train` and `freeze_embeddings` (LoRA: none here, peft adds its own)."""
     for p in model.parameters():
-        p.requires_grad_(heal.train != "pruned" and heal.train != "lora")
+        p.requires_grad_(heal.train == "all")
     if heal.train == "pruned":
         for i in sorted(pruned_layers):
             for p in layers[i].parameters():
@@ -141,7 +141,6 @@ def choose_trainable(model: nn.Module, heal: Heal, pruned_layers: set[int], laye
             if m is not None:
                 for p in m.parameters():
                     p.requires_grad_(False)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def lora_model(model: nn.Module, heal: Heal, layers: nn.ModuleList) -> nn.Module:
@@ -207,10 +206,9 @@ def run_trainer(
     dtype = next(model.parameters()).dtype
     bf16 = heal.precision == "bfloat16" or (heal.precision == "auto" and fast_bf16(device))
     model.float()
-    trainable = choose_trainable(model, heal, pruned_layers, layers)
+    choose_trainable(model, heal, pruned_layers, layers)
     student = lora_model(model, heal, layers) if heal.train == "lora" else model
-    if heal.train == "lora":
-        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     work.mkdir(parents=True, exist_ok=True)
     last = last_complete_checkpoint(work)
     resumed = int(last.rsplit("-", 1)[1]) if last else None
