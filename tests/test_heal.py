@@ -170,9 +170,18 @@ def test_prune_with_heal_saves_loads_and_relocks_bit_for_bit(tmp_path: Path) -> 
     assert again.reproduced and again.report["lock_fingerprint"] == res.report["lock_fingerprint"]
 
 
+# the child heals as a user's run does, but lingers after step 7 (checkpoint 6 written), so the
+# kill lands mid-heal however fast the machine is (a quiet one finishes the whole heal in seconds)
 _KILLED = """
-import sys
+import sys, time
 from secateur.api import prune
+from secateur.runtime.heal import train
+logged = train._Progress.on_log
+def linger(self, args, state, control, logs=None, **kw):
+    logged(self, args, state, control, logs=logs, **kw)
+    if state.global_step >= 7:
+        time.sleep(120)
+train._Progress.on_log = linger
 prune(sys.argv[1], output=sys.argv[2], progress=False, log=lambda s: print(s, flush=True))
 """
 
@@ -191,7 +200,7 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path: Path) -> No
         text=True,
     )
     deadline = time.time() + 240
-    while time.time() < deadline and not list(work.glob("*/checkpoint-6")):
+    while time.time() < deadline and not list(work.glob("*/checkpoint-6/trainer_state.json")):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
