@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import secateur.pipeline as api
 from secateur.cli import main
 from secateur.recipe.errors import RecipeError
-from secateur.recipe.load import load_recipe
+from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.testing import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,10 @@ def tiny_env(tmp_path_factory) -> Path:
 
 def _tiny_base(tmp: Path, example: Path) -> dict:
     doc = yaml.safe_load(example.read_text())
+    if "extends" in doc:  # built on another example: its copy elsewhere cannot reach the base, so resolve it
+        doc = resolved_dict(load_recipe(example))
+    if doc.get("heal"):  # a tiny model heals on a few sequences (the example's budget is a real model's)
+        doc["heal"].update(tokens=8 * 16, seqlen=16, batch=8, micro_batch=4)
     doc["model"] = {"id": str(tmp / "model"), "dtype": "float32", "device": "cpu"}
     doc["calibration"] = {
         "dataset": str(tmp / "calib.txt"),
