@@ -13,10 +13,10 @@ import copy
 
 import torch
 
-from secateur.runtime.data import default_data_root, eval_windows, load_text, tokenize_text
-from secateur.runtime.evaluate import perplexity
-from secateur.runtime.io import round_to_dtype
-from secateur.runtime.loader import load_model
+from secateur.runtime.measure.evaluate import perplexity
+from secateur.runtime.store.data import default_data_root, eval_windows, load_text, tokenize_text
+from secateur.runtime.store.io import round_to_dtype
+from secateur.runtime.store.loader import load_model
 
 
 def main() -> None:

@@ -26,12 +26,12 @@ from _results import machine, write_results
 
 from secateur.export import export_model, source_of, tokenizer_gguf_for
 from secateur.graph.count import decoder_linear_params, flops_per_token
-from secateur.runtime.data import eval_windows, load_text, tokenize_text
-from secateur.runtime.evaluate import perplexity
 from secateur.runtime.export import llamacpp as lc
 from secateur.runtime.export.decilm import read_decilm, write_decilm
 from secateur.runtime.export.gguf import gguf_layout
-from secateur.runtime.loader import LoadedModel, load_model
+from secateur.runtime.measure.evaluate import perplexity
+from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
+from secateur.runtime.store.loader import LoadedModel, load_model
 
 
 def _load(ref: str) -> LoadedModel:

@@ -20,11 +20,11 @@ from _results import machine, write_results
 
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.recipe.compile import BudgetSpec, uniform_plan
-from secateur.runtime.data import calibration_windows, eval_windows, load_text, tokenize_text
-from secateur.runtime.evaluate import perplexity
-from secateur.runtime.loader import load_model
-from secateur.runtime.sequential import prune_sequential
-from secateur.runtime.timing import measure_speed
+from secateur.runtime.measure.evaluate import perplexity
+from secateur.runtime.measure.timing import measure_speed
+from secateur.runtime.prune.sequential import prune_sequential
+from secateur.runtime.store.data import calibration_windows, eval_windows, load_text, tokenize_text
+from secateur.runtime.store.loader import load_model
 
 VARIANTS = {  # name: (metric, restore)
     "FASP + restore": ("fasp", "least_squares"),

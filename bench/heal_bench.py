@@ -25,11 +25,11 @@ from secateur.api import prune
 from secateur.graph.count import decoder_linear_params
 from secateur.recipe.heal import Heal, HealData
 from secateur.recipe.load import load_recipe
-from secateur.runtime.data import eval_windows, load_text, tokenize_text
-from secateur.runtime.fingerprint import model_fingerprint
 from secateur.runtime.heal.run import finish, heal_model, prepare
-from secateur.runtime.io import load_pruned
-from secateur.runtime.loader import DTYPES, load_model
+from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
+from secateur.runtime.store.fingerprint import model_fingerprint
+from secateur.runtime.store.io import load_pruned
+from secateur.runtime.store.loader import DTYPES, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,11 +35,11 @@ from secateur.api import prune
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import Recipe
-from secateur.runtime.data import eval_windows, load_text, tokenize_text
-from secateur.runtime.evaluate import perplexity
-from secateur.runtime.io import load_pruned
-from secateur.runtime.loader import load_model
-from secateur.runtime.timing import measure_speed
+from secateur.runtime.measure.evaluate import perplexity
+from secateur.runtime.measure.timing import measure_speed
+from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
+from secateur.runtime.store.io import load_pruned
+from secateur.runtime.store.loader import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "recipes_examples"

@@ -31,11 +31,17 @@ from _results import machine, write_results
 from secateur.api import prune
 from secateur.graph.count import decoder_linear_params
 from secateur.recipe.load import load_recipe
-from secateur.runtime.data import calibration_windows, eval_windows, load_text, split_tokens, tokenize_text
-from secateur.runtime.evaluate import perplexity
-from secateur.runtime.io import load_pruned
-from secateur.runtime.loader import DTYPES, load_model
-from secateur.runtime.zeroshot import LOCAL_TASKS, run_zeroshot
+from secateur.runtime.measure.evaluate import perplexity
+from secateur.runtime.measure.zeroshot import LOCAL_TASKS, run_zeroshot
+from secateur.runtime.store.data import (
+    calibration_windows,
+    eval_windows,
+    load_text,
+    split_tokens,
+    tokenize_text,
+)
+from secateur.runtime.store.io import load_pruned
+from secateur.runtime.store.loader import DTYPES, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "recipes_examples"

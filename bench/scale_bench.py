@@ -56,7 +56,7 @@ def make_synthetic(folder: Path, shape: str, layers: int | None = None) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from secateur.runtime.loader import resolve_source
+    from secateur.runtime.store.loader import resolve_source
 
     cfg = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     if (folder / "config.json").is_file():

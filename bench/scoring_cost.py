@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from secateur.runtime.loader import load_model
+from secateur.runtime.allocation.proxy import HeldoutScorer, dense_reference
+from secateur.runtime.measure.timing import sync
 from secateur.runtime.methods.blockpruner_sprint import BATCH_SIZE, REFERENCE_MB, REFERENCE_TOPK
-from secateur.runtime.proxy import HeldoutScorer, dense_reference
-from secateur.runtime.timing import sync
+from secateur.runtime.store.loader import load_model
 
 
 def median_seconds(fn: Callable[[], object], dev: torch.device, repeats: int) -> float:

@@ -29,10 +29,10 @@ from secateur.graph.plan import Plan
 from secateur.lock import model_fingerprint
 from secateur.recipe.compile import budget_spec, eligible_layers, removal_goal
 from secateur.recipe.load import load_recipe
-from secateur.runtime.data import eval_windows, load_text, statistics_split, tokenize_text
-from secateur.runtime.loader import load_model
-from secateur.runtime.timing import sync
-from secateur.runtime.variants import prune_stitched
+from secateur.runtime.allocation.variants import prune_stitched
+from secateur.runtime.measure.timing import sync
+from secateur.runtime.store.data import eval_windows, load_text, statistics_split, tokenize_text
+from secateur.runtime.store.loader import load_model
 from secateur.search.plots import write_plots
 from secateur.search.study import run_search
 from secateur.search_cmd import sequential_compiler

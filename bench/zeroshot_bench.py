@@ -29,10 +29,16 @@ from _results import machine, write_results
 
 from secateur.graph.count import decoder_linear_params
 from secateur.recipe.compile import BudgetSpec, uniform_plan
-from secateur.runtime.data import calibration_windows, default_data_root, iter_jsonl, load_text, tokenize_text
-from secateur.runtime.loader import load_model
-from secateur.runtime.sequential import prune_sequential
-from secateur.runtime.zeroshot import LOCAL_TASKS, run_zeroshot, task_file
+from secateur.runtime.measure.zeroshot import LOCAL_TASKS, run_zeroshot, task_file
+from secateur.runtime.prune.sequential import prune_sequential
+from secateur.runtime.store.data import (
+    calibration_windows,
+    default_data_root,
+    iter_jsonl,
+    load_text,
+    tokenize_text,
+)
+from secateur.runtime.store.loader import load_model
 
 
 def docs_in(task: str, root: Path) -> int:

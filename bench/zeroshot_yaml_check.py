@@ -1,9 +1,9 @@
 """Check: `secateur eval`'s zero-shot accuracies are unchanged by the move to lm-eval task YAML files.
 
 Not a test. Loads SmolLM2-135M once (fp32, CPU) and runs the six local tasks with `--limit N`
-twice on the same model object: through the inline lm-eval configs `runtime/zeroshot.py` built
+twice on the same model object: through the inline lm-eval configs `runtime/measure/zeroshot.py` built
 before the YAML files (read from git commit 2a04264) and through the shipped YAML files
-(`runtime/tasks/`). Prints both result sets and whether every accuracy and standard error is equal.
+(`runtime/measure/tasks/`). Prints both result sets and whether every accuracy and standard error is equal.
 
     python bench/zeroshot_yaml_check.py --limit 10
 """
@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from secateur.runtime import zeroshot
-from secateur.runtime.data import default_data_root
-from secateur.runtime.loader import load_model
+from secateur.runtime.measure import zeroshot
+from secateur.runtime.store.data import default_data_root
+from secateur.runtime.store.loader import load_model
 
 BEFORE = "2a04264"
 
@@ -32,7 +32,11 @@ def main() -> int:
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
     src = subprocess.run(
-        ["git", "show", f"{BEFORE}:runtime/zeroshot.py"], cwd=repo, capture_output=True, text=True, check=True
+        ["git", "show", f"{BEFORE}:runtime/measure/zeroshot.py"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "zeroshot_before.py"

@@ -10,9 +10,9 @@ from typing import Any
 from secateur.graph.adapters import adapter_for, register, supported_model_types
 from secateur.graph.build import build_graph
 from secateur.graph.keep import LayerKeep
-from secateur.runtime.io import load_pruned, save_pruned
-from secateur.runtime.loader import load_model
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.io import load_pruned, save_pruned
+from secateur.runtime.store.loader import load_model
 
 __version__ = "0.1.0"
 

@@ -18,10 +18,10 @@ from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.recipe.compile import BudgetError, eligible_layers, stage_counts
 from secateur.recipe.methods import names_with, spoken
 from secateur.recipe.schema import Recipe
-from secateur.runtime.io import is_pruned_folder, pruned_skeleton
-from secateur.runtime.loader import load_config, resolve_source
 from secateur.runtime.methods import get_method
-from secateur.runtime.stage import CheckContext, StagePlan
+from secateur.runtime.prune.stage import CheckContext, StagePlan
+from secateur.runtime.store.io import is_pruned_folder, pruned_skeleton
+from secateur.runtime.store.loader import load_config, resolve_source
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,6 +1,6 @@
 """`secateur clean [PATH]`: list, and with --yes remove, what killed runs left behind.
 
-Leftovers are the temporary folders and files runtime/leftovers.py marks and registers (an output
+Leftovers are the temporary folders and files runtime/store/leftovers.py marks and registers (an output
 being written, an export, speed GGUFs, a join of model chunks, variant files) whose process is over.
 Nothing unmarked is touched, and nothing of a run still going. Every run that writes also removes
 them on its own (`announce_sweep`); this command is for looking, or for a disk that filled up.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from secateur.runtime.leftovers import Leftover, find, remove, sweep
+from secateur.runtime.store.leftovers import Leftover, find, remove, sweep
 
 # commands that only read or print: no sweep before them
 READ_ONLY = {"clean", "report", "graph", "recipe"}

@@ -26,7 +26,7 @@ class CliError(Exception):
 
 def _graph(args: argparse.Namespace) -> int:
     from secateur.graph.build import build_graph, summarize
-    from secateur.runtime.loader import load_model
+    from secateur.runtime.store.loader import load_model
 
     lm = load_model(args.model, dtype="float32", device="cpu", tokenizer=False)
     summary = summarize(build_graph(lm.model, lm.adapter), lm.model)
@@ -186,12 +186,12 @@ def _recipe(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from secateur.runtime.data import default_data_root, eval_windows, load_text, tokenize_text
-    from secateur.runtime.evaluate import perplexity
-    from secateur.runtime.loader import load_model
-    from secateur.runtime.stream import stream_perplexity
-    from secateur.runtime.timing import memory_lines, peak_memory
-    from secateur.runtime.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
+    from secateur.runtime.measure.evaluate import perplexity
+    from secateur.runtime.measure.timing import memory_lines, peak_memory
+    from secateur.runtime.measure.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
+    from secateur.runtime.store.data import default_data_root, eval_windows, load_text, tokenize_text
+    from secateur.runtime.store.loader import load_model
+    from secateur.runtime.store.stream import stream_perplexity
 
     if args.tasks_path:
         print(TASKS_DIR)
@@ -241,7 +241,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from secateur.runtime.timing import memory_lines
+    from secateur.runtime.measure.timing import memory_lines
     from secateur.search.study import SearchError
     from secateur.search_cmd import search
 
@@ -329,7 +329,7 @@ def _speed(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from secateur.runtime.report import read_report
+    from secateur.runtime.measure.report import read_report
 
     print(read_report(args.dir))
     return 0

@@ -12,14 +12,14 @@ import torch
 from secateur.export import tokenizer_gguf_for
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.recipe.schema import Recipe
-from secateur.runtime.data import eval_windows, load_text, tokenize_text
-from secateur.runtime.evaluate import perplexity
 from secateur.runtime.export import ExportError
-from secateur.runtime.loader import LoadedModel
+from secateur.runtime.measure.evaluate import perplexity
+from secateur.runtime.measure.timing import measure_speed, speed_ratios, speed_warnings
+from secateur.runtime.measure.zeroshot import run_zeroshot
 from secateur.runtime.speed.engines import EngineUnavailable
-from secateur.runtime.stream import stream_perplexity
-from secateur.runtime.timing import measure_speed, speed_ratios, speed_warnings
-from secateur.runtime.zeroshot import run_zeroshot
+from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
+from secateur.runtime.store.loader import LoadedModel
+from secateur.runtime.store.stream import stream_perplexity
 from secateur.speed import MIN_ROUNDS, measure_pair
 from secateur.speed_target import target_of
 

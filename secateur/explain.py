@@ -24,10 +24,10 @@ from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_fractions
 from secateur.recipe.schema import Recipe, Stage
-from secateur.runtime.loader import DTYPES
+from secateur.runtime.prune.surgery import apply_keep
 from secateur.runtime.speed.latency import PHASES, LatencyModel
-from secateur.runtime.stream import memory_bound
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.store.loader import DTYPES
+from secateur.runtime.store.stream import memory_bound
 from secateur.speed_target import dense_probe, resolve_speed
 
 
@@ -64,7 +64,7 @@ class Explanation:
     totals: dict[str, dict[str, int]]
     stages: list[dict[str, Any]]
     exports: list[str] = field(default_factory=list)
-    stream: dict[str, int] | None = None  # runtime.stream.memory_bound terms when model.stream is set
+    stream: dict[str, int] | None = None  # runtime.store.stream.memory_bound terms when model.stream is set
     serving: list[str] = field(default_factory=list)  # target, width step, speed goal
     latency: dict[str, Any] | None = None  # predicted per-layer and total times (speed goal or --latency)
 

@@ -14,8 +14,8 @@ from secateur.recipe.schema import Recipe
 from secateur.runtime.export import FORMATS, ExportError, check_replaceable_path
 from secateur.runtime.export.decilm import decilm_config, write_decilm
 from secateur.runtime.export.gguf import check_tokenizer, gguf_layout, write_gguf
-from secateur.runtime.loader import ModelSource, load_model, resolve_source
-from secateur.runtime.outdir import check_location, clean_leftovers, record_files
+from secateur.runtime.store.loader import ModelSource, load_model, resolve_source
+from secateur.runtime.store.outdir import check_location, clean_leftovers, record_files
 
 
 def source_of(run_dir: Path) -> ModelSource | None:

@@ -11,12 +11,12 @@ from typing import Any
 
 from secateur.lock import LockError
 from secateur.recipe.schema import Recipe, Stage
-from secateur.runtime.data import resolve_text_source
-from secateur.runtime.fingerprint import model_fingerprint
 from secateur.runtime.heal.run import HealPrep, check_heal_data, finish, heal_model, prepare
 from secateur.runtime.heal.train import HealResult
-from secateur.runtime.io import all_layer_shapes
-from secateur.runtime.loader import LoadedModel
+from secateur.runtime.store.data import resolve_text_source
+from secateur.runtime.store.fingerprint import model_fingerprint
+from secateur.runtime.store.io import all_layer_shapes
+from secateur.runtime.store.loader import LoadedModel
 
 
 def _where(stage: Stage, recipe: Recipe) -> str:

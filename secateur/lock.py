@@ -11,15 +11,15 @@ import torch
 import yaml
 from torch import nn
 
-from secateur.runtime.fingerprint import model_fingerprint as model_fingerprint
-from secateur.runtime.fingerprint import model_fingerprint_v1
-from secateur.runtime.fingerprint import tensor_fingerprint as tensor_fingerprint
-from secateur.runtime.loader import DTYPES
+from secateur.runtime.store.fingerprint import model_fingerprint as model_fingerprint
+from secateur.runtime.store.fingerprint import model_fingerprint_v1
+from secateur.runtime.store.fingerprint import tensor_fingerprint as tensor_fingerprint
+from secateur.runtime.store.loader import DTYPES
 
 LOCK_NAME = "recipe.lock.yaml"
 LOCK_VERSION = 2  # 2: weight fingerprints hash tensor by tensor (streamed and in-memory runs agree)
 # every version ever written re-applies: 1 is verified with its own fingerprint scheme
-# (runtime.fingerprint.model_fingerprint_v1) and the re-applied run writes a version-2 lock
+# (runtime.store.fingerprint.model_fingerprint_v1) and the re-applied run writes a version-2 lock
 READABLE_VERSIONS = (1, 2)
 
 

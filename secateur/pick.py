@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from secateur.runtime.outdir import check_file_replaceable, record_files
+from secateur.runtime.store.outdir import check_file_replaceable, record_files
 from secateur.search.pareto import pick
 
 SPEED_KEYS = ("flops", "latency", "throughput")

@@ -34,22 +34,27 @@ from secateur.results import (
     make_lock,
     write_output,
 )
-from secateur.runtime.data import CalibrationWindows, calibration_tokens, recipe_windows, resolve_text_source
-from secateur.runtime.deliver import (
+from secateur.runtime.measure.timing import peak_memory
+from secateur.runtime.measure.zeroshot import check_tasks, run_zeroshot
+from secateur.runtime.methods import get_method
+from secateur.runtime.prune.sequential import LayerIO, PruneResult
+from secateur.runtime.prune.stage import StageContext, StagePlan
+from secateur.runtime.store.data import (
+    CalibrationWindows,
+    calibration_tokens,
+    recipe_windows,
+    resolve_text_source,
+)
+from secateur.runtime.store.deliver import (
     budget_slack,
     check_budget,
     check_finite_output,
     check_finite_source,
     check_perplexity,
 )
-from secateur.runtime.io import all_layer_shapes, round_to_dtype
-from secateur.runtime.loader import DTYPES, LoadedModel, load_model, resolve_source, source_dtype
-from secateur.runtime.methods import get_method
-from secateur.runtime.outdir import check_location, check_replaceable, clean_leftovers
-from secateur.runtime.sequential import LayerIO, PruneResult
-from secateur.runtime.stage import StageContext, StagePlan
-from secateur.runtime.timing import peak_memory
-from secateur.runtime.zeroshot import check_tasks, run_zeroshot
+from secateur.runtime.store.io import all_layer_shapes, round_to_dtype
+from secateur.runtime.store.loader import DTYPES, LoadedModel, load_model, resolve_source, source_dtype
+from secateur.runtime.store.outdir import check_location, check_replaceable, clean_leftovers
 from secateur.speed_target import SpeedResolution, resolve_speed
 
 

@@ -14,14 +14,14 @@ from secateur.export import check_pruned, export_model, export_name, recipe_toke
 from secateur.lock import LOCK_NAME, LockError, build_lock
 from secateur.recipe.load import dump_recipe, resolved_dict
 from secateur.recipe.schema import Recipe
-from secateur.runtime.card import write_card
 from secateur.runtime.export import ExportError
-from secateur.runtime.io import all_layer_shapes, write_model
-from secateur.runtime.loader import LoadedModel, hub_id
-from secateur.runtime.outdir import atomic_dir
-from secateur.runtime.report import write_report
-from secateur.runtime.sequential import PruneResult
-from secateur.runtime.stage import StagePlan
+from secateur.runtime.measure.card import write_card
+from secateur.runtime.measure.report import write_report
+from secateur.runtime.prune.sequential import PruneResult
+from secateur.runtime.prune.stage import StagePlan
+from secateur.runtime.store.io import all_layer_shapes, write_model
+from secateur.runtime.store.loader import LoadedModel, hub_id
+from secateur.runtime.store.outdir import atomic_dir
 
 
 def base_report(

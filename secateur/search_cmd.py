@@ -32,20 +32,20 @@ from secateur.recipe.compile import (
 )
 from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.recipe.schema import Recipe
-from secateur.runtime.data import (
+from secateur.runtime.measure.timing import peak_memory
+from secateur.runtime.store.data import (
     calibration_tokens,
     recipe_windows,
     resolve_text_source,
 )
-from secateur.runtime.loader import load_model, resolve_source
-from secateur.runtime.outdir import (
+from secateur.runtime.store.loader import load_model, resolve_source
+from secateur.runtime.store.outdir import (
     check_file_replaceable,
     check_location,
     check_replaceable,
     clean_leftovers,
     record_files,
 )
-from secateur.runtime.timing import peak_memory
 from secateur.speed_target import resolve_speed
 
 
@@ -67,7 +67,7 @@ def reload_model(model_id: str, dtype: str, device: str, base_dir: str | None) -
 def sequential_compiler(recipe: Recipe, lm: Any, calib: Any) -> Callable[[Any, Plan], None]:
     """The recipe's sequential compile of a plan (selection, error correction, refinement included),
     as `secateur prune` runs it on the winner recipe: what the re-scoring after the search builds."""
-    from secateur.runtime.sequential import prune_sequential
+    from secateur.runtime.prune.sequential import prune_sequential
 
     def compile_plan(model: Any, plan: Plan) -> None:
         plan = dc_replace(

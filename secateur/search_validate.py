@@ -25,11 +25,11 @@ from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import Recipe
-from secateur.runtime.io import load_pruned
-from secateur.runtime.leftovers import partial_dir
-from secateur.runtime.loader import LoadedModel
-from secateur.runtime.variants import prune_stitched
-from secateur.runtime.zeroshot import run_zeroshot
+from secateur.runtime.allocation.variants import prune_stitched
+from secateur.runtime.measure.zeroshot import run_zeroshot
+from secateur.runtime.store.io import load_pruned
+from secateur.runtime.store.leftovers import partial_dir
+from secateur.runtime.store.loader import LoadedModel
 
 
 def uniform_recipe_file(winner_path: Path, dest: Path) -> Path:

@@ -4,7 +4,7 @@ llama.cpp: both are exported to GGUF (the type the target names) in a temporary 
 alternately, each in its own child process that loads it once and warms it up (a llama.cpp crash is
 reported as the engine being unavailable, not the end of this process), each round a prefill of the
 prompt and one-token decode steps with the KV cache. PyTorch: both are loaded and timed alternately
-with runtime.timing's prefill and cached-decode loops. At least 10 rounds; medians, interquartile
+with runtime.measure.timing's prefill and cached-decode loops. At least 10 rounds; medians, interquartile
 spread, and the realised share of the FLOPs ratio ((speedup - 1) / (FLOPs ratio - 1)). A
 measurement whose spread stays above 10% after three attempts is reported as busy, not as a speedup.
 """
@@ -20,14 +20,14 @@ import torch
 from secateur.export import source_of, tokenizer_gguf_for
 from secateur.graph.adapters import adapter_for
 from secateur.lock import LOCK_NAME, read_lock
-from secateur.runtime.data import load_text, tokenize_text
 from secateur.runtime.export.gguf import write_gguf
-from secateur.runtime.io import load_pruned
-from secateur.runtime.leftovers import partial_dir
-from secateur.runtime.loader import LoadedModel, load_model
 from secateur.runtime.speed.engines import GGUFTimer, Phases, default_threads, engine_version, time_torch
 from secateur.runtime.speed.measure import measure_alternating
 from secateur.runtime.speed.table import speed_table
+from secateur.runtime.store.data import load_text, tokenize_text
+from secateur.runtime.store.io import load_pruned
+from secateur.runtime.store.leftovers import partial_dir
+from secateur.runtime.store.loader import LoadedModel, load_model
 
 MIN_ROUNDS = 10
 

@@ -18,11 +18,11 @@ from secateur.evaluation import evaluate_ppl
 from secateur.lock import LockError, check_kept_ranges
 from secateur.pipeline import Pipeline, PruneRun
 from secateur.results import check_lock_model, check_lock_result, kept_units, write_run_files
-from secateur.runtime.deliver import check_perplexity
-from secateur.runtime.io import all_layer_shapes, write_metadata
-from secateur.runtime.outdir import atomic_dir
-from secateur.runtime.stream import ShardWriter, StreamPass, memory_bound
-from secateur.runtime.weights import SafetensorsSource
+from secateur.runtime.store.deliver import check_perplexity
+from secateur.runtime.store.io import all_layer_shapes, write_metadata
+from secateur.runtime.store.outdir import atomic_dir
+from secateur.runtime.store.stream import ShardWriter, StreamPass, memory_bound
+from secateur.runtime.store.weights import SafetensorsSource
 
 
 class StreamedPipeline(Pipeline):

@@ -15,7 +15,7 @@ DATA_ROOT = Path(os.environ.get("SECATEUR_DATA_ROOT", REPO.parent / "shared" / "
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # the variant database of every test run (subprocesses too) lives in a fresh folder, never ~/.cache
 os.environ.setdefault("SECATEUR_VARIANTS", tempfile.mkdtemp(prefix="secateur-variants-"))
-# and so does the registry of temporary folders (runtime/leftovers.py) every run sweeps
+# and so does the registry of temporary folders (runtime/store/leftovers.py) every run sweeps
 os.environ.setdefault("SECATEUR_PARTIAL_DIR", tempfile.mkdtemp(prefix="secateur-partial-"))
 
 
@@ -29,7 +29,7 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M loaded once for all integration tests (fp32, CPU)."""
-    from secateur.runtime.loader import load_model
+    from secateur.runtime.store.loader import load_model
 
     try:
         return load_model("smollm2-135m", dtype="float32", device="cpu")

@@ -14,11 +14,11 @@ from secateur.graph.count import decoder_linear_params
 from secateur.graph.groups import layer_shapes
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.recipe.compile import BudgetSpec, planned_removal
-from secateur.runtime.allocation import global_plan, proportional_plan
-from secateur.runtime.dense import dense_statistics
-from secateur.runtime.io import load_pruned, save_pruned
-from secateur.runtime.restore import compensate_bias
-from secateur.runtime.sequential import prune_sequential
+from secateur.runtime.allocation.dense import dense_statistics
+from secateur.runtime.allocation.plans import global_plan, proportional_plan
+from secateur.runtime.prune.restore import compensate_bias
+from secateur.runtime.prune.sequential import prune_sequential
+from secateur.runtime.store.io import load_pruned, save_pruned
 from secateur.testing import save_tiny, tiny_model
 
 IDS = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))

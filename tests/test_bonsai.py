@@ -18,11 +18,11 @@ from secateur.graph.plan import Plan
 from secateur.lock import LOCK_NAME
 from secateur.recipe.compile import planned_removal
 from secateur.recipe.schema import Recipe
-from secateur.runtime.io import load_pruned, save_pruned
 from secateur.runtime.methods import get_method
 from secateur.runtime.methods.bonsai import bonsai_prune, fit_importance
-from secateur.runtime.stage import StageContext
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.stage import StageContext
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.io import load_pruned, save_pruned
 from secateur.testing import save_tiny, tiny_model
 
 

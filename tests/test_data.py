@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secateur.runtime.data import (
+from secateur.runtime.store.data import (
     DATA_ROOT_ENV,
     DataError,
     calibration_windows,

@@ -1,4 +1,4 @@
-"""The sequential pass's shortcut for MLP-only layers (runtime/delta.py) against running the layer again."""
+"""The sequential pass's shortcut for MLP-only layers (runtime/prune/delta.py) against running the layer again."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from secateur.graph.adapters import adapter_for
 from secateur.graph.plan import LayerPlan, Plan
-from secateur.runtime import delta
-from secateur.runtime.sequential import prune_sequential
+from secateur.runtime.prune import delta
+from secateur.runtime.prune.sequential import prune_sequential
 from secateur.testing import TINY_FAMILIES, tiny_model
 
 IDS = torch.randint(0, 128, (6, 40), generator=torch.Generator().manual_seed(3))

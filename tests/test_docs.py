@@ -78,7 +78,7 @@ def test_readme_quickstart_commands_run(tmp_path: Path, monkeypatch, capsys) -> 
     import shlex
 
     from secateur.cli import main
-    from secateur.runtime.data import default_data_root
+    from secateur.runtime.store.data import default_data_root
 
     tiny = save_tiny(str(tmp_path / "tiny"), "llama", num_hidden_layers=4)
     (tmp_path / "c.txt").write_text("pruning makes models smaller and faster. " * 400)

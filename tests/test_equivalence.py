@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from secateur.api import prune
-from secateur.runtime.io import load_pruned
+from secateur.runtime.store.io import load_pruned
 from secateur.testing import TINY_FAMILIES, save_tiny
 
 GOLDEN = Path(__file__).parent / "data" / "equivalence.json"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from secateur.graph.adapters import adapter_for
-from secateur.runtime.evaluate import perplexity, window_nll
+from secateur.runtime.measure.evaluate import perplexity, window_nll
 from secateur.testing import tiny_model
 
 from .conftest import input_ids

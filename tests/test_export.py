@@ -24,8 +24,8 @@ from secateur.runtime.export import ExportError
 from secateur.runtime.export import llamacpp as lc
 from secateur.runtime.export.decilm import decilm_config, read_decilm, write_decilm
 from secateur.runtime.export.gguf import gguf_layout, write_gguf
-from secateur.runtime.io import load_pruned, save_pruned
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.io import load_pruned, save_pruned
 from secateur.testing import save_tiny, tiny_model
 
 VOCAB = 49152  # SmolLM2's tokenizer, carried over from its GGUF: a vocabulary llama.cpp accepts

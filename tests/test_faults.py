@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from secateur.cli import main
-from secateur.runtime import leftovers
+from secateur.runtime.store import leftovers
 from secateur.testing import save_tiny, save_tiny_gguf
 
 WORDS = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly"]
@@ -211,7 +211,7 @@ def test_disk_full_on_a_small_tmpfs_is_a_message_and_leaves_nothing(tmp_path, ca
 def test_a_bad_variant_file_is_rebuilt_not_stitched(tmp_path, damage) -> None:
     from secateur.graph.adapters import adapter_for
     from secateur.graph.keep import LayerKeep
-    from secateur.runtime.variants import Variant, VariantStore
+    from secateur.runtime.allocation.variants import Variant, VariantStore
     from secateur.testing import tiny_model
 
     m = tiny_model("llama")

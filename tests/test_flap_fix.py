@@ -17,9 +17,9 @@ import torch
 
 from secateur.graph.adapters import adapter_for
 from secateur.recipe.compile import BudgetSpec
-from secateur.runtime.allocation import global_plan
-from secateur.runtime.dense import DenseStats
-from secateur.runtime.stats import InputStats
+from secateur.runtime.allocation.dense import DenseStats
+from secateur.runtime.allocation.plans import global_plan
+from secateur.runtime.prune.stats import InputStats
 from secateur.testing import tiny_model
 
 LAYERS = [0, 1, 2, 3]

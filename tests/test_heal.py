@@ -21,13 +21,13 @@ from secateur.graph.keep import LayerKeep
 from secateur.recipe.errors import RecipeError
 from secateur.recipe.heal import Heal
 from secateur.recipe.load import load_recipe
-from secateur.runtime.fingerprint import model_fingerprint
 from secateur.runtime.heal.data import self_generated, text_sequences
 from secateur.runtime.heal.loss import rest_logmass, topk_kl
 from secateur.runtime.heal.teacher import teacher_targets
 from secateur.runtime.heal.train import run_trainer
-from secateur.runtime.io import load_pruned
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.fingerprint import model_fingerprint
+from secateur.runtime.store.io import load_pruned
 from secateur.testing import tiny_model, tiny_tokenizer
 from tests.test_prune import _recipe, _text
 

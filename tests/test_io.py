@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from secateur.graph.adapters import adapter_for
 from secateur.graph.keep import LayerKeep
-from secateur.runtime.io import OutputExistsError, atomic_dir, load_pruned, save_pruned
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.io import OutputExistsError, atomic_dir, load_pruned, save_pruned
 from secateur.testing import TINY_FAMILIES, tiny_model
 
 from .conftest import input_ids

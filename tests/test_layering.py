@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STACK = ["graph", "recipe", "runtime", "search", "secateur"]
 
 
+def _files(root: Path, folder: str) -> list[Path]:
+    """The modules of one package of the stack: secateur/<folder>/, or secateur/ itself without them."""
+    base = root / "secateur"
+    if folder != "secateur":
+        return sorted((base / folder).rglob("*.py"))
+    return sorted(p for p in base.rglob("*.py") if p.relative_to(base).parts[0] not in STACK)
+
+
 def _package_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "secateur":
@@ -45,7 +53,7 @@ def _imports(path: Path, folder: str) -> list[tuple[int, str, list[str]]]:
 def layering_violations(root: Path = ROOT) -> list[str]:
     problems = []
     for folder in STACK:
-        for path in sorted((root / folder).rglob("*.py")):
+        for path in _files(root, folder):
             for line, pkg, names in _imports(path, folder):
                 where = f"{path.relative_to(root)}:{line}"
                 if STACK.index(pkg) > STACK.index(folder):
@@ -61,8 +69,9 @@ def _module_names(root: Path) -> dict[str, Path]:
     out = {}
     for folder in STACK:
         pkg = "secateur" if folder == "secateur" else f"secateur.{folder}"
-        for path in (root / folder).rglob("*.py"):
-            parts = [p for p in path.relative_to(root / folder).with_suffix("").parts if p != "__init__"]
+        home = root / "secateur" / ("" if folder == "secateur" else folder)
+        for path in _files(root, folder):
+            parts = [p for p in path.relative_to(home).with_suffix("").parts if p != "__init__"]
             out[".".join([pkg, *parts])] = path
     return out
 
@@ -102,14 +111,15 @@ def test_no_import_cycles() -> None:
 
 
 def test_the_cycle_checker_sees_function_level_imports(tmp_path: Path) -> None:
-    for folder in STACK:
-        (tmp_path / folder).mkdir()
-    (tmp_path / "runtime" / "a.py").write_text("from secateur.runtime.b import f\n")
-    (tmp_path / "runtime" / "b.py").write_text("def f():\n    from secateur.runtime import a\n    return a\n")
-    (tmp_path / "runtime" / "c.py").write_text(
+    pkgs = tmp_path / "secateur"
+    for folder in STACK[:-1]:
+        (pkgs / folder).mkdir(parents=True)
+    (pkgs / "runtime" / "a.py").write_text("from secateur.runtime.b import f\n")
+    (pkgs / "runtime" / "b.py").write_text("def f():\n    from secateur.runtime import a\n    return a\n")
+    (pkgs / "runtime" / "c.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from secateur.runtime.a import x\n"
     )
-    (tmp_path / "runtime" / "d.py").write_text("from secateur.runtime.c import y\n")
+    (pkgs / "runtime" / "d.py").write_text("from secateur.runtime.c import y\n")
     assert import_cycles(tmp_path) == [["secateur.runtime.a", "secateur.runtime.b"]]
 
 
@@ -118,18 +128,29 @@ def test_imports_point_down_the_stack() -> None:
 
 
 def test_the_checker_catches_an_upward_and_a_private_import(tmp_path: Path) -> None:
-    for folder in STACK:
-        (tmp_path / folder).mkdir()
-    (tmp_path / "graph" / "bad.py").write_text(
-        "def f():\n    from secateur.runtime.surgery import apply_keep\n    return apply_keep\n"
+    pkgs = tmp_path / "secateur"
+    for folder in STACK[:-1]:
+        (pkgs / folder).mkdir(parents=True)
+    (pkgs / "graph" / "bad.py").write_text(
+        "def f():\n    from secateur.runtime.prune.surgery import apply_keep\n    return apply_keep\n"
     )
-    (tmp_path / "search" / "worse.py").write_text("from secateur.runtime.proxy import _Inject\n")
+    (pkgs / "search" / "worse.py").write_text("from secateur.runtime.allocation.proxy import _Inject\n")
     found = layering_violations(tmp_path)
-    assert any("graph/bad.py:2: graph imports upward from runtime" in p for p in found)
-    assert any("search/worse.py:1: private name(s) ['_Inject'] taken from runtime" in p for p in found)
+    assert any("secateur/graph/bad.py:2: graph imports upward from runtime" in p for p in found)
+    assert any(
+        "secateur/search/worse.py:1: private name(s) ['_Inject'] taken from runtime" in p for p in found
+    )
 
 
 def test_schema_method_names_are_the_registry() -> None:
     assert sorted(get_args(PassMethod)) == method_names()
     # multipruner is the one composite: a recipe of passes, each a registered method
     assert set(get_args(Method)) == set(method_names()) | {"multipruner"}
+
+
+def test_top_level_folders_are_links_to_the_packages() -> None:
+    """The design card's graph/ recipe/ runtime/ search/ open the packages under secateur/ (one copy)."""
+    for folder in STACK[:-1]:
+        link = ROOT / folder
+        assert link.is_symlink(), f"{folder}/ should be a link to secateur/{folder}"
+        assert link.resolve() == (ROOT / "secateur" / folder).resolve()

@@ -2,7 +2,7 @@
 
 tests/data/locks holds one lock per version, made from the same tiny prune (llama, seed 0,
 magnitude scores, no restoration: slicing only, so the weights are bit-identical on any machine);
-version 1 carries that version's whole-model fingerprints (runtime.fingerprint.model_fingerprint_v1).
+version 1 carries that version's whole-model fingerprints (runtime.store.fingerprint.model_fingerprint_v1).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from secateur.api import prune
 from secateur.lock import LOCK_NAME, LockError, tensor_fingerprint
-from secateur.runtime.io import load_pruned, weight_files
-from secateur.runtime.loader import ModelSource, gguf_dtype, source_dtype
-from secateur.runtime.outdir import MANIFEST
+from secateur.runtime.store.io import load_pruned, weight_files
+from secateur.runtime.store.loader import ModelSource, gguf_dtype, source_dtype
+from secateur.runtime.store.outdir import MANIFEST
 
 from .test_reliability import _recipe
 
@@ -43,9 +43,9 @@ def test_bf16_sharded_output_is_what_was_evaluated_and_the_lock_checks_it(tmp_pa
     again = prune(lock_path=out / LOCK_NAME, output=tmp_path / "again", progress=False, log=lambda s: None)
     assert again.reproduced is True
     # the reported perplexity is the saved model's, evaluated in the working dtype
-    from secateur.runtime.data import eval_windows, load_text, tokenize_text
-    from secateur.runtime.evaluate import perplexity
-    from secateur.runtime.loader import load_model
+    from secateur.runtime.measure.evaluate import perplexity
+    from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
+    from secateur.runtime.store.loader import load_model
 
     lm = load_model(str(out), dtype="float32", device="cpu")
     toks = tokenize_text(lm.tokenizer, load_text("calib.txt", "test", None, tmp_path))
@@ -122,7 +122,7 @@ def test_bad_shard_size_is_a_recipe_error(tmp_path: Path, bad) -> None:
 def test_card_of_an_output_plain_transformers_cannot_load() -> None:
     from huggingface_hub import ModelCard
 
-    from secateur.runtime.card import render_card
+    from secateur.runtime.measure.card import render_card
 
     report = {"stages": [{"method": "flap"}], "size": {"dense": {"params": 10}, "pruned": {"params": 8}}}
     text = render_card(report, "flap-20", "HuggingFaceTB/SmolLM2-135M-Instruct", plain=False)

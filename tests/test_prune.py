@@ -15,8 +15,8 @@ from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.lock import LOCK_NAME, LockError
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal, uniform_plan
-from secateur.runtime.io import OutputExistsError, load_pruned
-from secateur.runtime.sequential import prune_sequential
+from secateur.runtime.prune.sequential import prune_sequential
+from secateur.runtime.store.io import OutputExistsError, load_pruned
 from secateur.testing import TINY_FAMILIES, save_tiny, tiny_model
 
 
@@ -165,7 +165,7 @@ def test_prune_pipeline_saves_reloads_and_locks(tmp_path: Path, family: str, att
     assert abs(removed - 0.3) < 0.05
     loaded = load_pruned(folder)
     ids = torch.randint(0, 128, (1, 16))
-    from secateur.runtime.loader import load_model
+    from secateur.runtime.store.loader import load_model
 
     lm = load_model(str(folder), dtype="float32", device="cpu")
     with torch.no_grad():

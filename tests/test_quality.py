@@ -15,10 +15,10 @@ from secateur.graph.plan import LayerPlan, Plan
 from secateur.lock import LOCK_NAME
 from secateur.recipe.errors import RecipeError
 from secateur.recipe.load import load_recipe
-from secateur.runtime.obs import obs_remove, obs_remove_channels
-from secateur.runtime.restore import restore_columns, restore_toward
-from secateur.runtime.select import top_units
-from secateur.runtime.sequential import prune_sequential
+from secateur.runtime.prune.obs import obs_remove, obs_remove_channels
+from secateur.runtime.prune.restore import restore_columns, restore_toward
+from secateur.runtime.prune.select import top_units
+from secateur.runtime.prune.sequential import prune_sequential
 from secateur.testing import save_tiny, tiny_model
 
 GEN = torch.Generator().manual_seed(0)
@@ -224,7 +224,7 @@ def test_refinement_never_worsens_the_held_out_branch_error(ec: bool) -> None:
 
 
 def test_refine_branch_fits_a_target_branch() -> None:
-    from secateur.runtime.refine import refine_branch
+    from secateur.runtime.prune.refine import refine_branch
 
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)

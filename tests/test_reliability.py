@@ -23,10 +23,10 @@ from secateur.lock import LOCK_NAME, LockError
 from secateur.recipe.compile import BudgetError
 from secateur.recipe.errors import RecipeError
 from secateur.recipe.load import load_recipe
-from secateur.runtime.io import PrunedFolderError, load_pruned, save_pruned
-from secateur.runtime.loader import ModelLoadError, load_model
-from secateur.runtime.outdir import MANIFEST, OutputExistsError, OutputLocationError
-from secateur.runtime.surgery import apply_keep, drop_attention, drop_mlp
+from secateur.runtime.prune.surgery import apply_keep, drop_attention, drop_mlp
+from secateur.runtime.store.io import PrunedFolderError, load_pruned, save_pruned
+from secateur.runtime.store.loader import ModelLoadError, load_model
+from secateur.runtime.store.outdir import MANIFEST, OutputExistsError, OutputLocationError
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ def test_explain_refuses_a_noop_recipe(tmp_path: Path) -> None:
 def _leftover(parent: Path, prefix: str) -> Path:
     """A marked temporary folder made by a process that has ended (as a killed run leaves it)."""
     code = (
-        "import sys; from pathlib import Path; from secateur.runtime.leftovers import new_partial_dir; "
+        "import sys; from pathlib import Path; from secateur.runtime.store.leftovers import new_partial_dir; "
         "d, _ = new_partial_dir(Path(sys.argv[1]), sys.argv[2], 'test'); "
         "(d / 'model.safetensors').write_text('partial'); print(d)"
     )

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from secateur.api import prune
 from secateur.cli import main
 from secateur.graph.adapters import adapter_for
-from secateur.runtime.deliver import BUDGET_TOLERANCE, DeliveryError, check_budget, check_perplexity
-from secateur.runtime.io import save_pruned
-from secateur.runtime.loader import ModelLoadError
-from secateur.runtime.outdir import FILES_MANIFEST, OutputExistsError, OutputLocationError
+from secateur.runtime.store.deliver import BUDGET_TOLERANCE, DeliveryError, check_budget, check_perplexity
+from secateur.runtime.store.io import save_pruned
+from secateur.runtime.store.loader import ModelLoadError
+from secateur.runtime.store.outdir import FILES_MANIFEST, OutputExistsError, OutputLocationError
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
 
 QUIET = {"progress": False, "log": lambda s: None}
@@ -89,7 +89,7 @@ def run(tmp_path: Path) -> Path:
 def test_export_refuses_what_secateur_did_not_write_before_loading(
     tmp_path: Path, run: Path, monkeypatch, target: str, fmt: str, match: str
 ) -> None:
-    import secateur.runtime.loader as loader
+    import secateur.runtime.store.loader as loader
 
     tok = tmp_path / "tok.gguf"
     tok.write_bytes(b"GGUF not read before the output is checked")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from secateur.runtime.report import read_report, render_markdown, write_report
+from secateur.runtime.measure.report import read_report, render_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -24,10 +24,15 @@ from secateur.graph.adapters import adapter_for
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import SearchOptions
-from secateur.recipe.space import SearchSpace, angular_fractions, project_to_budget, uniform_fractions
-from secateur.runtime.capture import capture_inputs, run_layer
-from secateur.runtime.sequential import select_layer
-from secateur.runtime.stats import collect_inputs
+from secateur.runtime.allocation.space import (
+    SearchSpace,
+    angular_fractions,
+    project_to_budget,
+    uniform_fractions,
+)
+from secateur.runtime.prune.capture import capture_inputs, run_layer
+from secateur.runtime.prune.sequential import select_layer
+from secateur.runtime.prune.stats import collect_inputs
 from secateur.search.cache import SearchCache, search_windows
 from secateur.search.objective import evaluate_plan, pruned, select_from_scores
 from secateur.search.plots import write_plots, write_winner_recipe

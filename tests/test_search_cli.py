@@ -11,7 +11,7 @@ import yaml
 from secateur.cli import main
 from secateur.graph.adapters import adapter_for
 from secateur.graph.count import decoder_linear_params
-from secateur.runtime.io import load_pruned
+from secateur.runtime.store.io import load_pruned
 from secateur.testing import save_tiny
 
 
@@ -81,9 +81,9 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     import torch
 
     from secateur.graph.plan import Plan
-    from secateur.runtime.data import eval_windows, load_text, statistics_split, tokenize_text
-    from secateur.runtime.loader import load_model
-    from secateur.runtime.variants import prune_stitched
+    from secateur.runtime.allocation.variants import prune_stitched
+    from secateur.runtime.store.data import eval_windows, load_text, statistics_split, tokenize_text
+    from secateur.runtime.store.loader import load_model
 
     recipe = _recipe(tmp_path)
     doc = yaml.safe_load(recipe.read_text())
@@ -122,7 +122,7 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     with torch.inference_mode():
         assert torch.equal(compiled(ids).logits, lm.model(ids).logits)
     # the validation measured dense, the uniform allocation and this very model on the recipe's set
-    from secateur.runtime.evaluate import perplexity
+    from secateur.runtime.measure.evaluate import perplexity
 
     val = json.loads((search_dir / "validation.json").read_text())
     assert set(val) == {"dense", "uniform", "searched"}

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from secateur.cli import main
 from secateur.graph.plan import Plan
-from secateur.runtime.io import load_pruned
+from secateur.runtime.store.io import load_pruned
 from secateur.testing import save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")

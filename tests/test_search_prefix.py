@@ -8,7 +8,7 @@ import torch
 
 from secateur.graph.adapters import adapter_for
 from secateur.recipe.compile import BudgetSpec
-from secateur.recipe.space import SearchSpace, project_to_budget, uniform_fractions
+from secateur.runtime.allocation.space import SearchSpace, project_to_budget, uniform_fractions
 from secateur.search.cache import SearchCache
 from secateur.search.evolution import EvolutionSampler
 from secateur.search.objective import Objective

@@ -14,9 +14,9 @@ from secateur.graph.adapters import adapter_for
 from secateur.graph.plan import Plan
 from secateur.recipe.compile import BudgetSpec
 from secateur.recipe.schema import SearchOptions
-from secateur.runtime.allocation import proportional_plan
-from secateur.runtime.dense import dense_statistics
-from secateur.runtime.io import load_pruned
+from secateur.runtime.allocation.dense import dense_statistics
+from secateur.runtime.allocation.plans import proportional_plan
+from secateur.runtime.store.io import load_pruned
 from secateur.search.study import run_search
 from secateur.testing import save_tiny, tiny_model
 

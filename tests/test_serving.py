@@ -18,13 +18,13 @@ from secateur.recipe.compile import BudgetError, budget_spec, uniform_plan
 from secateur.recipe.load import recipe_from_dict
 from secateur.runtime.export import ExportError
 from secateur.runtime.export.gguf import write_gguf
+from secateur.runtime.prune.surgery import apply_keep
 from secateur.runtime.speed import cache
 from secateur.runtime.speed.latency import LatencyModel
 from secateur.runtime.speed.measure import Target, time_shapes
 from secateur.runtime.speed.probe import ProbeShape
 from secateur.runtime.speed.quant import QuantWidthError, check_row_lengths
 from secateur.runtime.speed.width import auto_multiple_of, choose, width_cap
-from secateur.runtime.surgery import apply_keep
 from secateur.speed_target import dense_probe, latency_to_params, layer_shapes_of_plan, resolve_speed
 from secateur.testing import save_tiny, tiny_model
 

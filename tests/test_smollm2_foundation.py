@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from secateur.graph.build import build_graph, summarize
 from secateur.graph.keep import LayerKeep
-from secateur.runtime.io import load_pruned, save_pruned
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.io import load_pruned, save_pruned
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def test_smollm2_prune_and_lock_reproduce_bit_identical(smollm2, tmp_path) -> No
 
     from secateur.api import prune
     from secateur.lock import LOCK_NAME
-    from secateur.runtime.data import default_data_root
+    from secateur.runtime.store.data import default_data_root
 
     root = default_data_root()
     if root is None:

@@ -10,8 +10,8 @@ import pytest
 from secateur.graph.adapters import adapter_for
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
 from secateur.graph.keep import LayerKeep
-from secateur.runtime.surgery import apply_keep, drop_attention
-from secateur.runtime.timing import measure_speed, speed_ratios
+from secateur.runtime.measure.timing import measure_speed, speed_ratios
+from secateur.runtime.prune.surgery import apply_keep, drop_attention
 from secateur.testing import tiny_model
 
 

@@ -14,10 +14,10 @@ import yaml
 from secateur.api import prune
 from secateur.checks import StreamError
 from secateur.cli import main
-from secateur.runtime.io import INDEX_NAME, load_pruned
-from secateur.runtime.loader import resolve_source
-from secateur.runtime.outdir import MANIFEST
-from secateur.runtime.weights import SafetensorsSource
+from secateur.runtime.store.io import INDEX_NAME, load_pruned
+from secateur.runtime.store.loader import resolve_source
+from secateur.runtime.store.outdir import MANIFEST
+from secateur.runtime.store.weights import SafetensorsSource
 from secateur.testing import TINY_FAMILIES, save_tiny, save_tiny_gguf, tiny_model, tiny_tokenizer
 
 

@@ -18,7 +18,7 @@ from secateur.graph.adapters import adapter_for
 from secateur.graph.count import decoder_linear_params
 from secateur.graph.groups import layer_shapes
 from secateur.recipe.schema import Importance, Restore, Stage, Targets
-from secateur.runtime.io import load_pruned, save_pruned
+from secateur.runtime.allocation.proxy import HeldoutScorer, dense_reference
 from secateur.runtime.methods import get_method
 from secateur.runtime.methods.blockpruner_sprint import (
     Candidate,
@@ -27,9 +27,9 @@ from secateur.runtime.methods.blockpruner_sprint import (
     latency_table,
     without,
 )
-from secateur.runtime.proxy import HeldoutScorer, dense_reference
-from secateur.runtime.stage import StageContext
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.stage import StageContext
+from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.io import load_pruned, save_pruned
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
 
 FAMILIES = ("llama", "gemma3_text", "opt")

@@ -10,7 +10,7 @@ import torch
 from secateur.graph.adapters import adapter_for
 from secateur.graph.groups import layer_groups, layer_shapes
 from secateur.graph.keep import KeepSet, KeepSetError, LayerKeep
-from secateur.runtime.surgery import apply_keep
+from secateur.runtime.prune.surgery import apply_keep
 from secateur.testing import TINY_FAMILIES, tiny_model
 
 from .conftest import input_ids

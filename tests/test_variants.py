@@ -14,17 +14,14 @@ from secateur.graph.adapters import adapter_for
 from secateur.graph.groups import layer_shapes
 from secateur.graph.plan import Plan
 from secateur.recipe.compile import BudgetSpec, planned_removal
-from secateur.recipe.space import (
+from secateur.runtime.allocation.dense import dense_statistics
+from secateur.runtime.allocation.space import (
     SearchSpace,
     level_switch,
     project_to_budget,
     snap_to_levels,
 )
-from secateur.runtime.dense import dense_statistics
-from secateur.runtime.select import by_score, select_units
-from secateur.runtime.sequential import restore_layer, write_consumers
-from secateur.runtime.surgery import apply_keep
-from secateur.runtime.variants import (
+from secateur.runtime.allocation.variants import (
     VariantSource,
     VariantStore,
     layer_stats,
@@ -32,6 +29,9 @@ from secateur.runtime.variants import (
     prune_stitched,
     store_key,
 )
+from secateur.runtime.prune.select import by_score, select_units
+from secateur.runtime.prune.sequential import restore_layer, write_consumers
+from secateur.runtime.prune.surgery import apply_keep
 from secateur.search.cache import SearchCache
 from secateur.search.evolution import EvolutionSampler
 from secateur.search.objective import pruned

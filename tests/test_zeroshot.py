@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from secateur.runtime import zeroshot  # noqa: E402
-from secateur.runtime.zeroshot import LOCAL_TASKS, check_tasks, run_zeroshot, task_config  # noqa: E402
+from secateur.runtime.measure import zeroshot  # noqa: E402
+from secateur.runtime.measure.zeroshot import LOCAL_TASKS, check_tasks, run_zeroshot, task_config  # noqa: E402
 from secateur.testing import tiny_model  # noqa: E402
 
 ROWS = {
@@ -337,9 +337,9 @@ def test_lm_eval_cli_runs_the_shipped_tasks_on_a_saved_model(root: Path, tmp_pat
 
     from secateur.graph.adapters import adapter_for
     from secateur.graph.keep import LayerKeep
-    from secateur.runtime.io import save_pruned
-    from secateur.runtime.surgery import apply_keep
-    from secateur.runtime.tasks import TASKS_DIR
+    from secateur.runtime.measure.tasks import TASKS_DIR
+    from secateur.runtime.prune.surgery import apply_keep
+    from secateur.runtime.store.io import save_pruned
     from secateur.testing import tiny_tokenizer
 
     model = tiny_model("llama")

@@ -1,0 +1,1 @@
+"""Models and data in and out: loading, saving, streaming weights, formats, fingerprints, output folders."""

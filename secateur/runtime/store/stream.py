@@ -1,0 +1,302 @@
+"""The streaming runtime: a model whose decoder layers are read from disk one at a time.
+
+The model is a skeleton (meta tensors) with only the embeddings, final norm and head resident.
+The sequential pass asks for layer i (`load_layer`), prunes and runs it, then the layer is
+written to its own safetensors shard and dropped (`release_layer`). Perplexity streams the same
+way: every window's hidden states go through the layers one layer at a time, and the head runs
+last. Peak memory is then about two copies of one layer (the dense one being pruned and the
+sliced result) plus embeddings, head and the calibration activations, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from secateur.graph.adapters import ModelAdapter, adapter_for
+from secateur.runtime.measure.evaluate import window_nll
+from secateur.runtime.prune.capture import capture_inputs, run_layer
+from secateur.runtime.store.deliver import check_finite_source, check_finite_tensors
+from secateur.runtime.store.fingerprint import Fingerprint, saved_tensor
+from secateur.runtime.store.formats import LoadedModel, ModelLoadError, ModelSource
+from secateur.runtime.store.io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_NAME,
+    branch_markers,
+    is_pruned_folder,
+    pruned_skeleton,
+    write_error,
+)
+from secateur.runtime.store.weights import GGUFSource, SafetensorsSource, WeightSource, check_complete
+
+
+class StreamedModel:
+    """A skeleton model plus a weight source; decoder layers are materialised on request."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        source: WeightSource,
+        dtype: torch.dtype,
+        device: torch.device,
+        where: str,
+    ) -> None:
+        self.model, self.adapter, self.source = model, adapter, source
+        self.dtype, self.device, self.where = dtype, device, where
+        self.dense_fingerprint = Fingerprint()  # of the tensors as read by the prune pass
+        self.tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        check_complete(source, names, self.tied, where)
+        self._load_resident()
+
+    def _layer_prefix(self, i: int) -> str:
+        return self.adapter.layer_prefix(i) + "."
+
+    def _assign(self, name: str, t: torch.Tensor) -> None:
+        mod_name, pname = name.rsplit(".", 1)
+        mod = self.model.get_submodule(mod_name)
+        mod._parameters[pname] = nn.Parameter(t.to(device=self.device, dtype=self.dtype))
+
+    def _load_resident(self) -> None:
+        """Embeddings, final norm, head: everything outside the decoder layers (tied head last)."""
+        layers_path = self.adapter.layers_path + "."
+        for name, _ in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(layers_path) and name not in self.tied:
+                self._assign(name, self.source.get(name))
+        if self.tied:
+            self.model.tie_weights()
+        for name, t in self.resident_state().items():
+            self.dense_fingerprint.add(name, t)
+
+    def resident_state(self) -> dict[str, torch.Tensor]:
+        """State outside the decoder layers, tied aliases once (the model's state_dict order)."""
+        layers_path = self.adapter.layers_path + "."
+        seen: set[int] = set()
+        out = {}
+        for k, v in self.model.state_dict().items():
+            if k.startswith(layers_path) or (v.data_ptr() in seen and v.numel()):
+                continue
+            seen.add(v.data_ptr())
+            out[k] = v.detach().to("cpu").contiguous()
+        return out
+
+    def round_resident(self, dtype: torch.dtype) -> None:
+        """Round the resident weights to `dtype` in place (working dtype kept), as the in-memory
+        path rounds the whole model to the output dtype before evaluating it."""
+        with torch.no_grad():
+            for t in self.model.state_dict().values():
+                if t.device.type != "meta" and t.is_floating_point() and t.dtype != dtype:
+                    t.copy_(t.to(dtype).to(t.dtype))
+
+    def load_layer(self, i: int, record: bool = False) -> None:
+        """Read layer i's weights from the source (`record`: into the dense fingerprint)."""
+        prefix = self._layer_prefix(i)
+        layer = self.adapter.layers(self.model)[i]
+        for name, _ in list(layer.named_parameters()):
+            t = self.source.get(prefix + name)
+            if record:
+                self.dense_fingerprint.add(prefix + name, t.to(self.dtype))
+            self._assign(prefix + name, t)
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's current tensors under their full names, contiguous on the CPU."""
+        layer = self.adapter.layers(self.model)[i]
+        return {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in layer.state_dict(prefix=self._layer_prefix(i)).items()
+        }
+
+    def release_layer(self, i: int) -> None:
+        """Drop layer i's weights, keeping their (possibly pruned) shapes on the meta device."""
+        layer = self.adapter.layers(self.model)[i]
+        for mod in layer.modules():
+            for pname, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[pname] = nn.Parameter(
+                        torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
+                    )
+
+
+class ShardWriter:
+    """Writes a model as numbered safetensors shards plus HF's index, layer by layer.
+
+    Each `write` (one decoder layer, or the resident tensors) is cast to the output dtype and split
+    into shards of at most `max_shard_size` with huggingface_hub's splitter, as `save_pretrained`
+    splits a whole model; shards never span two writes, so nothing is buffered beyond one layer.
+    The total count is known only at `finish`, which renames the shards to HF's
+    `model-0000k-of-0000n.safetensors` and writes `model.safetensors.index.json` in HF's format."""
+
+    def __init__(
+        self,
+        folder: Path,
+        dtype: torch.dtype | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ) -> None:
+        self.folder, self.dtype, self.max_shard_size = Path(folder), dtype, max_shard_size
+        self.files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self.fingerprint = Fingerprint()
+
+    @property
+    def n(self) -> int:
+        """Shards written so far."""
+        return len(self.files)
+
+    def write(self, tensors: dict[str, torch.Tensor], markers: dict[str, torch.Tensor] | None = None) -> None:
+        """Write tensors (and `io.branch_markers`, which are no weights and stay out of the fingerprint)."""
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        markers = markers or {}
+        tensors = {k: saved_tensor(v, self.dtype) for k, v in {**tensors, **markers}.items()}
+        check_finite_tensors(tensors.items(), self.dtype or torch.float32)
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=self.max_shard_size)
+        for names in split.filename_to_tensors.values():
+            name = f"part-{len(self.files) + 1:05d}.safetensors.partial"
+            try:
+                save_file({k: tensors[k] for k in names}, str(self.folder / name), metadata={"format": "pt"})
+            except Exception as e:  # a full disk: safetensors' own error type
+                raise write_error(self.folder, e) from e
+            self.files.append(name)
+            for key in names:
+                self.weight_map[key] = name
+                self.total += tensors[key].numel() * tensors[key].element_size()
+                if key not in markers:
+                    self.fingerprint.add(key, tensors[key])
+
+    def finish(self) -> None:
+        """Give the shards their final names and write the index."""
+        final = {}
+        for k, name in enumerate(self.files, 1):
+            final[name] = f"model-{k:05d}-of-{self.n:05d}.safetensors"
+            (self.folder / name).rename(self.folder / final[name])
+        self.weight_map = {key: final[f] for key, f in self.weight_map.items()}
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+class StreamPass:
+    """The sequential pass's layer hooks: read layer i before it runs, write and drop it after."""
+
+    def __init__(self, streamed: StreamedModel, writer: ShardWriter) -> None:
+        self.streamed, self.writer = streamed, writer
+
+    def load(self, i: int) -> None:
+        self.streamed.load_layer(i, record=True)
+        check_finite_source(self.streamed.layer_state(i).items(), f"layer {i} of the source")
+
+    def done(self, i: int) -> None:
+        s = self.streamed
+        self.writer.write(s.layer_state(i), branch_markers(s.model, s.adapter, [i], self.writer.dtype))
+        self.streamed.release_layer(i)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns precomputed outputs (or passes hidden states on)."""
+
+    def __init__(self, outputs: list[torch.Tensor] | None) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.calls = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.outputs is None:
+            return hidden_states
+        out = self.outputs[self.calls]
+        self.calls += 1
+        return out
+
+
+def stream_window_nll(streamed: StreamedModel, windows: torch.Tensor, progress: bool | str = False) -> float:
+    """window_nll (batch size 1) with the decoder layers read one at a time from the source."""
+    model, adapter = streamed.model, streamed.adapter
+    inputs = capture_inputs(model, adapter, windows, batch_size=1)
+    hidden = inputs.hidden
+    layers = adapter.layers(model)
+    steps = range(len(layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{progress if isinstance(progress, str) else 'perplexity'} (streamed)")
+    for i in steps:
+        streamed.load_layer(i)
+        hidden = run_layer(layers[i], hidden, inputs.kwargs[i])
+        streamed.release_layer(i)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Replay(hidden if i == 0 else None)
+    try:
+        return window_nll(model, windows, batch_size=1)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def memory_bound(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    dtype: torch.dtype,
+    calib_tokens: int,
+    dense_stream: bool = False,
+) -> dict[str, int]:
+    """The streaming prune's resident bytes, term by term (the formula the benchmark checks):
+
+    2 x largest layer (the dense layer and its pruned slices) + embeddings, norm and head
+    + calibration activations (the layer's inputs and outputs, twice with error correction)
+    + consumer statistics (fp32 Gram matrices of o_proj and down_proj).
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    layers = adapter.layers(model)
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * size
+    layer_ids = {id(p) for p in layers.parameters()}
+    resident = sum(
+        p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in layer_ids
+    )
+    acts = calib_tokens * adapter.hidden_size * size * 2 * (2 if dense_stream else 1)
+    grams = 4 * (adapter.intermediate_size**2 + (adapter.num_heads * adapter.head_dim) ** 2)
+    terms = {"layer_x2": 2 * layer, "resident": resident * size, "activations": acts, "statistics": grams}
+    return {**terms, "total": sum(terms.values())}
+
+
+def stream_perplexity(streamed: StreamedModel, windows: torch.Tensor, progress: bool | str = False) -> float:
+    """exp of stream_window_nll: the same figure `evaluate.perplexity` gives in memory."""
+    return math.exp(stream_window_nll(streamed, windows, progress))
+
+
+def streamed_model(src: ModelSource, dev: torch.device, dt: torch.dtype, config: Any) -> LoadedModel:
+    """A streamed model (loader.load_model(..., stream=True)): skeleton + resident embeddings/head,
+    layers left on disk."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(src.path)
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model.stream: {src.ref!r} is not a local folder or GGUF file; streaming reads local weights "
+            f"(download the model first)"
+        )
+    if is_pruned_folder(folder):
+        model = pruned_skeleton(folder)
+    else:
+        config.__dict__.pop("quantization_config", None)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    model.config.dtype = dt
+    if (folder / "generation_config.json").is_file():  # what from_pretrained would read
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.tie_weights()
+    model.eval()
+    where = str(folder / src.gguf_file) if src.gguf_file else str(folder)
+    source = GGUFSource(folder / src.gguf_file, model) if src.gguf_file else SafetensorsSource(folder)
+    lm = LoadedModel(model, adapter_for(model.config), None, src, dev, dt)
+    lm.stream = StreamedModel(model, lm.adapter, source, dt, dev, where)
+    return lm
