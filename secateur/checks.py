@@ -78,6 +78,11 @@ def plan_stages(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> Stag
     return StagePlan(stages, counts, stage_layers)
 
 
+# uniform and table plans come from shapes; global and proportional from a first streamed pass
+# over the dense layers (runtime/stage.py), before the pruning pass
+STREAMED_ALLOCATIONS = ("uniform", "table", "global", "proportional")
+
+
 class StreamError(ValueError):
     """A recipe that cannot run with model.stream, named by its key."""
 
@@ -102,10 +107,10 @@ def check_streamable(recipe: Recipe) -> None:
             f"model.stream: method {spec.name!r} cannot stream: {spec.whole_model}; use method {use}, "
             "or set model.stream: false"
         )
-    if recipe.allocation.method not in ("uniform", "table"):
+    if recipe.allocation.method not in STREAMED_ALLOCATIONS:
         raise StreamError(
-            f"model.stream: allocation.method {recipe.allocation.method!r} needs every layer's statistics "
-            f"before pruning; streaming supports 'uniform' and 'table'"
+            f"model.stream: allocation.method {recipe.allocation.method!r} cannot stream; streaming supports "
+            f"{spoken([repr(a) for a in STREAMED_ALLOCATIONS], 'and')}"
         )
     if recipe.allocation.compile == "stitched":
         raise StreamError(

@@ -157,13 +157,48 @@ def test_gguf_source_streams(tmp_path: Path, capsys: pytest.CaptureFixture, data
     ]
 
 
-@pytest.mark.parametrize("method", ["flap", "cfsp", "bonsai", "blockpruner", "sprint"])
+@pytest.mark.parametrize("method", ["bonsai", "blockpruner", "sprint"])
 def test_method_that_cannot_stream_refuses_by_name(tmp_path: Path, method: str) -> None:
     targets = {"sublayers": True} if method in ("blockpruner", "sprint") else {"mlp": True}
     rec = _recipe(tmp_path, str(tmp_path / "absent-model"), method=method, targets=targets)
     with pytest.raises(StreamError, match=f"method '{method}' cannot stream"):
         prune(rec, output=tmp_path / "out", stream=True, progress=False, log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+# allocations that compare layers: a first streamed pass measures the dense layers, a second prunes
+TWO_PASS = {
+    "proportional": {"allocation": {"method": "proportional"}},
+    "global": {"allocation": {"method": "global"}},
+    "flap": {
+        "method": "flap",
+        "importance": {"metric": "fluctuation"},
+        "restore": {"method": "bias_compensation"},
+    },
+}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("case", TWO_PASS)
+def test_two_pass_stream_equals_in_memory(tmp_path: Path, family: str, case: str) -> None:
+    save_tiny(str(tmp_path / "model"), family)
+    attention = "kv_group" if family == "opt" else "q_head"
+    targets = {"mlp": True, "attention": attention}
+    rec = _recipe(tmp_path, str(tmp_path / "model"), targets=targets, **TWO_PASS[case])
+    mem, streamed = _both(rec, tmp_path)
+    _assert_identical(tmp_path, mem, streamed)
+    widths = {(r["intermediate_size"], r["num_heads"]) for r in mem.report["layers"]}
+    if case == "proportional":  # the shares differ per layer: the first pass really measured the layers
+        assert len(widths) > 1, mem.report["layers"]
+
+
+def test_cfsp_streams_from_a_gguf_source(tmp_path: Path) -> None:
+    save_tiny_gguf(str(tmp_path / "tiny.gguf"))
+    rec = _recipe(
+        tmp_path, str(tmp_path / "tiny.gguf"), method="cfsp", targets={"mlp": True, "attention": "none"}
+    )
+    mem, streamed = _both(rec, tmp_path)
+    _assert_identical(tmp_path, mem, streamed)
 
 
 def test_stream_refuses_zero_shot_tasks(tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ class MethodSpec:
     'obs', restore.error_correction and restore.refine_steps apply to it.
     planned: `recipe explain` can plan its widths from shapes alone under a uniform or table
     allocation (the others choose their units from calibration data at prune time).
-    streams: it runs with model.stream (layers read one at a time); else `whole_model` says why not.
+    streams: it runs with model.stream (layers read one at a time; an allocation that compares layers
+    first streams the dense layers once to measure them); else `whole_model` says why not.
     """
 
     name: str
@@ -74,7 +75,7 @@ METHOD_SPECS: tuple[MethodSpec, ...] = (
         "width",
         "CFSP: coarse angular block importance sets each block's share; fine activation scores pick units",
         sequential=True,
-        whole_model="its proportional allocation needs every layer's importance before the first layer is pruned",
+        streams=True,
     ),
     MethodSpec(
         "bonsai",
@@ -89,7 +90,7 @@ METHOD_SPECS: tuple[MethodSpec, ...] = (
         "width",
         "FLAP: fluctuation metric, per-layer standardised scores ranked globally, bias compensation",
         sequential=True,
-        whole_model="its global ranking needs every layer's statistics before the first layer is pruned",
+        streams=True,
         restores=frozenset(RESTORES),
     ),
 )

@@ -2,12 +2,16 @@
 
 Allocations that compare layers (global ranking, CFSP's angular importance) and the search
 need all layers' statistics before any pruning, so this pass runs the *dense* model layer
-by layer (one layer's activations alive at a time) and keeps only fp32 Gram matrices.
+by layer (one layer's activations alive at a time) and keeps only fp32 Gram matrices, or, with
+`on_layer`, only what the caller reduces each layer's statistics to while that layer is resident.
+When the layers stream from disk (`layer_io`), this is the first of two streamed passes: it reads
+each dense layer, measures it and drops it; the sequential pass then prunes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,7 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_shapes
 from secateur.runtime.prune.capture import capture_inputs, run_layer
+from secateur.runtime.prune.sequential import LayerIO
 from secateur.runtime.prune.stats import InputStats, collect_inputs
 
 
@@ -47,8 +52,15 @@ def dense_statistics(
     mlp: bool = True,
     attention: bool = True,
     batch_size: int = 8,
+    layer_io: LayerIO | None = None,
+    on_layer: Callable[[int, dict[str, InputStats]], None] | None = None,
 ) -> DenseStats:
-    """Gram matrices of o_proj / down_proj inputs for `layers`, angular distance for all blocks."""
+    """Gram matrices of o_proj / down_proj inputs for `layers`, angular distance for all blocks.
+
+    `layer_io` reads layer i before its turn and drops it after (streaming); `on_layer(i, stats)`
+    receives each eligible layer's statistics while its weights are resident, and then the
+    statistics are not kept (so a whole-model allocation holds one layer's Gram matrices at a time).
+    """
     inputs = capture_inputs(model, adapter, ids, batch_size)
     hidden = inputs.hidden
     blocks = adapter.layers(model)
@@ -56,6 +68,8 @@ def dense_statistics(
     stats: dict[int, dict[str, InputStats]] = {}
     angular: dict[int, float] = {}
     for i in range(len(blocks)):
+        if layer_io is not None:
+            layer_io.load(i)
         p = adapter.layer_prefix(i)
         consumers: dict[str, nn.Module] = {}
         sh = layer_shapes(model, adapter, i)  # earlier stages may have removed whole branches
@@ -67,6 +81,11 @@ def dense_statistics(
             nxt = run_layer(blocks[i], hidden, inputs.kwargs[i])
         angular[i] = angular_distance(hidden, nxt)
         hidden = nxt
-        if i in eligible:
+        if i in eligible and on_layer is not None:
+            on_layer(i, dict(st))
+        elif i in eligible:
             stats[i] = dict(st)
+        del st
+        if layer_io is not None:
+            layer_io.done(i)
     return DenseStats(stats, angular)

@@ -45,6 +45,78 @@ def standardized_unit_scores(
     return z[idx].mean(1)
 
 
+class GlobalPool:
+    """FLAP's global ranking, gathered one layer at a time: each eligible layer adds its units'
+    standardised scores (`add`, while its weights and statistics are at hand, so a streamed first
+    pass keeps no Gram matrix beyond the layer's own), then `plan` drops the lowest to budget."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, metric: str) -> None:
+        self.model, self.adapter, self.spec, self.metric = model, adapter, spec, metric
+        self.pool: list[tuple[float, int, str, int]] = []  # (score, layer, kind, params)
+        self.totals: dict[tuple[int, str], int] = {}
+
+    def add(self, i: int, st: dict[str, InputStats]) -> None:
+        """Layer i's units with their scores (query heads as slots of one head in every KV group)."""
+        model, adapter, spec, metric = self.model, self.adapter, self.spec, self.metric
+        # FLAP's released code squares the o_proj fluctuation before standardising (lib/prune.py)
+        attn_power = 2 if metric == "fluctuation" else 1
+        g = {x.kind: x for x in layer_groups(model, adapter, i)}
+        p = adapter.layer_prefix(i)
+        if spec.mlp and "mlp_channel" in g:
+            z = standardized_unit_scores(model, g["mlp_channel"], st.get(f"{p}.{adapter.mlp_out}"), metric)
+            self.pool += [(float(v), i, "mlp", g["mlp_channel"].params_per_unit) for v in z]
+            self.totals[(i, "mlp")] = g["mlp_channel"].n_units
+        if spec.attention != "none" and "kv_group" in g:
+            o = st.get(f"{p}.{adapter.o}")
+            if spec.attention == "v_channel":
+                raise BudgetError("allocation.method: 'global' does not rank v_channel units; use uniform")
+            if spec.attention == "kv_group":
+                z = standardized_unit_scores(model, g["kv_group"], o, metric, attn_power)
+                self.pool += [(float(v), i, "attn", g["kv_group"].params_per_unit) for v in z]
+                self.totals[(i, "attn")] = g["kv_group"].n_units
+            else:
+                n_kv = g["kv_group"].n_units
+                s = standardized_unit_scores(model, g["q_head"], o, metric, attn_power).reshape(n_kv, -1)
+                z = s.sort(dim=1).values.mean(0)  # slot j = the j-th weakest head of every group
+                self.pool += [(float(v), i, "attn", n_kv * g["q_head"].params_per_unit) for v in z]
+                self.totals[(i, "attn")] = s.shape[1]
+
+    def plan(self, restore: str, damping: float) -> Plan:
+        """Remove the lowest-ranked units until the budget is met (MLP counts rounded at the end)."""
+        spec, totals = self.spec, self.totals
+        goal = target_params(self.model, self.adapter, spec)
+        if not self.pool:
+            raise BudgetError("targets: no targeted structure exists in the eligible layers")
+        removed_units = {k: 0 for k in totals}
+        removed = 0
+        for _score, i, kind, cost in sorted(self.pool, key=lambda t: (t[0], t[1])):
+            if removed >= goal:
+                break
+            n = totals[(i, kind)]
+            if n - removed_units[(i, kind)] - 1 < max(1, math.ceil(spec.min_keep * n)):
+                continue
+            removed_units[(i, kind)] += 1
+            removed += cost
+        if removed < goal * 0.99:
+            raise BudgetError(
+                f"budget.params: global ranking can remove only {removed:,} of {goal:,} parameters "
+                f"under budget.min_keep={spec.min_keep}"
+            )
+        plan = Plan(metric=self.metric, restore=restore, damping=damping)
+        for (i, kind), r in removed_units.items():
+            if r == 0:
+                continue
+            n = totals[(i, kind)]
+            lp = plan.layers.setdefault(i, LayerPlan())
+            if kind == "mlp":
+                lp.mlp = round_keep(n - r, n, spec.multiple_of, math.ceil(spec.min_keep * n))
+            elif spec.attention == "kv_group":
+                lp.kv_groups = n - r
+            else:
+                lp.q_per_group = n - r
+        return plan
+
+
 def global_plan(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -62,63 +134,10 @@ def global_plan(
     the slot's score the mean of its heads'), keeping GQA uniform. MLP counts are rounded to
     `multiple_of` at the end; the budget is met within that rounding.
     """
-    goal = target_params(model, adapter, spec)
-    # FLAP's released code squares the o_proj fluctuation before standardising (lib/prune.py)
-    attn_power = 2 if metric == "fluctuation" else 1
-    pool: list[tuple[float, int, str, int]] = []  # (score, layer, kind, params)
-    totals: dict[tuple[int, str], int] = {}
+    pool = GlobalPool(model, adapter, spec, metric)
     for i in layers:
-        g = {x.kind: x for x in layer_groups(model, adapter, i)}
-        st = dense.stats.get(i, {})
-        p = adapter.layer_prefix(i)
-        if spec.mlp and "mlp_channel" in g:
-            z = standardized_unit_scores(model, g["mlp_channel"], st.get(f"{p}.{adapter.mlp_out}"), metric)
-            pool += [(float(v), i, "mlp", g["mlp_channel"].params_per_unit) for v in z]
-            totals[(i, "mlp")] = g["mlp_channel"].n_units
-        if spec.attention != "none" and "kv_group" in g:
-            o = st.get(f"{p}.{adapter.o}")
-            if spec.attention == "v_channel":
-                raise BudgetError("allocation.method: 'global' does not rank v_channel units; use uniform")
-            if spec.attention == "kv_group":
-                z = standardized_unit_scores(model, g["kv_group"], o, metric, attn_power)
-                pool += [(float(v), i, "attn", g["kv_group"].params_per_unit) for v in z]
-                totals[(i, "attn")] = g["kv_group"].n_units
-            else:
-                n_kv = g["kv_group"].n_units
-                s = standardized_unit_scores(model, g["q_head"], o, metric, attn_power).reshape(n_kv, -1)
-                z = s.sort(dim=1).values.mean(0)  # slot j = the j-th weakest head of every group
-                pool += [(float(v), i, "attn", n_kv * g["q_head"].params_per_unit) for v in z]
-                totals[(i, "attn")] = s.shape[1]
-    if not pool:
-        raise BudgetError("targets: no targeted structure exists in the eligible layers")
-    removed_units = {k: 0 for k in totals}
-    removed = 0
-    for _score, i, kind, cost in sorted(pool, key=lambda t: (t[0], t[1])):
-        if removed >= goal:
-            break
-        n = totals[(i, kind)]
-        if n - removed_units[(i, kind)] - 1 < max(1, math.ceil(spec.min_keep * n)):
-            continue
-        removed_units[(i, kind)] += 1
-        removed += cost
-    if removed < goal * 0.99:
-        raise BudgetError(
-            f"budget.params: global ranking can remove only {removed:,} of {goal:,} parameters "
-            f"under budget.min_keep={spec.min_keep}"
-        )
-    plan = Plan(metric=metric, restore=restore, damping=damping)
-    for (i, kind), r in removed_units.items():
-        if r == 0:
-            continue
-        n = totals[(i, kind)]
-        lp = plan.layers.setdefault(i, LayerPlan())
-        if kind == "mlp":
-            lp.mlp = round_keep(n - r, n, spec.multiple_of, math.ceil(spec.min_keep * n))
-        elif spec.attention == "kv_group":
-            lp.kv_groups = n - r
-        else:
-            lp.q_per_group = n - r
-    return plan
+        pool.add(i, dense.stats.get(i, {}))
+    return pool.plan(restore, damping)
 
 
 def proportional_plan(

@@ -11,4 +11,6 @@ from secateur.runtime.prune.stage import StageContext, check_plan_shapes, plan_f
 def cfsp(ctx: StageContext) -> PruneResult:
     """Angular-proportional plan, then the sequential pass."""
     plan = plan_for_stage(ctx, "proportional")
-    return prune_sequential(ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress)
+    return prune_sequential(
+        ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress, layer_io=ctx.layer_io
+    )

@@ -11,4 +11,6 @@ from secateur.runtime.prune.stage import StageContext, check_plan_shapes, plan_f
 def flap(ctx: StageContext) -> PruneResult:
     """Global ranking plan, then the sequential pass (the recipe sets metric and bias compensation)."""
     plan = plan_for_stage(ctx, "global")
-    return prune_sequential(ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress)
+    return prune_sequential(
+        ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress, layer_io=ctx.layer_io
+    )

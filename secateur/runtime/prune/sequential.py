@@ -253,11 +253,14 @@ def _paired_statistics(
 
 class LayerIO(Protocol):
     """Where layer weights come from and go (the streaming runtime): `load(i)` before layer i
-    runs, `done(i)` once its outputs are computed."""
+    runs, `done(i)` once its outputs are computed. `dense()` is the read-only counterpart for a
+    statistics pass over the dense layers before pruning (each read, then dropped, nothing written)."""
 
     def load(self, i: int) -> None: ...
 
     def done(self, i: int) -> None: ...
+
+    def dense(self) -> LayerIO: ...
 
 
 class _Resident:
@@ -268,6 +271,9 @@ class _Resident:
 
     def done(self, i: int) -> None:
         return None
+
+    def dense(self) -> LayerIO:
+        return self
 
 
 def needs_statistics(plan: Plan) -> bool:

@@ -14,10 +14,10 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.plan import Plan
-from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_fractions
+from secateur.recipe.compile import BudgetSpec, allocate, budget_spec, check_shapes, table_fractions
 from secateur.recipe.schema import Recipe, Stage
 from secateur.runtime.allocation.dense import dense_statistics
-from secateur.runtime.allocation.plans import global_plan, proportional_plan
+from secateur.runtime.allocation.plans import GlobalPool, proportional_plan
 from secateur.runtime.prune.sequential import LayerIO
 
 
@@ -90,11 +90,7 @@ def _allocated_plan(ctx: StageContext, allocation: str | None) -> Plan:
     method = allocation or alloc.method
     s = ctx.stage.scoring
     if method in ("global", "proportional"):
-        dense = dense_statistics(
-            ctx.model, ctx.adapter, ctx.calib, ctx.layers, spec.mlp, spec.attention != "none"
-        )
-        build = global_plan if method == "global" else proportional_plan
-        return build(ctx.model, ctx.adapter, spec, ctx.layers, dense, s.metric, s.restore, s.damping)
+        return _whole_model_plan(ctx, spec, method)
     fixed: dict[int, float] = {}
     if method == "table":
         fixed = {
@@ -105,3 +101,27 @@ def _allocated_plan(ctx: StageContext, allocation: str | None) -> Plan:
             f"allocation.method: {method!r} is produced by `secateur search`, which writes a table"
         )
     return allocate(ctx.model, ctx.adapter, spec, ctx.layers, fixed, s.metric, s.restore, s.damping)
+
+
+def _whole_model_plan(ctx: StageContext, spec: BudgetSpec, method: str) -> Plan:
+    """Global ranking or angular-proportional shares from one pass over the dense layers (streamed:
+    each layer read, measured and dropped before the pruning pass reads it again). The global
+    ranking keeps each layer's unit scores, never its Gram matrices; the proportional allocation
+    needs only the blocks' angular distances, so that pass collects no statistics at all."""
+    s = ctx.stage.scoring
+    io = ctx.layer_io.dense() if ctx.layer_io is not None else None
+    if method == "global":
+        pool = GlobalPool(ctx.model, ctx.adapter, spec, s.metric)
+        dense_statistics(
+            ctx.model,
+            ctx.adapter,
+            ctx.calib,
+            ctx.layers,
+            spec.mlp,
+            spec.attention != "none",
+            layer_io=io,
+            on_layer=pool.add,
+        )
+        return pool.plan(s.restore, s.damping)
+    dense = dense_statistics(ctx.model, ctx.adapter, ctx.calib, ctx.layers, False, False, layer_io=io)
+    return proportional_plan(ctx.model, ctx.adapter, spec, ctx.layers, dense, s.metric, s.restore, s.damping)

@@ -197,6 +197,27 @@ class StreamPass:
         self.writer.write(s.layer_state(i), branch_markers(s.model, s.adapter, [i], self.writer.dtype))
         self.streamed.release_layer(i)
 
+    def dense(self) -> DenseRead:
+        return DenseRead(self.streamed)
+
+
+class DenseRead:
+    """The first of two streamed passes (whole-model allocations): each dense layer is read,
+    measured and dropped; nothing is written or fingerprinted (the pruning pass reads them again)."""
+
+    def __init__(self, streamed: StreamedModel) -> None:
+        self.streamed = streamed
+
+    def load(self, i: int) -> None:
+        self.streamed.load_layer(i)
+        check_finite_source(self.streamed.layer_state(i).items(), f"layer {i} of the source")
+
+    def done(self, i: int) -> None:
+        self.streamed.release_layer(i)
+
+    def dense(self) -> DenseRead:
+        return self
+
 
 class _Replay(nn.Module):
     """Stands in for a decoder layer: returns precomputed outputs (or passes hidden states on)."""
