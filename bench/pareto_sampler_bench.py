@@ -22,9 +22,9 @@ import torch
 from _results import machine, write_results
 
 from secateur.graph.adapters import adapter_for
+from secateur.recipe.allocation import SearchOptions
 from secateur.recipe.compile import BudgetSpec
-from secateur.recipe.schema import SearchOptions
-from secateur.search.study import run_search
+from secateur.search.run import run_search
 from secateur.testing import tiny_model
 
 

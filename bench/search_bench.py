@@ -34,7 +34,7 @@ from secateur.runtime.measure.timing import sync
 from secateur.runtime.store.data import eval_windows, load_text, statistics_split, tokenize_text
 from secateur.runtime.store.loader import load_model
 from secateur.search.plots import write_plots
-from secateur.search.study import run_search
+from secateur.search.run import run_search
 from secateur.search_cmd import sequential_compiler
 
 

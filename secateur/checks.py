@@ -20,7 +20,8 @@ from secateur.recipe.methods import names_with, spoken
 from secateur.recipe.schema import Recipe
 from secateur.runtime.methods import get_method
 from secateur.runtime.prune.stage import CheckContext, StagePlan
-from secateur.runtime.store.io import is_pruned_folder, pruned_skeleton
+from secateur.runtime.store.folder import is_pruned_folder
+from secateur.runtime.store.io import pruned_skeleton
 from secateur.runtime.store.loader import load_config, resolve_source
 
 

@@ -52,6 +52,7 @@ def _graph(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from secateur.api import prune
+    from secateur.summary import format_summary
 
     if (args.recipe is None) == (args.lock is None):
         raise CliError("give either a RECIPE or --lock LOCK")
@@ -80,63 +81,6 @@ def _prune(args: argparse.Namespace) -> int:
     saved_as = out.report.get("output_dtype")
     print(f"saved to {out.output}" + (f" ({saved_as})" if saved_as else ""))
     return 0 if out.reproduced in (None, True) else 1
-
-
-def format_summary(report: dict) -> str:
-    """Dense vs pruned: parameters, perplexity, speed."""
-    d, p = report["size"]["dense"], report["size"]["pruned"]
-    rows = [
-        ("parameters", f"{d['params']:,}", f"{p['params']:,}", f"{p['params'] / d['params']:.3f}x"),
-        (
-            "decoder linear params",
-            f"{d['decoder_linear_params']:,}",
-            f"{p['decoder_linear_params']:,}",
-            f"{p['decoder_linear_params'] / d['decoder_linear_params']:.3f}x",
-        ),
-        (
-            f"FLOPs/token (ctx {report.get('flops_context', 512)})",
-            f"{d['flops_per_token']:,}",
-            f"{p['flops_per_token']:,}",
-            f"{p['flops_per_token'] / d['flops_per_token']:.3f}x",
-        ),
-    ]
-    for k, v in report.get("perplexity", {}).get("dense", {}).items():
-        pv = report["perplexity"]["pruned"][k]
-        rows.append((f"perplexity {k}", f"{v:.2f}", f"{pv:.2f}", f"{pv / v:.3f}x"))
-    sp = report.get("speed")
-    if sp:
-        for key, label in (("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s")):
-            rows.append(
-                (
-                    label,
-                    f"{sp['dense'][key]:.1f}",
-                    f"{sp['pruned'][key]:.1f}",
-                    f"{sp['pruned'][key] / sp['dense'][key]:.2f}x",
-                )
-            )
-    w = max(len(r[0]) for r in rows)
-    lines = [f"{'':<{w}}  {'dense':>16}  {'pruned':>16}  {'ratio':>8}"]
-    lines += [f"{a:<{w}}  {b:>16}  {c:>16}  {r:>8}" for a, b, c, r in rows]
-    if sp:
-        n = sp["pruned"].get("repeats", "?")
-        spreads = [
-            f"{ph} +-{sp[m][f'{ph}_spread']:.0%} ({m})"
-            for ph in ("prefill", "decode")
-            for m in ("dense", "pruned")
-            if sp[m].get(f"{ph}_spread") is not None
-        ]
-        lines.append(
-            f"speed: medians of {n} alternating repeats"
-            + (f"; spread {', '.join(spreads)}" if spreads else "")
-        )
-        lines += [f"warning: {w}" for w in sp.get("warnings", [])]
-    if report.get("engine_speed"):
-        from secateur.runtime.speed.table import format_speed
-
-        lines.append(format_speed(report["engine_speed"]))
-    elif report.get("engine_speed_skipped"):
-        lines.append(report["engine_speed_skipped"])
-    return "\n".join(lines)
 
 
 def _recipe(args: argparse.Namespace) -> int:
@@ -242,7 +186,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from secateur.runtime.measure.timing import memory_lines
-    from secateur.search.study import SearchError
+    from secateur.search.errors import SearchError
     from secateur.search_cmd import search
 
     try:
@@ -335,15 +279,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="secateur", description="Structured pruning of decoder LLMs from recipes."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+def _graph_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("graph", help="print the coupled groups of a model")
     g.add_argument("model", help="short name (smollm2-135m), local folder, .gguf file or hub id")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=_graph)
+
+
+def _prune_parser(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("prune", help="prune a model with a recipe (or re-apply a lock)")
     pr.add_argument("recipe", nargs="?", help="recipe YAML")
     pr.add_argument("--output", "-o", help="output directory (default: the recipe's output.dir)")
@@ -363,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="read and write one decoder layer at a time (model.stream: true)",
     )
     pr.set_defaults(func=_prune)
+
+
+def _recipe_parser(sub: argparse._SubParsersAction) -> None:
     rc = sub.add_parser("recipe", help="schema | validate | show | explain")
     rc.add_argument("action", choices=["schema", "validate", "show", "explain"])
     rc.add_argument("recipe", nargs="?")
@@ -375,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="explain: predicted per-layer latency on the recipe's target (measured, cached)",
     )
     rc.set_defaults(func=_recipe)
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="zero-shot accuracy (lm-eval, local data) and perplexity of a model")
     ev.add_argument("path", nargs="?", help="a pruned output folder or any model the loader accepts")
     ev.add_argument("--tasks", help="comma-separated tasks (default: the six local ones; '' for none)")
@@ -399,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="perplexity with one decoder layer in memory at a time (no tasks)",
     )
     ev.set_defaults(func=_eval)
+
+
+def _search_parser(sub: argparse._SubParsersAction) -> None:
     se = sub.add_parser("search", help="Optuna search of the per-layer allocation (resumable)")
     se.add_argument("recipe")
     se.add_argument(
@@ -416,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=_search)
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="a pruned output to GGUF (llama.cpp) or a DeciLM checkpoint (vLLM)")
     ex.add_argument("run_dir", help="a pruned output folder")
     ex.add_argument("--format", required=True, choices=["gguf", "decilm"])
@@ -433,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ex.set_defaults(func=_export)
+
+
+def _speed_parser(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("speed", help="pruned vs dense speed where it is served (llama.cpp or PyTorch)")
     sp.add_argument("run_dir", help="a pruned output folder (its lock names the dense model)")
     sp.add_argument("--engine", default="llama.cpp", choices=["llama.cpp", "torch"])
@@ -446,9 +404,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer-gguf", help="GGUF to take the tokenizer from (default: the source model's)")
     sp.add_argument("--json", action="store_true", help="the whole table as JSON")
     sp.set_defaults(func=_speed)
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("report", help="print the report of a pruned output")
     rp.add_argument("dir")
     rp.set_defaults(func=_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand's parser (each added by its own function above)."""
+    p = argparse.ArgumentParser(
+        prog="secateur", description="Structured pruning of decoder LLMs from recipes."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _graph_parser,
+        _prune_parser,
+        _recipe_parser,
+        _eval_parser,
+        _search_parser,
+        _export_parser,
+        _speed_parser,
+        _report_parser,
+    ):
+        add(sub)
     clean.register(sub)
     for register in _EXTRA_PARSERS:
         register(sub)

@@ -20,10 +20,16 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from secateur.api import prune
+from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
 from secateur.lock import model_fingerprint
 from secateur.recipe.compile import (
+    BudgetSpec,
     budget_spec,
     eligible_layers,
     feasible_fraction,
@@ -33,12 +39,14 @@ from secateur.recipe.compile import (
 from secateur.recipe.load import load_recipe, resolved_dict
 from secateur.recipe.schema import Recipe
 from secateur.runtime.measure.timing import peak_memory
+from secateur.runtime.prune.sequential import prune_sequential
+from secateur.runtime.speed.latency import LatencyModel
 from secateur.runtime.store.data import (
     calibration_tokens,
     recipe_windows,
     resolve_text_source,
 )
-from secateur.runtime.store.loader import load_model, resolve_source
+from secateur.runtime.store.loader import LoadedModel, load_model, resolve_source
 from secateur.runtime.store.outdir import (
     check_file_replaceable,
     check_location,
@@ -46,7 +54,13 @@ from secateur.runtime.store.outdir import (
     clean_leftovers,
     record_files,
 )
-from secateur.speed_target import resolve_speed
+from secateur.search.plots import write_plots
+from secateur.search.run import run_search
+from secateur.search.speed import SpeedBudget
+from secateur.search.storage import resolve_storage
+from secateur.search.winner import SearchResult, winner_table, write_winner_recipe
+from secateur.search_validate import validate_search
+from secateur.speed_target import dense_probe, resolve_speed, target_of
 
 
 @dataclass
@@ -56,20 +70,23 @@ class SearchOutcome:
     output: Path
     winner_recipe: Path
     summary: dict[str, Any]
-    winner_model: Any = None  # the winner as the re-scoring compiled it (sequential recipes), in memory
+    winner_model: nn.Module | None = (
+        None  # the winner as the re-scoring compiled it (sequential recipes), in memory
+    )
 
 
-def reload_model(model_id: str, dtype: str, device: str, base_dir: str | None) -> Any:
+def reload_model(model_id: str, dtype: str, device: str, base_dir: str | None) -> nn.Module:
     """The recipe's model, loaded again in a `--workers` process (picklable through functools.partial)."""
     return load_model(model_id, dtype, device, base_dir=base_dir, tokenizer=False).model
 
 
-def sequential_compiler(recipe: Recipe, lm: Any, calib: Any) -> Callable[[Any, Plan], None]:
+def sequential_compiler(
+    recipe: Recipe, lm: LoadedModel, calib: torch.Tensor
+) -> Callable[[nn.Module, Plan], None]:
     """The recipe's sequential compile of a plan (selection, error correction, refinement included),
     as `secateur prune` runs it on the winner recipe: what the re-scoring after the search builds."""
-    from secateur.runtime.prune.sequential import prune_sequential
 
-    def compile_plan(model: Any, plan: Plan) -> None:
+    def compile_plan(model: nn.Module, plan: Plan) -> None:
         plan = dc_replace(
             copy.deepcopy(plan),  # the pass may rewrite its plan's layers
             selection=recipe.importance.selection,
@@ -82,7 +99,7 @@ def sequential_compiler(recipe: Recipe, lm: Any, calib: Any) -> Callable[[Any, P
     return compile_plan
 
 
-def seed_line(result: Any, kind: str) -> str:
+def seed_line(result: SearchResult, kind: str) -> str:
     """The winner against uniform and against the CFSP seed at the same budget, on the search's own
     fitness (compiled values when the candidates were re-scored)."""
     key = "compiled" if result.rescored else "value"
@@ -95,22 +112,16 @@ def seed_line(result: Any, kind: str) -> str:
     return f"search: {', '.join(parts)}; {where}"
 
 
-def pareto_speed(recipe: Recipe, adapter: Any) -> Any:
+def pareto_speed(recipe: Recipe, adapter: ModelAdapter) -> SpeedBudget:
     """The recipe target's latency model as a Pareto cost (no goal to meet: 1.0 of dense time)."""
-    from secateur.runtime.speed.latency import LatencyModel
-    from secateur.search.speed import SpeedBudget
-    from secateur.speed_target import dense_probe, target_of
-
     b = recipe.budget
     lat = LatencyModel.build(target_of(recipe), dense_probe(adapter), int(b.multiple_of), b.min_keep, print)
     return SpeedBudget(lat, 1.0, b.phase, adapter.num_layers)
 
 
-def write_front(path: Path, result: Any, lm: Any, speed: Any) -> Path:
+def write_front(path: Path, result: SearchResult, lm: LoadedModel, speed: SpeedBudget | None) -> Path:
     """front.json: every non-dominated point with its values, removal, predicted time per phase
     (with a latency model) and allocation table, so `prune --pick` compiles one without Optuna."""
-    from secateur.search.plots import winner_table
-
     points = []
     for row in result.front:
         plan = Plan.from_dict(row["plan"])
@@ -119,7 +130,10 @@ def write_front(path: Path, result: Any, lm: Any, speed: Any) -> Path:
             point["predicted"] = speed.ratios(plan)
         point["table"] = winner_table(plan, result.space)
         points.append(point)
-    doc = {"objectives": result.study.user_attrs.get("space", {}).get("objectives"), "points": points}
+    doc = {
+        "objectives": result.study.user_attrs.get("space", {}).get("objectives"),
+        "points": points,
+    }
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)  # a kill never leaves half a front
@@ -180,32 +194,8 @@ def check_search_output(out: Path, reads: list[Path], compiled: Path | None) -> 
         check_replaceable(compiled, True)
 
 
-def search(
-    recipe_path: str | Path,
-    *,
-    trials: int | None = None,
-    storage: str | None = None,
-    output: str | Path | None = None,
-    workers: int = 1,
-    overrides: tuple[str, ...] = (),
-    compile_model: bool = False,
-    validate: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    warn: Callable[[str], None] = _warn,
-) -> SearchOutcome:
-    """Run (or resume) the allocation search of a recipe whose allocation.method is `search`.
-
-    The winner recipe and best_plan.json are written as soon as the study is done; plots come
-    after them, and a plot that cannot be drawn (matplotlib missing or failing) is a warning
-    through `warn`, never an error that loses the search. `workers` > 1 starts processes that
-    each load the recipe's model again. `validate` compiles the uniform and the winning allocation and
-    measures both (and dense) on the recipe's evaluate sets: validation.md / .json in the search folder.
-    """
-    from secateur.search.plots import write_plots, write_winner_recipe
-    from secateur.search.study import resolve_storage, run_search
-
-    check_counts(trials, workers)
+def _checked_recipe(recipe_path: str | Path, overrides: tuple[str, ...]) -> Recipe:
+    """The recipe, refused unless it searches and holds its model in memory."""
     recipe = load_recipe(recipe_path, overrides)
     if recipe.allocation.method != "search":
         raise ValueError(
@@ -216,8 +206,11 @@ def search(
             f"{recipe_path}: model.stream: the search scores every trial on the whole model held in memory; "
             f"search with model.stream: false (a smaller proxy model), then prune the winner recipe streamed"
         )
-    opts = recipe.allocation.search
-    out = Path(output or (Path(recipe.output.dir or "runs/search") / "search"))
+    return recipe
+
+
+def _check_paths(recipe: Recipe, recipe_path: str | Path, out: Path, compile_model: bool) -> Path:
+    """Before the model loads: the search folder against what the search reads; the recipe's folder."""
     base = Path(recipe_path).resolve().parent
     cal = recipe.calibration
     text = resolve_text_source(cal.dataset, cal.split, cal.data_root, base)
@@ -225,15 +218,30 @@ def search(
     src = resolve_source(recipe.model.id, base)
     reads += [Path(src.path) / (src.gguf_file or "")] if Path(src.path).exists() else []
     check_search_output(out, reads, out.parent / "model" if compile_model else None)
-    url = resolve_storage(storage or opts.storage, out)
+    return base
 
-    t0 = time.perf_counter()
+
+@dataclass
+class _Problem:
+    """What the search runs on: the loaded model, its layers and budget, the windows, the speed goal."""
+
+    recipe: Recipe
+    lm: LoadedModel
+    speed: SpeedBudget | None
+    layers: list[int]
+    goal: int
+    spec: BudgetSpec
+    calib: torch.Tensor
+    heldout: torch.Tensor
+
+
+def _problem(recipe: Recipe, base: Path, warn: Callable[[str], None]) -> _Problem:
+    """Load the model, resolve the serving target, check the budget, cut the calibration windows."""
+    opts = recipe.allocation.search
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base)
     recipe, resolution = resolve_speed(recipe, lm.model, lm.adapter, print)
     speed = None
     if resolution.goal is not None:  # the search is held to the goal itself, seeded at its uniform count
-        from secateur.search.speed import SpeedBudget
-
         speed = SpeedBudget(resolution.latency, resolution.goal, resolution.phase, lm.adapter.num_layers)
     elif opts.objectives and opts.objectives[1] == "latency":  # a front against predicted time, no goal
         speed = pareto_speed(recipe, lm.adapter)
@@ -246,31 +254,46 @@ def search(
             f"budget.params: {goal:,} parameters cannot be removed under min_keep={spec.min_keep}; the closest "
             f"feasible budget is params: {limit:.4f}"
         )
-    tokens = calibration_tokens(cal, lm.tokenizer, base)
+    tokens = calibration_tokens(recipe.calibration, lm.tokenizer, base)
     # the compiler's own calibration windows: the winner compiles from the same variants (stitched), and
     # the candidates re-scored after the search are compiled exactly as `secateur prune` will (sequential)
     windows = recipe_windows(
-        cal, tokens, heldout_seqlen=256, heldout_windows=max(1, opts.heldout_tokens // 256)
+        recipe.calibration,
+        tokens,
+        heldout_seqlen=256,
+        heldout_windows=max(1, opts.heldout_tokens // 256),
     )
-    calib, heldout = windows.calib, windows.heldout
-    if heldout.numel() < opts.heldout_tokens:
+    if windows.heldout.numel() < opts.heldout_tokens:
         warn(
             f"allocation.search.heldout_tokens: {opts.heldout_tokens} asked, the held-out tail of the "
-            f"calibration text has {heldout.numel()}; scoring those"
+            f"calibration text has {windows.heldout.numel()}; scoring those"
         )
+    return _Problem(recipe, lm, speed, layers, goal, spec, windows.calib, windows.heldout)
+
+
+def _run(
+    p: _Problem,
+    base: Path,
+    out: Path,
+    url: str | None,
+    run: dict[str, Any],
+    log: Callable[[str], None],
+) -> SearchResult:
+    """run_search on the problem; `run` holds trials, workers and progress."""
+    recipe, lm, opts, trials = p.recipe, p.lm, p.recipe.allocation.search, run["trials"]
     fp = model_fingerprint(lm.model)
     out.mkdir(parents=True, exist_ok=True)
     log(
-        f"search: {opts.trials if trials is None else trials} trials, storage {url}, {len(layers)} layers, "
-        f"goal {goal:,} parameters"
+        f"search: {opts.trials if trials is None else trials} trials, storage {url}, {len(p.layers)} layers, "
+        f"goal {p.goal:,} parameters"
     )
-    result = run_search(
+    return run_search(
         lm.model,
         lm.adapter,
-        calib,
-        heldout,
-        spec,
-        layers,
+        p.calib,
+        p.heldout,
+        p.spec,
+        p.layers,
         opts,
         storage=url,
         output_dir=out,
@@ -280,17 +303,28 @@ def search(
         metric=recipe.importance.metric,
         restore=recipe.restore.method,
         damping=recipe.restore.damping,
-        workers=workers,
+        workers=run["workers"],
         model_factory=functools.partial(
-            reload_model, recipe.model.id, recipe.model.dtype, recipe.model.device, str(base)
+            reload_model,
+            recipe.model.id,
+            recipe.model.dtype,
+            recipe.model.device,
+            str(base),
         ),
-        progress=progress,
+        progress=run["progress"],
         cache_kwargs={"weights_fp": fp, "variants_dir": recipe.allocation.variants_dir},
         compile_fn=None
         if recipe.allocation.compile == "stitched"
-        else sequential_compiler(recipe, lm, calib),
-        speed=speed,
+        else sequential_compiler(recipe, lm, p.calib),
+        speed=p.speed,
     )
+
+
+def _write_winner(
+    p: _Problem, result: SearchResult, base: Path, out: Path, log: Callable[[str], None]
+) -> Path:
+    """winner.yaml and best_plan.json (and front.json in Pareto mode), each recorded once written."""
+    recipe, lm, speed, opts = p.recipe, p.lm, p.speed, p.recipe.allocation.search
     winner = absolutize(resolved_dict(recipe), base)
     winner["name"] = f"{recipe.name or 'search'}-winner"
     winner["output"]["dir"] = str(out.parent / "model")
@@ -318,15 +352,14 @@ def search(
             f"search: Pareto front of {len(result.front)} points in {out / 'front.json'}; compile one with "
             f"`secateur prune --pick {opts.objectives[1]}=X {out}`"
         )
-    plots: list[Path] = []
-    try:  # last: the search's result is already on disk whatever happens here
-        plots = write_plots(result, out)
-        record_files(plots)
-    except Exception as e:
-        hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
-        warn(f"plots not written: {type(e).__name__}: {e}{hint}; the winner recipe is {winner_path}")
-    log(seed_line(result, opts.objective))
-    summary = {
+    return winner_path
+
+
+def _summary(
+    result: SearchResult, plots: list[Path], url: str | None, lm: LoadedModel, t0: float
+) -> dict[str, Any]:
+    """The numbers `secateur search` prints and returns."""
+    return {
         "best_value": result.best_value,
         "uniform_value": result.uniform_value,
         "seeds": {k: {x: v[x] for x in v if x != "plan"} for k, v in result.seeds.items()},
@@ -339,21 +372,79 @@ def search(
         "variants": result.variants,
         "memory": peak_memory(lm.device),
     }
-    if validate and not recipe.evaluate.enabled:
+
+
+def search(
+    recipe_path: str | Path,
+    *,
+    trials: int | None = None,
+    storage: str | None = None,
+    output: str | Path | None = None,
+    workers: int = 1,
+    overrides: tuple[str, ...] = (),
+    compile_model: bool = False,
+    validate: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = _warn,
+) -> SearchOutcome:
+    """Run (or resume) the allocation search of a recipe whose allocation.method is `search`.
+
+    The winner recipe and best_plan.json are written as soon as the study is done; plots come
+    after them, and a plot that cannot be drawn (matplotlib missing or failing) is a warning
+    through `warn`, never an error that loses the search. `workers` > 1 starts processes that
+    each load the recipe's model again. `validate` compiles the uniform and the winning allocation and
+    measures both (and dense) on the recipe's evaluate sets: validation.md / .json in the search folder.
+    """
+    check_counts(trials, workers)
+    recipe = _checked_recipe(recipe_path, overrides)
+    out = Path(output or (Path(recipe.output.dir or "runs/search") / "search"))
+    base = _check_paths(recipe, recipe_path, out, compile_model)
+    url = resolve_storage(storage or recipe.allocation.search.storage, out)
+    t0 = time.perf_counter()
+    p = _problem(recipe, base, warn)
+    result = _run(
+        p,
+        base,
+        out,
+        url,
+        {"trials": trials, "workers": workers, "progress": progress},
+        log,
+    )
+    winner_path = _write_winner(p, result, base, out, log)
+    plots: list[Path] = []
+    try:  # last: the search's result is already on disk whatever happens here
+        plots = write_plots(result, out)
+        record_files(plots)
+    except Exception as e:
+        hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
+        warn(f"plots not written: {type(e).__name__}: {e}{hint}; the winner recipe is {winner_path}")
+    log(seed_line(result, p.recipe.allocation.search.objective))
+    summary = _summary(result, plots, url, p.lm, t0)
+    if validate and not p.recipe.evaluate.enabled:
         warn("validation skipped: the recipe has evaluate.enabled: false")
     elif validate and result.uniform_plan is not None:
-        from secateur.search_validate import validate_search
-
         summary["validation"] = validate_search(
-            winner_path, result.uniform_plan, result.best_plan, lm, calib, out, base, log=log
+            winner_path,
+            result.uniform_plan,
+            result.best_plan,
+            p.lm,
+            p.calib,
+            out,
+            base,
+            log=log,
         )
         summary["validation_table"] = str(out / "validation.md")
         record_files([out / "uniform.yaml", out / "validation.json", out / "validation.md"])
     elif validate:
         warn("validation skipped: the study has no completed uniform trial to compare with")
     if compile_model:
-        from secateur.api import prune
-
-        prune(winner_path, output=out.parent / "model", overwrite=True, progress=progress, log=log)
+        prune(
+            winner_path,
+            output=out.parent / "model",
+            overwrite=True,
+            progress=progress,
+            log=log,
+        )
         summary["model"] = str(out.parent / "model")
     return SearchOutcome(out, winner_path, summary, result.rescored_model)

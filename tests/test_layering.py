@@ -154,3 +154,48 @@ def test_top_level_folders_are_links_to_the_packages() -> None:
         link = ROOT / folder
         assert link.is_symlink(), f"{folder}/ should be a link to secateur/{folder}"
         assert link.resolve() == (ROOT / "secateur" / folder).resolve()
+
+
+# Imports sit at module top. Inside a function only: libraries `import secateur` should not pay for
+# (transformers and its kin take seconds) or optional extras; the CLI's per-command modules (so
+# `secateur --help` stays fast); `secateur.prune` on first use (PEP 562); numpy in the llama.cpp
+# worker, a script that must import llama_cpp first.
+HEAVY = {
+    "transformers",
+    "accelerate",
+    "huggingface_hub",
+    "datasets",
+    "gguf",
+    "tokenizers",
+    "peft",
+    "lm_eval",
+    "llama_cpp",
+    "vllm",
+    "matplotlib",
+}
+LOCAL_ANYTHING = {"secateur/cli.py"}
+LOCAL_ALSO = {"secateur/__init__.py": {"secateur"}, "secateur/runtime/export/llamacpp_worker.py": {"numpy"}}
+
+
+def local_imports(root: Path = ROOT) -> list[str]:
+    """`path:line module` for each import inside a function that the rule above does not allow."""
+    found = []
+    for path in sorted((root / "secateur").rglob("*.py")):
+        rel = str(path.relative_to(root))
+        if rel in LOCAL_ANYTHING:
+            continue
+        tree = ast.parse(path.read_text(), rel)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    top = (mod or "").split(".")[0]
+                    if top not in HEAVY and top not in LOCAL_ALSO.get(rel, set()):
+                        found.append(f"{rel}:{node.lineno} {mod}")
+    return sorted(set(found))
+
+
+def test_imports_sit_at_module_top() -> None:
+    assert local_imports() == []

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from secateur.api import prune
 from secateur.lock import LOCK_NAME, LockError, tensor_fingerprint
-from secateur.runtime.store.io import load_pruned, weight_files
+from secateur.runtime.store.folder import weight_files
+from secateur.runtime.store.io import load_pruned
 from secateur.runtime.store.loader import ModelSource, gguf_dtype, source_dtype
 from secateur.runtime.store.outdir import MANIFEST
 

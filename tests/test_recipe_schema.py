@@ -6,15 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from secateur.recipe.errors import FieldProblems, RecipeError, RecipeIssue
-from secateur.recipe.schema import (
-    STAGE_RULES,
-    Budget,
-    Recipe,
-    TableKey,
-    Targets,
-    parse_table_key,
-    select_layers,
-)
+from secateur.recipe.schema import STAGE_RULES, Budget, Recipe, Targets
+from secateur.recipe.selectors import TableKey, parse_table_key, select_layers
 
 
 def test_minimal_recipe_fills_every_default() -> None:

@@ -24,7 +24,8 @@ from secateur.recipe.compile import BudgetError
 from secateur.recipe.errors import RecipeError
 from secateur.recipe.load import load_recipe
 from secateur.runtime.prune.surgery import apply_keep, drop_attention, drop_mlp
-from secateur.runtime.store.io import PrunedFolderError, load_pruned, save_pruned
+from secateur.runtime.store.formats import PrunedFolderError
+from secateur.runtime.store.io import load_pruned, save_pruned
 from secateur.runtime.store.loader import ModelLoadError, load_model
 from secateur.runtime.store.outdir import MANIFEST, OutputExistsError, OutputLocationError
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer

@@ -21,9 +21,9 @@ import torch
 from optuna.trial import TrialState
 
 from secateur.graph.adapters import adapter_for
+from secateur.recipe.allocation import SearchOptions
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal
 from secateur.recipe.load import load_recipe
-from secateur.recipe.schema import SearchOptions
 from secateur.runtime.allocation.space import (
     SearchSpace,
     angular_fractions,
@@ -34,9 +34,11 @@ from secateur.runtime.prune.capture import capture_inputs, run_layer
 from secateur.runtime.prune.sequential import select_layer
 from secateur.runtime.prune.stats import collect_inputs
 from secateur.search.cache import SearchCache, search_windows
+from secateur.search.errors import SearchStorageError, StudyMismatchError
 from secateur.search.objective import evaluate_plan, pruned, select_from_scores
-from secateur.search.plots import write_plots, write_winner_recipe
-from secateur.search.study import SearchStorageError, StudyMismatchError, run_search
+from secateur.search.plots import write_plots
+from secateur.search.run import run_search
+from secateur.search.winner import write_winner_recipe
 from secateur.testing import tiny_model
 
 LAYERS = [0, 1, 2, 3]
@@ -192,7 +194,7 @@ SEARCH = textwrap.dedent(
 
     def search(storage, n_trials, fraction=0.25, slow=0.0, **kw):
         import secateur.search.objective as obj
-        from secateur.search.study import run_search
+        from secateur.search.run import run_search
         if slow:
             orig = obj.project_to_budget
             def slow_projection(*a, **k):

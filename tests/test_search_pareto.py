@@ -36,7 +36,7 @@ SEARCH = textwrap.dedent(
 
     def search(storage, n_trials, slow=0.0, variants=None, **kw):
         import secateur.search.objective as obj
-        from secateur.search.study import run_search
+        from secateur.search.run import run_search
         if slow:
             orig = obj.evaluate_plan
             def slow_eval(*a, **k):

@@ -25,9 +25,9 @@ import torch
 from optuna.trial import TrialState
 
 from secateur.graph.adapters import adapter_for
+from secateur.recipe.allocation import SearchOptions
 from secateur.recipe.compile import BudgetSpec
-from secateur.recipe.schema import SearchOptions
-from secateur.search.study import run_search
+from secateur.search.run import run_search
 from secateur.testing import tiny_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -82,7 +82,7 @@ import secateur.search.objective as objective
 from secateur.graph.adapters import adapter_for
 from secateur.recipe.compile import BudgetSpec
 from secateur.recipe.schema import SearchOptions
-from secateur.search.study import run_search
+from secateur.search.run import run_search
 from secateur.testing import tiny_model
 
 project = objective.project_to_budget

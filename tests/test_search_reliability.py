@@ -22,7 +22,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from secateur.search.study import owner_alive, process_start
+from secateur.search.liveness import owner_alive, process_start
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -12,12 +12,12 @@ import yaml
 
 from secateur.graph.adapters import adapter_for
 from secateur.graph.plan import Plan
+from secateur.recipe.allocation import SearchOptions
 from secateur.recipe.compile import BudgetSpec
-from secateur.recipe.schema import SearchOptions
 from secateur.runtime.allocation.dense import dense_statistics
 from secateur.runtime.allocation.plans import proportional_plan
 from secateur.runtime.store.io import load_pruned
-from secateur.search.study import run_search
+from secateur.search.run import run_search
 from secateur.testing import save_tiny, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,8 @@ import yaml
 from secateur.api import prune
 from secateur.checks import StreamError
 from secateur.cli import main
-from secateur.runtime.store.io import INDEX_NAME, load_pruned
+from secateur.runtime.store.formats import INDEX_NAME
+from secateur.runtime.store.io import load_pruned
 from secateur.runtime.store.loader import resolve_source
 from secateur.runtime.store.outdir import MANIFEST
 from secateur.runtime.store.weights import SafetensorsSource

@@ -217,8 +217,8 @@ def test_database_is_reused_and_rebuilt_when_its_key_changes(tmp_path):
 def test_evolution_search_scores_in_stages_and_keeps_the_budget(setup):
     from optuna.trial import TrialState
 
-    from secateur.recipe.schema import SearchOptions
-    from secateur.search.study import run_search
+    from secateur.recipe.allocation import SearchOptions
+    from secateur.search.run import run_search
 
     m, a, _, root = setup
     spec = BudgetSpec(fraction=0.3, attention="kv_group", multiple_of=4)
@@ -245,7 +245,7 @@ def test_winner_table_with_a_removed_branch_compiles_to_the_same_plan(tmp_path):
 
     from secateur.recipe.compile import allocate, table_fractions
     from secateur.recipe.load import load_recipe
-    from secateur.search.plots import write_winner_recipe
+    from secateur.search.winner import write_winner_recipe
 
     m, a = _model()
     space = _space(m, a, "none", 0.3, levels=5)

@@ -17,7 +17,8 @@ from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import attention_products, attention_span, decoder_linear_params, flops_per_token
 from secateur.graph.groups import Group, layer_groups, layer_shapes
 from secateur.graph.plan import LayerPlan, Plan, Scoring, min_units, round_keep
-from secateur.recipe.schema import Recipe, Targets, parse_table_key, select_layers
+from secateur.recipe.schema import Recipe, Targets
+from secateur.recipe.selectors import parse_table_key, select_layers
 
 
 class BudgetError(ValueError):

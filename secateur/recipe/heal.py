@@ -11,19 +11,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
+from secateur.recipe.fields import PositiveInt, Section
 
 SELF_DATA = "self"
 TEST_SPLITS = frozenset({"test"})
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class HealData(_Section):
+class HealData(Section):
     """The text healing trains on: `self` (the dense model samples it, no corpus needed), a
     dataset name of the data root with a non-test split, or a .txt/.raw/.jsonl file."""
 
@@ -43,7 +39,7 @@ class HealData(_Section):
         return split
 
 
-class LoraOptions(_Section):
+class LoraOptions(Section):
     """Low-rank adapters through peft, merged into the weights after training (shapes unchanged)."""
 
     r: PositiveInt = 16
@@ -51,7 +47,7 @@ class LoraOptions(_Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
-class Heal(_Section):
+class Heal(Section):
     """Distillation after pruning: KL(teacher || student) on `tokens` training tokens."""
 
     tokens: PositiveInt = 65536

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
+from secateur.graph.plan import Scoring
 from secateur.runtime.allocation.proxy import Reference, dense_reference
 from secateur.runtime.allocation.variants import (
     LayerStats,
@@ -63,9 +64,9 @@ class SearchCache:
     heldout: torch.Tensor  # [n, T] token ids
     reference: Reference
     source: VariantSource
-    metric: str = "fasp"
-    restore: str = "least_squares"
-    damping: float = 0.01
+    metric: str = Scoring.metric
+    restore: str = Scoring.restore
+    damping: float = Scoring.damping
     build_seconds: float = 0.0  # time this process spent building the variant database
 
     @classmethod
@@ -78,13 +79,13 @@ class SearchCache:
         layers: list[int],
         mlp: bool = True,
         attention: bool = True,
-        metric: str = "fasp",
+        metric: str = Scoring.metric,
         batch_size: int = 8,
         reference_mb: int = 1024,
         topk: int = 256,
         memo_mb: int = 512,
-        restore: str = "least_squares",
-        damping: float = 0.01,
+        restore: str = Scoring.restore,
+        damping: float = Scoring.damping,
         variants_dir: str | None = None,
         weights_fp: str | None = None,
     ) -> SearchCache:

@@ -52,7 +52,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
         self.space, self.seed, self.max_switches, self.tries = space, seed, max_switches, tries
         self.speed = speed  # a latency goal: free moves, kept when the predicted time meets it
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
-        self._proposals: dict[int, dict[str, float]] = {}
+        self._proposals: dict[tuple[str, int], dict[str, float]] = {}
         self._parents: dict[int, int] = {}  # trial number -> its parent's (for the paired comparison)
 
     def infer_relative_search_space(
@@ -68,9 +68,10 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
-        proposal = self._proposals.get(trial._trial_id)
+        key = (study.study_name, trial.number)  # a trial number is unique within its study
+        proposal = self._proposals.get(key)
         if proposal is None:
-            proposal = self._proposals[trial._trial_id] = self.propose(study, trial.number)
+            proposal = self._proposals[key] = self.propose(study, trial.number)
         if param_name in proposal:
             return proposal[param_name]
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
@@ -78,7 +79,7 @@ class EvolutionSampler(optuna.samplers.BaseSampler):
     def after_trial(
         self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: list[float] | None
     ) -> None:
-        self._proposals.pop(trial._trial_id, None)
+        self._proposals.pop((study.study_name, trial.number), None)
 
     def parent_of(self, number: int) -> int | None:
         """The trial number of the parent trial `number` was proposed from (None: none, or not here)."""

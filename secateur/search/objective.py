@@ -25,14 +25,19 @@ from secateur.graph.adapters import ModelAdapter
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.allocation.proxy import ProxyKind, batch_terms, proxy_value
-from secateur.runtime.allocation.space import SearchSpace, level_keeps, nearest_levels, project_to_budget
+from secateur.runtime.allocation.space import (
+    Fractions,
+    SearchSpace,
+    level_keeps,
+    nearest_levels,
+    project_to_budget,
+)
 from secateur.runtime.allocation.variants import stitch
 from secateur.runtime.prune.select import by_score, select_units
 from secateur.runtime.prune.snapshot import ModuleSnapshot
 from secateur.search.cache import SearchCache
 from secateur.search.pareto import Cost
 from secateur.search.prefix import PrefixCache
-from secateur.search.space import suggest
 from secateur.search.speed import TOLERANCE, SpeedBudget
 
 
@@ -140,6 +145,12 @@ def evaluate_plan(
             else:
                 at[0].discard()
     return proxy_value(total, count, kind)
+
+
+def suggest(space: SearchSpace, trial: optuna.Trial) -> Fractions:
+    """Sample the parameters in the space's range and expand them to one fraction per slot."""
+    lo, hi = space.sample_range
+    return space.expand({n: trial.suggest_float(n, lo, hi) for n in space.param_names})
 
 
 class Objective:

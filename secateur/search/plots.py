@@ -7,19 +7,14 @@ compiles without Optuna; the exact plan (attention counts included) goes to best
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.trial import TrialState
 
-from secateur.graph.plan import Plan
 from secateur.runtime.allocation.space import Fractions, SearchSpace, project_to_budget, uniform_fractions
-from secateur.search.study import SearchResult
+from secateur.search.winner import SearchResult
 
 
 def _figure(width: float = 8.0, height: float = 4.0, rows: int = 1) -> Any:
@@ -143,62 +138,3 @@ def write_plots(result: SearchResult, out_dir: str | Path) -> list[Path]:
     ]
     pareto = plot_pareto(result.study, out / "pareto.png")
     return paths + ([pareto] if pareto is not None else [])
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write `path` in one step (temporary file, then rename): a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def winner_table(plan: Plan, space: SearchSpace) -> dict[str, Any]:
-    """Per-layer keep fractions for `allocation.table`: a number when one structure is searched,
-    {mlp: .., attention: ..} when both are, so the compiled counts equal the plan's exactly."""
-    fractions = space.fractions_of(plan)
-    lo, hi = space.sample_range
-
-    def clip(v: float) -> float:
-        return min(max(round(v, 6), lo), hi)
-
-    table: dict[str, Any] = {}
-    for i in space.layers:
-        mlp, attn = fractions.get(f"mlp_{i}"), fractions.get(f"attn_{i}")
-        if mlp is not None and attn is not None:
-            table[str(i)] = {"mlp": clip(mlp), "attention": clip(attn)}
-        elif mlp is not None or attn is not None:
-            table[str(i)] = clip(mlp if mlp is not None else attn)
-    return table
-
-
-def write_winner_recipe(
-    recipe_dict: dict[str, Any],
-    plan: Plan,
-    path: str | Path,
-    space: SearchSpace,
-    note: str = "",
-) -> Path:
-    """Write the recipe with `allocation: {method: table, table: ...}` and best_plan.json next to it.
-
-    The table has one keep fraction per searched layer. When attention is searched too, the
-    compiler applies that fraction to every structure of the layer, so the exact counts live
-    in best_plan.json (Plan.to_dict()).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recipe = copy.deepcopy(recipe_dict)
-    recipe.pop("extends", None)
-    alloc = recipe.get("allocation", {})
-    recipe["allocation"] = {"method": "table", "table": winner_table(plan, space)}
-    if alloc.get("compile", "sequential") != "sequential":  # compiled as it was scored
-        recipe["allocation"]["compile"] = alloc["compile"]
-        if alloc.get("variants_dir"):
-            recipe["allocation"]["variants_dir"] = str(Path(alloc["variants_dir"]).expanduser().resolve())
-    plan_path = path.parent / "best_plan.json"
-    _replace_text(plan_path, json.dumps(plan.to_dict(), indent=2) + "\n")
-    header = ["# Allocation found by `secateur search`; a plain recipe, compiled without Optuna."]
-    if note:
-        header.append(f"# {note}")
-    body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    _replace_text(path, "\n".join(header) + "\n" + body)
-    return path

@@ -24,7 +24,7 @@ from torch import nn
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups
-from secateur.graph.plan import LayerPlan, Plan
+from secateur.graph.plan import LayerPlan, Plan, Scoring
 from secateur.recipe.compile import BudgetError, BudgetSpec, check_targets, target_params
 
 Fractions = dict[str, float]  # "mlp_3" / "attn_3" -> keep fraction, as in trial.params
@@ -84,9 +84,9 @@ class SearchSpace:
     layers: list[int]
     slots: list[Slot]
     goal: int
-    metric: str = "fasp"
-    restore: str = "least_squares"
-    damping: float = 0.01
+    metric: str = Scoring.metric
+    restore: str = Scoring.restore
+    damping: float = Scoring.damping
     knots: int = 0  # 0: one parameter per slot; else per structure, interpolated over depth
     levels: int = 0  # 0: any allowed count; K: K keep levels per slot (the lowest removes the branch)
 
@@ -97,9 +97,9 @@ class SearchSpace:
         adapter: ModelAdapter,
         spec: BudgetSpec,
         layers: list[int],
-        metric: str = "fasp",
-        restore: str = "least_squares",
-        damping: float = 0.01,
+        metric: str = Scoring.metric,
+        restore: str = Scoring.restore,
+        damping: float = Scoring.damping,
         knots: int = 0,
         levels: int = 0,
     ) -> SearchSpace:

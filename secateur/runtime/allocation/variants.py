@@ -19,6 +19,7 @@ it), never stitched into a candidate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -250,7 +252,6 @@ class VariantStore:
     """Variants on disk under `root/<digest of key>/`, with an in-memory LRU of `memo_mb`."""
 
     def __init__(self, root: str | os.PathLike[str], key: dict[str, object], memo_mb: int = 512) -> None:
-        import hashlib
 
         self.key = json.loads(json.dumps(key, sort_keys=True))
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
@@ -290,7 +291,6 @@ class VariantStore:
 
     def _read(self, path: Path, device: torch.device) -> Variant | None:
         """The stored variant, or None (with a warning naming the file) when it is damaged or changed."""
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from secateur.runtime.measure.report import result_sections
 
 CARD_NAME = "README.md"
@@ -100,7 +102,6 @@ _RECIPE_KEYS = ("method", "passes", "targets", "budget", "importance", "allocati
 
 def _recipe_core(recipe_yaml: str) -> str:
     """The recipe sections that say what was pruned (no model path, data or output settings)."""
-    import yaml
 
     doc = yaml.safe_load(recipe_yaml) or {}
     core = {k: doc[k] for k in _RECIPE_KEYS if doc.get(k) not in (None, [], {})}

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from secateur.runtime.measure.timing import model_device
 
@@ -30,8 +31,6 @@ def window_nll(
     dev = torch.device(device) if device is not None else model_device(model)
     starts = range(0, windows.shape[0], max(int(batch_size), 1))
     if progress:
-        from tqdm.auto import tqdm
-
         label = progress if isinstance(progress, str) else "perplexity"
         starts = tqdm(starts, desc=label, unit="batch")
     was_training = model.training

@@ -8,13 +8,16 @@ memory is only measured on CUDA; on CPU the resident weight bytes are reported i
 from __future__ import annotations
 
 import inspect
+import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from secateur.graph.count import weights_bytes
 
@@ -136,8 +139,6 @@ def measure_speed(
         with torch.inference_mode():
             rounds = range(warmup + repeats)
             if progress:
-                from tqdm.auto import tqdm
-
                 rounds = tqdm(rounds, desc=f"speed ({' vs '.join(models)}, alternating)", unit="round")
             for r in rounds:
                 for name, m in models.items():
@@ -218,8 +219,6 @@ def speed_warnings(results: dict[str, SpeedResult], baseline: str = "dense") -> 
 
 def peak_memory(device: torch.device) -> dict[str, int | None]:
     """Peak RSS of this process so far (Linux reports KiB) and, on CUDA, peak allocated GPU bytes."""
-    import resource
-    import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss *= 1 if sys.platform == "darwin" else 1024

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from secateur.graph.plan import Scoring
+
 
 def _inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """(G + lambda I)^-1 in float64 (small matrices; the greedy updates accumulate rounding)."""
@@ -37,7 +39,7 @@ def obs_remove(
     units: list[list[int]],
     n_keep: int,
     partitions: int = 1,
-    damping: float = 0.01,
+    damping: float = Scoring.damping,
 ) -> list[int]:
     """Kept unit indices after greedily removing, by OBS error, all but `n_keep` units.
 

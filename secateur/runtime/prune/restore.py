@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from secateur.graph.plan import Scoring
+
 
 @dataclass
 class Restored:
@@ -60,7 +62,7 @@ def restore_columns(
     weight: torch.Tensor,
     gram: torch.Tensor,
     keep: torch.Tensor,
-    damping: float = 0.01,
+    damping: float = Scoring.damping,
     solve: bool = True,
     errors: bool = True,
     cross: torch.Tensor | None = None,
@@ -148,7 +150,7 @@ def restore_toward(
     cross: torch.Tensor,
     ref_energy: torch.Tensor | float,
     keep: torch.Tensor,
-    damping: float = 0.01,
+    damping: float = Scoring.damping,
     solve: bool = True,
     errors: bool = True,
     strength: float = 1.0,

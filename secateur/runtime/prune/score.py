@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from secateur.graph.groups import Group, Site
+from secateur.graph.plan import Scoring
 from secateur.runtime.prune.stats import InputStats
 
 COLUMN_METRICS = ("fasp", "wanda", "magnitude", "fluctuation", "activation_norm")
@@ -47,7 +48,7 @@ def column_scores(weight: torch.Tensor, stats: InputStats | None, metric: str) -
 
 
 def unit_scores(
-    model: nn.Module, group: Group, stats: InputStats | None, metric: str = "fasp"
+    model: nn.Module, group: Group, stats: InputStats | None, metric: str = Scoring.metric
 ) -> torch.Tensor:
     """One score per unit of `group`: its columns' scores summed."""
     site = consumer_site(group)

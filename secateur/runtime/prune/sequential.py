@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups, layer_shapes
 from secateur.graph.keep import LayerKeep
-from secateur.graph.plan import LayerPlan, Plan
+from secateur.graph.plan import LayerPlan, Plan, Scoring
 from secateur.runtime.prune.capture import capture_inputs, run_layer
 from secateur.runtime.prune.delta import mlp_only_recorder, patched_outputs
 from secateur.runtime.prune.obs import obs_remove, obs_remove_channels
@@ -62,7 +62,7 @@ def select_layer(
     stats: dict[str, InputStats],
     metric: str,
     selection: str = "score",
-    damping: float = 0.01,
+    damping: float = Scoring.damping,
 ) -> LayerKeep:
     """Keep the units of layer i the plan allows: best fixed scores, or OBS on the consumer's Gram."""
     groups = {g.kind: g for g in layer_groups(model, adapter, i)}
@@ -110,7 +110,7 @@ def restore_layer(
     lk: LayerKeep,
     stats: dict[str, InputStats],
     damping: float,
-    method: str = "least_squares",
+    method: str = Scoring.restore,
     errors: bool = True,
     correction: float = 1.0,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], dict[str, dict[str, float]]]:

@@ -50,8 +50,6 @@ def engine_version(engine: str) -> str:
             ) from e
         return f"llama-cpp-python {llama_cpp.__version__}"
     if engine == "torch":
-        import torch
-
         return f"torch {torch.__version__}"
     if engine == "vllm":
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from secateur.runtime.speed.quant import LLAMA_QUANTISED, encode_matrix, write_quantised
 
@@ -128,7 +129,6 @@ def write_probe_gguf(shape: ProbeShape, path: str | Path, outtype: str = "f16", 
 
 def probe_torch_model(shape: ProbeShape, dtype: Any, device: str = "cpu", seed: int = 0) -> Any:
     """A transformers Llama of `shape` (random weights, eval mode, SDPA attention) for timing."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(

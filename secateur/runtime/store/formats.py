@@ -26,6 +26,14 @@ DTYPES = {
 }
 
 
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class PrunedFolderError(ValueError):
+    """A pruned-model folder that is missing files or holds damaged ones."""
+
+
 class ModelLoadError(ValueError):
     """A model reference, dtype or device that cannot be used; raised before weights load."""
 

@@ -15,8 +15,17 @@ import torch
 from torch import nn
 
 from secateur.graph.adapters import adapter_for
-from secateur.runtime.store.formats import DTYPES, LoadedModel, ModelLoadError, ModelSource
-from secateur.runtime.store.io import is_pruned_folder, load_pruned, pruned_hf_config
+from secateur.runtime.store.folder import header_shapes, is_pruned_folder, pruned_hf_config
+from secateur.runtime.store.formats import (
+    DTYPES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    LoadedModel,
+    ModelLoadError,
+    ModelSource,
+    PrunedFolderError,
+)
+from secateur.runtime.store.io import load_pruned
 from secateur.runtime.store.leftovers import partial_file
 from secateur.runtime.store.stream import streamed_model
 
@@ -260,7 +269,6 @@ def resolve_load(
 def check_weight_headers(src: ModelSource) -> None:
     """A local folder's safetensors files are readable (headers parse, data covers the file), so a
     truncated or foreign weight file is named before anything loads."""
-    from secateur.runtime.store.io import INDEX_NAME, WEIGHTS_NAME, PrunedFolderError, header_shapes
 
     if src.gguf_file or not os.path.isdir(src.path) or _is_pruned(src):
         return  # GGUF files are read by their own reader; Secateur outputs by load_pruned, which checks

@@ -18,21 +18,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from secateur.graph.adapters import ModelAdapter, adapter_for
 from secateur.runtime.measure.evaluate import window_nll
 from secateur.runtime.prune.capture import capture_inputs, run_layer
 from secateur.runtime.store.deliver import check_finite_source, check_finite_tensors
 from secateur.runtime.store.fingerprint import Fingerprint, saved_tensor
-from secateur.runtime.store.formats import LoadedModel, ModelLoadError, ModelSource
-from secateur.runtime.store.io import (
-    DEFAULT_MAX_SHARD_SIZE,
-    INDEX_NAME,
-    branch_markers,
-    is_pruned_folder,
-    pruned_skeleton,
-    write_error,
-)
+from secateur.runtime.store.folder import is_pruned_folder
+from secateur.runtime.store.formats import INDEX_NAME, LoadedModel, ModelLoadError, ModelSource
+from secateur.runtime.store.io import DEFAULT_MAX_SHARD_SIZE, branch_markers, pruned_skeleton, write_error
 from secateur.runtime.store.weights import GGUFSource, SafetensorsSource, WeightSource, check_complete
 
 
@@ -243,8 +238,6 @@ def stream_window_nll(streamed: StreamedModel, windows: torch.Tensor, progress: 
     layers = adapter.layers(model)
     steps = range(len(layers))
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc=f"{progress if isinstance(progress, str) else 'perplexity'} (streamed)")
     for i in steps:
         streamed.load_layer(i)

@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from secateur.runtime.store.io import PrunedFolderError, weight_files
+from secateur.runtime.store.folder import weight_files
+from secateur.runtime.store.formats import PrunedFolderError
 
 
 class WeightSourceError(ValueError):
