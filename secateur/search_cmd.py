@@ -7,6 +7,9 @@ SQLite file beside the output (or any Optuna storage URL), so the same command r
 
 from __future__ import annotations
 
+# `secateur.api` and `secateur.search_validate` (the prune pipeline: transformers' Trainer and peft
+# through healing, ~10 s to import on a busy CPU) are imported where they run, after the search, and
+# only when it validates or compiles the winner.
 import copy
 import functools
 import hashlib
@@ -23,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.api import prune
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
@@ -59,7 +61,6 @@ from secateur.search.run import run_search
 from secateur.search.speed import SpeedBudget
 from secateur.search.storage import resolve_storage
 from secateur.search.winner import SearchResult, winner_table, write_winner_recipe
-from secateur.search_validate import validate_search
 from secateur.speed_target import dense_probe, resolve_speed, target_of
 
 
@@ -424,6 +425,8 @@ def search(
     if validate and not p.recipe.evaluate.enabled:
         warn("validation skipped: the recipe has evaluate.enabled: false")
     elif validate and result.uniform_plan is not None:
+        from secateur.search_validate import validate_search  # the prune pipeline: see the note on top
+
         summary["validation"] = validate_search(
             winner_path,
             result.uniform_plan,
@@ -439,6 +442,8 @@ def search(
     elif validate:
         warn("validation skipped: the study has no completed uniform trial to compare with")
     if compile_model:
+        from secateur.api import prune  # the prune pipeline: see the note on top
+
         prune(
             winner_path,
             output=out.parent / "model",

@@ -158,8 +158,9 @@ def test_top_level_folders_are_links_to_the_packages() -> None:
 
 # Imports sit at module top. Inside a function only: libraries `import secateur` should not pay for
 # (transformers and its kin take seconds) or optional extras; the CLI's per-command modules (so
-# `secateur --help` stays fast); `secateur.prune` on first use (PEP 562); numpy in the llama.cpp
-# worker, a script that must import llama_cpp first.
+# `secateur --help` stays fast); `secateur.prune` on first use (PEP 562); the prune pipeline in
+# `secateur search` only when it validates or compiles; numpy in the llama.cpp worker, a script that
+# must import llama_cpp first.
 HEAVY = {
     "transformers",
     "accelerate",
@@ -174,7 +175,11 @@ HEAVY = {
     "matplotlib",
 }
 LOCAL_ANYTHING = {"secateur/cli.py"}
-LOCAL_ALSO = {"secateur/__init__.py": {"secateur"}, "secateur/runtime/export/llamacpp_worker.py": {"numpy"}}
+LOCAL_ALSO = {
+    "secateur/__init__.py": {"secateur.api"},
+    "secateur/runtime/export/llamacpp_worker.py": {"numpy"},
+    "secateur/search_cmd.py": {"secateur.api", "secateur.search_validate"},  # the prune pipeline, when used
+}
 
 
 def local_imports(root: Path = ROOT) -> list[str]:
@@ -192,7 +197,7 @@ def local_imports(root: Path = ROOT) -> list[str]:
                 if isinstance(node, ast.Import | ast.ImportFrom):
                     mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
                     top = (mod or "").split(".")[0]
-                    if top not in HEAVY and top not in LOCAL_ALSO.get(rel, set()):
+                    if top not in HEAVY and not {top, mod} & LOCAL_ALSO.get(rel, set()):
                         found.append(f"{rel}:{node.lineno} {mod}")
     return sorted(set(found))
 
