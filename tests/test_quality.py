@@ -16,7 +16,7 @@ from secateur.lock import LOCK_NAME
 from secateur.recipe.errors import RecipeError
 from secateur.recipe.load import load_recipe
 from secateur.runtime.prune.obs import obs_remove, obs_remove_channels
-from secateur.runtime.prune.restore import restore_columns, restore_toward
+from secateur.runtime.prune.restore import relative_error, restore_columns, restore_toward
 from secateur.runtime.prune.select import top_units
 from secateur.runtime.prune.sequential import prune_sequential
 from secateur.testing import save_tiny, tiny_model
@@ -250,3 +250,23 @@ def test_error_correction_strength_interpolates_between_plain_and_dense_targets(
     target = ((x_dense + x) / 2) @ w.T
     err = float((x[:, keep] @ half.T - target).square().sum() / target.square().sum())
     assert restore_toward(w, g, c, e, keep, strength=0.5).err_restored == pytest.approx(err, rel=1e-3)
+
+
+@pytest.mark.parametrize("dead", [0, 5])
+def test_restoration_errors_from_gram_blocks_equal_the_whole_gram_formula(dead: int) -> None:
+    """The errors come from blocks of G (no product with the whole Gram): they must equal
+    ||(W - W') X||^2 / ||W X||^2 computed from all of G, also for a rank-deficient G."""
+    torch.manual_seed(1)
+    x = torch.randn(300, 120, dtype=torch.float64) * (1 + 3 * torch.rand(120, dtype=torch.float64))
+    x[:, :dead] = 0
+    g = (x.T @ x).float()
+    w = torch.randn(24, 120) * 0.1
+    keep = torch.randperm(120)[:80].sort().values
+    res = restore_columns(w, g, keep)
+    full = torch.zeros_like(w)
+    full[:, keep] = res.weight
+    sliced = torch.zeros_like(w)
+    sliced[:, keep] = w[:, keep]
+    assert res.err_pruned == pytest.approx(relative_error(w.double(), sliced.double(), g.double()), rel=1e-4)
+    assert res.err_restored == pytest.approx(relative_error(w.double(), full.double(), g.double()), rel=1e-3)
+    assert res.err_restored < res.err_pruned

@@ -3,6 +3,7 @@ safetensors (sharded) and GGUF sources, refusals of what needs the whole model, 
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from pathlib import Path
@@ -200,6 +201,38 @@ def test_cfsp_streams_from_a_gguf_source(tmp_path: Path) -> None:
     )
     mem, streamed = _both(rec, tmp_path)
     _assert_identical(tmp_path, mem, streamed)
+
+
+def _vm(key: str) -> int:
+    """A /proc/self/status memory figure in bytes (VmRSS, VmHWM)."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _peak_above_start(tmp: Path, layers: int) -> tuple[int, int]:
+    """How far a streamed prune of a llama of `layers` 16 MiB layers raises resident memory above
+    where it started (VmHWM reset before it), and the model's weight bytes."""
+    folder = tmp / f"model-{layers}"
+    shape = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, head_dim=64)
+    save_tiny(str(folder), "llama", num_hidden_layers=layers, num_key_value_heads=8, **shape)
+    rec = _recipe(tmp, str(folder), targets={"mlp": True, "attention": "none"})
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    start = _vm("VmRSS")
+    prune(rec, output=tmp / f"out-{layers}", stream=True, progress=False, log=lambda s: None)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return _vm("VmHWM") - start, size
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
+    """2 and 8 layers of 16 MiB: the 8-layer model is 96 MiB larger; the rise of its streamed
+    prune's peak may exceed the 2-layer one's by at most a quarter of that (a layer is 16 MiB)."""
+    _peak_above_start(tmp_path / "warm", 2)  # first-use allocations (lazy imports, caches) out of the way
+    rise2, size2 = _peak_above_start(tmp_path, 2)
+    rise8, size8 = _peak_above_start(tmp_path, 8)
+    assert size8 - size2 > 96 * 2**20
+    assert rise8 - rise2 < (size8 - size2) / 4, (rise2 / 2**20, rise8 / 2**20)
 
 
 def test_stream_refuses_zero_shot_tasks(tmp_path: Path) -> None:

@@ -38,24 +38,56 @@ def _embed(w_s: torch.Tensor, keep: torch.Tensor, n_cols: int) -> torch.Tensor:
     return full
 
 
-def solve_damped(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
-    """Solve X (A + lambda I) = B for X by Cholesky: fp32 first, fp64 if that fails, then more damping."""
-    if not torch.isfinite(a).all():
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`, without a boolean copy of it (max and min propagate NaN)."""
+    return bool(torch.isfinite(t.amax()) and torch.isfinite(t.amin()))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<A, B> (Frobenius), summed in float64."""
+    return float(torch.sum(a * b, dtype=torch.float64))
+
+
+def _factor_in_place(m: torch.Tensor, shift: float) -> torch.Tensor | None:
+    """Cholesky factor of m + shift I computed in m's own memory (None if not positive definite).
+
+    m is symmetric, so its transpose view is the same matrix in the column-major layout LAPACK
+    factors in place: no copy of m, no identity matrix, the same factor as `cholesky(m + shift I)`."""
+    m.diagonal().add_(shift)
+    factor = m.mT
+    info = torch.empty((), dtype=torch.int32, device=m.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    return factor if int(info) == 0 else None
+
+
+def _solve_shifted(
+    a: torch.Tensor, b: torch.Tensor, damping: float, fresh: Callable[[], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, float]:
+    """X (A + shift I) = B with shift = lambda * mean(diag A), and the shift used. Cholesky in fp32,
+    fp64 if that fails, then ten times the damping. With `fresh`, `a` is the caller's own copy and is
+    overwritten by its factor (`fresh()` rebuilds it for a retry); else `a` is copied first."""
+    if not _finite(a):
         raise FloatingPointError("Gram matrix has NaN or inf entries")
     mean_diag = float(a.diagonal().mean().clamp_min(1e-12))
+    m: torch.Tensor | None = a if fresh is not None else None
+    fresh = fresh or a.clone
     lam = damping
     for attempt in range(8):
         for dtype in (torch.float32, torch.float64):
-            m = a.to(dtype)
-            chol, info = torch.linalg.cholesky_ex(
-                m + lam * mean_diag * torch.eye(m.shape[0], dtype=dtype, device=m.device)
-            )
-            if int(info) == 0:
+            m = (fresh() if m is None else m).to(dtype)
+            chol = _factor_in_place(m, lam * mean_diag)
+            m = None  # overwritten: the next try starts from a fresh copy
+            if chol is not None:
                 if attempt:
-                    warnings.warn(f"ill-conditioned Gram matrix: damping raised to {lam:g}", stacklevel=3)
-                return torch.cholesky_solve(b.to(dtype).T, chol).T.to(b.dtype)
+                    warnings.warn(f"ill-conditioned Gram matrix: damping raised to {lam:g}", stacklevel=4)
+                return torch.cholesky_solve(b.to(dtype).T, chol).T.to(b.dtype), lam * mean_diag
         lam *= 10
     raise FloatingPointError("Gram matrix is not positive definite even with heavy damping")
+
+
+def solve_damped(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+    """Solve X (A + lambda I) = B for X by Cholesky: fp32 first, fp64 if that fails, then more damping."""
+    return _solve_shifted(a, b, damping)[0]
 
 
 def restore_columns(
@@ -71,9 +103,13 @@ def restore_columns(
 ) -> Restored:
     """Restored kept-column weight for a consuming layer; falls back to plain slicing on failure.
 
-    `errors=False` skips the two reconstruction-error products (a search trial does not need them).
+    `errors=False` skips the reconstruction errors (a search trial does not need them).
     With `cross` = X_ref^T X (and `ref_energy` = ||X_ref W^T||^2) the target is the dense stream's
     output W X_ref instead of W X (error-correcting restoration, see `restore_toward`).
+
+    Cost for rows r, kept s and pruned p columns: the right-hand side W_P G_PS (2rps), the errors
+    (2rs^2 + 2rp^2, from blocks of G: no product with the whole Gram) and the solve (s^3/3 + 2rs^2);
+    memory beside G: one s x s matrix (G_SS, factored in place) and a few r x s ones.
     """
     if cross is not None and ref_energy is not None:
         return restore_toward(weight, gram, cross, ref_energy, keep, damping, solve, errors, strength)
@@ -85,35 +121,64 @@ def restore_columns(
     mask[keep] = False
     pruned = mask.nonzero().flatten()
     keep = keep.to(dev)
-    w_s = w[:, keep]
-    finite = bool(torch.isfinite(g).all())
-    err_pruned = relative_error(w, _embed(w_s, keep, n), g) if errors and finite else float("nan")
+    w_s, w_p = w[:, keep], w[:, pruned]
+    rows = keep[:, None]
+    energy = _Energy(w_s, w_p, g, pruned) if errors and _finite(g) else None
+    rhs = w_p @ g[pruned[:, None], keep]
+    g_ss = g[rows, keep]
+    err_pruned = energy.pruned(g_ss, rhs) if energy is not None else float("nan")
     if not solve or pruned.numel() == 0:
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
-    return _solved(
-        weight.dtype,
-        w_s,
-        lambda: w[:, pruned] @ g[pruned][:, keep],
-        g[keep][:, keep],
-        damping,
-        err_pruned,
-        (lambda w_new: relative_error(w, _embed(w_new, keep, n), g)) if errors else None,
-    )
+    try:
+        delta, shift = _solve_shifted(g_ss, rhs, damping, lambda: g[rows, keep])
+    except FloatingPointError as e:
+        warnings.warn(f"restoration skipped: {e}", stacklevel=2)
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    del g_ss
+    w_new = w_s + delta
+    if not torch.isfinite(w_new).all():
+        warnings.warn("restoration produced non-finite weights; keeping the unrestored slice", stacklevel=2)
+        return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    err = energy.restored(rhs, delta, shift) if energy is not None else float("nan")
+    return Restored(w_new.to(weight.dtype), err_pruned, err)
+
+
+class _Energy:
+    """Relative output errors of a column restoration from blocks of the Gram matrix.
+
+    With R = W_P G_PS and the restored W' = W_S + D, D (G_SS + shift I) = R:
+    ||W X||^2 = tr(W_P G_PP W_P^T) + 2 <W_S, R> + tr(W_S G_SS W_S^T), the slice's error
+    ||W_P X_P||^2 = tr(W_P G_PP W_P^T), and the restored error ||W_P X_P - D X_S||^2 =
+    tr(W_P G_PP W_P^T) - <R, D> - shift ||D||^2 (since D G_SS = R - shift D)."""
+
+    def __init__(self, w_s: torch.Tensor, w_p: torch.Tensor, g: torch.Tensor, pruned: torch.Tensor) -> None:
+        self.w_s = w_s
+        self.own = _dot(w_p @ g[pruned[:, None], pruned], w_p)  # tr(W_P G_PP W_P^T)
+        self.total = 0.0
+
+    def pruned(self, g_ss: torch.Tensor, rhs: torch.Tensor) -> float:
+        """The slice's relative error; sets ||W X||^2 (from G_SS, before the solve overwrites it)."""
+        self.total = max(self.own + 2 * _dot(self.w_s, rhs) + _dot(self.w_s @ g_ss, self.w_s), 1e-30)
+        return self.own / self.total
+
+    def restored(self, rhs: torch.Tensor, delta: torch.Tensor, shift: float) -> float:
+        return max(self.own - _dot(rhs, delta) - shift * _dot(delta, delta), 0.0) / self.total
 
 
 def _solved(
     dtype: torch.dtype,
     w_s: torch.Tensor,
     rhs: Callable[[], torch.Tensor],
-    g_ss: torch.Tensor,
+    g_ss: Callable[[], torch.Tensor],
     damping: float,
     err_pruned: float,
     error: Callable[[torch.Tensor], float] | None,
 ) -> Restored:
-    """W' = W_S + rhs (G_SS + lambda I)^-1, falling back to the plain slice (with a warning) when the
-    solve fails or gives non-finite weights; `error` measures the restored weight."""
+    """W' = W_S + rhs (G_SS + lambda I)^-1 (G_SS built by `g_ss` and factored in place), falling back
+    to the plain slice (with a warning) when the solve fails or gives non-finite weights; `error`
+    measures the restored weight."""
     try:
-        w_new = w_s + solve_damped(g_ss, rhs(), damping)
+        w_new = w_s + _solve_shifted(g_ss(), rhs(), damping, g_ss)[0]
     except FloatingPointError as e:
         warnings.warn(f"restoration skipped: {e}", stacklevel=3)
         return Restored(w_s.to(dtype), err_pruned, err_pruned)
@@ -181,8 +246,8 @@ def restore_toward(
     return _solved(
         weight.dtype,
         w_s,
-        lambda: w @ c[:, keep] - w_s @ g[keep][:, keep],
-        g[keep][:, keep],
+        lambda: w @ c[:, keep] - w_s @ g[keep[:, None], keep],
+        lambda: g[keep[:, None], keep],
         damping,
         err_pruned,
         (lambda w_new: _cross_error(w, w_new, keep, g, c, ref)) if errors else None,

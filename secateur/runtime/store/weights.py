@@ -35,7 +35,12 @@ class WeightSource(Protocol):
 
 
 class SafetensorsSource:
-    """A folder's safetensors weights (single file or sharded with an index), memory-mapped."""
+    """A folder's safetensors weights (single file or sharded with an index), memory-mapped.
+
+    Each read opens its file and closes it again: the tensor it returns keeps only its own mapping,
+    so the pages of a layer already consumed leave resident memory when that layer is dropped (a
+    handle kept open for the whole run would keep every page read so far resident, and the
+    streaming peak would grow with depth)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -43,13 +48,13 @@ class SafetensorsSource:
             files = weight_files(self.folder)  # the one listing of a folder's weights (index checked)
         except PrunedFolderError as e:
             raise WeightSourceError(str(e)) from e
-        self._handles = {}
+        self._where: dict[str, Path] = {}
         for path in files:
             try:
-                self._handles[path.name] = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as handle:
+                    self._where.update(dict.fromkeys(handle.keys(), path))
             except Exception as e:  # safetensors raises its own types for foreign or truncated files
                 raise WeightSourceError(f"{path}: damaged or not a safetensors file ({e})") from e
-        self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -57,7 +62,12 @@ class SafetensorsSource:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise WeightSourceError(f"{self.folder}: no tensor {name!r} in the safetensors weights")
-        return self._handles[self._where[name]].get_tensor(name)
+        path = self._where[name]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except OSError as e:
+            raise WeightSourceError(f"{path}: cannot read {name!r} ({e})") from e
 
 
 # Hugging Face model types whose gguf-py architecture name differs (as transformers maps them)
