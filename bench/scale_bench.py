@@ -45,9 +45,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
-# the same layers, embeddings and head at depth 2: streaming's peak does not depend on depth, and a
-# 28-layer prune takes hours on a shared 2-core CPU
+# the same layers, embeddings and head at depth 2: streaming's peak does not depend on depth
 SHAPES["qwen2-7b-shape-2l"] = dict(SHAPES["qwen2-7b-shape"], num_hidden_layers=2)
+# a random 1.1B Llama (TinyLlama's layer shapes at 16 layers, the vocabulary of SmolLM2's tokenizer,
+# which the prune tokenizes its calibration text with), pruned from a float32 recipe
+SHAPES["llama-1.1b-shape"] = dict(
+    model_type="llama",
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+FLOAT32_RECIPES = {"llama-1.1b-shape"}  # the rest prune in bfloat16, as their weights are stored
 
 
 def make_synthetic(folder: Path, shape: str, layers: int | None = None) -> Path:
@@ -59,11 +74,12 @@ def make_synthetic(folder: Path, shape: str, layers: int | None = None) -> Path:
     from secateur.runtime.store.loader import resolve_source
 
     cfg = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    model_type = cfg.pop("model_type", "qwen2")
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.for_model("qwen2", **cfg)
+    config = AutoConfig.for_model(model_type, **cfg)
     config.dtype = torch.bfloat16
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
@@ -80,8 +96,12 @@ def make_synthetic(folder: Path, shape: str, layers: int | None = None) -> Path:
             p = model.get_parameter(n)
             if p.dim() == 1 and "norm" in n:
                 tensors[n] = torch.ones(p.shape, dtype=torch.bfloat16)
-            else:
-                tensors[n] = (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
+            else:  # row blocks: never a float32 copy of a whole embedding
+                t = torch.empty(p.shape, dtype=torch.bfloat16)
+                for r in range(0, p.shape[0], 4096):
+                    block = torch.randn((min(4096, p.shape[0] - r), *p.shape[1:]), generator=gen) * 0.02
+                    t[r : r + block.shape[0]] = block.to(torch.bfloat16)
+                tensors[n] = t
             weight_map[n] = shard
         save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
         print(f"  {shape}: shard {k}/{len(groups)}", flush=True)
@@ -100,7 +120,7 @@ def recipe_for(model: str, mode: str, args: argparse.Namespace) -> dict[str, Any
         "name": f"scale-{model}-{mode}",
         "model": {
             "id": "smollm2-135m" if real else str(Path(args.work) / model),
-            "dtype": "float32" if real else "bfloat16",
+            "dtype": "float32" if real or model in FLOAT32_RECIPES else "bfloat16",
             "device": "cpu",
             "stream": mode == "stream",
         },
