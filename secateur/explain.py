@@ -205,6 +205,8 @@ def format_explanation(ex: Explanation) -> str:
             f"streaming: one decoder layer in memory at a time, written shard by shard (one or more shards "
             f"per layer, each at most output.max_shard_size); resident about {gib['total']:.2f} GiB = "
             f"2 x layer {gib['layer_x2'] / 2:.2f} + embeddings/head {gib['resident']:.2f} + activations "
-            f"{gib['activations']:.2f} + statistics {gib['statistics']:.2f}"
+            f"{gib['activations']:.2f} + statistics {gib['statistics']:.2f} + restoration workspace "
+            f"{gib['solve']:.2f} + runtime allowance {gib['runtime']:.2f} (report.json records it beside "
+            "the measured peak RSS)"
         )
     return "\n".join(lines)

@@ -252,9 +252,9 @@ def test_stream_report_carries_peak_memory_and_bound_and_lock_reapplies(tmp_path
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["memory"]["peak_rss_bytes"] > 0
     bound = rep["stream"]["memory_bound_bytes"]
-    assert (
-        bound["total"] == bound["layer_x2"] + bound["resident"] + bound["activations"] + bound["statistics"]
-    )
+    terms = ("layer_x2", "resident", "activations", "statistics", "solve", "runtime")
+    assert bound["total"] == sum(bound[k] for k in terms)
+    assert rep["memory"]["peak_rss_bytes"] < 1.2 * bound["total"]  # the tiny model is far inside the bound
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Peak resident memory" in md and "Expected resident memory" in md
     lock = yaml.safe_load((tmp_path / "out" / "recipe.lock.yaml").read_text())

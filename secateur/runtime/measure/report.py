@@ -269,8 +269,8 @@ def _timing(report: dict[str, Any]) -> list[str]:
             "",
             f"Streamed: one decoder layer in memory at a time. Expected resident memory {g['total']:.2f} GiB = "
             f"2 x largest layer {g['layer_x2']:.2f} + embeddings/norm/head {g['resident']:.2f} + calibration "
-            f"activations {g['activations']:.2f} + Gram matrices {g['statistics']:.2f} (plus the Python and "
-            f"torch runtime)",
+            f"activations {g['activations']:.2f} + Gram matrices {g['statistics']:.2f} + restoration workspace "
+            f"{g.get('solve', 0):.2f} + runtime allowance {g.get('runtime', 0):.2f}",
         ]
     return out + ([""] + lines if lines else [])
 

@@ -253,6 +253,11 @@ def stream_window_nll(streamed: StreamedModel, windows: torch.Tensor, progress: 
             layers[i] = layer
 
 
+# what the formula leaves to the process itself: Python, torch, transformers and the tokenizer
+# (0.5-0.9 GiB measured beside SmolLM2 and 7B-shaped layers, bench/results/scale.md)
+RUNTIME_ALLOWANCE = 2**30
+
+
 def memory_bound(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -264,7 +269,9 @@ def memory_bound(
 
     2 x largest layer (the dense layer and its pruned slices) + embeddings, norm and head
     + calibration activations (the layer's inputs and outputs, twice with error correction)
-    + consumer statistics (fp32 Gram matrices of o_proj and down_proj).
+    + consumer statistics (fp32 Gram matrices of o_proj and down_proj) + the restoration's
+    workspace (the kept columns' Gram, factored in place: at most the widest consumer's Gram)
+    + a fixed runtime allowance (`RUNTIME_ALLOWANCE`).
     """
     size = torch.empty((), dtype=dtype).element_size()
     layers = adapter.layers(model)
@@ -274,8 +281,16 @@ def memory_bound(
         p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in layer_ids
     )
     acts = calib_tokens * adapter.hidden_size * size * 2 * (2 if dense_stream else 1)
-    grams = 4 * (adapter.intermediate_size**2 + (adapter.num_heads * adapter.head_dim) ** 2)
-    terms = {"layer_x2": 2 * layer, "resident": resident * size, "activations": acts, "statistics": grams}
+    widths = (adapter.intermediate_size, adapter.num_heads * adapter.head_dim)
+    grams = 4 * sum(w**2 for w in widths)
+    terms = {
+        "layer_x2": 2 * layer,
+        "resident": resident * size,
+        "activations": acts,
+        "statistics": grams,
+        "solve": 4 * max(widths) ** 2,
+        "runtime": RUNTIME_ALLOWANCE,
+    }
     return {**terms, "total": sum(terms.values())}
 
 
