@@ -189,7 +189,7 @@ SEARCH = textwrap.dedent(
     import torch
     from secateur.graph.adapters import adapter_for
     from secateur.recipe.compile import BudgetSpec
-    from secateur.recipe.schema import SearchOptions
+    from secateur.recipe.allocation import SearchOptions
     from secateur.testing import tiny_model
 
     def search(storage, n_trials, fraction=0.25, slow=0.0, **kw):

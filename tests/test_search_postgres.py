@@ -81,7 +81,7 @@ import torch
 import secateur.search.objective as objective
 from secateur.graph.adapters import adapter_for
 from secateur.recipe.compile import BudgetSpec
-from secateur.recipe.schema import SearchOptions
+from secateur.recipe.allocation import SearchOptions
 from secateur.search.run import run_search
 from secateur.testing import tiny_model
 
