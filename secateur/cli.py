@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -131,6 +132,7 @@ def _recipe(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from secateur.runtime.measure.evaluate import perplexity
+    from secateur.runtime.store.deliver import check_finite_source
     from secateur.runtime.measure.timing import memory_lines, peak_memory
     from secateur.runtime.measure.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
     from secateur.runtime.store.data import default_data_root, eval_windows, load_text, tokenize_text
@@ -150,17 +152,24 @@ def _eval(args: argparse.Namespace) -> int:
         raise CliError(
             "--stream evaluates perplexity only: zero-shot tasks need the whole model (drop --tasks)"
         )
+    if not tasks and not args.ppl_seqlen:
+        raise CliError("nothing to evaluate: --tasks '' asks for perplexity only; give --ppl-seqlen L")
     root = args.data_root or default_data_root()
     if tasks:  # `--tasks ""`: perplexity only
         check_tasks(tasks, root)
     lm = load_model(args.path, args.dtype, args.device, stream=args.stream)
+    if not args.stream:  # NaN/inf weights give NaN scores: name the tensor instead of printing them
+        check_finite_source(lm.model.state_dict().items(), args.path)
     if args.ppl_seqlen:
         toks = tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root))
         windows = eval_windows(toks, args.ppl_seqlen, args.ppl_windows)
-        print(
-            f"wikitext2 test perplexity (seqlen {args.ppl_seqlen}, {windows.shape[0]} windows): "
-            f"{stream_perplexity(lm.stream, windows) if args.stream else perplexity(lm.model, windows):.3f}"
-        )
+        ppl = stream_perplexity(lm.stream, windows) if args.stream else perplexity(lm.model, windows)
+        if not math.isfinite(ppl):
+            raise CliError(
+                f"{args.path}: wikitext2 test perplexity is {ppl} (non-finite logits; non-finite weights, or a "
+                "dtype too narrow for the activations: try --dtype float32)"
+            )
+        print(f"wikitext2 test perplexity (seqlen {args.ppl_seqlen}, {windows.shape[0]} windows): {ppl:.3f}")
     if tasks:
         res = run_zeroshot(lm.model, lm.tokenizer, tasks, root, args.limit, args.batch_size)
         nan = float("nan")
@@ -480,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ValueError, OSError) as e:  # OSError: a full disk, no permission, a missing file
         print(f"secateur {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every `finally` and atomic writer has cleaned up on the way here
+        print(f"secateur {args.command}: interrupted; temporary output removed", file=sys.stderr)
+        return 130
     except Terminated as e:
         print(f"secateur {args.command}: terminated (SIGTERM); temporary output removed", file=sys.stderr)
         return int(e.code or 143)

@@ -50,6 +50,8 @@ from secateur.runtime.store.data import (
 )
 from secateur.runtime.store.loader import LoadedModel, load_model, resolve_source
 from secateur.runtime.store.outdir import (
+    MANIFEST,
+    OutputLocationError,
     check_file_replaceable,
     check_location,
     check_replaceable,
@@ -175,11 +177,15 @@ SEARCH_FILES = (
 
 
 def check_counts(trials: int | None, workers: int) -> None:
-    """--trials and --workers are counts of at least one."""
+    """--trials and --workers are counts of at least one; workers (each a process loading the model)
+    at most the cores this process may use (two are always allowed)."""
     if trials is not None and trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > max(cores, 2):  # each worker process loads the model and takes a share of the cores
+        raise ValueError(f"--workers {workers} is more than the {cores} CPU cores this process may use")
 
 
 def check_search_output(out: Path, reads: list[Path], compiled: Path | None) -> None:
@@ -187,6 +193,11 @@ def check_search_output(out: Path, reads: list[Path], compiled: Path | None) -> 
     changed since Secateur wrote it) under a name the search writes; the compiled model's folder
     (--compile) would be replaced only if it is a Secateur output."""
     check_location(out, reads)
+    if (out / MANIFEST).is_file() or (out / "secateur.json").is_file():
+        raise OutputLocationError(
+            f"search folder {out} is a Secateur model output; the search's files would change it (and a later "
+            "--overwrite of it would refuse): choose another folder"
+        )
     for name in SEARCH_FILES:
         check_file_replaceable(out / name, True, flag=None)
     if compiled is not None:

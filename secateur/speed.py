@@ -106,6 +106,13 @@ def run_speed(
     tok = tokenizer_gguf_for(source, tokenizer_gguf, "speed") if engine == "llama.cpp" else None
     lock = read_lock(run / LOCK_NAME)
     dense = load_model(source.ref, "float32", "cpu", base_dir=lock.get("recipe_dir"))
+    positions = getattr(dense.model.config, "max_position_embeddings", None)
+    if positions and prefill + decode > positions:  # beyond its context a model is not served (and the
+        # attention of a 100,000-token prefill alone would not fit in memory)
+        raise ValueError(
+            f"--prefill {prefill} + --decode {decode} tokens exceed the {positions} positions of {source.ref}; "
+            f"time at most {positions} tokens"
+        )
     pruned_model = load_pruned(run, torch.float32)
     pruned = LoadedModel(
         pruned_model, adapter_for(pruned_model.config), dense.tokenizer, source, dense.device, torch.float32

@@ -419,10 +419,11 @@ def check_shapes(model: nn.Module, adapter: ModelAdapter, spec: BudgetSpec, laye
     """Model-dependent checks that must fail before calibration starts."""
     for i in layers:
         g = {x.kind: x for x in layer_groups(model, adapter, i)}
-        if spec.mlp and "mlp_channel" in g and spec.multiple_of > g["mlp_channel"].n_units:
+        if spec.mlp and "mlp_channel" in g and spec.multiple_of >= g["mlp_channel"].n_units:
+            # a width of one multiple_of or more is either kept whole or not at all: no channel can go
             raise BudgetError(
-                f"budget.multiple_of={spec.multiple_of} is larger than layer {i}'s MLP width "
-                f"({g['mlp_channel'].n_units})"
+                f"budget.multiple_of={spec.multiple_of} is not smaller than layer {i}'s MLP width "
+                f"({g['mlp_channel'].n_units}): no channel could be removed; lower budget.multiple_of"
             )
         if spec.attention == "v_channel" and not adapter.rope:
             raise BudgetError(

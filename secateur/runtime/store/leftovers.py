@@ -243,9 +243,13 @@ def _in_folders(folders: Iterable[Path], deep: bool) -> Iterator[Leftover]:
 
 def find(folders: Iterable[Path] = (), deep: bool = False, registry: bool = True) -> list[Leftover]:
     """Leftovers in the registry (when `registry`) and marked temporary folders in `folders` (their
-    children, or their whole trees when `deep`), each once, with its size."""
+    children, or their whole trees when `deep`), each once, with its size. Without `registry`, the
+    registry's entries still come along for what lies in `folders`, so removing them drops the entry."""
     seen: dict[Path, Leftover] = {}
-    found = list(_from_registry()) if registry else []
+    found = list(_from_registry())
+    if not registry:
+        tops = [Path(f).resolve() for f in folders]
+        found = [x for x in found if any(t == x.path.resolve() or t in x.path.resolve().parents for t in tops)]
     for item in [*found, *_in_folders([Path(f) for f in folders], deep)]:
         key = item.path.resolve()
         if key not in seen or (seen[key].entry is None and item.entry is not None):
