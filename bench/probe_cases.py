@@ -56,7 +56,10 @@ class Ctx:
             "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
             "targets": {"mlp": True, "attention": "none"},
             "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
-            "allocation": {"method": "search", "search": {"trials": 2, "heldout_tokens": 256, "pruner": False}},
+            "allocation": {
+                "method": "search",
+                "search": {"trials": 2, "heldout_tokens": 256, "pruner": False},
+            },
             "evaluate": {"enabled": False},
             "output": {"dir": str(self.p("srun"))},
         }
@@ -103,8 +106,13 @@ def setup(root: Path) -> Ctx:
     log = lambda s: None  # noqa: E731
     _quiet(prune, ctx.recipe("r.yaml"), output=ctx.p("run"), progress=False, log=log)
     _quiet(prune, ctx.recipe("rg.yaml", model="tiny.gguf"), output=ctx.p("run_g"), progress=False, log=log)
-    _quiet(prune, ctx.recipe("rg88.yaml", model="tiny.gguf", budget={"params": 0.1}), output=ctx.p("run_g88"),
-           progress=False, log=log)  # MLP widths no quantised block divides
+    _quiet(
+        prune,
+        ctx.recipe("rg88.yaml", model="tiny.gguf", budget={"params": 0.1}),
+        output=ctx.p("run_g88"),
+        progress=False,
+        log=log,
+    )  # MLP widths no quantised block divides
     _quiet(export, str(ctx.p("run")), "decilm", output=str(ctx.p("own-decilm")))
     _quiet(export, str(ctx.p("run_g")), "gguf", outtype="f32", output=str(ctx.p("own.gguf")))
     # a user's things
@@ -202,7 +210,7 @@ def pruned_as_asked(out: Path, frac: float, tol: float = 0.35) -> Any:
             return None
         import torch
 
-        from secateur.runtime.io import load_pruned
+        from secateur import load_pruned
 
         rep = json.loads((out / "report.json").read_text())
         d, p = rep["size"]["dense"], rep["size"]["pruned"]
@@ -280,24 +288,60 @@ def output_cases(ctx: Ctx) -> list[Case]:
     shutil.copytree(run, p("run_edited"))
     (p("run_edited") / "report.md").write_text("my edits")
     out += [
-        Case("prune onto a run holding a user's file --overwrite", "output-prune",
-             ["prune", r, "-o", str(p("run_added")), "--overwrite", "--quiet"], msg=("my-notes.md",),
-             keep=(p("run_added"),)),
-        Case("prune onto an existing run without --overwrite", "output-prune",
-             ["prune", r, "-o", str(run), "--quiet"], msg=("--overwrite",), keep=(run,)),
-        Case("prune onto its own earlier run --overwrite", "output-prune",
-             ["prune", r, "-o", str(p("run2")), "--quiet"], expect="ok", check=pruned_as_asked(p("run2"), 0.2)),
-        Case("prune again onto that run --overwrite", "output-prune",
-             ["prune", r, "-o", str(p("run2")), "--overwrite", "--quiet"], expect="ok",
-             check=pruned_as_asked(p("run2"), 0.2)),
-        Case("prune -o a Secateur export folder --overwrite (its own output)", "output-prune",
-             ["prune", r, "-o", str(p("own-decilm")), "--overwrite", "--quiet"], expect="ok",
-             check=pruned_as_asked(p("own-decilm"), 0.2)),
-        Case("prune -o an empty existing folder", "output-prune",
-             ["prune", r, "-o", str(p("emptydir")), "--quiet"], expect="any", keep=(p("m"),)),
-        Case("prune -o '' (empty string)", "output-prune", ["prune", r, "-o", "", "--quiet"], keep=(ctx.root / "r.yaml",)),
-        Case("prune -o a 300-character name", "output-prune", ["prune", r, "-o", str(p("x" * 300)), "--quiet"],
-             msg=("x" * 20,)),
+        Case(
+            "prune onto a run holding a user's file --overwrite",
+            "output-prune",
+            ["prune", r, "-o", str(p("run_added")), "--overwrite", "--quiet"],
+            msg=("my-notes.md",),
+            keep=(p("run_added"),),
+        ),
+        Case(
+            "prune onto an existing run without --overwrite",
+            "output-prune",
+            ["prune", r, "-o", str(run), "--quiet"],
+            msg=("--overwrite",),
+            keep=(run,),
+        ),
+        Case(
+            "prune onto its own earlier run --overwrite",
+            "output-prune",
+            ["prune", r, "-o", str(p("run2")), "--quiet"],
+            expect="ok",
+            check=pruned_as_asked(p("run2"), 0.2),
+        ),
+        Case(
+            "prune again onto that run --overwrite",
+            "output-prune",
+            ["prune", r, "-o", str(p("run2")), "--overwrite", "--quiet"],
+            expect="ok",
+            check=pruned_as_asked(p("run2"), 0.2),
+        ),
+        Case(
+            "prune -o a Secateur export folder --overwrite (its own output)",
+            "output-prune",
+            ["prune", r, "-o", str(p("own-decilm")), "--overwrite", "--quiet"],
+            expect="ok",
+            check=pruned_as_asked(p("own-decilm"), 0.2),
+        ),
+        Case(
+            "prune -o an empty existing folder",
+            "output-prune",
+            ["prune", r, "-o", str(p("emptydir")), "--quiet"],
+            expect="any",
+            keep=(p("m"),),
+        ),
+        Case(
+            "prune -o '' (empty string)",
+            "output-prune",
+            ["prune", r, "-o", "", "--quiet"],
+            keep=(ctx.root / "r.yaml",),
+        ),
+        Case(
+            "prune -o a 300-character name",
+            "output-prune",
+            ["prune", r, "-o", str(p("x" * 300)), "--quiet"],
+            msg=("x" * 20,),
+        ),
     ]
     p("emptydir").mkdir()
     # export
@@ -326,39 +370,119 @@ def output_cases(ctx: Ctx) -> list[Case]:
             if label == "inside the run" and fmt == "gguf":
                 target, keep = p("run_g", "x.gguf"), (p("run_g"),)
             out.append(
-                Case(f"export {fmt} -o {label} --overwrite", "output-export",
-                     ["export", str(src), "--format", fmt, *extra, "-o", str(target), "--overwrite"], keep=keep)
+                Case(
+                    f"export {fmt} -o {label} --overwrite",
+                    "output-export",
+                    ["export", str(src), "--format", fmt, *extra, "-o", str(target), "--overwrite"],
+                    keep=keep,
+                )
             )
     shutil.copy(p("own.gguf"), p("edited.gguf"))
     out += [
-        Case("export gguf onto its own earlier GGUF without --overwrite", "output-export",
-             ["export", str(p("run_g")), "--format", "gguf", "--outtype", "f32", "-o", str(p("own.gguf"))],
-             msg=("--overwrite",), keep=(p("own.gguf"),)),
-        Case("export gguf onto its own earlier GGUF --overwrite", "output-export",
-             ["export", str(p("run_g")), "--format", "gguf", "--outtype", "f32", "-o", str(p("own.gguf")),
-              "--overwrite"], expect="ok"),
-        Case("export decilm onto its own earlier folder --overwrite", "output-export",
-             ["export", str(run), "--format", "decilm", "-o", str(p("own-decilm")), "--overwrite"], expect="ok"),
-        Case("export gguf default name beside the run", "output-export",
-             ["export", str(p("run_g")), "--format", "gguf"], expect="ok",
-             check=lambda o: None if p("run_g-f16.gguf").is_file() else ("serious", "no run_g-f16.gguf")),
-        Case("export gguf of a dense HF folder", "output-export",
-             ["export", str(p("hf")), "--format", "gguf", "--tokenizer-gguf", str(p("tiny.gguf")), "-o",
-              str(p("hf.gguf"))], expect="any", keep=(p("hf"),)),
+        Case(
+            "export gguf onto its own earlier GGUF without --overwrite",
+            "output-export",
+            ["export", str(p("run_g")), "--format", "gguf", "--outtype", "f32", "-o", str(p("own.gguf"))],
+            msg=("--overwrite",),
+            keep=(p("own.gguf"),),
+        ),
+        Case(
+            "export gguf onto its own earlier GGUF --overwrite",
+            "output-export",
+            [
+                "export",
+                str(p("run_g")),
+                "--format",
+                "gguf",
+                "--outtype",
+                "f32",
+                "-o",
+                str(p("own.gguf")),
+                "--overwrite",
+            ],
+            expect="ok",
+        ),
+        Case(
+            "export decilm onto its own earlier folder --overwrite",
+            "output-export",
+            ["export", str(run), "--format", "decilm", "-o", str(p("own-decilm")), "--overwrite"],
+            expect="ok",
+        ),
+        Case(
+            "export gguf default name beside the run",
+            "output-export",
+            ["export", str(p("run_g")), "--format", "gguf"],
+            expect="ok",
+            check=lambda o: None if p("run_g-f16.gguf").is_file() else ("serious", "no run_g-f16.gguf"),
+        ),
+        Case(
+            "export gguf of a dense HF folder",
+            "output-export",
+            [
+                "export",
+                str(p("hf")),
+                "--format",
+                "gguf",
+                "--tokenizer-gguf",
+                str(p("tiny.gguf")),
+                "-o",
+                str(p("hf.gguf")),
+            ],
+            expect="any",
+            keep=(p("hf"),),
+        ),
         Case("export --format onnx", "output-export", ["export", str(run), "--format", "onnx"]),
-        Case("export a folder that is not a run", "output-export",
-             ["export", str(p("mine")), "--format", "decilm", "-o", str(p("x-decilm"))], keep=(p("mine"),)),
-        Case("export gguf q4_0 of MLP widths that are no multiple of 32", "output-export",
-             ["export", str(p("run_g88")), "--format", "gguf", "--outtype", "q4_0", "-o", str(p("q.gguf"))],
-             msg=("32",), absent=(p("q.gguf"),)),
-        Case("export gguf with a 100-byte tokenizer GGUF", "output-export",
-             ["export", str(p("run_g")), "--format", "gguf", "--tokenizer-gguf", str(p("g100.gguf")), "-o",
-              str(p("t.gguf"))], msg=("g100.gguf",), absent=(p("t.gguf"),)),
-        Case("export gguf with a tokenizer GGUF of another vocabulary", "output-export",
-             ["export", str(run), "--format", "gguf", "--tokenizer-gguf", str(p("tiny.gguf")), "-o",
-              str(p("t2.gguf"))], msg=("tiny.gguf",), absent=(p("t2.gguf"),)),
-        Case("export gguf -o a name without .gguf", "output-export",
-             ["export", str(p("run_g")), "--format", "gguf", "-o", str(p("noext"))], expect="any"),
+        Case(
+            "export a folder that is not a run",
+            "output-export",
+            ["export", str(p("mine")), "--format", "decilm", "-o", str(p("x-decilm"))],
+            keep=(p("mine"),),
+        ),
+        Case(
+            "export gguf q4_0 of MLP widths that are no multiple of 32",
+            "output-export",
+            ["export", str(p("run_g88")), "--format", "gguf", "--outtype", "q4_0", "-o", str(p("q.gguf"))],
+            msg=("32",),
+            absent=(p("q.gguf"),),
+        ),
+        Case(
+            "export gguf with a 100-byte tokenizer GGUF",
+            "output-export",
+            [
+                "export",
+                str(p("run_g")),
+                "--format",
+                "gguf",
+                "--tokenizer-gguf",
+                str(p("g100.gguf")),
+                "-o",
+                str(p("t.gguf")),
+            ],
+            msg=("g100.gguf",),
+            absent=(p("t.gguf"),),
+        ),
+        Case(
+            "export gguf with a tokenizer GGUF of another vocabulary",
+            "output-export",
+            [
+                "export",
+                str(run),
+                "--format",
+                "gguf",
+                "--tokenizer-gguf",
+                str(p("tiny.gguf")),
+                "-o",
+                str(p("t2.gguf")),
+            ],
+            msg=("tiny.gguf",),
+            absent=(p("t2.gguf"),),
+        ),
+        Case(
+            "export gguf -o a name without .gguf",
+            "output-export",
+            ["export", str(p("run_g")), "--format", "gguf", "-o", str(p("noext"))],
+            expect="any",
+        ),
     ]
     # search outputs
     sr = ctx.search_recipe("s.yaml")
@@ -367,33 +491,78 @@ def output_cases(ctx: Ctx) -> list[Case]:
     p("sdir2").mkdir()
     p("sdir2", "history.png").write_bytes(b"my png")
     out += [
-        Case(f"search -o {label}", "output-search",
-             ["search", sr, "-o", str(t), "--quiet", "--no-validate"], keep=(t,) if t != ctx.root else (p("s.yaml"),))
-        for label, t in [("source model", p("m4")), ("working folder", ctx.root), ("user file", p("user.txt")),
-                         ("folder with a user's winner.yaml", p("sdir")), ("folder with a user's history.png", p("sdir2")),
-                         ("a prune run", run), ("calibration file", p("c.txt"))]
+        Case(
+            f"search -o {label}",
+            "output-search",
+            ["search", sr, "-o", str(t), "--quiet", "--no-validate"],
+            keep=(t,) if t != ctx.root else (p("s.yaml"),),
+        )
+        for label, t in [
+            ("source model", p("m4")),
+            ("working folder", ctx.root),
+            ("user file", p("user.txt")),
+            ("folder with a user's winner.yaml", p("sdir")),
+            ("folder with a user's history.png", p("sdir2")),
+            ("a prune run", run),
+            ("calibration file", p("c.txt")),
+        ]
     ]
-    out.append(Case("search into a new folder", "output-search",
-                    ["search", sr, "-o", str(p("sgood")), "--quiet", "--no-validate"], expect="ok", timeout=300,
-                    check=lambda o: None if p("sgood", "winner.yaml").is_file() else ("serious", "no winner.yaml")))
-    out.append(Case("search again into that folder (resume)", "output-search",
-                    ["search", sr, "-o", str(p("sgood")), "--quiet", "--no-validate", "--trials", "3"],
-                    expect="ok", timeout=300))
+    out.append(
+        Case(
+            "search into a new folder",
+            "output-search",
+            ["search", sr, "-o", str(p("sgood")), "--quiet", "--no-validate"],
+            expect="ok",
+            timeout=300,
+            check=lambda o: None if p("sgood", "winner.yaml").is_file() else ("serious", "no winner.yaml"),
+        )
+    )
+    out.append(
+        Case(
+            "search again into that folder (resume)",
+            "output-search",
+            ["search", sr, "-o", str(p("sgood")), "--quiet", "--no-validate", "--trials", "3"],
+            expect="ok",
+            timeout=300,
+        )
+    )
     # eval and report: read-only commands on odd paths
     out += [
-        Case("eval a plain text file", "output-eval", ["eval", str(p("user.txt")), "--tasks", "", "--ppl-seqlen", "16"],
-             msg=("user.txt",)),
-        Case("eval a folder that does not exist", "output-eval", ["eval", str(p("nothing")), "--tasks", ""],
-             msg=("nothing",)),
-        Case("eval a recipe", "output-eval", ["eval", str(p("r.yaml")), "--tasks", "", "--ppl-seqlen", "16"],
-             msg=("r.yaml",)),
-        Case("eval a run", "output-eval",
-             ["eval", str(run), "--tasks", "", "--ppl-seqlen", "32", "--ppl-windows", "2"], expect="ok",
-             check=says("perplexity")),
-        Case("eval a GGUF", "output-eval",
-             ["eval", str(p("tiny.gguf")), "--tasks", "", "--ppl-seqlen", "32", "--ppl-windows", "2"], expect="ok",
-             check=says("perplexity")),
-        Case("report of a folder that is not a run", "output-eval", ["report", str(p("mine"))], msg=("mine",)),
+        Case(
+            "eval a plain text file",
+            "output-eval",
+            ["eval", str(p("user.txt")), "--tasks", "", "--ppl-seqlen", "16"],
+            msg=("user.txt",),
+        ),
+        Case(
+            "eval a folder that does not exist",
+            "output-eval",
+            ["eval", str(p("nothing")), "--tasks", ""],
+            msg=("nothing",),
+        ),
+        Case(
+            "eval a recipe",
+            "output-eval",
+            ["eval", str(p("r.yaml")), "--tasks", "", "--ppl-seqlen", "16"],
+            msg=("r.yaml",),
+        ),
+        Case(
+            "eval a run",
+            "output-eval",
+            ["eval", str(run), "--tasks", "", "--ppl-seqlen", "32", "--ppl-windows", "2"],
+            expect="ok",
+            check=says("perplexity"),
+        ),
+        Case(
+            "eval a GGUF",
+            "output-eval",
+            ["eval", str(p("tiny.gguf")), "--tasks", "", "--ppl-seqlen", "32", "--ppl-windows", "2"],
+            expect="ok",
+            check=says("perplexity"),
+        ),
+        Case(
+            "report of a folder that is not a run", "output-eval", ["report", str(p("mine"))], msg=("mine",)
+        ),
         Case("report of nothing", "output-eval", ["report", str(p("nothing"))], msg=("nothing",)),
         Case("graph of a plain text file", "output-eval", ["graph", str(p("user.txt"))], msg=("user.txt",)),
     ]
@@ -404,53 +573,141 @@ def damaged_cases(ctx: Ctx) -> list[Case]:
     p = ctx.p
     out = []
     for name, words in [
-        ("m_trunc", ("model.safetensors",)), ("m_garb", ("model.safetensors",)),
-        ("m_empty_sf", ("model.safetensors",)), ("m_cfg", ("config.json",)), ("m_nocfg", ("config.json",)),
-        ("m_cfg_type", ("nosuchmodel",)), ("m_cfg_list", ("config.json",)), ("m_tok", ("tokenizer",)),
-        ("m_tokcfg", ("tokenizer_config.json",)), ("m_notok", ("m_notok", "tokenizer")),
-        ("m_noweights", ("m_noweights",)), ("m_shape", ("intermediate_size", "down_proj")),
-        ("g100.gguf", ("g100.gguf",)), ("gtrunc.gguf", ("gtrunc.gguf",)), ("gempty.gguf", ("gempty.gguf",)),
+        ("m_trunc", ("model.safetensors",)),
+        ("m_garb", ("model.safetensors",)),
+        ("m_empty_sf", ("model.safetensors",)),
+        ("m_cfg", ("config.json",)),
+        ("m_nocfg", ("config.json",)),
+        ("m_cfg_type", ("nosuchmodel",)),
+        ("m_cfg_list", ("config.json",)),
+        ("m_tok", ("tokenizer",)),
+        ("m_tokcfg", ("tokenizer_config.json",)),
+        ("m_notok", ("m_notok", "tokenizer")),
+        ("m_noweights", ("m_noweights",)),
+        ("m_shape", ("config.json", "_proj")),
+        ("g100.gguf", ("g100.gguf",)),
+        ("gtrunc.gguf", ("gtrunc.gguf",)),
+        ("gempty.gguf", ("gempty.gguf",)),
         ("notgguf.gguf", ("notgguf.gguf",)),
     ]:
-        out.append(Case(f"prune a damaged source {name}", "damaged-file",
-                        ["prune", ctx.recipe(f"r_{name}.yaml", model=name), "-o", str(p(f"o_{name}")), "--quiet"],
-                        msg=words, keep=(p(name),), absent=(p(f"o_{name}"),)))
+        out.append(
+            Case(
+                f"prune a damaged source {name}",
+                "damaged-file",
+                ["prune", ctx.recipe(f"r_{name}.yaml", model=name), "-o", str(p(f"o_{name}")), "--quiet"],
+                msg=words,
+                keep=(p(name),),
+                absent=(p(f"o_{name}"),),
+            )
+        )
     for name in ("m_trunc", "m_cfg", "m_notok", "gtrunc.gguf", "m_shape"):
-        out.append(Case(f"eval a damaged source {name}", "damaged-file",
-                        ["eval", str(p(name)), "--tasks", "", "--ppl-seqlen", "16", "--ppl-windows", "1"],
-                        msg=(name.split(".")[0],)))
-    out.append(Case("graph of a 100-byte GGUF", "damaged-file", ["graph", str(p("g100.gguf"))], msg=("g100.gguf",)))
-    out.append(Case("prune --stream a truncated safetensors", "damaged-file",
-                    ["prune", ctx.recipe("r_st.yaml", model="m_trunc"), "-o", str(p("o_st")), "--stream", "--quiet"],
-                    msg=("model.safetensors",), absent=(p("o_st"),)))
-    for name, words in [("run_trunc", ("model.safetensors",)), ("run_nojson", ("secateur.json",)),
-                        ("run_nocfg", ("config.json",)), ("run_noweights", ("run_noweights",))]:
-        out.append(Case(f"export decilm of a damaged run {name}", "damaged-file",
-                        ["export", str(p(name)), "--format", "decilm", "-o", str(p(f"x_{name}"))],
-                        msg=words, absent=(p(f"x_{name}"),)))
-        out.append(Case(f"eval a damaged run {name}", "damaged-file",
-                        ["eval", str(p(name)), "--tasks", "", "--ppl-seqlen", "16"], msg=words))
-    out.append(Case("speed of a damaged run", "damaged-file",
-                    ["speed", str(p("run_trunc")), "--engine", "torch", "--prefill", "8", "--decode", "2"],
-                    msg=("model.safetensors",)))
+        out.append(
+            Case(
+                f"eval a damaged source {name}",
+                "damaged-file",
+                ["eval", str(p(name)), "--tasks", "", "--ppl-seqlen", "16", "--ppl-windows", "1"],
+                msg=(name.split(".")[0],),
+            )
+        )
+    out.append(
+        Case("graph of a 100-byte GGUF", "damaged-file", ["graph", str(p("g100.gguf"))], msg=("g100.gguf",))
+    )
+    out.append(
+        Case(
+            "prune --stream a truncated safetensors",
+            "damaged-file",
+            ["prune", ctx.recipe("r_st.yaml", model="m_trunc"), "-o", str(p("o_st")), "--stream", "--quiet"],
+            msg=("model.safetensors",),
+            absent=(p("o_st"),),
+        )
+    )
+    for name, words in [
+        ("run_trunc", ("model.safetensors",)),
+        ("run_nojson", ("secateur.json",)),
+        ("run_nocfg", ("config.json",)),
+        ("run_noweights", ("run_noweights",)),
+    ]:
+        out.append(
+            Case(
+                f"export decilm of a damaged run {name}",
+                "damaged-file",
+                ["export", str(p(name)), "--format", "decilm", "-o", str(p(f"x_{name}"))],
+                msg=words,
+                absent=(p(f"x_{name}"),),
+            )
+        )
+        out.append(
+            Case(
+                f"eval a damaged run {name}",
+                "damaged-file",
+                ["eval", str(p(name)), "--tasks", "", "--ppl-seqlen", "16"],
+                msg=words,
+            )
+        )
+    out.append(
+        Case(
+            "speed of a damaged run",
+            "damaged-file",
+            ["speed", str(p("run_trunc")), "--engine", "torch", "--prefill", "8", "--decode", "2"],
+            msg=("model.safetensors",),
+        )
+    )
     p("bin.yaml").write_bytes(os.urandom(300))
     p("latin1.yaml").write_bytes("model:\n  id: caf\xe9\n".encode("latin-1"))
     p("binc.txt").write_bytes(os.urandom(4000))
     p("empty.txt").write_text("")
     out += [
-        Case("prune a binary recipe", "damaged-file", ["prune", str(p("bin.yaml")), "-o", str(p("o_bin"))],
-             msg=("bin.yaml",)),
-        Case("validate a latin-1 recipe", "damaged-file", ["recipe", "validate", str(p("latin1.yaml"))],
-             msg=("latin1.yaml",)),
-        Case("prune with an empty calibration file", "damaged-file",
-             ["prune", ctx.recipe("r_e.yaml", calibration={"dataset": "empty.txt"}), "-o", str(p("o_e")), "--quiet"],
-             msg=("empty.txt",), absent=(p("o_e"),)),
-        Case("prune with binary calibration text", "damaged-file",
-             ["prune", ctx.recipe("r_bc.yaml", calibration={"dataset": "binc.txt"}), "-o", str(p("o_bc")), "--quiet"],
-             expect="any", msg=("binc.txt",)),
-        Case("prune with a calibration folder", "damaged-file",
-             ["prune", ctx.recipe("r_cd.yaml", calibration={"dataset": str(p("mine"))}), "-o", str(p("o_cd")),
-              "--quiet"], msg=("mine",), absent=(p("o_cd"),)),
+        Case(
+            "prune a binary recipe",
+            "damaged-file",
+            ["prune", str(p("bin.yaml")), "-o", str(p("o_bin"))],
+            msg=("bin.yaml",),
+        ),
+        Case(
+            "validate a latin-1 recipe",
+            "damaged-file",
+            ["recipe", "validate", str(p("latin1.yaml"))],
+            msg=("latin1.yaml",),
+        ),
+        Case(
+            "prune with an empty calibration file",
+            "damaged-file",
+            [
+                "prune",
+                ctx.recipe("r_e.yaml", calibration={"dataset": "empty.txt"}),
+                "-o",
+                str(p("o_e")),
+                "--quiet",
+            ],
+            msg=("empty.txt",),
+            absent=(p("o_e"),),
+        ),
+        Case(
+            "prune with binary calibration text",
+            "damaged-file",
+            [
+                "prune",
+                ctx.recipe("r_bc.yaml", calibration={"dataset": "binc.txt"}),
+                "-o",
+                str(p("o_bc")),
+                "--quiet",
+            ],
+            expect="any",
+            msg=("binc.txt",),
+        ),
+        Case(
+            "prune with a calibration folder",
+            "damaged-file",
+            [
+                "prune",
+                ctx.recipe("r_cd.yaml", calibration={"dataset": str(p("mine"))}),
+                "-o",
+                str(p("o_cd")),
+                "--quiet",
+            ],
+            msg=("mine",),
+            absent=(p("o_cd"),),
+        ),
     ]
     return out
 
@@ -458,32 +715,103 @@ def damaged_cases(ctx: Ctx) -> list[Case]:
 def nonfinite_cases(ctx: Ctx) -> list[Case]:
     p = ctx.p
     out = []
-    for name, words in [("m_nan", ("up_proj",)), ("m_inf", ("up_proj",)), ("m_nan_norm", ("input_layernorm",)),
-                        ("m_ninf_emb", ("embed_tokens",))]:
-        out.append(Case(f"prune a source with {name[2:]}", "nonfinite",
-                        ["prune", ctx.recipe(f"r_{name}.yaml", model=name), "-o", str(p(f"o_{name}")), "--quiet"],
-                        msg=words, absent=(p(f"o_{name}"),)))
+    for name, words in [
+        ("m_nan", ("up_proj",)),
+        ("m_inf", ("up_proj",)),
+        ("m_nan_norm", ("input_layernorm",)),
+        ("m_ninf_emb", ("embed_tokens",)),
+    ]:
+        out.append(
+            Case(
+                f"prune a source with {name[2:]}",
+                "nonfinite",
+                ["prune", ctx.recipe(f"r_{name}.yaml", model=name), "-o", str(p(f"o_{name}")), "--quiet"],
+                msg=words,
+                absent=(p(f"o_{name}"),),
+            )
+        )
     out += [
-        Case("prune --stream a NaN source", "nonfinite",
-             ["prune", ctx.recipe("r_nans.yaml", model="m_nan"), "-o", str(p("o_nans")), "--quiet", "--stream"],
-             msg=("up_proj",), absent=(p("o_nans"),)),
-        Case("prune to float16 with weights beyond its range", "nonfinite",
-             ["prune", ctx.recipe("r_big.yaml", model="m_big", output={"dtype": "float16"}), "-o", str(p("o_big")),
-              "--quiet"], msg=("float16",), absent=(p("o_big"),)),
-        Case("prune --stream to float16 with weights beyond its range", "nonfinite",
-             ["prune", ctx.recipe("r_bigs.yaml", model="m_big", output={"dtype": "float16"}), "-o",
-              str(p("o_bigs")), "--quiet", "--stream"], msg=("float16",), absent=(p("o_bigs"),)),
-        Case("prune to bfloat16 with the same weights", "nonfinite",
-             ["prune", ctx.recipe("r_bigb.yaml", model="m_big", output={"dtype": "bfloat16"}), "-o",
-              str(p("o_bigb")), "--quiet"], expect="any", check=no_nan_output),
-        Case("eval a NaN source", "nonfinite",
-             ["eval", str(p("m_nan")), "--tasks", "", "--ppl-seqlen", "16", "--ppl-windows", "2"],
-             expect="any", check=no_nan_output),
-        Case("prune with perplexity on in float16 working dtype", "nonfinite",
-             ["prune", ctx.recipe("r_f16.yaml", model={"id": str(p("m_big")), "dtype": "float16", "device": "cpu"},
-                                  evaluate={"enabled": True, "perplexity": [{"dataset": "c.txt", "seqlen": 32,
-                                                                             "max_windows": 2}]}),
-              "-o", str(p("o_f16")), "--quiet"], expect="any", check=no_nan_output),
+        Case(
+            "prune --stream a NaN source",
+            "nonfinite",
+            [
+                "prune",
+                ctx.recipe("r_nans.yaml", model="m_nan"),
+                "-o",
+                str(p("o_nans")),
+                "--quiet",
+                "--stream",
+            ],
+            msg=("up_proj",),
+            absent=(p("o_nans"),),
+        ),
+        Case(
+            "prune to float16 with weights beyond its range",
+            "nonfinite",
+            [
+                "prune",
+                ctx.recipe("r_big.yaml", model="m_big", output={"dtype": "float16"}),
+                "-o",
+                str(p("o_big")),
+                "--quiet",
+            ],
+            msg=("float16",),
+            absent=(p("o_big"),),
+        ),
+        Case(
+            "prune --stream to float16 with weights beyond its range",
+            "nonfinite",
+            [
+                "prune",
+                ctx.recipe("r_bigs.yaml", model="m_big", output={"dtype": "float16"}),
+                "-o",
+                str(p("o_bigs")),
+                "--quiet",
+                "--stream",
+            ],
+            msg=("float16",),
+            absent=(p("o_bigs"),),
+        ),
+        Case(
+            "prune to bfloat16 with the same weights",
+            "nonfinite",
+            [
+                "prune",
+                ctx.recipe("r_bigb.yaml", model="m_big", output={"dtype": "bfloat16"}),
+                "-o",
+                str(p("o_bigb")),
+                "--quiet",
+            ],
+            expect="any",
+            check=no_nan_output,
+        ),
+        Case(
+            "eval a NaN source",
+            "nonfinite",
+            ["eval", str(p("m_nan")), "--tasks", "", "--ppl-seqlen", "16", "--ppl-windows", "2"],
+            expect="any",
+            check=no_nan_output,
+        ),
+        Case(
+            "prune with perplexity on in float16 working dtype",
+            "nonfinite",
+            [
+                "prune",
+                ctx.recipe(
+                    "r_f16.yaml",
+                    model={"id": str(p("m_big")), "dtype": "float16", "device": "cpu"},
+                    evaluate={
+                        "enabled": True,
+                        "perplexity": [{"dataset": "c.txt", "seqlen": 32, "max_windows": 2}],
+                    },
+                ),
+                "-o",
+                str(p("o_f16")),
+                "--quiet",
+            ],
+            expect="any",
+            check=no_nan_output,
+        ),
     ]
     return out
 
@@ -500,34 +828,90 @@ def budget_cases(ctx: Ctx) -> list[Case]:
         ("params 0.001", {"budget": {"params": 0.001, "multiple_of": 4}}, "fail", ("budget",)),
         ("params .nan", {"budget": {"params": float("nan")}}, "fail", ("budget.params",)),
         ("params .inf", {"budget": {"params": float("inf")}}, "fail", ("budget.params",)),
-        ("params 3 (a count below one unit)", {"budget": {"params": 3, "multiple_of": 4}}, "fail", ("budget",)),
+        (
+            "params 3 (a count below one unit)",
+            {"budget": {"params": 3, "multiple_of": 4}},
+            "fail",
+            ("budget",),
+        ),
         ("params 10**30", {"budget": {"params": 10**30, "multiple_of": 4}}, "fail", ("budget",)),
         ("params '20%'", {"budget": {"params": "20%"}}, "fail", ("budget.params",)),
         ("params true", {"budget": {"params": True}}, "fail", ("budget.params",)),
         ("multiple_of 0", {"budget": {"params": 0.2, "multiple_of": 0}}, "fail", ("multiple_of",)),
         ("multiple_of 1000", {"budget": {"params": 0.2, "multiple_of": 1000}}, "fail", ("multiple_of",)),
-        ("multiple_of 96 (the whole width)", {"budget": {"params": 0.2, "multiple_of": 96}}, "fail", ("budget",)),
-        ("min_keep 0.99", {"budget": {"params": 0.5, "multiple_of": 4, "min_keep": 0.99}}, "fail", ("min_keep",)),
-        ("min_keep 1.5", {"budget": {"params": 0.2, "multiple_of": 4, "min_keep": 1.5}}, "fail", ("min_keep",)),
-        ("max_keep < min_keep", {"budget": {"params": 0.2, "min_keep": 0.5, "max_keep": 0.3}}, "fail", ("max_keep",)),
+        (
+            "multiple_of 96 (the whole width)",
+            {"budget": {"params": 0.2, "multiple_of": 96}},
+            "fail",
+            ("budget",),
+        ),
+        (
+            "min_keep 0.99",
+            {"budget": {"params": 0.5, "multiple_of": 4, "min_keep": 0.99}},
+            "fail",
+            ("min_keep",),
+        ),
+        (
+            "min_keep 1.5",
+            {"budget": {"params": 0.2, "multiple_of": 4, "min_keep": 1.5}},
+            "fail",
+            ("min_keep",),
+        ),
+        (
+            "max_keep < min_keep",
+            {"budget": {"params": 0.2, "min_keep": 0.5, "max_keep": 0.3}},
+            "fail",
+            ("max_keep",),
+        ),
         ("two budget kinds", {"budget": {"params": 0.2, "flops": 0.9}}, "fail", ("budget",)),
         ("no budget at all", {"budget": None}, "fail", ("budget",)),
         ("flops 0.1", {"budget": {"params": None, "flops": 0.1, "multiple_of": 4}}, "ok", ()),
         ("flops 0.9", {"budget": {"params": None, "flops": 0.9, "multiple_of": 4}}, "fail", ("flops",)),
         ("flops 1.2", {"budget": {"params": None, "flops": 1.2, "multiple_of": 4}}, "fail", ("flops",)),
         ("latency 0", {"budget": {"params": None, "latency": 0.0}}, "fail", ("latency",)),
-        ("table keeps everything", {"allocation": {"method": "uniform", "table": {"0-2": 1.0}}}, "fail", ("budget",)),
-        ("table keeps nothing", {"allocation": {"method": "uniform", "table": {"0-2": 0.0}}}, "fail", ("table",)),
-        ("table key 'all'", {"allocation": {"method": "uniform", "table": {"all": 0.5}}}, "fail", ("table",)),
-        ("blockpruner at 0.01", {"method": "blockpruner", "targets": {"sublayers": True, "mlp": False},
-                                 "budget": {"params": 0.01, "multiple_of": 4}}, "fail", ("budget",)),
-        ("blockpruner at 0.3", {"method": "blockpruner", "targets": {"sublayers": True, "mlp": False},
-                                "budget": {"params": 0.3, "multiple_of": 4}}, "ok", ()),
+        (
+            "table keeps everything",
+            {"allocation": {"method": "table", "table": {"0-2": 1.0}}},
+            "fail",
+            (),
+        ),
+        ("table keeps nothing", {"allocation": {"method": "table", "table": {"0-2": 0.0}}}, "any", ()),
+        ("table key 'all'", {"allocation": {"method": "table", "table": {"all": 0.5}}}, "fail", ("table",)),
+        (
+            "table with method uniform",
+            {"allocation": {"method": "uniform", "table": {"0-2": 0.5}}},
+            "fail",
+            ("table",),
+        ),
+        (
+            "blockpruner at 0.01",
+            {
+                "method": "blockpruner",
+                "targets": {"sublayers": True, "mlp": False},
+                "budget": {"params": 0.01, "multiple_of": 4},
+            },
+            "fail",
+            ("budget",),
+        ),
+        (
+            "blockpruner at 0.3",
+            {
+                "method": "blockpruner",
+                "targets": {"sublayers": True, "mlp": False},
+                "budget": {"params": 0.3, "multiple_of": 4},
+            },
+            "ok",
+            (),
+        ),
         ("layers out of range", {"targets": {"mlp": True, "layers": [7]}}, "fail", ("targets.layers",)),
         ("protect every layer", {"targets": {"mlp": True, "protect": {"first": 3}}}, "fail", ("protect",)),
         ("nothing targeted", {"targets": {"mlp": False, "attention": "none"}}, "fail", ("targets",)),
-        ("attention kv_group at 0.2", {"targets": {"mlp": False, "attention": "kv_group"},
-                                       "budget": {"params": 0.2, "multiple_of": 1}}, "any", ()),
+        (
+            "attention kv_group at 0.2",
+            {"targets": {"mlp": False, "attention": "kv_group"}, "budget": {"params": 0.2, "multiple_of": 1}},
+            "any",
+            (),
+        ),
     ]
     out = []
     for i, (label, over, expect, words) in enumerate(rows):
@@ -535,10 +919,17 @@ def budget_cases(ctx: Ctx) -> list[Case]:
         frac = over.get("budget", {}) or {}
         frac = frac.get("params") if isinstance(frac, dict) else None
         check = pruned_as_asked(p(f"o_{name}"), frac) if expect == "ok" and isinstance(frac, float) else None
-        out.append(Case(f"budget {label}", "budget",
-                        ["prune", ctx.recipe(f"r_{name}.yaml", **over), "-o", str(p(f"o_{name}")), "--quiet"],
-                        expect=expect, msg=words, check=check,
-                        absent=(p(f"o_{name}"),) if expect == "fail" else ()))
+        out.append(
+            Case(
+                f"budget {label}",
+                "budget",
+                ["prune", ctx.recipe(f"r_{name}.yaml", **over), "-o", str(p(f"o_{name}")), "--quiet"],
+                expect=expect,
+                msg=words,
+                check=check,
+                absent=(p(f"o_{name}"),) if expect == "fail" else (),
+            )
+        )
     return out
 
 

@@ -347,10 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" --only {args.only}" if args.only else ""
     )
     payload, lines = table(verdicts, command, seconds)
-    print("\n".join(lines[:16 + len(set(v.case.category for v in verdicts))]))
+    print("\n".join(lines[: 16 + len(set(v.case.category for v in verdicts))]))
     for v in verdicts:
         if v.problems:
-            print(f"  {v.severity}: {v.case.id}: {'; '.join(w for _, w in v.problems)} :: {summary_line(v.outcome)}")
+            print(
+                f"  {v.severity}: {v.case.id}: {'; '.join(w for _, w in v.problems)} :: {summary_line(v.outcome)}"
+            )
     if args.out:
         from _results import write_results
 

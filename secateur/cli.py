@@ -132,10 +132,10 @@ def _recipe(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from secateur.runtime.measure.evaluate import perplexity
-    from secateur.runtime.store.deliver import check_finite_source
     from secateur.runtime.measure.timing import memory_lines, peak_memory
     from secateur.runtime.measure.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
     from secateur.runtime.store.data import default_data_root, eval_windows, load_text, tokenize_text
+    from secateur.runtime.store.deliver import check_finite_source
     from secateur.runtime.store.loader import load_model
     from secateur.runtime.store.stream import stream_perplexity
 

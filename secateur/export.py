@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,12 +122,23 @@ def export_model(
     tokenizer_gguf: Path | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    dense_layer: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write one export of an in-memory model (used by `export` and by a recipe's output.export)."""
+    """Write one export of an in-memory model (used by `export` and by a recipe's output.export;
+    `dense_layer`: the dense model's layer shapes, which quantised row lengths are judged by)."""
     if fmt == "gguf":
         if tokenizer_gguf is None:
             raise ExportError("gguf export needs a GGUF file to take the tokenizer from")
-        write_gguf(model, adapter, out, tokenizer_gguf, outtype, name=name, overwrite=overwrite)
+        write_gguf(
+            model,
+            adapter,
+            out,
+            tokenizer_gguf,
+            outtype,
+            name=name,
+            overwrite=overwrite,
+            dense_layer=dense_layer,
+        )
     elif fmt == "decilm":
         write_decilm(model, adapter, out, tokenizer=tokenizer, dtype=outtype, overwrite=overwrite)
     else:
@@ -154,6 +167,14 @@ def check_export_output(run: Path, out: Path, fmt: str, overwrite: bool, reads: 
     check_location(out, [run, *reads], is_file=fmt == "gguf", inside=[run])
     clean_leftovers(out)
     check_replaceable_path(out, overwrite)
+
+
+def _dense_layer(run: Path) -> dict[str, Any] | None:
+    """The dense model's layer shapes a run's report.json records (None without one)."""
+    try:
+        return json.loads((run / "report.json").read_text()).get("dense_layer") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def export(
@@ -189,6 +210,7 @@ def export(
         tokenizer_gguf=tok_gguf,
         name=f"{run.name} (pruned by Secateur)",
         overwrite=overwrite,
+        dense_layer=_dense_layer(run),
     )
     if out.is_file():
         record_files([out])

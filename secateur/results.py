@@ -152,6 +152,7 @@ def write_output(
                 tokenizer=lm.tokenizer,
                 tokenizer_gguf=tok,
                 name=f"{recipe.name or out.name} (pruned by Secateur)",
+                dense_layer=report.get("dense_layer"),
             )
     if refused:
         raise ExportError(f"pruned model saved to {out}, but " + "; ".join(refused))

@@ -19,6 +19,7 @@ import torch
 
 from secateur.export import source_of, tokenizer_gguf_for
 from secateur.graph.adapters import adapter_for
+from secateur.graph.groups import layer_shapes
 from secateur.lock import LOCK_NAME, read_lock
 from secateur.runtime.export.gguf import write_gguf
 from secateur.runtime.speed.engines import GGUFTimer, Phases, default_threads, engine_version, time_torch
@@ -69,8 +70,9 @@ def measure_pair(
                     "speed in llama.cpp needs a tokenizer GGUF (the source model's, or --tokenizer-gguf)"
                 )
             files = {k: Path(tmp) / f"{k}.gguf" for k in models}
+            dense_layer = layer_shapes(dense.model, dense.adapter, 0)  # what pruned row lengths are judged by
             for k, lm in models.items():
-                write_gguf(lm.model, lm.adapter, files[k], tokenizer_gguf, outtype)
+                write_gguf(lm.model, lm.adapter, files[k], tokenizer_gguf, outtype, dense_layer=dense_layer)
             timers: dict[str, Callable[[], Phases]] = {
                 k: GGUFTimer(f, prompt, steps, threads) for k, f in files.items()
             }

@@ -154,6 +154,8 @@ def test_a_killed_runs_leftover_is_listed_then_removed_by_clean(tmp_path, capsys
     assert main(["clean", str(tmp_path / "runs"), "--yes"]) == 0
     assert f"removed: {left}" in capsys.readouterr().out
     assert not left.exists() and users.is_dir()
+    # its registry entry went with it (clean PATH used to leave it for a later run to drop)
+    assert not [e for e in leftovers.registry_dir().glob("*.json") if str(left) in e.read_text()]
 
 
 def test_any_later_run_removes_a_killed_runs_leftover(tmp_path, capsys) -> None:
@@ -165,7 +167,8 @@ def test_any_later_run_removes_a_killed_runs_leftover(tmp_path, capsys) -> None:
     assert leftovers.find([tmp_path], deep=True) == []
 
 
-def test_sigterm_during_save_cleans_up(tmp_path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_during_save_cleans_up(tmp_path, sig) -> None:
     (tmp_path / "runs").mkdir()
     save_tiny(str(tmp_path / "big"), "llama", num_hidden_layers=8, intermediate_size=512, hidden_size=256)
     r = _recipe(tmp_path, "big", calibration={"dataset": "c.txt", "n_samples": 16, "seqlen": 128})
@@ -175,13 +178,16 @@ def test_sigterm_during_save_cleans_up(tmp_path) -> None:
         [sys.executable, "-c", code, "prune", str(r), "-o", str(out), "--quiet", "--stream"],
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: started from a background shell, SIGINT would be ignored (and so Ctrl-C)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     while not any(q.name.startswith(".out.tmp-") for q in out.parent.iterdir()):
         assert p.poll() is None
         time.sleep(0.01)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert p.returncode == 128 + sig and "Traceback" not in err  # Ctrl-C: one line, exit 130
+    assert ("terminated" if sig == signal.SIGTERM else "interrupted") in err
     assert list(out.parent.iterdir()) == []
 
 

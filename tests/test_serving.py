@@ -100,7 +100,8 @@ def _known_times(lat: LatencyModel) -> LatencyModel:
     line can bend (a narrow width timed slower than a wide one), which moved the goal out of reach."""
     lat.fixed = {"prefill": 2e-3, "decode": 1e-3}
     lat.layer = {
-        key: {w: {"prefill": 1e-3 + w * 4e-6, "decode": 5e-4 + w * 1e-6} for w in lat.grid} for key in lat.layer
+        key: {w: {"prefill": 1e-3 + w * 4e-6, "decode": 5e-4 + w * 1e-6} for w in lat.grid}
+        for key in lat.layer
     }
     return lat
 

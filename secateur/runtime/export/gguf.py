@@ -20,6 +20,7 @@ from a GGUF of the source model.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,15 +217,23 @@ def _encode(data: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def check_quant_rows(model: nn.Module, adapter: ModelAdapter, outtype: str) -> None:
+def check_quant_rows(
+    model: nn.Module, adapter: ModelAdapter, outtype: str, dense_layer: Mapping[str, Any] | None = None
+) -> None:
     """Refuse, before anything is written, a pruned row length `outtype` cannot hold: the down
-    projection reads the MLP width, the attention output the kept heads times the head dim."""
+    projection reads the MLP width, the attention output the kept heads times the head dim.
+    `dense_layer`: the dense model's layer shapes (a run's report.json records them); without it the
+    config's sizes stand for the dense ones, which a uniform output's config.json has replaced by the
+    pruned sizes (its odd widths then passed as the dense model's and were silently written in f16)."""
     if row_block(outtype) == 1:
         return
     cfg = adapter.config
+    d = dense_layer or {}
     dense = {
-        "ffn_down": int(cfg.intermediate_size),
-        "attn_output": int(cfg.num_attention_heads) * adapter.head_dim,
+        "ffn_down": int(d.get("intermediate_size") or cfg.intermediate_size),
+        "attn_output": int(d["num_heads"]) * int(d.get("v_head_dim") or d["head_dim"])
+        if d.get("num_heads") and (d.get("v_head_dim") or d.get("head_dim"))
+        else int(cfg.num_attention_heads) * adapter.head_dim,
     }
     for i in range(adapter.num_layers):
         s = layer_shapes(model, adapter, i)
@@ -288,12 +297,14 @@ def write_gguf(
     outtype: str = "f16",
     name: str | None = None,
     overwrite: bool = False,
+    dense_layer: Mapping[str, Any] | None = None,
 ) -> GgufLayout:
-    """Write `model` as one GGUF file llama.cpp runs; refuses (before writing) what it cannot hold."""
+    """Write `model` as one GGUF file llama.cpp runs; refuses (before writing) what it cannot hold
+    (`dense_layer`: the dense model's layer shapes, for `check_quant_rows`)."""
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     layout = gguf_layout(model, adapter)
-    check_quant_rows(model, adapter, outtype)
+    check_quant_rows(model, adapter, outtype, dense_layer)
     if outtype in LLAMA_QUANTISED:  # written as f16, then quantised by llama.cpp's own quantiser
         with atomic_path(Path(out), overwrite) as tmp:
             write_quantised(

@@ -222,7 +222,10 @@ def recipe_windows(
 ) -> CalibrationWindows:
     """The one way a recipe's `calibration` becomes windows: statistics from random windows of the
     first 90% of the text, held-out windows from the tail (`calibration.heldout_*` unless given)."""
-    calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
     seqlen = min(cal.seqlen, cal.heldout_seqlen) if heldout_seqlen is None else heldout_seqlen
     windows = cal.heldout_windows if heldout_windows is None else heldout_windows
-    return CalibrationWindows(calib, eval_windows(tail, seqlen, windows))
+    try:
+        calib, tail = statistics_split(tokens, cal.n_samples, cal.seqlen, cal.seed)
+        return CalibrationWindows(calib, eval_windows(tail, seqlen, windows))
+    except DataError as e:  # an empty or short text: say which one
+        raise DataError(f"calibration.dataset {cal.dataset}: {e}") from e

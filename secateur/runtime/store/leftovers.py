@@ -249,7 +249,9 @@ def find(folders: Iterable[Path] = (), deep: bool = False, registry: bool = True
     found = list(_from_registry())
     if not registry:
         tops = [Path(f).resolve() for f in folders]
-        found = [x for x in found if any(t == x.path.resolve() or t in x.path.resolve().parents for t in tops)]
+        found = [
+            x for x in found if any(t == x.path.resolve() or t in x.path.resolve().parents for t in tops)
+        ]
     for item in [*found, *_in_folders([Path(f) for f in folders], deep)]:
         key = item.path.resolve()
         if key not in seen or (seen[key].entry is None and item.entry is not None):

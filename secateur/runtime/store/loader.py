@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import json
 import os
 import struct
 import sys
@@ -280,7 +281,23 @@ def check_weight_headers(src: ModelSource) -> None:
         raise ModelLoadError(f"model {src.ref}: {e}") from e
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+# files that hold a vocabulary (tokenizer_config.json alone names a class but holds none: loading it
+# then fails in a slow tokenizer's dependency, blaming sentencepiece instead of the missing file)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
+def _broken_json(folder: Path) -> list[str]:
+    """Tokenizer files in `folder` that are not valid JSON (a bare JSONDecodeError names none)."""
+    bad = []
+    for name in JSON_TOKENIZER_FILES:
+        f = folder / name
+        try:
+            if f.is_file():
+                json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            bad.append(name)
+    return bad
 
 
 def load_tokenizer(src: ModelSource, config: Any) -> Any:
@@ -291,17 +308,22 @@ def load_tokenizer(src: ModelSource, config: Any) -> Any:
     from transformers import AutoTokenizer
 
     folder = Path(src.path)
-    if not src.gguf_file and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    local = not src.gguf_file and folder.is_dir()
+    if local and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(
-            f"model {src.ref}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy "
-            f"the tokenizer of the model it was made from into it"
+            f"model {src.ref}: {folder} has no tokenizer vocabulary file ({', '.join(TOKENIZER_FILES[:4])}, "
+            f"...); copy the tokenizer files of the model it was made from into it"
         )
     try:
         tok = AutoTokenizer.from_pretrained(src.path, config=config, **src.kwargs())
     except Exception as e:  # a damaged tokenizer.json fails in json/tokenizers with bare messages
-        raise ModelLoadError(
-            f"model {src.ref}: cannot load its tokenizer ({type(e).__name__}: {str(e).strip()[:300]})"
-        ) from e
+        bad = _broken_json(folder) if local else []
+        said = (
+            f"{', '.join(bad)} in {folder} not valid JSON"
+            if bad
+            else f"{type(e).__name__}: {str(e).strip()[:300]}"
+        )
+        raise ModelLoadError(f"model {src.ref}: cannot load its tokenizer ({said})") from e
     rows, vocab = getattr(config, "vocab_size", None), getattr(tok, "vocab_size", None)
     if isinstance(rows, int) and isinstance(vocab, int) and vocab > rows:
         raise ModelLoadError(
@@ -310,6 +332,28 @@ def load_tokenizer(src: ModelSource, config: Any) -> Any:
             f"the model was trained with"
         )
     return tok
+
+
+def _mismatch(src: ModelSource, config: Any) -> str:
+    """The first tensor whose shape in the safetensors differs from what config.json implies ('' when
+    none is found): transformers logs that report and raises a message without it."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            want = {
+                k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
+            }
+        for f in sorted(Path(src.path).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                for k in sorted(h.keys()):
+                    got = tuple(h.get_slice(k).get_shape())
+                    if k in want and want[k] != got:
+                        return f"{k} is {list(got)} in {f.name}; config.json implies {list(want[k])}"
+    except Exception:  # only a better message is at stake
+        return ""
+    return ""
 
 
 def load_model(
@@ -333,9 +377,15 @@ def load_model(
     if _is_pruned(src):
         model = load_pruned(src.path, dtype=dt, device=dev)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            src.path, dtype=dt, use_safetensors=None if src.gguf_file else True, **src.kwargs()
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path, dtype=dt, use_safetensors=None if src.gguf_file else True, **src.kwargs()
+            )
+        except RuntimeError as e:  # config.json disagrees with the weights: one line, no traceback
+            said = _mismatch(src, config) or "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+            raise ModelLoadError(
+                f"model {src.ref}: its weights do not fit the model its config.json describes ({said[:400]})"
+            ) from e
         drop_quantizer(model)
         model.to(dev)
     model.eval()

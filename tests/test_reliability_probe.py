@@ -1,0 +1,148 @@
+"""What the held-out reliability probe (bench/reliability_probe.py, issue 29) found, one test each:
+every input ends in one clear line naming what is wrong, exit 2, and nothing written or changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from secateur import save_pruned
+from secateur.cli import main
+from secateur.runtime.store.formats import ModelLoadError
+from secateur.runtime.store.loader import load_model
+from secateur.testing import save_tiny, tiny_model
+
+WORDS = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly"]
+
+
+def _recipe(tmp: Path, model: str = "m", name: str = "r.yaml", **over) -> Path:
+    if not (tmp / "m").exists():
+        save_tiny(str(tmp / "m"), "llama")
+    if not (tmp / "c.txt").exists():
+        (tmp / "c.txt").write_text(" ".join(WORDS[(i * 7) % 10] for i in range(6000)))
+    doc = {
+        "version": 1,
+        "model": {"id": str(tmp / model), "dtype": "float32", "device": "cpu"},
+        "calibration": {"dataset": "c.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
+        "targets": {"mlp": True, "attention": "none"},
+        "budget": {"params": 0.2, "multiple_of": 4},
+        "evaluate": {"enabled": False},
+    }
+    for k, v in over.items():
+        doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
+    (tmp / name).write_text(yaml.safe_dump(doc))
+    return tmp / name
+
+
+def _fails(capsys, args: list[str], *needles: str) -> str:
+    assert main(args) == 2  # an uncaught exception (a traceback) would fail the test here
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(n in err for n in needles), err
+    return err
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_search_refuses_a_prune_output_as_its_folder(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    save_pruned(tiny_model("llama"), run)  # a Secateur output, with its manifest
+    before = _digest(run)
+    r = _recipe(
+        tmp_path,
+        name="s.yaml",
+        allocation={"method": "search", "search": {"trials": 2, "heldout_tokens": 256}},
+        budget={"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
+    )
+    _fails(capsys, ["search", str(r), "-o", str(run), "--quiet", "--no-validate"], str(run), "model output")
+    assert _digest(run) == before
+
+
+def test_search_workers_beyond_the_cores_is_refused(tmp_path: Path, capsys) -> None:
+    r = _recipe(tmp_path, name="s.yaml", allocation={"method": "search", "search": {"trials": 2}})
+    _fails(capsys, ["search", str(r), "-o", str(tmp_path / "s"), "--workers", "100000"], "--workers 100000")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_multiple_of_as_wide_as_the_mlp_is_refused_not_ignored(tmp_path: Path, capsys) -> None:
+    # with multiple_of 96 a 96-wide MLP can only stay whole; the plan used to fall back to single
+    # channels silently and save widths of 64, no multiple of 96
+    r = _recipe(tmp_path, budget={"params": 0.2, "multiple_of": 96})
+    _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "multiple_of=96", "(96)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_names_a_non_finite_tensor_instead_of_printing_nan(tmp_path: Path, capsys) -> None:
+    save_tiny(str(tmp_path / "nan"), "llama")
+    f = tmp_path / "nan" / "model.safetensors"
+    st = load_file(str(f))
+    st["model.layers.1.mlp.up_proj.weight"][3, :3] = float("nan")
+    save_file(st, str(f), metadata={"format": "pt"})
+    _fails(
+        capsys, ["eval", str(tmp_path / "nan"), "--tasks", "", "--ppl-seqlen", "16"], "up_proj", "non-finite"
+    )
+
+
+def test_eval_with_nothing_to_evaluate_is_an_error(tmp_path: Path, capsys) -> None:
+    _fails(capsys, ["eval", str(tmp_path / "any"), "--tasks", ""], "nothing to evaluate", "--ppl-seqlen")
+
+
+def test_speed_refuses_a_prefill_beyond_the_model_positions(tmp_path: Path, capsys) -> None:
+    assert main(["prune", str(_recipe(tmp_path)), "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    _fails(
+        capsys,
+        ["speed", str(tmp_path / "run"), "--engine", "torch", "--prefill", "100000"],
+        "--prefill 100000",
+        "256 positions",
+    )
+
+
+def test_a_config_that_disagrees_with_the_weights_is_named(tmp_path: Path, capsys) -> None:
+    save_tiny(str(tmp_path / "wide"), "llama")
+    cfg = tmp_path / "wide" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "intermediate_size": 128}))
+    r = _recipe(tmp_path, "wide")
+    _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "wide", "config.json")
+    _fails(capsys, ["eval", str(tmp_path / "wide"), "--tasks", "", "--ppl-seqlen", "16"], "config.json")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [(), ("tokenizer_config.json",)], ids=["no tokenizer files", "config only"])
+def test_a_model_folder_without_tokenizer_files_is_named(
+    tmp_path: Path, capsys, keep: tuple[str, ...]
+) -> None:
+    folder = tmp_path / "notok"
+    save_tiny(str(folder), "llama")
+    for f in folder.iterdir():
+        if "token" in f.name and f.name not in keep:
+            f.unlink()
+    r = _recipe(tmp_path, "notok")
+    err = _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], str(folder), "tokenizer")
+    assert "sentencepiece" not in err.lower() and "tokenizer.json" in err
+    with pytest.raises(ModelLoadError, match="no tokenizer vocabulary file"):
+        load_model(str(folder), dtype="float32", device="cpu")
+    assert load_model(str(folder), "float32", "cpu", tokenizer=False).tokenizer is None  # graph still works
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_file_that_is_not_json_is_named(tmp_path: Path, capsys) -> None:
+    save_tiny(str(tmp_path / "badtok"), "llama")
+    (tmp_path / "badtok" / "tokenizer_config.json").write_text("{{{")
+    r = _recipe(tmp_path, "badtok")
+    _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "tokenizer_config.json")
+
+
+def test_an_empty_calibration_file_is_named(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    r = _recipe(tmp_path, calibration={"dataset": "empty.txt"})
+    _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "empty.txt", "0 tokens")
+    assert not (tmp_path / "out").exists()
