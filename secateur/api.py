@@ -7,7 +7,7 @@ at a time); this module resolves what to run and picks the pipeline.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ __all__ = ["PruneOutcome", "prune"]
 
 def _resolve(
     recipe_path: str | Path | None,
-    recipe: Recipe | None,
+    recipe: Recipe | Mapping[str, Any] | None,
     output: str | Path | None,
     overrides: Sequence[str],
     lock_path: str | Path | None,
@@ -32,6 +32,12 @@ def _resolve(
     """The recipe to run (from a file, an object or a lock), the lock data, base folder and output."""
     lock_data = None
     base_dir = Path(recipe_path).resolve().parent if recipe_path else Path.cwd()
+    if isinstance(overrides, str):  # one "key=value" given bare, not in a list
+        overrides = (overrides,)
+    if isinstance(recipe, Mapping):  # the recipe as plain data, as yaml.safe_load gives it
+        recipe = recipe_from_dict(dict(recipe))
+    if recipe is not None and overrides:
+        raise ValueError("prune: overrides apply to a recipe file; change the Recipe object itself instead")
     if lock_path is not None:
         lock_data = read_lock(lock_path)
         recipe = recipe_from_dict(lock_data["recipe"], str(lock_path))
@@ -49,7 +55,7 @@ def _resolve(
 def prune(
     recipe_path: str | Path | None = None,
     *,
-    recipe: Recipe | None = None,
+    recipe: Recipe | Mapping[str, Any] | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
     overrides: Sequence[str] = (),

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -160,6 +161,13 @@ def _eval(args: argparse.Namespace) -> int:
     lm = load_model(args.path, args.dtype, args.device, stream=args.stream)
     if not args.stream:  # NaN/inf weights give NaN scores: name the tensor instead of printing them
         check_finite_source(lm.model.state_dict().items(), args.path)
+    positions = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
+    if args.ppl_seqlen and positions and args.ppl_seqlen > positions:
+        print(
+            f"warning: --ppl-seqlen {args.ppl_seqlen} is longer than the model's {positions} positions "
+            "(max_position_embeddings); perplexity there is outside what the model was trained on",
+            file=sys.stderr,
+        )
     if args.ppl_seqlen:
         toks = tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root))
         windows = eval_windows(toks, args.ppl_seqlen, args.ppl_windows)
@@ -495,6 +503,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as e:
         print(f"secateur {args.command}: terminated (SIGTERM); temporary output removed", file=sys.stderr)
         return int(e.code or 143)
+    except Exception as e:  # a bug of ours: one line (SECATEUR_DEBUG=1 shows the traceback), never exit 0
+        if os.environ.get("SECATEUR_DEBUG"):
+            raise
+        loop = str(e).startswith("Symlink loop")  # pathlib's word for a path that points at itself
+        kind = "error" if loop else f"internal error ({type(e).__name__}; please report it)"
+        print(f"secateur {args.command}: {kind}: {e}", file=sys.stderr)
+        return 2 if loop else 1
 
 
 if __name__ == "__main__":

@@ -146,3 +146,24 @@ def test_an_empty_calibration_file_is_named(tmp_path: Path, capsys) -> None:
     r = _recipe(tmp_path, calibration={"dataset": "empty.txt"})
     _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "empty.txt", "0 tokens")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_warns_of_a_perplexity_seqlen_beyond_the_positions(tmp_path: Path, capsys) -> None:
+    save_tiny(str(tmp_path / "m"), "llama")  # 256 positions
+    (tmp_path / "data" / "wikitext2").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext2" / "wiki.test.raw").write_text(" ".join(WORDS * 200))
+    args = [
+        "eval",
+        str(tmp_path / "m"),
+        "--tasks",
+        "",
+        "--ppl-seqlen",
+        "300",
+        "--data-root",
+        str(tmp_path / "data"),
+    ]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "perplexity (seqlen 300" in out and "--ppl-seqlen 300 is longer than the model's 256 positions" in err
+    )

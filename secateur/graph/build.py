@@ -19,6 +19,11 @@ from .groups import Group, all_groups
 
 def build_graph(model: nn.Module, adapter: ModelAdapter) -> nx.DiGraph:
     """Build the group -> site graph of a model at its current shapes."""
+    if not isinstance(model, nn.Module) or not isinstance(adapter, ModelAdapter):
+        raise TypeError(
+            "build_graph(model, adapter) takes a loaded model and its adapter (lm = secateur.load_model(ref); "
+            f"build_graph(lm.model, lm.adapter)), got {type(model).__name__} and {type(adapter).__name__}"
+        )
     g = nx.DiGraph(model_type=adapter.config.model_type, num_layers=adapter.num_layers)
     for grp in all_groups(model, adapter):
         g.add_node(

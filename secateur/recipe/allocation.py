@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from secateur.recipe.errors import FieldProblems, KeyPath
-from secateur.recipe.fields import NonNegativeInt, PositiveInt, Section, TableKeep
+from secateur.recipe.fields import NonNegativeInt, PositiveInt, Section, Seed, TableKeep
 from secateur.recipe.selectors import parse_table_key
 
 AllocationMethod = Literal["uniform", "table", "proportional", "global", "search"]
@@ -20,7 +20,7 @@ class SearchOptions(Section):
     objective: Literal["kl", "ppl"] = "kl"
     storage: str | None = None
     heldout_tokens: PositiveInt = 16384
-    seed: int = 0
+    seed: Seed = 0
     # default: evolution wherever it applies (a level space), measured best in bench/results/search.md;
     # TPE otherwise (evolution moves keep levels and has none to move without `levels`)
     sampler: Literal["evolution", "nsga2", "tpe", "cmaes", "random"] | None = None

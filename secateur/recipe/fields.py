@@ -7,6 +7,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 PositiveInt = Annotated[int, Field(gt=0)]
+# what torch's and numpy's (Optuna's) generators take: a seed of 2**70 overflowed mid-run
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # open interval (0, 1): a share to remove
 KeepFraction = Annotated[float, Field(gt=0, le=1)]  # (0, 1]: a share to keep

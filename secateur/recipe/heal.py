@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from secateur.recipe.fields import PositiveInt, Section
+from secateur.recipe.fields import PositiveInt, Section, Seed
 
 SELF_DATA = "self"
 TEST_SPLITS = frozenset({"test"})
@@ -26,7 +26,7 @@ class HealData(Section):
     dataset: str = Field(SELF_DATA, min_length=1)
     split: str = "validation"
     temperature: Annotated[float, Field(gt=0, le=2)] = 1.0  # sampling temperature of `self` text
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("split")
     @classmethod
@@ -65,7 +65,7 @@ class Heal(Section):
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bf16 where it runs fast
     gradient_checkpointing: bool = False
     checkpoint_every: PositiveInt = 25  # optimiser steps between checkpoints (resume after a kill)
-    seed: int = 0
+    seed: Seed = 0
     data: HealData = Field(default_factory=HealData)
 
     @field_validator("micro_batch")

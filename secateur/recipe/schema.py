@@ -20,7 +20,7 @@ from secateur.graph.plan import Scoring
 from secateur.recipe.allocation import Allocation
 from secateur.recipe.budget import Budget, ServeTarget
 from secateur.recipe.errors import FieldProblems, KeyPath
-from secateur.recipe.fields import Fraction, KeepFraction, NonNegativeInt, PositiveInt, Section
+from secateur.recipe.fields import Fraction, KeepFraction, NonNegativeInt, PositiveInt, Section, Seed
 from secateur.recipe.heal import Heal
 from secateur.recipe.methods import (
     DEFAULT_METHOD,
@@ -72,7 +72,7 @@ class Calibration(Section):
     split: str = "validation"
     n_samples: PositiveInt = 128
     seqlen: PositiveInt = 512
-    seed: int = 0
+    seed: Seed = 0
     data_root: str | None = None
     # held-out windows (from the last 10% of the calibration text, never used for statistics)
     # on which BlockPruner, SPRINT and Bonsai score candidates: fewer windows, faster and noisier

@@ -78,6 +78,10 @@ def check_location(
     not lie in either (an export inside its run folder would change that Secateur output).
     `is_file`: the output is one file (a GGUF), not a folder.
     """
+    if out.is_symlink() and not out.exists():
+        raise OutputLocationError(
+            f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist; give a real path"
+        )
     resolved = out.resolve()
     for p in [Path.cwd(), Path.home(), *protected]:
         rp = Path(p).resolve()
@@ -241,10 +245,17 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
         release_partial_dir(tmp, entry)
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError:  # the rename itself failed: put the old output back, leave no temporary folder
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        release_partial_dir(tmp, entry)
+        raise
     release_partial_dir(out, entry)  # the marker names the temporary folder: it claims nothing here
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
