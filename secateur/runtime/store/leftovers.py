@@ -110,9 +110,14 @@ def new_partial_dir(parent: Path, prefix: str, purpose: str) -> tuple[Path, Path
     token = secrets.token_hex(8)
     folder = parent / f"{prefix}{token}"
     entry = _register(folder, "folder", purpose, token)  # first: a kill right after mkdir is covered
-    folder.mkdir(mode=0o700)
-    mark = {**_owner(), "name": folder.name, "purpose": purpose, "token": token, "created": time.time()}
-    (folder / MARKER).write_text(json.dumps(mark))
+    try:
+        folder.mkdir(mode=0o700)
+        mark = {**_owner(), "name": folder.name, "purpose": purpose, "token": token, "created": time.time()}
+        (folder / MARKER).write_text(json.dumps(mark))
+    except BaseException:  # SIGTERM or Ctrl-C in these few lines: the caller has no folder to clean up yet
+        shutil.rmtree(folder, ignore_errors=True)
+        _unregister(entry)
+        raise
     return folder, entry
 
 

@@ -233,16 +233,19 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out_dir)
     clean_leftovers(out)
     check_replaceable(out, overwrite)
-    tmp, entry = new_partial_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-", f"for {out}")
-    try:
+    made: tuple[Path, Path | None] | None = None
+    try:  # a signal from here on removes the temporary folder (new_partial_dir cleans up its own steps)
+        made = new_partial_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-", f"for {out}")
+        tmp, entry = made
         yield tmp
         files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir() if p.name != PARTIAL_MARKER)
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         apply_umask(tmp)
         check_replaceable(out, overwrite)  # nothing appeared in the meantime
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        release_partial_dir(tmp, entry)
+        if made is not None:
+            shutil.rmtree(made[0], ignore_errors=True)
+            release_partial_dir(*made)
         raise
     old = None
     try:
