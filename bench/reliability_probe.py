@@ -394,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="write OUT.md / OUT.json (e.g. bench/results/reliability_probe)")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
+    out = Path(args.out).resolve() if args.out else None  # the probe works inside root
     if root.exists():
         subprocess.run(["bash", "-c", f"grep -F ' {root}/' /proc/mounts | cut -d' ' -f2 | xargs -r umount"])
         shutil.rmtree(root)
@@ -431,8 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         probe_cases.teardown(ctx)
     seconds = time.monotonic() - t0
-    command = "OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python bench/reliability_probe.py" + (
-        f" --only {args.only}" if args.only else ""
+    command = (
+        "OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python bench/reliability_probe.py"
+        + (f" --only {args.only}" if args.only else "")
+        + (f" --out {args.out}" if args.out else "")
     )
     payload, lines = table(verdicts, command, seconds)
     print("\n".join(lines[: 16 + len(set(v.case.category for v in verdicts))]))
@@ -441,10 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"  {v.severity}: {v.case.id}: {'; '.join(w for _, w in v.problems)} :: {summary_line(v.outcome)}"
             )
-    if args.out:
+    if out is not None:
         from _results import write_results
 
-        write_results(Path(args.out), payload, lines)
+        write_results(out, payload, lines)
     return 0
 
 

@@ -167,3 +167,59 @@ def test_eval_warns_of_a_perplexity_seqlen_beyond_the_positions(tmp_path: Path, 
     assert (
         "perplexity (seqlen 300" in out and "--ppl-seqlen 300 is longer than the model's 256 positions" in err
     )
+
+
+def test_a_quantised_export_judges_rows_by_the_dense_width_not_the_pruned_config(tmp_path: Path) -> None:
+    from secateur.export import _dense_layer
+    from secateur.runtime.export import ExportError
+    from secateur.runtime.export.gguf import write_gguf
+
+    r = _recipe(tmp_path, budget={"params": 0.1, "multiple_of": 4})
+    assert main(["prune", str(r), "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    lm = load_model(str(tmp_path / "run"), "float32", "cpu", tokenizer=False)
+    width = lm.model.config.intermediate_size  # a uniform output's config.json holds the pruned width
+    assert width < 96 and width % 32  # the dense 96 is whole q4_0 blocks, the pruned width is not
+    with pytest.raises(ExportError, match=f"ffn_down: rows of {width} values"):  # was: written in f16, rc 0
+        write_gguf(
+            lm.model,
+            lm.adapter,
+            tmp_path / "q.gguf",
+            tmp_path / "unused.gguf",
+            "q4_0",
+            dense_layer=_dense_layer(tmp_path / "run"),
+        )
+    assert not (tmp_path / "q.gguf").exists()
+
+
+def test_an_output_that_is_a_dangling_symlink_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    r = _recipe(tmp_path)
+    _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "link"), "--quiet"], "symbolic link", "nowhere")
+    assert not (tmp_path / "nowhere").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_seed_beyond_the_generators_and_a_recipe_symlink_loop_are_one_line(tmp_path: Path, capsys) -> None:
+    r = _recipe(tmp_path, calibration={"seed": 2**70})
+    _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "calibration.seed")
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    _fails(capsys, ["prune", str(tmp_path / "a.yaml"), "-o", str(tmp_path / "out")], "a.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_api_takes_a_recipe_as_plain_data_and_build_graph_says_what_it_needs(
+    tmp_path, monkeypatch
+) -> None:
+    from secateur import build_graph
+    from secateur.api import prune
+
+    monkeypatch.chdir(tmp_path)  # the recipe's relative calibration file is found from here
+    r = _recipe(tmp_path)
+    out = prune(
+        recipe=yaml.safe_load(r.read_text()), output=tmp_path / "out", progress=False, log=lambda s: None
+    )
+    assert (out.output / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="overrides apply to a recipe file"):
+        prune(recipe=yaml.safe_load(r.read_text()), output=tmp_path / "o2", overrides=["budget.params=0.3"])
+    with pytest.raises(TypeError, match="build_graph"):
+        build_graph(str(tmp_path / "m"), None)  # type: ignore[arg-type]
