@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -132,13 +131,11 @@ def _recipe(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from secateur.runtime.measure.evaluate import perplexity
+    from secateur.evaluation import wikitext_perplexity
     from secateur.runtime.measure.timing import memory_lines, peak_memory
     from secateur.runtime.measure.zeroshot import LOCAL_TASKS, TASKS_DIR, check_tasks, run_zeroshot
-    from secateur.runtime.store.data import default_data_root, eval_windows, load_text, tokenize_text
-    from secateur.runtime.store.deliver import check_finite_source
+    from secateur.runtime.store.data import default_data_root
     from secateur.runtime.store.loader import load_model
-    from secateur.runtime.store.stream import stream_perplexity
 
     if args.tasks_path:
         print(TASKS_DIR)
@@ -159,25 +156,8 @@ def _eval(args: argparse.Namespace) -> int:
     if tasks:  # `--tasks ""`: perplexity only
         check_tasks(tasks, root)
     lm = load_model(args.path, args.dtype, args.device, stream=args.stream)
-    if not args.stream:  # NaN/inf weights give NaN scores: name the tensor instead of printing them
-        check_finite_source(lm.model.state_dict().items(), args.path)
-    positions = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
-    if args.ppl_seqlen and positions and args.ppl_seqlen > positions:
-        print(
-            f"warning: --ppl-seqlen {args.ppl_seqlen} is longer than the model's {positions} positions "
-            "(max_position_embeddings); perplexity there is outside what the model was trained on",
-            file=sys.stderr,
-        )
     if args.ppl_seqlen:
-        toks = tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root))
-        windows = eval_windows(toks, args.ppl_seqlen, args.ppl_windows)
-        ppl = stream_perplexity(lm.stream, windows) if args.stream else perplexity(lm.model, windows)
-        if not math.isfinite(ppl):
-            raise CliError(
-                f"{args.path}: wikitext2 test perplexity is {ppl} (non-finite logits; non-finite weights, or a "
-                "dtype too narrow for the activations: try --dtype float32)"
-            )
-        print(f"wikitext2 test perplexity (seqlen {args.ppl_seqlen}, {windows.shape[0]} windows): {ppl:.3f}")
+        print(wikitext_perplexity(lm, args.path, args.ppl_seqlen, args.ppl_windows, root))
     if tasks:
         res = run_zeroshot(lm.model, lm.tokenizer, tasks, root, args.limit, args.batch_size)
         nan = float("nan")

@@ -4,6 +4,8 @@ engine) and zero-shot tasks, for in-memory and streamed runs alike."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from secateur.runtime.measure.timing import measure_speed, speed_ratios, speed_w
 from secateur.runtime.measure.zeroshot import run_zeroshot
 from secateur.runtime.speed.engines import EngineUnavailable
 from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
+from secateur.runtime.store.deliver import DeliveryError, check_finite_source
 from secateur.runtime.store.loader import LoadedModel
 from secateur.runtime.store.stream import stream_perplexity
 from secateur.speed import MIN_ROUNDS, measure_pair
@@ -124,3 +127,25 @@ def engine_speed(
     except (EngineUnavailable, ExportError, ValueError) as e:
         return {"engine_speed_skipped": f"not measured in {t.engine}: {e}"}
     return {"engine_speed": table}
+
+
+def wikitext_perplexity(lm: LoadedModel, ref: str, seqlen: int, windows: int | None, root: Any) -> str:
+    """`secateur eval --ppl-seqlen`: WikiText-2 test perplexity as one line, refused (not printed as
+    nan) when the weights or logits are not finite, warned beyond the model's positions."""
+    if lm.stream is None:  # NaN/inf weights give NaN scores: name the tensor instead
+        check_finite_source(lm.model.state_dict().items(), ref)
+    positions = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
+    if positions and seqlen > positions:
+        print(
+            f"warning: --ppl-seqlen {seqlen} is longer than the model's {positions} positions "
+            "(max_position_embeddings); perplexity there is outside what the model was trained on",
+            file=sys.stderr,
+        )
+    batch = eval_windows(tokenize_text(lm.tokenizer, load_text("wikitext2", "test", root)), seqlen, windows)
+    ppl = stream_perplexity(lm.stream, batch) if lm.stream is not None else perplexity(lm.model, batch)
+    if not math.isfinite(ppl):
+        raise DeliveryError(
+            f"{ref}: wikitext2 test perplexity is {ppl} (non-finite logits; non-finite weights, or a dtype "
+            "too narrow for the activations: try --dtype float32)"
+        )
+    return f"wikitext2 test perplexity (seqlen {seqlen}, {batch.shape[0]} windows): {ppl:.3f}"

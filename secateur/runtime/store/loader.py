@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from secateur.graph.adapters import adapter_for
@@ -337,7 +338,6 @@ def load_tokenizer(src: ModelSource, config: Any) -> Any:
 def _mismatch(src: ModelSource, config: Any) -> str:
     """The first tensor whose shape in the safetensors differs from what config.json implies ('' when
     none is found): transformers logs that report and raises a message without it."""
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     try:
