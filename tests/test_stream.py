@@ -283,3 +283,16 @@ def test_smollm2_streamed_equals_in_memory(tmp_path: Path, data_root: Path) -> N
     )
     mem, streamed = _both(rec, tmp_path)
     _assert_identical(tmp_path, mem, streamed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc")
+def test_peak_memory_is_the_programs_own_not_its_parents() -> None:
+    """exec keeps the parent's ru_maxrss: a prune started from a big process must not report it."""
+    big = bytearray(800 * 2**20)
+    big[::4096] = b"x" * len(big[::4096])  # touch every page so the parent's RSS holds 800 MiB
+    code = "import torch; from secateur.runtime.measure.timing import peak_memory as p; print(p(torch.device('cpu'))['peak_rss_bytes'])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert int(out.stdout.split()[-1]) < 700 * 2**20  # torch alone is a few hundred MiB
+    del big

@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -217,11 +218,27 @@ def speed_warnings(results: dict[str, SpeedResult], baseline: str = "dense") -> 
     return out
 
 
-def peak_memory(device: torch.device) -> dict[str, int | None]:
-    """Peak RSS of this process so far (Linux reports KiB) and, on CUDA, peak allocated GPU bytes."""
+def _vm_hwm() -> int | None:
+    """VmHWM in bytes where /proc reports it (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss *= 1 if sys.platform == "darwin" else 1024
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """Peak RSS of this process so far and, on CUDA, peak allocated GPU bytes.
+
+    Linux: VmHWM of /proc/self/status, the peak of this program's own memory map. ru_maxrss is not
+    used there because exec keeps the parent's high-water mark: a prune started from a 2 GB process
+    (a test runner, a notebook) would report 2 GB whatever it used itself."""
+    rss = _vm_hwm()
+    if rss is None:  # macOS reports bytes, other Unixes KiB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss *= 1 if sys.platform == "darwin" else 1024
     gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"peak_rss_bytes": int(rss), "peak_gpu_bytes": gpu}
 
