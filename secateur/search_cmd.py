@@ -234,7 +234,7 @@ def _check_paths(recipe: Recipe, recipe_path: str | Path, out: Path, compile_mod
 
 
 @dataclass
-class _Problem:
+class SearchProblem:
     """What the search runs on: the loaded model, its layers and budget, the windows, the speed goal."""
 
     recipe: Recipe
@@ -247,7 +247,7 @@ class _Problem:
     heldout: torch.Tensor
 
 
-def _problem(recipe: Recipe, base: Path, warn: Callable[[str], None]) -> _Problem:
+def search_problem(recipe: Recipe, base: Path, warn: Callable[[str], None]) -> SearchProblem:
     """Load the model, resolve the serving target, check the budget, cut the calibration windows."""
     opts = recipe.allocation.search
     lm = load_model(recipe.model.id, recipe.model.dtype, recipe.model.device, base_dir=base)
@@ -280,11 +280,11 @@ def _problem(recipe: Recipe, base: Path, warn: Callable[[str], None]) -> _Proble
             f"allocation.search.heldout_tokens: {opts.heldout_tokens} asked, the held-out tail of the "
             f"calibration text has {windows.heldout.numel()}; scoring those"
         )
-    return _Problem(recipe, lm, speed, layers, goal, spec, windows.calib, windows.heldout)
+    return SearchProblem(recipe, lm, speed, layers, goal, spec, windows.calib, windows.heldout)
 
 
 def _run(
-    p: _Problem,
+    p: SearchProblem,
     base: Path,
     out: Path,
     url: str | None,
@@ -333,7 +333,7 @@ def _run(
 
 
 def _write_winner(
-    p: _Problem, result: SearchResult, base: Path, out: Path, log: Callable[[str], None]
+    p: SearchProblem, result: SearchResult, base: Path, out: Path, log: Callable[[str], None]
 ) -> Path:
     """winner.yaml and best_plan.json (and front.json in Pareto mode), each recorded once written."""
     recipe, lm, speed, opts = p.recipe, p.lm, p.speed, p.recipe.allocation.search
@@ -414,7 +414,7 @@ def search(
     base = _check_paths(recipe, recipe_path, out, compile_model)
     url = resolve_storage(storage or recipe.allocation.search.storage, out)
     t0 = time.perf_counter()
-    p = _problem(recipe, base, warn)
+    p = search_problem(recipe, base, warn)
     result = _run(
         p,
         base,
