@@ -167,6 +167,27 @@ def predicted_latency(lat: LatencyModel, rows: list[dict[str, Any]]) -> dict[str
     return {"target": lat.target.describe(), "layers": per_layer, "dense": dense, "pruned": pruned}
 
 
+def total_lines(d: dict[str, int], p: dict[str, int], pending: int) -> list[str]:
+    """Dense -> planned totals. Parameters a stage chooses from calibration data at prune time are not in
+    the per-layer table; the totals count them (each removed linear weight is 2 FLOPs per token) and say
+    so, rather than show the data-dependent stages as removing nothing."""
+    lines = []
+    for k, extra in (
+        ("params", pending),
+        ("decoder_linear_params", pending),
+        ("flops_per_token", 2 * pending),
+    ):
+        after = p[k] - extra
+        mark = "~" if pending and k == "flops_per_token" else " "
+        lines.append(f"{k:<22} {d[k]:>14,} ->{mark}{after:>14,}  ({1 - after / d[k]:.1%} removed)")
+    if pending:
+        lines.append(
+            f"  the per-layer table shows the planned stages only; {pending:,} parameters are chosen from "
+            "calibration data at prune time (the report lists where they went)"
+        )
+    return lines
+
+
 def format_explanation(ex: Explanation) -> str:
     """The plan as a table people can review."""
     lines = [f"{'layer':>5} {'mlp':>11} {'q heads':>9} {'kv heads':>9} {'v dim':>9} {'skip':>10}"]
@@ -186,8 +207,7 @@ def format_explanation(ex: Explanation) -> str:
         lines.append(f"stage {n}: {st['method']} removes {st['params_to_remove']:,} parameters{note}")
         if "heal" in st:
             lines.append(f"  {st['heal']}")
-    for k in ("params", "decoder_linear_params", "flops_per_token"):
-        lines.append(f"{k:<22} {d[k]:>14,} -> {p[k]:>14,}  ({1 - p[k] / d[k]:.1%} removed)")
+    lines += total_lines(d, p, sum(st["params_to_remove"] for st in ex.stages if "note" in st))
     lines += [f"export {line}" for line in ex.exports]
     lines += ex.serving
     if ex.latency is not None:

@@ -71,6 +71,16 @@ def test_every_example_validates_and_explains(path: Path, capsys) -> None:
         assert pruned["decoder_linear_params"] < dense["decoder_linear_params"]
 
 
+def test_explain_counts_units_chosen_at_prune_time(capsys) -> None:
+    """fasp-20 allocates from calibration data (proportional): its per-layer table cannot show the
+    widths, but its totals must still say 20% of the decoder's linear parameters go, not 0%."""
+    assert main(["recipe", "explain", str(EXAMPLES[0].parent / "fasp-20.yaml")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("decoder_linear_params"))
+    assert "(20.0% removed)" in line, line
+    assert "chosen from calibration data at prune time" in out
+
+
 def test_prune_and_report(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "c.txt").write_text("pruning makes models smaller and faster. " * 400)
     recipe = tmp_path / "r.yaml"
