@@ -230,6 +230,7 @@ def _export(args: argparse.Namespace) -> int:
         output=args.output,
         tokenizer_gguf=args.tokenizer_gguf,
         overwrite=args.overwrite,
+        stream=args.stream,
     )
     print(f"exported {args.format} ({args.outtype}) to {out}")
     return 0
@@ -384,6 +385,8 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
         "--tokenizer-gguf", help="GGUF to copy tokenizer metadata from (default: the source model's own GGUF)"
     )
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    stream_help = "gguf: one tensor at a time (pruned outputs' default; --no-stream: load whole)"
+    ex.add_argument("--stream", action=argparse.BooleanOptionalAction, help=stream_help)
     ex.set_defaults(func=_export)
 
 

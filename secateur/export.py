@@ -16,6 +16,8 @@ from secateur.recipe.schema import Recipe
 from secateur.runtime.export import FORMATS, ExportError, check_replaceable_path
 from secateur.runtime.export.decilm import decilm_config, write_decilm
 from secateur.runtime.export.gguf import check_tokenizer, gguf_layout, write_gguf
+from secateur.runtime.export.gguf_folder import write_gguf_streamed
+from secateur.runtime.store.folder import is_pruned_folder
 from secateur.runtime.store.loader import ModelSource, load_model, resolve_source
 from secateur.runtime.store.outdir import check_location, clean_leftovers, record_files
 
@@ -184,34 +186,57 @@ def export(
     output: str | Path | None = None,
     tokenizer_gguf: str | Path | None = None,
     overwrite: bool = False,
+    stream: bool | None = None,
 ) -> Path:
     """Export a pruned output folder; everything checkable (the output above all) is checked before
     the model loads. A GGUF file is listed in its folder's `.secateur-files`, so --overwrite may
-    replace it later (and only it)."""
+    replace it later (and only it).
+
+    `stream` (GGUF only): read and write one tensor at a time instead of loading the model whole;
+    None streams every pruned folder (a Secateur output: the same file byte for byte, in a fraction
+    of the memory) and loads other model folders whole."""
 
     run = Path(run_dir)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such folder")
+    streamed = _streams(run, fmt, stream)
     out = Path(output) if output is not None else default_output(run, fmt, outtype)
     source = source_of(run)
     tok_gguf = tokenizer_gguf_for(source, tokenizer_gguf, str(run)) if fmt == "gguf" else None
     check_export_output(run, out, fmt, overwrite, _read_paths(run, source, tok_gguf))
-    has_tokenizer = any((run / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    lm = load_model(str(run), dtype="float32", device="cpu", tokenizer=fmt == "decilm" and has_tokenizer)
-    export_model(
-        lm.model,
-        lm.adapter,
-        fmt,
-        out,
-        outtype=outtype,
-        tokenizer=lm.tokenizer,
-        tokenizer_gguf=tok_gguf,
-        name=f"{run.name} (pruned by Secateur)",
-        overwrite=overwrite,
-        dense_layer=_dense_layer(run),
-    )
+    name = f"{run.name} (pruned by Secateur)"
+    if streamed:
+        write_gguf_streamed(run, out, tok_gguf, outtype, name, overwrite, _dense_layer(run))
+    else:
+        has_tokenizer = any((run / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        lm = load_model(str(run), dtype="float32", device="cpu", tokenizer=fmt == "decilm" and has_tokenizer)
+        export_model(
+            lm.model,
+            lm.adapter,
+            fmt,
+            out,
+            outtype=outtype,
+            tokenizer=lm.tokenizer,
+            tokenizer_gguf=tok_gguf,
+            name=name,
+            overwrite=overwrite,
+            dense_layer=_dense_layer(run),
+        )
     if out.is_file():
         record_files([out])
     return out
+
+
+def _streams(run: Path, fmt: str, stream: bool | None) -> bool:
+    """Whether this export reads the folder tensor by tensor (see `export`)."""
+    if stream is None:
+        return fmt == "gguf" and is_pruned_folder(run)
+    if stream and fmt != "gguf":
+        raise ExportError(f"--stream: only the gguf format is written tensor by tensor, not {fmt!r}")
+    if stream and not is_pruned_folder(run):
+        raise ExportError(
+            f"--stream: {run} is not a pruned output (no secateur.json); export it without --stream"
+        )
+    return stream

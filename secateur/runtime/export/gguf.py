@@ -20,7 +20,7 @@ from a GGUF of the source model.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,16 +205,16 @@ def _permute_rope(w: np.ndarray, head_dim: int) -> np.ndarray:
     return w.reshape(-1, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _encode(data: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
+def _qtype(shape: tuple[int, ...], outtype: str) -> Any:
     """Norms and biases stay f32 (as llama.cpp's converter does); matrices in the out type, a
     quantised type falling back to f16 where a row the dense model already had is not a whole
     number of blocks (`check_quant_rows` has refused such rows that pruning made)."""
     qtype = OUTTYPES[outtype]
-    if data.ndim == 1:
-        qtype = Q.F32
-    elif qtype in (Q.Q8_0, Q.Q4_0) and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = Q.F16
-    return gguf.quants.quantize(data, qtype), qtype
+    if len(shape) == 1:
+        return Q.F32
+    if qtype in (Q.Q8_0, Q.Q4_0) and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return Q.F16
+    return qtype
 
 
 def check_quant_rows(
@@ -249,8 +249,28 @@ def check_quant_rows(
             raise ExportError(str(e)) from e
 
 
-def _tensors(model: nn.Module, adapter: ModelAdapter, layout: GgufLayout) -> dict[str, np.ndarray]:
-    """Every tensor under its GGUF name, in float32, q/k permuted where the architecture needs it."""
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the file: its GGUF name, logical shape and type, and where its values come from
+    (a model parameter by HF name, or a constant filler standing for a removed branch)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any
+    source: str | None = None  # the HF parameter; None: filled with `fill`
+    fill: float = 0.0
+    permute: bool = False  # q/k rows into llama.cpp's rope pair order
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(gguf.quants.quant_shape_to_byte_shape(self.shape, self.qtype)))
+
+
+def tensor_plan(
+    model: nn.Module, adapter: ModelAdapter, layout: GgufLayout, outtype: str
+) -> list[PlannedTensor]:
+    """Every tensor in file order, from the model's parameter shapes alone (a meta skeleton will do),
+    so the header can be written before any weight is read. Refuses a parameter llama.cpp cannot load."""
     spec = ARCHES[layout.arch]
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[layout.arch]
     names = gguf.get_tensor_name_map(arch_enum, adapter.num_layers)
@@ -259,7 +279,7 @@ def _tensors(model: nn.Module, adapter: ModelAdapter, layout: GgufLayout) -> dic
         rope_rows |= {
             f"{adapter.layer_prefix(i)}.{m}.{p}" for m in (adapter.q, adapter.k) for p in ("weight", "bias")
         }
-    out: dict[str, np.ndarray] = {}
+    plan: list[PlannedTensor] = []
     for name, p in model.named_parameters():
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -270,23 +290,55 @@ def _tensors(model: nn.Module, adapter: ModelAdapter, layout: GgufLayout) -> dic
                 "(FLAP's bias compensation adds biases on o_proj and down_proj, which only the Llama "
                 "family's llama/deci architectures load)"
             )
-        data = p.detach().to("cpu", torch.float32).numpy()
-        if spec.rope_pairs_adjacent and name in rope_rows:
-            data = _permute_rope(data, layout.head_dim)
-        out[new] = data
+        shape = tuple(int(n) for n in p.shape)
+        permute = spec.rope_pairs_adjacent and name in rope_rows
+        plan.append(PlannedTensor(new, shape, _qtype(shape, outtype), name, permute=permute))
     hidden, hd = adapter.hidden_size, layout.head_dim
+    fillers: list[tuple[str, tuple[int, ...], float]] = []
     for i, lay in enumerate(layout.layers):
         if lay.zero_attention:
-            out[f"blk.{i}.attn_norm.weight"] = np.ones(hidden, np.float32)
-            for t in ("attn_q", "attn_k", "attn_v"):
-                out[f"blk.{i}.{t}.weight"] = np.zeros((hd, hidden), np.float32)
-            out[f"blk.{i}.attn_output.weight"] = np.zeros((hidden, hd), np.float32)
+            fillers.append((f"blk.{i}.attn_norm.weight", (hidden,), 1.0))
+            fillers += [(f"blk.{i}.{t}.weight", (hd, hidden), 0.0) for t in ("attn_q", "attn_k", "attn_v")]
+            fillers.append((f"blk.{i}.attn_output.weight", (hidden, hd), 0.0))
         if lay.zero_mlp:
-            out[f"blk.{i}.ffn_norm.weight"] = np.ones(hidden, np.float32)
-            for t in ("ffn_gate", "ffn_up"):
-                out[f"blk.{i}.{t}.weight"] = np.zeros((1, hidden), np.float32)
-            out[f"blk.{i}.ffn_down.weight"] = np.zeros((hidden, 1), np.float32)
+            fillers.append((f"blk.{i}.ffn_norm.weight", (hidden,), 1.0))
+            fillers += [(f"blk.{i}.{t}.weight", (1, hidden), 0.0) for t in ("ffn_gate", "ffn_up")]
+            fillers.append((f"blk.{i}.ffn_down.weight", (hidden, 1), 0.0))
+    plan += [PlannedTensor(n, shape, _qtype(shape, outtype), fill=v) for n, shape, v in fillers]
+    return plan
+
+
+Reader = Callable[[str], torch.Tensor]
+
+
+CHUNK_BYTES = 64 * 2**20  # float32 rows converted at once: a 7B embedding is 2.2 GB in float32
+
+
+def encoded(t: PlannedTensor, read: Reader, head_dim: int) -> np.ndarray:
+    """One tensor's bytes as the file holds them: read (any dtype, upcast to float32 exactly),
+    permuted if it is a q/k projection, converted to its GGUF type. Every GGUF type here encodes
+    each row on its own, so a large matrix is converted a block of rows at a time (the same bytes)
+    and never whole in float32."""
+    if t.source is None:
+        return gguf.quants.quantize(np.full(t.shape, t.fill, np.float32), t.qtype)
+    value = read(t.source).detach()
+    if tuple(value.shape) != t.shape:
+        raise ExportError(f"{t.source}: the weights hold shape {tuple(value.shape)}, the model {t.shape}")
+    if t.permute:
+        return gguf.quants.quantize(_permute_rope(_f32(value), head_dim), t.qtype)
+    step = max(1, CHUNK_BYTES // (4 * max(1, int(np.prod(t.shape[1:])))))
+    if len(t.shape) < 2 or t.shape[0] <= step:
+        return gguf.quants.quantize(_f32(value), t.qtype)
+    first = gguf.quants.quantize(_f32(value[:step]), t.qtype)
+    out = np.empty((t.shape[0], *first.shape[1:]), first.dtype)
+    out[:step] = first
+    for r in range(step, t.shape[0], step):
+        out[r : r + step] = gguf.quants.quantize(_f32(value[r : r + step]), t.qtype)
     return out
+
+
+def _f32(value: torch.Tensor) -> np.ndarray:
+    return value.to("cpu", torch.float32).numpy()
 
 
 def write_gguf(
@@ -298,9 +350,15 @@ def write_gguf(
     name: str | None = None,
     overwrite: bool = False,
     dense_layer: Mapping[str, Any] | None = None,
+    read: Reader | None = None,
 ) -> GgufLayout:
     """Write `model` as one GGUF file llama.cpp runs; refuses (before writing) what it cannot hold
-    (`dense_layer`: the dense model's layer shapes, for `check_quant_rows`)."""
+    (`dense_layer`: the dense model's layer shapes, for `check_quant_rows`).
+
+    The header is written from the parameters' shapes, then the tensors one at a time: `read`
+    gives a parameter's values by HF name (default: the model's own), so `model` may be a meta
+    skeleton whose weights are read from disk tensor by tensor (`gguf_folder.py`); the file is the
+    same byte for byte, and at most one tensor's conversion is alive besides what `read` holds."""
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     layout = gguf_layout(model, adapter)
@@ -310,38 +368,55 @@ def write_gguf(
             write_quantised(
                 Path(tmp),
                 outtype,
-                lambda f16: write_gguf(model, adapter, f16, tokenizer_gguf, "f16", name, True),
+                lambda f16: write_gguf(model, adapter, f16, tokenizer_gguf, "f16", name, True, read=read),
             )
         return layout
     tok = check_tokenizer(model, tokenizer_gguf)
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    tensors = _tensors(model, adapter, layout)
-    cfg = adapter.config
+    plan = tensor_plan(model, adapter, layout, outtype)
+    if read is None:
+        read = dict(model.named_parameters()).__getitem__
     with atomic_path(Path(out), overwrite) as tmp:
         w = gguf.GGUFWriter(str(tmp), layout.arch)
-        w.add_type(gguf.GGUFType.MODEL)
-        if name:
-            w.add_name(name)
-        w.add_block_count(adapter.num_layers)
-        w.add_context_length(int(cfg.max_position_embeddings))
-        w.add_embedding_length(adapter.hidden_size)
-        w.add_feed_forward_length(layout.counts("n_ff"))
-        w.add_head_count(layout.counts("n_head"))
-        w.add_head_count_kv(layout.counts("n_head_kv"))
-        w.add_key_length(layout.head_dim)
-        w.add_value_length(layout.head_dim)
-        w.add_rope_dimension_count(layout.head_dim)
-        w.add_rope_freq_base(_rope_theta(cfg))
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        w.add_vocab_size(vocab)
-        w.add_file_type(FILE_TYPES[outtype])
-        for key, value, vtype, sub in tok:
-            w.add_key_value(key, value, vtype, sub_type=sub)
-        for tname, data in tensors.items():
-            enc, qtype = _encode(data, outtype)
-            w.add_tensor(tname, enc, raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            _add_metadata(w, model, adapter, layout, outtype, name, tok)
+            for t in plan:
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for t in plan:
+                w.write_tensor_data(encoded(t, read, layout.head_dim))
+        finally:
+            w.close()
     return layout
+
+
+def _add_metadata(
+    w: gguf.GGUFWriter,
+    model: nn.Module,
+    adapter: ModelAdapter,
+    layout: GgufLayout,
+    outtype: str,
+    name: str | None,
+    tok: list[tuple[str, Any, Any, Any]],
+) -> None:
+    """The key-value metadata: architecture, per-layer (or global) counts, RoPE, the tokenizer."""
+    cfg = adapter.config
+    w.add_type(gguf.GGUFType.MODEL)
+    if name:
+        w.add_name(name)
+    w.add_block_count(adapter.num_layers)
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(adapter.hidden_size)
+    w.add_feed_forward_length(layout.counts("n_ff"))
+    w.add_head_count(layout.counts("n_head"))
+    w.add_head_count_kv(layout.counts("n_head_kv"))
+    w.add_key_length(layout.head_dim)
+    w.add_value_length(layout.head_dim)
+    w.add_rope_dimension_count(layout.head_dim)
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(int(model.get_input_embeddings().weight.shape[0]))
+    w.add_file_type(FILE_TYPES[outtype])
+    for key, value, vtype, sub in tok:
+        w.add_key_value(key, value, vtype, sub_type=sub)
