@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from secateur.runtime.speed.probe import byte_symbols, llama_header, shape_of_config
+
+# ten words in a fixed order: calibration text any tiny model's tokenizer reads, the same every run
+CALIBRATION_WORDS = ("the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly")
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "opt")
 # real checkpoints' shapes that the GQA families above do not cover: Gemma 3 270M has one KV
@@ -141,3 +146,47 @@ def save_tiny_gguf(path: str, seed: int = 0) -> nn.Module:
     w.write_tensors_to_file()
     w.close()
     return model
+
+
+def calibration_text(n_words: int = 6000) -> str:
+    """Deterministic calibration text: the ten CALIBRATION_WORDS in a fixed stride-7 order."""
+    return " ".join(CALIBRATION_WORDS[(i * 7) % 10] for i in range(n_words))
+
+
+def tiny_recipe_doc(model_id: str, **over: Any) -> dict[str, Any]:
+    """A small fasp recipe (MLP channels, 20% of the parameters, float32 on CPU, calibration from
+    `c.txt`, no evaluation), so that a test states only what it changes: `over` is merged one
+    level deep into the sections, and None drops a section or a key."""
+    doc: dict[str, Any] = {
+        "version": 1,
+        "model": {"id": model_id, "dtype": "float32", "device": "cpu"},
+        "calibration": {"dataset": "c.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
+        "targets": {"mlp": True, "attention": "none"},
+        "budget": {"params": 0.2, "multiple_of": 4},
+        "evaluate": {"enabled": False},
+    }
+    for k, v in over.items():
+        if v is None:
+            doc.pop(k, None)
+        elif isinstance(v, dict) and isinstance(doc.get(k), dict):
+            doc[k] = {kk: vv for kk, vv in {**doc[k], **v}.items() if vv is not None}
+        else:
+            doc[k] = v
+    return doc
+
+
+def write_tiny_recipe(path: Path, model_id: str, **over: Any) -> Path:
+    """Write `tiny_recipe_doc(model_id, **over)` to `path` (its folder made when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tiny_recipe_doc(model_id, **over), allow_unicode=True))
+    return path
+
+
+def tiny_recipe(folder: Path, model: str = "m", name: str = "r.yaml", **over: Any) -> Path:
+    """`folder/name`: the small recipe of `tiny_recipe_doc` on the model `folder/model`; a tiny LLaMA
+    `folder/m` and the calibration text `folder/c.txt` are written first where missing."""
+    if not (folder / "m").exists():
+        save_tiny(str(folder / "m"), "llama")
+    if not (folder / "c.txt").exists():
+        (folder / "c.txt").write_text(calibration_text())
+    return write_tiny_recipe(folder / name, str(folder / model), **over)

@@ -13,32 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from secateur.cli import main
 from secateur.runtime.store import leftovers
-from secateur.testing import save_tiny, save_tiny_gguf
+from secateur.testing import save_tiny, save_tiny_gguf, tiny_recipe
 
-WORDS = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly"]
-
-
-def _recipe(tmp: Path, model: str = "m", **over) -> Path:
-    if not (tmp / "m").exists():
-        save_tiny(str(tmp / "m"), "llama")
-        (tmp / "c.txt").write_text(" ".join(WORDS[(i * 7) % 10] for i in range(6000)))
-    doc = {
-        "version": 1,
-        "model": {"id": str(tmp / model), "dtype": "float32", "device": "cpu"},
-        "calibration": {"dataset": "c.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
-        "targets": {"mlp": True, "attention": "none"},
-        "budget": {"params": 0.2, "multiple_of": 4},
-        "evaluate": {"enabled": False},
-        **over,
-    }
-    path = tmp / f"r-{model}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+# more text per window than tiny_recipe's, and the recipe's default held-out windows
+BIG_CALIBRATION = {"n_samples": 16, "seqlen": 128, "heldout_windows": None}
 
 
 def _fails_cleanly(capsys, args: list[str], *needles: str) -> str:
@@ -60,7 +42,7 @@ def _fails_cleanly(capsys, args: list[str], *needles: str) -> str:
 def test_a_damaged_safetensors_source_is_named_and_nothing_is_written(tmp_path, capsys, damage) -> None:
     save_tiny(str(tmp_path / "bad"), "llama")
     damage(tmp_path / "bad" / "model.safetensors")
-    r = _recipe(tmp_path, "bad")
+    r = tiny_recipe(tmp_path, "bad")
     _fails_cleanly(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "bad/model.safetensors")
     _fails_cleanly(
         capsys, ["eval", str(tmp_path / "bad"), "--tasks", "", "--ppl-seqlen", "16"], "model.safetensors"
@@ -76,7 +58,7 @@ def test_a_broken_gguf_is_named(tmp_path, capsys, kind) -> None:
     else:
         save_tiny_gguf(str(tmp_path / "ok.gguf"))
         f.write_bytes((tmp_path / "ok.gguf").read_bytes()[:3000])
-    r = _recipe(tmp_path, "x.gguf")
+    r = tiny_recipe(tmp_path, "x.gguf")
     _fails_cleanly(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "x.gguf")
     _fails_cleanly(capsys, ["graph", str(f)], "x.gguf")
 
@@ -86,11 +68,13 @@ def test_damaged_tokenizer_and_binary_calibration_text_are_named(tmp_path, capsy
     (tmp_path / "tok" / "tokenizer.json").write_text("garbage")
     _fails_cleanly(
         capsys,
-        ["prune", str(_recipe(tmp_path, "tok")), "-o", str(tmp_path / "o")],
+        ["prune", str(tiny_recipe(tmp_path, "tok")), "-o", str(tmp_path / "o")],
         "cannot load its tokenizer",
     )
     (tmp_path / "bin.txt").write_bytes(b"\xa0\xff" * 2000)
-    r = _recipe(tmp_path, calibration={"dataset": "bin.txt", "n_samples": 2, "seqlen": 32})
+    r = tiny_recipe(
+        tmp_path, calibration={"dataset": "bin.txt", "n_samples": 2, "seqlen": 32, "heldout_windows": None}
+    )
     _fails_cleanly(capsys, ["prune", str(r), "-o", str(tmp_path / "o"), "--quiet"], "bin.txt: not UTF-8 text")
 
 
@@ -100,13 +84,13 @@ def test_non_finite_source_weights_fail_naming_the_tensor(tmp_path, capsys, valu
     st = load_file(str(tmp_path / "p" / "model.safetensors"))
     st["model.layers.1.mlp.up_proj.weight"][3, 5] = value
     save_file(st, str(tmp_path / "p" / "model.safetensors"), metadata={"format": "pt"})
-    args = ["prune", str(_recipe(tmp_path, "p")), "-o", str(tmp_path / "o"), "--quiet"]
+    args = ["prune", str(tiny_recipe(tmp_path, "p")), "-o", str(tmp_path / "o"), "--quiet"]
     _fails_cleanly(capsys, args, "model.layers.1.mlp.up_proj.weight holds 1 non-finite")
     assert not (tmp_path / "o").exists()
 
 
 def test_hostile_output_paths_touch_nothing(tmp_path, capsys) -> None:
-    r = _recipe(tmp_path)
+    r = tiny_recipe(tmp_path)
     assert main(["prune", str(r), "-o", str(tmp_path / "run"), "--quiet"]) == 0
     (tmp_path / "user.txt").write_text("mine")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -126,7 +110,11 @@ def test_hostile_output_paths_touch_nothing(tmp_path, capsys) -> None:
 
 def _kill_during_save(tmp_path: Path, out: Path) -> Path:
     save_tiny(str(tmp_path / "big"), "llama", num_hidden_layers=8, intermediate_size=512, hidden_size=256)
-    r = _recipe(tmp_path, "big", calibration={"dataset": "c.txt", "n_samples": 16, "seqlen": 128})
+    r = tiny_recipe(
+        tmp_path,
+        "big",
+        calibration=BIG_CALIBRATION,
+    )
     code = "import sys; from secateur.cli import main; sys.exit(main(sys.argv[1:]))"
     p = subprocess.Popen([sys.executable, "-c", code, "prune", str(r), "-o", str(out), "--quiet", "--stream"])
     deadline = time.monotonic() + 120
@@ -162,7 +150,7 @@ def test_any_later_run_removes_a_killed_runs_leftover(tmp_path, capsys) -> None:
     (tmp_path / "a").mkdir()
     left = _kill_during_save(tmp_path, tmp_path / "a" / "out")
     elsewhere = tmp_path / "b" / "other"  # another output folder altogether
-    assert main(["prune", str(_recipe(tmp_path)), "-o", str(elsewhere), "--quiet"]) == 0
+    assert main(["prune", str(tiny_recipe(tmp_path)), "-o", str(elsewhere), "--quiet"]) == 0
     assert not left.exists() and "removed 1 leftover(s) of killed runs" in capsys.readouterr().err
     assert leftovers.find([tmp_path], deep=True) == []
 
@@ -171,7 +159,11 @@ def test_any_later_run_removes_a_killed_runs_leftover(tmp_path, capsys) -> None:
 def test_sigterm_or_ctrl_c_during_save_cleans_up(tmp_path, sig) -> None:
     (tmp_path / "runs").mkdir()
     save_tiny(str(tmp_path / "big"), "llama", num_hidden_layers=8, intermediate_size=512, hidden_size=256)
-    r = _recipe(tmp_path, "big", calibration={"dataset": "c.txt", "n_samples": 16, "seqlen": 128})
+    r = tiny_recipe(
+        tmp_path,
+        "big",
+        calibration=BIG_CALIBRATION,
+    )
     code = "import sys; from secateur.cli import main; sys.exit(main(sys.argv[1:]))"
     out = tmp_path / "runs" / "out"
     p = subprocess.Popen(
@@ -204,7 +196,7 @@ def test_disk_full_on_a_small_tmpfs_is_a_message_and_leaves_nothing(tmp_path, ca
     if not _can_mount_tmpfs(disk):
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
     try:
-        r = _recipe(tmp_path)
+        r = tiny_recipe(tmp_path)
         assert main(["prune", str(r), "-o", str(disk / "out"), "--quiet"]) != 0
         err = capsys.readouterr().err
         assert "No space left on device" in err and "Traceback" not in err

@@ -15,28 +15,7 @@ from secateur import save_pruned
 from secateur.cli import main
 from secateur.runtime.store.formats import ModelLoadError
 from secateur.runtime.store.loader import load_model
-from secateur.testing import save_tiny, tiny_model
-
-WORDS = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly"]
-
-
-def _recipe(tmp: Path, model: str = "m", name: str = "r.yaml", **over) -> Path:
-    if not (tmp / "m").exists():
-        save_tiny(str(tmp / "m"), "llama")
-    if not (tmp / "c.txt").exists():
-        (tmp / "c.txt").write_text(" ".join(WORDS[(i * 7) % 10] for i in range(6000)))
-    doc = {
-        "version": 1,
-        "model": {"id": str(tmp / model), "dtype": "float32", "device": "cpu"},
-        "calibration": {"dataset": "c.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
-        "targets": {"mlp": True, "attention": "none"},
-        "budget": {"params": 0.2, "multiple_of": 4},
-        "evaluate": {"enabled": False},
-    }
-    for k, v in over.items():
-        doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
-    (tmp / name).write_text(yaml.safe_dump(doc))
-    return tmp / name
+from secateur.testing import CALIBRATION_WORDS, save_tiny, tiny_model, tiny_recipe
 
 
 def _fails(capsys, args: list[str], *needles: str) -> str:
@@ -56,7 +35,7 @@ def test_search_refuses_a_prune_output_as_its_folder(tmp_path: Path, capsys) -> 
     run = tmp_path / "run"
     save_pruned(tiny_model("llama"), run)  # a Secateur output, with its manifest
     before = _digest(run)
-    r = _recipe(
+    r = tiny_recipe(
         tmp_path,
         name="s.yaml",
         allocation={"method": "search", "search": {"trials": 2, "heldout_tokens": 256}},
@@ -67,7 +46,7 @@ def test_search_refuses_a_prune_output_as_its_folder(tmp_path: Path, capsys) -> 
 
 
 def test_search_workers_beyond_the_cores_is_refused(tmp_path: Path, capsys) -> None:
-    r = _recipe(tmp_path, name="s.yaml", allocation={"method": "search", "search": {"trials": 2}})
+    r = tiny_recipe(tmp_path, name="s.yaml", allocation={"method": "search", "search": {"trials": 2}})
     _fails(capsys, ["search", str(r), "-o", str(tmp_path / "s"), "--workers", "100000"], "--workers 100000")
     assert not (tmp_path / "s").exists()
 
@@ -75,7 +54,7 @@ def test_search_workers_beyond_the_cores_is_refused(tmp_path: Path, capsys) -> N
 def test_a_multiple_of_as_wide_as_the_mlp_is_refused_not_ignored(tmp_path: Path, capsys) -> None:
     # with multiple_of 96 a 96-wide MLP can only stay whole; the plan used to fall back to single
     # channels silently and save widths of 64, no multiple of 96
-    r = _recipe(tmp_path, budget={"params": 0.2, "multiple_of": 96})
+    r = tiny_recipe(tmp_path, budget={"params": 0.2, "multiple_of": 96})
     _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "multiple_of=96", "(96)")
     assert not (tmp_path / "out").exists()
 
@@ -96,7 +75,7 @@ def test_eval_with_nothing_to_evaluate_is_an_error(tmp_path: Path, capsys) -> No
 
 
 def test_speed_refuses_a_prefill_beyond_the_model_positions(tmp_path: Path, capsys) -> None:
-    assert main(["prune", str(_recipe(tmp_path)), "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["prune", str(tiny_recipe(tmp_path)), "-o", str(tmp_path / "run"), "--quiet"]) == 0
     capsys.readouterr()
     _fails(
         capsys,
@@ -110,7 +89,7 @@ def test_a_config_that_disagrees_with_the_weights_is_named(tmp_path: Path, capsy
     save_tiny(str(tmp_path / "wide"), "llama")
     cfg = tmp_path / "wide" / "config.json"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "intermediate_size": 128}))
-    r = _recipe(tmp_path, "wide")
+    r = tiny_recipe(tmp_path, "wide")
     _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "wide", "config.json")
     _fails(capsys, ["eval", str(tmp_path / "wide"), "--tasks", "", "--ppl-seqlen", "16"], "config.json")
     assert not (tmp_path / "out").exists()
@@ -125,7 +104,7 @@ def test_a_model_folder_without_tokenizer_files_is_named(
     for f in folder.iterdir():
         if "token" in f.name and f.name not in keep:
             f.unlink()
-    r = _recipe(tmp_path, "notok")
+    r = tiny_recipe(tmp_path, "notok")
     err = _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], str(folder), "tokenizer")
     assert "sentencepiece" not in err.lower() and "tokenizer.json" in err
     with pytest.raises(ModelLoadError, match="no tokenizer vocabulary file"):
@@ -137,13 +116,13 @@ def test_a_model_folder_without_tokenizer_files_is_named(
 def test_a_tokenizer_file_that_is_not_json_is_named(tmp_path: Path, capsys) -> None:
     save_tiny(str(tmp_path / "badtok"), "llama")
     (tmp_path / "badtok" / "tokenizer_config.json").write_text("{{{")
-    r = _recipe(tmp_path, "badtok")
+    r = tiny_recipe(tmp_path, "badtok")
     _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "tokenizer_config.json")
 
 
 def test_an_empty_calibration_file_is_named(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty.txt").write_text("")
-    r = _recipe(tmp_path, calibration={"dataset": "empty.txt"})
+    r = tiny_recipe(tmp_path, calibration={"dataset": "empty.txt"})
     _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "empty.txt", "0 tokens")
     assert not (tmp_path / "out").exists()
 
@@ -151,7 +130,7 @@ def test_an_empty_calibration_file_is_named(tmp_path: Path, capsys) -> None:
 def test_eval_warns_of_a_perplexity_seqlen_beyond_the_positions(tmp_path: Path, capsys) -> None:
     save_tiny(str(tmp_path / "m"), "llama")  # 256 positions
     (tmp_path / "data" / "wikitext2").mkdir(parents=True)
-    (tmp_path / "data" / "wikitext2" / "wiki.test.raw").write_text(" ".join(WORDS * 200))
+    (tmp_path / "data" / "wikitext2" / "wiki.test.raw").write_text(" ".join(CALIBRATION_WORDS * 200))
     args = [
         "eval",
         str(tmp_path / "m"),
@@ -174,7 +153,7 @@ def test_a_quantised_export_judges_rows_by_the_dense_width_not_the_pruned_config
     from secateur.runtime.export import ExportError
     from secateur.runtime.export.gguf import write_gguf
 
-    r = _recipe(tmp_path, budget={"params": 0.1, "multiple_of": 4})
+    r = tiny_recipe(tmp_path, budget={"params": 0.1, "multiple_of": 4})
     assert main(["prune", str(r), "-o", str(tmp_path / "run"), "--quiet"]) == 0
     lm = load_model(str(tmp_path / "run"), "float32", "cpu", tokenizer=False)
     width = lm.model.config.intermediate_size  # a uniform output's config.json holds the pruned width
@@ -193,13 +172,13 @@ def test_a_quantised_export_judges_rows_by_the_dense_width_not_the_pruned_config
 
 def test_an_output_that_is_a_dangling_symlink_is_refused(tmp_path: Path, capsys) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
-    r = _recipe(tmp_path)
+    r = tiny_recipe(tmp_path)
     _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "link"), "--quiet"], "symbolic link", "nowhere")
     assert not (tmp_path / "nowhere").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def test_a_seed_beyond_the_generators_and_a_recipe_symlink_loop_are_one_line(tmp_path: Path, capsys) -> None:
-    r = _recipe(tmp_path, calibration={"seed": 2**70})
+    r = tiny_recipe(tmp_path, calibration={"seed": 2**70})
     _fails(capsys, ["prune", str(r), "-o", str(tmp_path / "out"), "--quiet"], "calibration.seed")
     (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
     (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
@@ -214,7 +193,7 @@ def test_the_api_takes_a_recipe_as_plain_data_and_build_graph_says_what_it_needs
     from secateur.api import prune
 
     monkeypatch.chdir(tmp_path)  # the recipe's relative calibration file is found from here
-    r = _recipe(tmp_path)
+    r = tiny_recipe(tmp_path)
     out = prune(
         recipe=yaml.safe_load(r.read_text()), output=tmp_path / "out", progress=False, log=lambda s: None
     )
