@@ -9,12 +9,12 @@ removal (a plain recipe again, compiled without Optuna), which `secateur prune` 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from secateur.runtime.store.atomic import atomic_write_text
 from secateur.runtime.store.outdir import check_file_replaceable, record_files
 from secateur.search.pareto import pick
 
@@ -50,8 +50,6 @@ def picked_recipe(search_dir: str | Path, query: str) -> tuple[Path, dict[str, A
     header = f"# Pareto front point (trial {point['trial']}) picked by --pick {query}: {shown}\n"
     dest = folder / "picked.yaml"
     check_file_replaceable(dest, True, flag=None)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, dest)
+    atomic_write_text(dest, header + yaml.safe_dump(doc, sort_keys=False))
     record_files([dest])
     return dest, point

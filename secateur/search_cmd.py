@@ -43,6 +43,7 @@ from secateur.recipe.schema import Recipe
 from secateur.runtime.measure.timing import peak_memory
 from secateur.runtime.prune.sequential import prune_sequential
 from secateur.runtime.speed.latency import LatencyModel
+from secateur.runtime.store.atomic import atomic_write_text
 from secateur.runtime.store.data import (
     calibration_tokens,
     recipe_windows,
@@ -137,10 +138,7 @@ def write_front(path: Path, result: SearchResult, lm: LoadedModel, speed: SpeedB
         "objectives": result.study.user_attrs.get("space", {}).get("objectives"),
         "points": points,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)  # a kill never leaves half a front
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=1) + "\n")  # a kill never leaves half a front
 
 
 def _warn(line: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch import nn
 from secateur.graph.plan import Plan
 from secateur.recipe.allocation import SearchOptions
 from secateur.runtime.allocation.space import SearchSpace
+from secateur.runtime.store.atomic import atomic_write_text
 from secateur.search.errors import SearchError
 from secateur.search.evolution import feasible
 from secateur.search.pareto import front as pareto_front
@@ -120,13 +120,6 @@ def search_result(
     )
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write `path` in one step (temporary file, then rename): a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def winner_table(plan: Plan, space: SearchSpace) -> dict[str, Any]:
     """Per-layer keep fractions for `allocation.table`: a number when one structure is searched,
     {mlp: .., attention: ..} when both are, so the compiled counts equal the plan's exactly."""
@@ -170,10 +163,10 @@ def write_winner_recipe(
         if alloc.get("variants_dir"):
             recipe["allocation"]["variants_dir"] = str(Path(alloc["variants_dir"]).expanduser().resolve())
     plan_path = path.parent / "best_plan.json"
-    _replace_text(plan_path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    atomic_write_text(plan_path, json.dumps(plan.to_dict(), indent=2) + "\n")
     header = ["# Allocation found by `secateur search`; a plain recipe, compiled without Optuna."]
     if note:
         header.append(f"# {note}")
     body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    _replace_text(path, "\n".join(header) + "\n" + body)
+    atomic_write_text(path, "\n".join(header) + "\n" + body)
     return path

@@ -46,6 +46,7 @@ from secateur.runtime.prune.select import by_score, select_units
 from secateur.runtime.prune.sequential import LayerLog, PruneResult, restore_layer, write_consumers
 from secateur.runtime.prune.stats import InputStats
 from secateur.runtime.prune.surgery import apply_keep
+from secateur.runtime.store.atomic import atomic_write_text, replacing
 from secateur.runtime.store.fingerprint import ids_fingerprint, model_fingerprint, tensor_fingerprint
 from secateur.runtime.store.leftovers import partial_file
 
@@ -265,9 +266,8 @@ class VariantStore:
         if (self.folder / "key.json").exists():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f"key.json.tmp.{os.getpid()}"
-        tmp.write_text(json.dumps(self.key, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.folder / "key.json")
+        text = json.dumps(self.key, indent=2, sort_keys=True) + "\n"
+        atomic_write_text(self.folder / "key.json", text, tmp=self.folder / f"key.json.tmp.{os.getpid()}")
 
     def path(self, i: int, kind: str, count: int) -> Path:
         return self.folder / f"layer{i:03d}-{kind}-{count}.safetensors"
@@ -327,9 +327,9 @@ class VariantStore:
                     v = build()
                     tensors, meta = _to_tensors(v)
                     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-                    with partial_file(tmp, "variant database"):  # a killed run's is removed later
+                    # a killed run's is removed later
+                    with partial_file(tmp, "variant database"), replacing(path, tmp):
                         save_file(tensors, str(tmp), metadata=meta)
-                        os.replace(tmp, path)
                     self.built += 1
         self._remember(vid, v)
         return v

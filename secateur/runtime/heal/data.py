@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateur.runtime.store.atomic import replacing
+
 GEN_BATCH = 64  # sequences sampled together (per-step overhead dominates small batches); fixed, so every batch is reproducible on its own
 
 
@@ -67,9 +69,8 @@ def self_generated(
         have.append(sample_batch(model, start, GEN_BATCH, seqlen, temperature, seed * 100003 + b))
         if cache is not None:  # kept as it grows: a killed run resumes sampling where it stopped
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save(torch.cat(have), tmp)
-            tmp.replace(cache)
+            with replacing(cache) as tmp:
+                torch.save(torch.cat(have), tmp)
     model.train(was_training)
     return torch.cat(have)[:n_seq]
 

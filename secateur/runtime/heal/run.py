@@ -20,6 +20,7 @@ from secateur.recipe.heal import SELF_DATA, Heal
 from secateur.runtime.heal.data import self_generated, text_sequences
 from secateur.runtime.heal.teacher import TeacherTargets, teacher_targets
 from secateur.runtime.heal.train import HealResult, run_trainer, work_root
+from secateur.runtime.store.atomic import replacing
 from secateur.runtime.store.data import FILE_SUFFIXES, load_text, resolve_text_source, tokenize_text
 from secateur.runtime.store.fingerprint import ids_digest
 
@@ -100,9 +101,8 @@ def prepare(
     else:
         targets = teacher_targets(model, windows, heal.top_k, progress=progress)
         tfile.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tfile.with_suffix(".tmp")
-        save_file({"idx": targets.idx, "logp": targets.logp, "rest": targets.rest}, str(tmp))
-        tmp.replace(tfile)
+        with replacing(tfile) as tmp:
+            save_file({"idx": targets.idx, "logp": targets.logp, "rest": targets.rest}, str(tmp))
     data = {
         "source": source,
         "tokens": windows.numel(),

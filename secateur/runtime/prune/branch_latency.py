@@ -20,6 +20,7 @@ from secateur.graph.groups import layer_shapes
 from secateur.runtime.measure.timing import sync
 from secateur.runtime.prune.branches import BRANCHES, Candidate, branch_params, without
 from secateur.runtime.prune.capture import LayerInputs, capture_inputs, run_layer
+from secateur.runtime.store.atomic import atomic_write_text
 
 LATENCY_SEQLEN = 512
 
@@ -140,8 +141,6 @@ def latency_table(
             entries[keys[s]] = _measure(model, adapter, rep, inputs, repeats)
         folder.mkdir(parents=True, exist_ok=True)
         doc = {"format": LATENCY_FORMAT, "model_type": model_type, "ident": ident, "entries": entries}
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(doc, indent=2))
     per_layer = {i: dict(entries[keys[s]]) for i, s in sigs.items()}
     return LatencyTable(per_layer, path, not missing, time.perf_counter() - t0, n)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.runtime.speed.engines import default_threads
+from secateur.runtime.store.atomic import atomic_write_text
 
 
 def cache_dir() -> Path:
@@ -52,6 +53,4 @@ def store(key: str, record: dict[str, Any]) -> None:
     """Write a record atomically (a concurrent reader sees the old file or the new one)."""
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{key}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(d / f"{key}.json")
+    atomic_write_text(d / f"{key}.json", json.dumps(record, indent=1, sort_keys=True))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from secateur.runtime.speed.quant import LLAMA_QUANTISED, encode_matrix, write_quantised
+from secateur.runtime.store.atomic import replacing
 
 
 @dataclass(frozen=True)
@@ -88,42 +89,41 @@ def write_probe_gguf(shape: ProbeShape, path: str | Path, outtype: str = "f16", 
         write_quantised(path, outtype, lambda f16: write_probe_gguf(shape, f16, "f16", seed))
         return path
     rng = np.random.default_rng(seed)
-    tmp = path.with_name(path.name + ".part")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    llama_header(w, shape, context=4096, eps=1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    tokens = _token_list(shape.vocab)
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_merges([f"{tokens[66]} {tokens[67]}"])  # llama.cpp's BPE loader wants one merge at least
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    with replacing(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        llama_header(w, shape, context=4096, eps=1e-5)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        tokens = _token_list(shape.vocab)
+        w.add_token_list(tokens)
+        w.add_token_types([1] * len(tokens))
+        w.add_token_merges([f"{tokens[66]} {tokens[67]}"])  # llama.cpp's BPE loader wants one merge at least
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
 
-    def mat(name: str, rows: int, cols: int) -> None:
-        data = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
-        enc, qtype = encode_matrix(data, outtype)
-        w.add_tensor(name, enc, raw_dtype=qtype)
+        def mat(name: str, rows: int, cols: int) -> None:
+            data = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+            enc, qtype = encode_matrix(data, outtype)
+            w.add_tensor(name, enc, raw_dtype=qtype)
 
-    h, qd, kd = shape.hidden, shape.n_head * shape.head_dim, shape.n_kv * shape.head_dim
-    mat("token_embd.weight", shape.vocab, h)
-    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
-    mat("output.weight", shape.vocab, h)
-    for i in range(shape.n_layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(h, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(h, np.float32))
-        mat(f"blk.{i}.attn_q.weight", qd, h)
-        mat(f"blk.{i}.attn_k.weight", kd, h)
-        mat(f"blk.{i}.attn_v.weight", kd, h)
-        mat(f"blk.{i}.attn_output.weight", h, qd)
-        mat(f"blk.{i}.ffn_gate.weight", shape.n_ff, h)
-        mat(f"blk.{i}.ffn_up.weight", shape.n_ff, h)
-        mat(f"blk.{i}.ffn_down.weight", h, shape.n_ff)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+        h, qd, kd = shape.hidden, shape.n_head * shape.head_dim, shape.n_kv * shape.head_dim
+        mat("token_embd.weight", shape.vocab, h)
+        w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+        mat("output.weight", shape.vocab, h)
+        for i in range(shape.n_layers):
+            w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(h, np.float32))
+            w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(h, np.float32))
+            mat(f"blk.{i}.attn_q.weight", qd, h)
+            mat(f"blk.{i}.attn_k.weight", kd, h)
+            mat(f"blk.{i}.attn_v.weight", kd, h)
+            mat(f"blk.{i}.attn_output.weight", h, qd)
+            mat(f"blk.{i}.ffn_gate.weight", shape.n_ff, h)
+            mat(f"blk.{i}.ffn_up.weight", shape.n_ff, h)
+            mat(f"blk.{i}.ffn_down.weight", h, shape.n_ff)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     return path
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secateur.runtime.store.atomic import atomic_write_text
+
 MARKER = ".secateur-partial"
 
 
@@ -89,11 +91,7 @@ def _register(path: Path, kind: str, purpose: str, token: str) -> Path | None:
     folder = registry_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        f = folder / f"{entry['pid']}-{token}.json"
-        tmp = folder / f".{f.name}.new"
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, f)
-        return f
+        return atomic_write_text(folder / f"{entry['pid']}-{token}.json", json.dumps(entry))
     except OSError:
         return None
 

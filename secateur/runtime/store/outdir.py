@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from secateur.runtime.store.atomic import atomic_write_text
 from secateur.runtime.store.leftovers import MARKER as PARTIAL_MARKER
 from secateur.runtime.store.leftovers import new_partial_dir, release_partial_dir, sweep
 
@@ -170,9 +171,7 @@ def record_files(paths: Iterable[Path]) -> None:
     for folder, files in by_folder.items():
         listed = written_files(folder)
         listed.update({p.name: _stamp(p) for p in files if p.is_file()})
-        tmp = folder / f".{FILES_MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"files": listed}, indent=1, sort_keys=True))
-        os.replace(tmp, folder / FILES_MANIFEST)
+        atomic_write_text(folder / FILES_MANIFEST, json.dumps({"files": listed}, indent=1, sort_keys=True))
 
 
 def foreign_file(path: Path) -> bool:
