@@ -14,8 +14,6 @@ from typing import Any
 import yaml
 from reliability_probe import Case, Outcome
 
-WORDS = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly"]
-
 
 @dataclass
 class Ctx:
@@ -28,26 +26,21 @@ class Ctx:
 
     def recipe(self, name: str, model: str | Path = "m", **over: Any) -> str:
         """A small fasp recipe (mlp channels, 20%) with `over` merged one level deep."""
+        from secateur.testing import write_tiny_recipe
+
         mid = str(model) if str(model).startswith("/") else str(self.p(str(model)))
-        doc: dict[str, Any] = {
-            "version": 1,
-            "model": {"id": mid, "dtype": "float32", "device": "cpu"},
-            "calibration": {"dataset": "c.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
-            "targets": {"mlp": True, "attention": "none"},
-            "budget": {"params": 0.2, "multiple_of": 4},
-            "evaluate": {"enabled": False},
-        }
-        for k, v in over.items():
-            if v is None:
-                doc.pop(k, None)
-            elif isinstance(v, dict) and isinstance(doc.get(k), dict):
-                doc[k] = {kk: vv for kk, vv in {**doc[k], **v}.items() if vv is not None}
-            else:
-                doc[k] = v
-        path = self.p(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(doc, allow_unicode=True))
-        return str(path)
+        return str(write_tiny_recipe(self.p(name), mid, **over))
+
+    def prune(self, recipe: str, out: str, *flags: str, quiet: bool = True, **over: Any) -> list[str]:
+        """argv of `prune` of `self.recipe(recipe, **over)` into the folder `out` under the root."""
+        return [
+            "prune",
+            self.recipe(recipe, **over),
+            "-o",
+            str(self.p(out)),
+            *(["--quiet"] if quiet else []),
+            *flags,
+        ]
 
     def search_recipe(self, name: str, **over: Any) -> str:
         doc: dict[str, Any] = {
@@ -92,12 +85,12 @@ def setup(root: Path) -> Ctx:
     """Tiny models, text, a good run of each kind, damaged copies, a read-only folder."""
     from secateur.api import prune
     from secateur.export import export
-    from secateur.testing import save_tiny, save_tiny_gguf
+    from secateur.testing import CALIBRATION_WORDS, calibration_text, save_tiny, save_tiny_gguf
 
     ctx = Ctx(root)
-    ctx.p("c.txt").write_text(" ".join(WORDS[(i * 7) % 10] for i in range(6000)))
+    ctx.p("c.txt").write_text(calibration_text())
     (ctx.p("data-root", "wikitext2")).mkdir(parents=True)
-    text = "\n".join(" ".join(WORDS[(i * j) % 10] for j in range(40)) for i in range(400))
+    text = "\n".join(" ".join(CALIBRATION_WORDS[(i * j) % 10] for j in range(40)) for i in range(400))
     for f in ("wiki.test.raw", "wiki.train.raw", "wiki.valid.raw"):
         ctx.p("data-root", "wikitext2", f).write_text(text)
     save_tiny(str(ctx.p("m")), "llama")
@@ -594,7 +587,7 @@ def damaged_cases(ctx: Ctx) -> list[Case]:
             Case(
                 f"prune a damaged source {name}",
                 "damaged-file",
-                ["prune", ctx.recipe(f"r_{name}.yaml", model=name), "-o", str(p(f"o_{name}")), "--quiet"],
+                ctx.prune(f"r_{name}.yaml", f"o_{name}", model=name),
                 msg=words,
                 keep=(p(name),),
                 absent=(p(f"o_{name}"),),
@@ -616,7 +609,7 @@ def damaged_cases(ctx: Ctx) -> list[Case]:
         Case(
             "prune --stream a truncated safetensors",
             "damaged-file",
-            ["prune", ctx.recipe("r_st.yaml", model="m_trunc"), "-o", str(p("o_st")), "--stream", "--quiet"],
+            ctx.prune("r_st.yaml", "o_st", "--stream", model="m_trunc"),
             msg=("model.safetensors",),
             absent=(p("o_st"),),
         )
@@ -672,39 +665,21 @@ def damaged_cases(ctx: Ctx) -> list[Case]:
         Case(
             "prune with an empty calibration file",
             "damaged-file",
-            [
-                "prune",
-                ctx.recipe("r_e.yaml", calibration={"dataset": "empty.txt"}),
-                "-o",
-                str(p("o_e")),
-                "--quiet",
-            ],
+            ctx.prune("r_e.yaml", "o_e", calibration={"dataset": "empty.txt"}),
             msg=("empty.txt",),
             absent=(p("o_e"),),
         ),
         Case(
             "prune with binary calibration text",
             "damaged-file",
-            [
-                "prune",
-                ctx.recipe("r_bc.yaml", calibration={"dataset": "binc.txt"}),
-                "-o",
-                str(p("o_bc")),
-                "--quiet",
-            ],
+            ctx.prune("r_bc.yaml", "o_bc", calibration={"dataset": "binc.txt"}),
             expect="any",
             msg=("binc.txt",),
         ),
         Case(
             "prune with a calibration folder",
             "damaged-file",
-            [
-                "prune",
-                ctx.recipe("r_cd.yaml", calibration={"dataset": str(p("mine"))}),
-                "-o",
-                str(p("o_cd")),
-                "--quiet",
-            ],
+            ctx.prune("r_cd.yaml", "o_cd", calibration={"dataset": str(p("mine"))}),
             msg=("mine",),
             absent=(p("o_cd"),),
         ),
@@ -725,7 +700,7 @@ def nonfinite_cases(ctx: Ctx) -> list[Case]:
             Case(
                 f"prune a source with {name[2:]}",
                 "nonfinite",
-                ["prune", ctx.recipe(f"r_{name}.yaml", model=name), "-o", str(p(f"o_{name}")), "--quiet"],
+                ctx.prune(f"r_{name}.yaml", f"o_{name}", model=name),
                 msg=words,
                 absent=(p(f"o_{name}"),),
             )
@@ -734,54 +709,28 @@ def nonfinite_cases(ctx: Ctx) -> list[Case]:
         Case(
             "prune --stream a NaN source",
             "nonfinite",
-            [
-                "prune",
-                ctx.recipe("r_nans.yaml", model="m_nan"),
-                "-o",
-                str(p("o_nans")),
-                "--quiet",
-                "--stream",
-            ],
+            ctx.prune("r_nans.yaml", "o_nans", "--stream", model="m_nan"),
             msg=("up_proj",),
             absent=(p("o_nans"),),
         ),
         Case(
             "prune to float16 with weights beyond its range",
             "nonfinite",
-            [
-                "prune",
-                ctx.recipe("r_big.yaml", model="m_big", output={"dtype": "float16"}),
-                "-o",
-                str(p("o_big")),
-                "--quiet",
-            ],
+            ctx.prune("r_big.yaml", "o_big", model="m_big", output={"dtype": "float16"}),
             msg=("float16",),
             absent=(p("o_big"),),
         ),
         Case(
             "prune --stream to float16 with weights beyond its range",
             "nonfinite",
-            [
-                "prune",
-                ctx.recipe("r_bigs.yaml", model="m_big", output={"dtype": "float16"}),
-                "-o",
-                str(p("o_bigs")),
-                "--quiet",
-                "--stream",
-            ],
+            ctx.prune("r_bigs.yaml", "o_bigs", "--stream", model="m_big", output={"dtype": "float16"}),
             msg=("float16",),
             absent=(p("o_bigs"),),
         ),
         Case(
             "prune to bfloat16 with the same weights",
             "nonfinite",
-            [
-                "prune",
-                ctx.recipe("r_bigb.yaml", model="m_big", output={"dtype": "bfloat16"}),
-                "-o",
-                str(p("o_bigb")),
-                "--quiet",
-            ],
+            ctx.prune("r_bigb.yaml", "o_bigb", model="m_big", output={"dtype": "bfloat16"}),
             expect="any",
             check=no_nan_output,
         ),
@@ -795,20 +744,15 @@ def nonfinite_cases(ctx: Ctx) -> list[Case]:
         Case(
             "prune with perplexity on in float16 working dtype",
             "nonfinite",
-            [
-                "prune",
-                ctx.recipe(
-                    "r_f16.yaml",
-                    model={"id": str(p("m_big")), "dtype": "float16", "device": "cpu"},
-                    evaluate={
-                        "enabled": True,
-                        "perplexity": [{"dataset": "c.txt", "seqlen": 32, "max_windows": 2}],
-                    },
-                ),
-                "-o",
-                str(p("o_f16")),
-                "--quiet",
-            ],
+            ctx.prune(
+                "r_f16.yaml",
+                "o_f16",
+                model={"id": str(p("m_big")), "dtype": "float16", "device": "cpu"},
+                evaluate={
+                    "enabled": True,
+                    "perplexity": [{"dataset": "c.txt", "seqlen": 32, "max_windows": 2}],
+                },
+            ),
             expect="any",
             check=no_nan_output,
         ),
@@ -923,7 +867,7 @@ def budget_cases(ctx: Ctx) -> list[Case]:
             Case(
                 f"budget {label}",
                 "budget",
-                ["prune", ctx.recipe(f"r_{name}.yaml", **over), "-o", str(p(f"o_{name}")), "--quiet"],
+                ctx.prune(f"r_{name}.yaml", f"o_{name}", **over),
                 expect=expect,
                 msg=words,
                 check=check,

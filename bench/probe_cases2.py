@@ -54,12 +54,13 @@ sys.exit(0 if 0 in rcs else 1)
 
 
 def _sig(ctx: Ctx, name: str) -> list[str]:
-    r = ctx.recipe(
+    return ctx.prune(
         f"r_sig_{name}.yaml",
+        f"o_sig_{name}",
+        "--stream",
         calibration={"n_samples": 64, "seqlen": 128},
         evaluate={"enabled": True, "perplexity": [{"dataset": "c.txt", "seqlen": 128, "max_windows": 64}]},
     )
-    return ["prune", r, "-o", str(ctx.p(f"o_sig_{name}")), "--quiet", "--stream"]
 
 
 def signal_cases(ctx: Ctx) -> list[Case]:
@@ -98,7 +99,7 @@ def signal_cases(ctx: Ctx) -> list[Case]:
         Case(
             "two prunes into one new output at once",
             "hostile-new",
-            ["python", "-c", CONCURRENT, "prune", ctx.recipe("r_cc.yaml"), "-o", str(p("o_cc")), "--quiet"],
+            ["python", "-c", CONCURRENT, *ctx.prune("r_cc.yaml", "o_cc")],
             mode="sub",
             expect="ok",
             timeout=500,
@@ -409,20 +410,14 @@ def tokenizer_cases(ctx: Ctx) -> list[Case]:
         Case(
             "tokenizer larger than the embedding (ASCII text)",
             "tokenizer",
-            ["prune", ctx.recipe("r_bt.yaml", model="m_bigtok"), "-o", str(p("o_bt")), "--quiet"],
+            ctx.prune("r_bt.yaml", "o_bt", model="m_bigtok"),
             msg=("200",),
             absent=(p("o_bt"),),
         ),
         Case(
             "tokenizer larger than the embedding (non-ASCII text)",
             "tokenizer",
-            [
-                "prune",
-                ctx.recipe("r_bt2.yaml", model="m_bigtok", calibration={"dataset": "uni.txt"}),
-                "-o",
-                str(p("o_bt2")),
-                "--quiet",
-            ],
+            ctx.prune("r_bt2.yaml", "o_bt2", model="m_bigtok", calibration={"dataset": "uni.txt"}),
             msg=("200",),
             absent=(p("o_bt2"),),
         ),
@@ -435,26 +430,20 @@ def tokenizer_cases(ctx: Ctx) -> list[Case]:
         Case(
             "tokenizer smaller than the embedding",
             "tokenizer",
-            ["prune", ctx.recipe("r_st2.yaml", model="m_smalltok"), "-o", str(p("o_smalltok")), "--quiet"],
+            ctx.prune("r_st2.yaml", "o_smalltok", model="m_smalltok"),
             expect="ok",
             check=pruned_as_asked(p("o_smalltok"), 0.2),
         ),
         Case(
             "non-ASCII calibration text",
             "tokenizer",
-            [
-                "prune",
-                ctx.recipe("r_uni.yaml", calibration={"dataset": "uni.txt"}),
-                "-o",
-                str(p("o_uni")),
-                "--quiet",
-            ],
+            ctx.prune("r_uni.yaml", "o_uni", calibration={"dataset": "uni.txt"}),
             expect="any",
         ),
         Case(
             "model folder without tokenizer files (prune)",
             "tokenizer",
-            ["prune", ctx.recipe("r_nt.yaml", model="m_notok"), "-o", str(p("o_nt")), "--quiet"],
+            ctx.prune("r_nt.yaml", "o_nt", model="m_notok"),
             msg=("m_notok", "tokenizer"),
             check=_not_sentencepiece,
             absent=(p("o_nt"),),
@@ -469,7 +458,7 @@ def tokenizer_cases(ctx: Ctx) -> list[Case]:
         Case(
             "model folder with tokenizer_config but no tokenizer.json",
             "tokenizer",
-            ["prune", ctx.recipe("r_ov.yaml", model="m_onlyvocab"), "-o", str(p("o_ov")), "--quiet"],
+            ctx.prune("r_ov.yaml", "o_ov", model="m_onlyvocab"),
             msg=("m_onlyvocab", "tokenizer"),
             check=_not_sentencepiece,
         ),
@@ -492,51 +481,35 @@ def seqlen_cases(ctx: Ctx) -> list[Case]:
         Case(
             "calibration seqlen 300 beyond 256 positions",
             "seqlen",
-            [
-                "prune",
-                ctx.recipe("r_sl.yaml", calibration={"seqlen": 300, "n_samples": 2}),
-                "-o",
-                str(p("o_sl")),
-                "--quiet",
-            ],
+            ctx.prune("r_sl.yaml", "o_sl", calibration={"seqlen": 300, "n_samples": 2}),
             expect="any",
             msg=("300", "256"),
         ),
         Case(
             "heldout_seqlen 5000 beyond positions",
             "seqlen",
-            [
-                "prune",
-                ctx.recipe(
-                    "r_hsl.yaml",
-                    method="blockpruner",
-                    targets={"sublayers": True, "mlp": False},
-                    budget={"params": 0.3},
-                    calibration={"heldout_seqlen": 5000},
-                ),
-                "-o",
-                str(p("o_hsl")),
-                "--quiet",
-            ],
+            ctx.prune(
+                "r_hsl.yaml",
+                "o_hsl",
+                method="blockpruner",
+                targets={"sublayers": True, "mlp": False},
+                budget={"params": 0.3},
+                calibration={"heldout_seqlen": 5000},
+            ),
             expect="any",
             msg=("heldout_seqlen",),
         ),
         Case(
             "evaluate seqlen 9999 beyond positions",
             "seqlen",
-            [
-                "prune",
-                ctx.recipe(
-                    "r_esl.yaml",
-                    evaluate={
-                        "enabled": True,
-                        "perplexity": [{"dataset": "c.txt", "seqlen": 9999, "max_windows": 1}],
-                    },
-                ),
-                "-o",
-                str(p("o_esl")),
-                "--quiet",
-            ],
+            ctx.prune(
+                "r_esl.yaml",
+                "o_esl",
+                evaluate={
+                    "enabled": True,
+                    "perplexity": [{"dataset": "c.txt", "seqlen": 9999, "max_windows": 1}],
+                },
+            ),
             expect="any",
             msg=("9999",),
             check=no_nan_output,
@@ -552,13 +525,7 @@ def seqlen_cases(ctx: Ctx) -> list[Case]:
         Case(
             "calibration seqlen longer than the text",
             "seqlen",
-            [
-                "prune",
-                ctx.recipe("r_slt.yaml", calibration={"seqlen": 100000, "n_samples": 1}),
-                "-o",
-                str(p("o_slt")),
-                "--quiet",
-            ],
+            ctx.prune("r_slt.yaml", "o_slt", calibration={"seqlen": 100000, "n_samples": 1}),
             msg=("seqlen",),
             absent=(p("o_slt"),),
         ),
@@ -581,58 +548,36 @@ def resource_cases(ctx: Ctx) -> list[Case]:
     return [
         case(
             "calibration n_samples 1e9",
-            [
-                "prune",
-                ctx.recipe("r_ns.yaml", calibration={"n_samples": 10**9}),
-                "-o",
-                str(p("o_ns")),
-                "--quiet",
-            ],
+            ctx.prune("r_ns.yaml", "o_ns", calibration={"n_samples": 10**9}),
             ("n_samples",),
         ),
         case(
             "calibration seqlen 1e9",
-            [
-                "prune",
-                ctx.recipe("r_sq.yaml", calibration={"seqlen": 10**9}),
-                "-o",
-                str(p("o_sq")),
-                "--quiet",
-            ],
+            ctx.prune("r_sq.yaml", "o_sq", calibration={"seqlen": 10**9}),
             ("seqlen",),
         ),
         case(
             "heldout_windows 1e9",
-            [
-                "prune",
-                ctx.recipe(
-                    "r_hw.yaml",
-                    method="blockpruner",
-                    targets={"sublayers": True, "mlp": False},
-                    budget={"params": 0.3},
-                    calibration={"heldout_windows": 10**9},
-                ),
-                "-o",
-                str(p("o_hw")),
-                "--quiet",
-            ],
+            ctx.prune(
+                "r_hw.yaml",
+                "o_hw",
+                method="blockpruner",
+                targets={"sublayers": True, "mlp": False},
+                budget={"params": 0.3},
+                calibration={"heldout_windows": 10**9},
+            ),
             expect="any",
         ),
         case(
             "evaluate max_windows 1e12",
-            [
-                "prune",
-                ctx.recipe(
-                    "r_mw.yaml",
-                    evaluate={
-                        "enabled": True,
-                        "perplexity": [{"dataset": "c.txt", "seqlen": 32, "max_windows": 10**12}],
-                    },
-                ),
-                "-o",
-                str(p("o_mw")),
-                "--quiet",
-            ],
+            ctx.prune(
+                "r_mw.yaml",
+                "o_mw",
+                evaluate={
+                    "enabled": True,
+                    "perplexity": [{"dataset": "c.txt", "seqlen": 32, "max_windows": 10**12}],
+                },
+            ),
             expect="any",
         ),
         case(
@@ -642,29 +587,17 @@ def resource_cases(ctx: Ctx) -> list[Case]:
         ),
         case(
             "calibration from /dev/zero",
-            [
-                "prune",
-                ctx.recipe("r_zero.yaml", calibration={"dataset": "/dev/zero"}),
-                "-o",
-                str(p("o_z")),
-                "--quiet",
-            ],
+            ctx.prune("r_zero.yaml", "o_z", calibration={"dataset": "/dev/zero"}),
             ("/dev/zero",),
         ),
         case(
             "calibration from /dev/urandom",
-            [
-                "prune",
-                ctx.recipe("r_rand.yaml", calibration={"dataset": "/dev/urandom"}),
-                "-o",
-                str(p("o_ur")),
-                "--quiet",
-            ],
+            ctx.prune("r_rand.yaml", "o_ur", calibration={"dataset": "/dev/urandom"}),
             ("/dev/urandom",),
         ),
         case(
             "model.id /dev/zero",
-            ["prune", ctx.recipe("r_mz.yaml", model="/dev/zero"), "-o", str(p("o_mz")), "--quiet"],
+            ctx.prune("r_mz.yaml", "o_mz", model="/dev/zero"),
             ("/dev/zero",),
         ),
         case(
@@ -747,73 +680,46 @@ def dataset_cases(ctx: Ctx) -> list[Case]:
         Case(
             "calibration from an unreachable hub dataset",
             "dataset",
-            [
-                "prune",
-                ctx.recipe("r_hub.yaml", calibration={"dataset": "someone/no-such-dataset"}),
-                "-o",
-                str(p("o_hub")),
-                "--quiet",
-            ],
+            ctx.prune("r_hub.yaml", "o_hub", calibration={"dataset": "someone/no-such-dataset"}),
             msg=("someone/no-such-dataset",),
             timeout=90,
         ),
         Case(
             "calibration wikitext2 without the data root",
             "dataset",
-            [
-                "prune",
-                ctx.recipe("r_wt.yaml", calibration={"dataset": "wikitext2", "data_root": str(p("nowhere"))}),
-                "-o",
-                str(p("o_wt")),
-                "--quiet",
-            ],
+            ctx.prune(
+                "r_wt.yaml", "o_wt", calibration={"dataset": "wikitext2", "data_root": str(p("nowhere"))}
+            ),
             msg=("nowhere",),
         ),
         Case(
             "calibration file missing",
             "dataset",
-            ["prune", ctx.recipe("r_cm.yaml", calibration={"dataset": "nope.txt"}), "-o", str(p("o_cm"))],
+            ctx.prune("r_cm.yaml", "o_cm", quiet=False, calibration={"dataset": "nope.txt"}),
             msg=("nope.txt",),
         ),
         Case(
             "evaluate set missing",
             "dataset",
-            [
-                "prune",
-                ctx.recipe(
-                    "r_em.yaml",
-                    evaluate={"enabled": True, "perplexity": [{"dataset": "nope2.txt", "seqlen": 32}]},
-                ),
-                "-o",
-                str(p("o_em")),
-                "--quiet",
-            ],
+            ctx.prune(
+                "r_em.yaml",
+                "o_em",
+                evaluate={"enabled": True, "perplexity": [{"dataset": "nope2.txt", "seqlen": 32}]},
+            ),
             msg=("nope2.txt",),
             absent=(p("o_em"),),
         ),
         Case(
             "evaluate task file missing",
             "dataset",
-            [
-                "prune",
-                ctx.recipe("r_tm.yaml", evaluate={"enabled": True, "tasks": ["piqa"]}),
-                "-o",
-                str(p("o_tm")),
-                "--quiet",
-            ],
+            ctx.prune("r_tm.yaml", "o_tm", evaluate={"enabled": True, "tasks": ["piqa"]}),
             msg=("piqa",),
             absent=(p("o_tm"),),
         ),
         Case(
             "calibration dataset an unknown short name",
             "dataset",
-            [
-                "prune",
-                ctx.recipe("r_sn.yaml", calibration={"dataset": "wikitext-9"}),
-                "-o",
-                str(p("o_sn")),
-                "--quiet",
-            ],
+            ctx.prune("r_sn.yaml", "o_sn", calibration={"dataset": "wikitext-9"}),
             msg=("wikitext-9",),
             timeout=90,
         ),
@@ -1020,7 +926,7 @@ def hostile_cases(ctx: Ctx) -> list[Case]:
         Case(
             "model.id through a symlink",
             "hostile-new",
-            ["prune", ctx.recipe("r_link.yaml", model="link-to-m"), "-o", str(p("o_link")), "--quiet"],
+            ctx.prune("r_link.yaml", "o_link", model="link-to-m"),
             expect="ok",
             check=pruned_as_asked(p("o_link"), 0.2),
         ),
@@ -1061,13 +967,7 @@ def hostile_cases(ctx: Ctx) -> list[Case]:
         Case(
             "model.id given with ~",
             "hostile-new",
-            [
-                "prune",
-                ctx.recipe("r_tilde.yaml", model="~/no-such-model-here"),
-                "-o",
-                str(p("o_t")),
-                "--quiet",
-            ],
+            ctx.prune("r_tilde.yaml", "o_t", model="~/no-such-model-here"),
             msg=("no-such-model-here",),
         ),
         Case(
@@ -1079,31 +979,19 @@ def hostile_cases(ctx: Ctx) -> list[Case]:
         Case(
             "layers selector 'abc'",
             "hostile-new",
-            [
-                "prune",
-                ctx.recipe("r_abc.yaml", targets={"layers": ["abc"]}),
-                "-o",
-                str(p("o_abc")),
-                "--quiet",
-            ],
+            ctx.prune("r_abc.yaml", "o_abc", targets={"layers": ["abc"]}),
             msg=("abc",),
         ),
         Case(
             "seed a negative number",
             "hostile-new",
-            ["prune", ctx.recipe("r_seed.yaml", calibration={"seed": -1}), "-o", str(p("o_seed")), "--quiet"],
+            ctx.prune("r_seed.yaml", "o_seed", calibration={"seed": -1}),
             expect="any",
         ),
         Case(
             "seed 2**70",
             "hostile-new",
-            [
-                "prune",
-                ctx.recipe("r_seed2.yaml", calibration={"seed": 2**70}),
-                "-o",
-                str(p("o_seed2")),
-                "--quiet",
-            ],
+            ctx.prune("r_seed2.yaml", "o_seed2", calibration={"seed": 2**70}),
             msg=("seed",),
         ),
         Case(
@@ -1115,33 +1003,21 @@ def hostile_cases(ctx: Ctx) -> list[Case]:
         Case(
             "max_shard_size 1 byte",
             "hostile-new",
-            [
-                "prune",
-                ctx.recipe("r_shard.yaml", output={"max_shard_size": 1}),
-                "-o",
-                str(p("o_shard")),
-                "--quiet",
-            ],
+            ctx.prune("r_shard.yaml", "o_shard", output={"max_shard_size": 1}),
             expect="any",
             check=pruned_as_asked(p("o_shard"), 0.2),
         ),
         Case(
             "max_shard_size '10KB' (sharded output)",
             "hostile-new",
-            [
-                "prune",
-                ctx.recipe("r_shard2.yaml", output={"max_shard_size": "10KB"}),
-                "-o",
-                str(p("o_shard2")),
-                "--quiet",
-            ],
+            ctx.prune("r_shard2.yaml", "o_shard2", output={"max_shard_size": "10KB"}),
             expect="ok",
             check=pruned_as_asked(p("o_shard2"), 0.2),
         ),
         Case(
             "prune a pruned run again",
             "hostile-new",
-            ["prune", ctx.recipe("r_again.yaml", model="run"), "-o", str(p("o_again")), "--quiet"],
+            ctx.prune("r_again.yaml", "o_again", model="run"),
             expect="any",
             keep=(p("run"),),
         ),
