@@ -14,6 +14,13 @@ import yaml
 from probe_cases import Ctx, no_nan_output, pruned_as_asked, says
 from reliability_probe import Case, Outcome
 
+# a recipe's overrides for BlockPruner removing whole sublayers (attention or MLP blocks)
+SUBLAYERS: dict[str, Any] = {
+    "method": "blockpruner",
+    "targets": {"sublayers": True, "mlp": False},
+    "budget": {"params": 0.3},
+}
+
 LOCKS = Path(__file__).resolve().parents[1] / "tests" / "data" / "locks"
 
 # a real process that is signalled once its temporary output folder exists
@@ -491,9 +498,7 @@ def seqlen_cases(ctx: Ctx) -> list[Case]:
             ctx.prune(
                 "r_hsl.yaml",
                 "o_hsl",
-                method="blockpruner",
-                targets={"sublayers": True, "mlp": False},
-                budget={"params": 0.3},
+                **SUBLAYERS,
                 calibration={"heldout_seqlen": 5000},
             ),
             expect="any",
@@ -561,9 +566,7 @@ def resource_cases(ctx: Ctx) -> list[Case]:
             ctx.prune(
                 "r_hw.yaml",
                 "o_hw",
-                method="blockpruner",
-                targets={"sublayers": True, "mlp": False},
-                budget={"params": 0.3},
+                **SUBLAYERS,
                 calibration={"heldout_windows": 10**9},
             ),
             expect="any",
@@ -1055,12 +1058,7 @@ def api_cases(ctx: Ctx) -> list[Case]:
         LlamaForCausalLM.from_pretrained(str(p("o_sub")))
 
     prune(
-        ctx.recipe(
-            "r_sub.yaml",
-            method="blockpruner",
-            targets={"sublayers": True, "mlp": False},
-            budget={"params": 0.3},
-        ),
+        ctx.recipe("r_sub.yaml", **SUBLAYERS),
         output=p("o_sub"),
         **q,
     )
