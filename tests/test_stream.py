@@ -296,3 +296,28 @@ def test_peak_memory_is_the_programs_own_not_its_parents() -> None:
     )
     assert int(out.stdout.split()[-1]) < 700 * 2**20  # torch alone is a few hundred MiB
     del big
+
+
+def test_nonfinite_count_is_exact_across_chunks() -> None:
+    """The chunked NaN/inf count (bounded memory on large embeddings) equals the whole-tensor count,
+    wherever the bad values fall against the chunk boundaries."""
+    from secateur.runtime.store.deliver import count_nonfinite
+
+    t = torch.randn(37, 11, dtype=torch.bfloat16)
+    flat = t.view(-1)
+    for i in (0, 15, 16, 17, 200, flat.numel() - 1):
+        flat[i] = float("nan") if i % 2 else float("inf")
+    whole = int((~torch.isfinite(t)).sum())
+    assert whole == 6
+    for chunk in (1, 7, 16, 1 << 22):
+        assert count_nonfinite(t, chunk) == whole
+
+
+def test_freed_memory_returns_on_glibc() -> None:
+    """Streaming asks glibc to mmap large buffers (what keeps a streamed prune's memory flat with depth)."""
+    import platform
+
+    from secateur.runtime.store.stream import return_freed_memory
+
+    libc = platform.libc_ver()[0]
+    assert return_freed_memory() is (libc == "glibc")

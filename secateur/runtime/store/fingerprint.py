@@ -24,7 +24,8 @@ class Fingerprint:
             raise ValueError(f"fingerprint: tensor {name!r} added twice")
         t = t.detach().to("cpu").contiguous()
         h = hashlib.sha256(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed through a view of the tensor's memory, not a bytes copy of it
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._digests[name] = h.hexdigest()
 
     def hexdigest(self) -> str:
@@ -77,7 +78,8 @@ def model_fingerprint_v1(model: nn.Module, dtype: torch.dtype | None = None) -> 
     h = hashlib.sha256()
     for name, t in sorted(saved_state_dict(model, dtype).items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed through a view of the tensor's memory, not a bytes copy of it
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 

