@@ -118,11 +118,10 @@ def check_streamable(recipe: Recipe) -> None:
             "model.stream: allocation.compile 'stitched' builds its one-shot variants on the whole model; "
             "use allocation.compile: sequential to stream"
         )
-    if recipe.output.export:
-        formats = ", ".join(sorted({e.format for e in recipe.output.export}))
+    if any(e.format != "gguf" for e in recipe.output.export):
         raise StreamError(
-            f"model.stream: output.export ({formats}) converts the whole pruned model in memory; drop "
-            f"output.export and run `secateur export OUTPUT --format FORMAT` on the output where it fits"
+            "model.stream: output.export decilm converts the whole pruned model in memory (only gguf exports "
+            "stream); drop it and run `secateur export OUTPUT --format decilm` on the output where it fits"
         )
     if recipe.evaluate.enabled and recipe.evaluate.tasks:
         raise StreamError(

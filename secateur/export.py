@@ -15,7 +15,7 @@ from secateur.lock import LOCK_NAME
 from secateur.recipe.schema import Recipe
 from secateur.runtime.export import FORMATS, ExportError, check_replaceable_path
 from secateur.runtime.export.decilm import decilm_config, write_decilm
-from secateur.runtime.export.gguf import check_tokenizer, gguf_layout, write_gguf
+from secateur.runtime.export.gguf import check_quant_rows, check_tokenizer, gguf_layout, write_gguf
 from secateur.runtime.export.gguf_folder import write_gguf_streamed
 from secateur.runtime.store.folder import is_pruned_folder
 from secateur.runtime.store.loader import ModelSource, load_model, resolve_source
@@ -102,13 +102,21 @@ def check_exports(recipe: Recipe, adapter: ModelAdapter, base_dir: Path | None) 
 
 
 def check_pruned(
-    model: nn.Module, adapter: ModelAdapter, fmt: str, tokenizer_gguf: Path | None = None
+    model: nn.Module,
+    adapter: ModelAdapter,
+    fmt: str,
+    tokenizer_gguf: Path | None = None,
+    outtype: str | None = None,
+    dense_layer: Mapping[str, Any] | None = None,
 ) -> None:
-    """Raise ExportError when the engine cannot hold this pruned model exactly (nothing written)."""
+    """Raise ExportError when the engine cannot hold this pruned model exactly (nothing written);
+    `outtype`: also the row lengths a quantised GGUF type needs (judged by `dense_layer`)."""
     if fmt == "gguf":
         gguf_layout(model, adapter)
         if tokenizer_gguf is not None:
             check_tokenizer(model, tokenizer_gguf)
+        if outtype is not None:
+            check_quant_rows(model, adapter, outtype, dense_layer)
     else:
         decilm_config(model, adapter)
 

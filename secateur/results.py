@@ -135,7 +135,7 @@ def write_output(
         try:
             where = f"output.export.{i}"
             tok = recipe_tokenizer_gguf(e, lm.source, base_dir, where) if e.format == "gguf" else None
-            check_pruned(lm.model, lm.adapter, e.format, tok)
+            check_pruned(lm.model, lm.adapter, e.format, tok, e.outtype, report.get("dense_layer"))
             exports.append((e, tok))
         except ExportError as err:
             refused.append(f"output.export.{i} ({e.format}): {err}")

@@ -15,9 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from secateur.evaluation import evaluate_ppl
+from secateur.export import export_name, recipe_tokenizer_gguf
 from secateur.lock import LockError, check_kept_ranges
 from secateur.pipeline import Pipeline, PruneRun
 from secateur.results import check_lock_model, check_lock_result, kept_units, write_run_files
+from secateur.runtime.export import ExportError
+from secateur.runtime.export.gguf_folder import write_gguf_streamed
 from secateur.runtime.store.deliver import check_perplexity
 from secateur.runtime.store.io import all_layer_shapes, write_metadata
 from secateur.runtime.store.outdir import atomic_dir
@@ -34,6 +37,7 @@ class StreamedPipeline(Pipeline):
         self.tmp: Path | None = None  # the atomic output folder while it is being written
         self.writer: ShardWriter | None = None
         self.bound = 0  # bytes the dense layers' streaming needs at most
+        self.refused: list[str] = []  # output.export entries the engine cannot hold
 
     def preflight(self, run: PruneRun) -> None:
         if run.lock_data is not None and run.lock_data.get("lock_version") == 1:
@@ -58,6 +62,8 @@ class StreamedPipeline(Pipeline):
             self.writer = ShardWriter(tmp, run.out_dtype, run.recipe.output.max_shard_size)
             run.layer_io = StreamPass(run.lm.stream, self.writer)
             yield
+        if self.refused:  # the pruned model is saved; the exports left out are reported after
+            raise ExportError(f"pruned model saved to {run.out}, but " + "; ".join(self.refused))
 
     def fingerprint(self, run: PruneRun) -> None:
         """The shards hold the weights in the output dtype; the fingerprints come from reading and
@@ -105,3 +111,22 @@ class StreamedPipeline(Pipeline):
         lm = run.lm
         plain = write_metadata(lm.model, lm.adapter, self.tmp, lm.tokenizer, run.out_dtype)
         write_run_files(self.tmp, run.out, lm, run.recipe, run.lock, run.report, plain)
+        self.export(run)
+
+    def export(self, run: PruneRun) -> None:
+        """The recipe's GGUF exports (checked at preflight: no DeciLM when streaming), each written
+        from the shards just saved, one tensor at a time; one the engine cannot hold is left out."""
+        for i, e in enumerate(run.recipe.output.export):
+            where = f"output.export.{i}"
+            try:
+                tok = recipe_tokenizer_gguf(e, run.lm.source, run.base_dir, where)
+                write_gguf_streamed(
+                    self.tmp,
+                    self.tmp / export_name(e.format, e.outtype),
+                    tok,
+                    e.outtype,
+                    name=f"{run.recipe.name or run.out.name} (pruned by Secateur)",
+                    dense_layer=run.report.get("dense_layer"),
+                )
+            except ExportError as err:
+                self.refused.append(f"{where} ({e.format}): {err}")

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from secateur.api import prune
 from secateur.cli import main
 from secateur.export import export
 from secateur.graph.adapters import adapter_for
@@ -28,7 +30,7 @@ from secateur.runtime.prune.surgery import apply_keep
 from secateur.runtime.store.io import save_pruned
 from secateur.runtime.store.leftovers import find
 from secateur.runtime.store.weights import SafetensorsSource
-from secateur.testing import tiny_model
+from secateur.testing import save_tiny_gguf, tiny_model
 
 VOCAB = 49152  # the tokenizer GGUF's vocabulary (SmolLM2's)
 
@@ -200,3 +202,35 @@ def test_streamed_export_peak_memory_does_not_grow_with_depth(tmp_path, tok_gguf
     assert rise["8-True"] - rise["2-True"] < grown / 4, {k: v / 2**20 for k, v in rise.items()}
     assert rise["8-False"] - rise["2-False"] > grown / 2, {k: v / 2**20 for k, v in rise.items()}
     assert _sha(tmp_path / "8-True.gguf") == _sha(tmp_path / "8-False.gguf")
+
+
+def test_a_streamed_prune_writes_its_recipe_gguf_exports_as_the_in_memory_prune_does(tmp_path):
+    """`output.export` with `model.stream`: the GGUF is written from the shards just saved, one
+    tensor at a time, and equals the in-memory prune's byte for byte; an export the engine cannot
+    hold (q8_0 rows of a pruned width) is left out and reported after the output is saved."""
+    save_tiny_gguf(str(tmp_path / "tiny.gguf"))
+    words = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer"]
+    (tmp_path / "calib.txt").write_text(" ".join(words[i % 9] for i in range(6000)))
+    doc = {
+        "version": 1,
+        "name": "tiny",
+        "model": {"id": str(tmp_path / "tiny.gguf"), "dtype": "float32", "device": "cpu"},
+        "calibration": {"dataset": "calib.txt", "n_samples": 4, "seqlen": 32},
+        "targets": {"mlp": True, "attention": "q_head"},
+        "budget": {"params": 0.3, "multiple_of": 4},
+        "evaluate": {"enabled": False},
+        "output": {
+            "dtype": "bfloat16",
+            "export": [{"format": "gguf"}, {"format": "gguf", "outtype": "q8_0"}],
+        },
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    for stream in (False, True):
+        out = tmp_path / f"out-{stream}"
+        with pytest.raises(
+            ExportError, match=rf"pruned model saved to .*out-{stream}, but output.export.1 .*q8_0"
+        ):
+            prune(tmp_path / "recipe.yaml", output=out, stream=stream, progress=False, log=lambda s: None)
+        assert (out / "model-f16.gguf").is_file() and not (out / "model-q8_0.gguf").exists()
+        assert "model-f16.gguf" in json.loads((out / ".secateur-output").read_text())["files"]
+    assert _sha(tmp_path / "out-True" / "model-f16.gguf") == _sha(tmp_path / "out-False" / "model-f16.gguf")

@@ -126,9 +126,10 @@ def test_streamed_output_honours_output_dtype_and_max_shard_size(tmp_path: Path)
     assert again.reproduced is True and again.lock["fingerprints"] == mem.lock["fingerprints"]
 
 
-def test_stream_refuses_recipe_exports(tmp_path: Path) -> None:
-    rec = _recipe(tmp_path, "x", output={"export": [{"format": "gguf"}]})
-    with pytest.raises(StreamError, match="output.export"):
+def test_stream_refuses_decilm_recipe_exports(tmp_path: Path) -> None:
+    """GGUF exports stream (tests/test_export_stream.py); a DeciLM export needs the whole model."""
+    rec = _recipe(tmp_path, "x", output={"export": [{"format": "gguf"}, {"format": "decilm"}]})
+    with pytest.raises(StreamError, match="output.export decilm converts the whole pruned model"):
         prune(rec, output=tmp_path / "out", stream=True, progress=False, log=lambda s: None)
     assert not (tmp_path / "out").exists()
 
