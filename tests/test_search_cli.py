@@ -132,3 +132,16 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     assert val["searched"]["decoder_linear_params"] == decoder_linear_params(compiled, lm.adapter)
     assert val["uniform"]["decoder_linear_params"] != val["dense"]["decoder_linear_params"]
     assert "| searched |" in (search_dir / "validation.md").read_text()
+
+
+def test_search_scores_on_windows_of_calibration_heldout_seqlen(tmp_path: Path) -> None:
+    """The search's held-out KL runs on windows of calibration.heldout_seqlen tokens (the context the
+    proxy sees), as many as heldout_tokens fill: 256-token windows misjudged attention cuts at 2048."""
+    from secateur.recipe.load import load_recipe
+    from secateur.search_cmd import search_problem
+
+    path = _recipe(tmp_path)
+    for seqlen in (64, 128):
+        recipe = load_recipe(path, [f"calibration.heldout_seqlen={seqlen}"])
+        p = search_problem(recipe, tmp_path, print)
+        assert tuple(p.heldout.shape) == (256 // seqlen, seqlen)
