@@ -166,7 +166,9 @@ def main() -> None:
         asked = load_recipe(path, overrides)
         p = search_problem(asked, Path(path).resolve().parent, print)
         recipe, lm = p.recipe, p.lm  # a speed goal resolved to a parameter count
-        test = test_of(args, lm)
+        test = eval_windows(
+            tokenize_text(lm.tokenizer, load_text("wikitext2", "test")), 2048, args.windows_2048
+        )
         tok_gguf = tokenizer_gguf_for(lm.source, None, "speed") if args.speed_rounds else None
         fp = model_fingerprint(lm.model)
         args.compile = recipe.allocation.compile
@@ -186,10 +188,12 @@ def main() -> None:
             "proxy_forward_2048_s": fwd,
         }
         for sampler in args.samplers:
-            search_rows(args, p, sampler, goal, ratio, rows, cfg, tok_gguf, fp)
+            search_rows(args, p, sampler, goal, ratio, rows, cfg, tok_gguf, fp, test)
 
 
-def search_rows(args, p, sampler: str, goal: str, ratio: float, rows: list, cfg: dict, tok_gguf, fp) -> None:
+def search_rows(
+    args, p, sampler: str, goal: str, ratio: float, rows: list, cfg: dict, tok_gguf, fp, test: torch.Tensor
+) -> None:
     """One search, then its seeds and winner compiled, evaluated (and timed): rows of `rows`."""
     recipe, lm = p.recipe, p.lm
     options = recipe.allocation.search.model_copy(update={"sampler": sampler, "trials": args.trials})
@@ -231,7 +235,7 @@ def search_rows(args, p, sampler: str, goal: str, ratio: float, rows: list, cfg:
         if seed not in res.seeds:
             continue
         plan = Plan.from_dict(res.seeds[seed]["plan"])
-        ev, compile_s = compiled_eval(lm, p.calib, plan, test_of(args, lm), args, built, tok_gguf)
+        ev, compile_s = compiled_eval(lm, p.calib, plan, test, args, built, tok_gguf)
         rows[:] = [r for r in rows if (_group(r), r["sampler"]) != (group, seed)]
         rows.append(
             {
@@ -247,7 +251,7 @@ def search_rows(args, p, sampler: str, goal: str, ratio: float, rows: list, cfg:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    ev, compile_s = compiled_eval(lm, p.calib, res.best_plan, test_of(args, lm), args, built, tok_gguf)
+    ev, compile_s = compiled_eval(lm, p.calib, res.best_plan, test, args, built, tok_gguf)
     built.clear()
     row = {
         "goal": goal,
@@ -286,17 +290,6 @@ def search_rows(args, p, sampler: str, goal: str, ratio: float, rows: list, cfg:
 def predicted(p, plan: Plan) -> dict:
     """The latency model's predicted share of dense time per phase (searches held to a speed goal)."""
     return {"predicted": p.speed.ratios(plan)} if p.speed is not None else {}
-
-
-_TEST: dict = {}
-
-
-def test_of(args, lm) -> torch.Tensor:
-    """The WikiText-2 test windows at 2048 (tokenised once per run)."""
-    if "windows" not in _TEST:
-        ids = tokenize_text(lm.tokenizer, load_text("wikitext2", "test"))
-        _TEST["windows"] = eval_windows(ids, 2048, args.windows_2048)
-    return _TEST["windows"]
 
 
 def _group(r: dict) -> tuple:
