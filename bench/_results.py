@@ -43,6 +43,13 @@ def write_results(out: str | Path, payload: Any, lines: list[str]) -> None:
     _replace(md, lambda p: p.write_text(text))
 
 
+def earlier_results(out: str | Path, keep: bool, default: Any) -> Any:
+    """OUT.json of an earlier run when `keep` (--append, --resume) and it exists, else `default`:
+    what an earlier run measured is kept and not measured again."""
+    path = Path(out).with_suffix(".json")
+    return json.loads(path.read_text()) if keep and path.is_file() else default
+
+
 def machine() -> str:
     """The machine line every result table carries: OS, CPU, threads, torch and GPU."""
     import platform

@@ -16,13 +16,12 @@ Not a test. Two tables, each with its command and machine:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from _results import machine, write_results
+from _results import earlier_results, machine, write_results
 
 from secateur.export import export_model, source_of, tokenizer_gguf_for
 from secateur.graph.count import decoder_linear_params, flops_per_token
@@ -57,8 +56,7 @@ def _models(runs: list[str], skip: set[str] = frozenset()) -> tuple[Path, list[t
 
 def _kept_rows(args: argparse.Namespace, default: str) -> list[dict]:
     """--append: the rows an earlier run of the same table measured (their models are not redone)."""
-    path = Path(args.out or default).with_suffix(".json")
-    return json.loads(path.read_text())["rows"] if args.append and path.is_file() else []
+    return earlier_results(args.out or default, args.append, {"rows": []})["rows"]
 
 
 def ppl(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import machine, write_results
+from _results import earlier_results, machine, write_results
 from quality_bench import evaluate, no_boolq
 
 from secateur.api import prune
@@ -133,11 +133,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "heal"))
     args = ap.parse_args()
     out = Path(args.out)
-    prev = (
-        json.loads(out.with_suffix(".json").read_text())
-        if args.append and out.with_suffix(".json").is_file()
-        else {}
-    )
+    prev = earlier_results(out, args.append, {})
     rows = prev.get("rows", [])
     dense = load_model("smollm2-135m", "float32", "cpu")
     windows = eval_windows(tokenize_text(dense.tokenizer, load_text("wikitext2", "test")), 2048, args.windows)

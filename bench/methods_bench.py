@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import machine, plot_tradeoff, write_results
+from _results import earlier_results, machine, plot_tradeoff, write_results
 
 from secateur.api import prune
 from secateur.graph.count import decoder_linear_params, flops_per_token, total_params
@@ -150,8 +150,7 @@ def main() -> None:
     windows = eval_windows(test, args.eval_seqlen, args.windows_2048)
     # 512-token prefill, shorter only for a model with a shorter context (tiny smoke-run models)
     args.prefill = min(512, int(getattr(dense.config, "max_position_embeddings", 512) or 512))
-    out_json = Path(args.out).with_suffix(".json")
-    rows: list[dict] = json.loads(out_json.read_text()) if args.append and out_json.is_file() else []
+    rows: list[dict] = earlier_results(args.out, args.append, [])
     work = Path(tempfile.mkdtemp(prefix="methods-bench-"))
     command = "python " + " ".join(sys.argv)
 

@@ -18,7 +18,6 @@ after every row.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import machine, write_results
+from _results import earlier_results, machine, write_results
 
 from secateur.api import prune
 from secateur.graph.count import decoder_linear_params
@@ -203,11 +202,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality"))
     args = ap.parse_args()
     out = Path(args.out)
-    prev = (
-        json.loads(out.with_suffix(".json").read_text())
-        if args.append and out.with_suffix(".json").is_file()
-        else {}
-    )
+    prev = earlier_results(out, args.append, {})
     rows = prev.get("rows", [])
     root = None
     lm = load_model(args.model, "float32", "cpu")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import yaml
-from _results import machine, write_results
+from _results import earlier_results, machine, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -222,8 +222,7 @@ def main() -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if Path(args.work).resolve().is_relative_to(REPO):
         raise SystemExit(f"--work {args.work} is inside the repository; put models elsewhere")
-    old = Path(args.out).with_suffix(".json")
-    rows = json.loads(old.read_text())["rows"] if args.append and old.is_file() else []
+    rows = earlier_results(args.out, args.append, {"rows": []})["rows"]
     command = "python bench/scale_bench.py " + " ".join(sys.argv[1:])
     for spec in args.rows:
         model, mode = spec.split(":")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import machine, write_results
+from _results import earlier_results, machine, write_results
 from quality_bench import DTYPES, evaluate
 
 from secateur.export import tokenizer_gguf_for
@@ -157,8 +157,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    out_json = Path(args.out).with_suffix(".json")
-    old = json.loads(out_json.read_text()) if args.append and out_json.is_file() else {}
+    old = earlier_results(args.out, args.append, {})
     rows = [r for r in old.get("rows", []) if "sampler" in r]
     cfg: dict = old.get("config", {})
     overrides = [f"model={args.model}", "model.dtype=float32", "model.device=cpu", *args.set]

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import machine, write_results
+from _results import earlier_results, machine, write_results
 
 from secateur.graph.count import decoder_linear_params
 from secateur.recipe.compile import BudgetSpec, uniform_plan
@@ -63,12 +63,7 @@ def main() -> None:
     lm = load_model("smollm2-135m", dtype="float32", device=args.device)
     val = tokenize_text(lm.tokenizer, load_text("wikitext2", "validation"))
     calib = calibration_windows(val, args.n_samples, 512, 0)
-    old = {}
-    if args.resume and Path(args.out).with_suffix(".json").is_file():
-        old = {
-            (r["model"], r["ratio"]): r
-            for r in json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
-        }
+    old = {(r["model"], r["ratio"]): r for r in earlier_results(args.out, args.resume, {"rows": []})["rows"]}
     rows: list[dict] = []
     models = [("dense", 0.0)] + [("FASP + restore", r) for r in args.ratios]
     for name, ratio in models:

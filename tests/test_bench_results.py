@@ -50,3 +50,12 @@ def test_tradeoff_plot_written_only_with_measured_speedups(tmp_path: Path) -> No
     )
     assert not (tmp_path / "n.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]  # no temp file left
+
+
+def test_earlier_results_only_when_asked_and_present(tmp_path: Path) -> None:
+    out = tmp_path / "quality"
+    assert results.earlier_results(out, True, {"rows": []}) == {"rows": []}  # no earlier run
+    results.write_results(out, {"rows": [{"ppl": 3.0}]}, ["# table"])
+    assert results.earlier_results(out, False, {}) == {}  # not --append: start afresh
+    assert results.earlier_results(out, True, {}) == {"rows": [{"ppl": 3.0}]}
+    assert results.earlier_results(str(out.with_suffix(".md")), True, {}) == {"rows": [{"ppl": 3.0}]}
