@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -108,15 +109,17 @@ def test_hostile_output_paths_touch_nothing(tmp_path, capsys) -> None:
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def _kill_during_save(tmp_path: Path, out: Path) -> Path:
+def _start_big_prune(tmp_path: Path, out: Path, **popen: Any) -> subprocess.Popen:
+    """A streamed prune of an 8-layer model into `out`, in a child process (long enough to be signalled)."""
     save_tiny(str(tmp_path / "big"), "llama", num_hidden_layers=8, intermediate_size=512, hidden_size=256)
-    r = tiny_recipe(
-        tmp_path,
-        "big",
-        calibration=BIG_CALIBRATION,
-    )
+    r = tiny_recipe(tmp_path, "big", calibration=BIG_CALIBRATION)
     code = "import sys; from secateur.cli import main; sys.exit(main(sys.argv[1:]))"
-    p = subprocess.Popen([sys.executable, "-c", code, "prune", str(r), "-o", str(out), "--quiet", "--stream"])
+    argv = [sys.executable, "-c", code, "prune", str(r), "-o", str(out), "--quiet", "--stream"]
+    return subprocess.Popen(argv, **popen)
+
+
+def _kill_during_save(tmp_path: Path, out: Path) -> Path:
+    p = _start_big_prune(tmp_path, out)
     deadline = time.monotonic() + 120
     # kill once the first weights are being written into the temporary folder
     while not any(
@@ -158,16 +161,10 @@ def test_any_later_run_removes_a_killed_runs_leftover(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_or_ctrl_c_during_save_cleans_up(tmp_path, sig) -> None:
     (tmp_path / "runs").mkdir()
-    save_tiny(str(tmp_path / "big"), "llama", num_hidden_layers=8, intermediate_size=512, hidden_size=256)
-    r = tiny_recipe(
-        tmp_path,
-        "big",
-        calibration=BIG_CALIBRATION,
-    )
-    code = "import sys; from secateur.cli import main; sys.exit(main(sys.argv[1:]))"
     out = tmp_path / "runs" / "out"
-    p = subprocess.Popen(
-        [sys.executable, "-c", code, "prune", str(r), "-o", str(out), "--quiet", "--stream"],
+    p = _start_big_prune(
+        tmp_path,
+        out,
         stderr=subprocess.PIPE,
         text=True,
         # as from a terminal: started from a background shell, SIGINT would be ignored (and so Ctrl-C)
