@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import sqlite3
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -160,6 +165,42 @@ class SearchCli:
 @pytest.fixture()
 def search_cli(tmp_path: Path) -> SearchCli:
     return SearchCli(tmp_path)
+
+
+def trial_states(db: Path) -> list[tuple[int, str]]:
+    """(number, state) of every trial in a study's SQLite file; [] before the file or its tables exist."""
+    if not db.is_file():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=30) as con:
+            return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+
+
+def kill_mid_search(proc: subprocess.Popen, db: Path, complete: int, seconds: float) -> list[tuple[int, str]]:
+    """SIGKILL a search process once `complete` trials of its SQLite study are done and another one is
+    running (a trial cut short); the trials' states after the kill."""
+    try:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            states = [s for _, s in trial_states(db)]
+            if states.count("COMPLETE") >= complete and "RUNNING" in states:
+                break
+            assert proc.poll() is None, "the search finished before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the search did not complete {complete} trials in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return trial_states(db)
+
+
+@pytest.fixture
+def kill_search() -> Callable[[subprocess.Popen, Path, int, float], list[tuple[int, str]]]:
+    """`kill_mid_search`, for the tests that resume a search killed with -9 in the middle of a trial."""
+    return kill_mid_search
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ import math
 import os
 import random
 import runpy
-import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -226,11 +224,6 @@ def search_script(tmp_path: Path) -> Path:
     return path
 
 
-def _states(db: Path) -> list[tuple[int, str]]:
-    with sqlite3.connect(db, timeout=30) as con:
-        return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
-
-
 def test_search_writes_db_and_beats_uniform(tmp_path, search_script):
     lines: list[str] = []
     search = runpy.run_path(str(search_script))["search"]
@@ -272,30 +265,13 @@ def test_search_writes_db_and_beats_uniform(tmp_path, search_script):
         search(str(tmp_path / "search.db"), 6, fraction=0.3)
 
 
-def test_resume_after_sigkill(tmp_path, search_script):
+def test_resume_after_sigkill(tmp_path, search_script, kill_search):
     db = tmp_path / "resume.db"
     proc = subprocess.Popen(
         [sys.executable, str(search_script), str(db), "4", "0.5"],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if db.is_file():
-                try:
-                    states = _states(db)
-                except sqlite3.OperationalError:
-                    states = []
-                if sum(s == "COMPLETE" for _, s in states) >= 2 and any(s == "RUNNING" for _, s in states):
-                    break
-            assert proc.poll() is None, "the search finished before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("the search did not complete two trials in time")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert any(s == "RUNNING" for _, s in _states(db))
+    assert any(s == "RUNNING" for _, s in kill_search(proc, db, 2, 60))
 
     res = runpy.run_path(str(search_script))["search"](str(db), 4)
     trials = res.study.get_trials()

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -111,36 +108,14 @@ def test_front_is_non_dominated_and_every_point_meets_what_it_claims(tmp_path, s
     assert planned_removal(model, a, res.best_plan) >= res.space.goal - res.space.step_params
 
 
-def _states(db: Path) -> list[tuple[int, str]]:
-    with sqlite3.connect(db, timeout=30) as con:
-        return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
-
-
-def test_pareto_resume_after_kill_9(tmp_path, search_script) -> None:
+def test_pareto_resume_after_kill_9(tmp_path, search_script, kill_search) -> None:
     path, search = search_script
     db = tmp_path / "resume.db"
     proc = subprocess.Popen(
         [sys.executable, str(path), str(db), "10", "0.4", str(tmp_path / "db")],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if db.is_file():
-                try:
-                    states = _states(db)
-                except sqlite3.OperationalError:
-                    states = []
-                if sum(s == "COMPLETE" for _, s in states) >= 3 and any(s == "RUNNING" for _, s in states):
-                    break
-            assert proc.poll() is None, "the search finished before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("the search did not complete three trials in time")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert any(s == "RUNNING" for _, s in _states(db))
+    assert any(s == "RUNNING" for _, s in kill_search(proc, db, 3, 120))
     res = search(str(db), 10, variants=str(tmp_path / "db"))
     trials = res.study.get_trials()
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
