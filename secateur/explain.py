@@ -26,8 +26,8 @@ from secateur.recipe.compile import allocate, budget_spec, check_shapes, table_f
 from secateur.recipe.schema import Recipe, Stage
 from secateur.runtime.prune.surgery import apply_keep
 from secateur.runtime.speed.latency import PHASES, LatencyModel
-from secateur.runtime.store.loader import DTYPES
-from secateur.runtime.store.stream import memory_bound
+from secateur.runtime.store.loader import DTYPES, resolve_source
+from secateur.runtime.store.stream import mapped_resident, memory_bound
 from secateur.speed_target import dense_probe, resolve_speed
 
 
@@ -67,6 +67,9 @@ class Explanation:
     stream: dict[str, int] | None = None  # runtime.store.stream.memory_bound terms when model.stream is set
     serving: list[str] = field(default_factory=list)  # target, width step, speed goal
     latency: dict[str, Any] | None = None  # predicted per-layer and total times (speed goal or --latency)
+    stream_mapped: bool = (
+        False  # embeddings/head read in place from the file (runtime.store.stream.mapped_resident)
+    )
 
 
 def stage_summary(st: Stage, count: int, layers: list[int]) -> dict[str, Any]:
@@ -140,14 +143,19 @@ def explain(
         }
 
     exports = check_exports(recipe, adapter, Path(base_dir) if base_dir is not None else None)
-    stream = None
+    stream, mapped = None, set()
     if recipe.model.stream:
         check_streamable(recipe)
         c = recipe.calibration
         dtype = DTYPES.get(recipe.model.dtype, torch.float32)
         corr = any(st.restore.error_correction > 0 for st in recipe.stages())
-        stream = memory_bound(model, adapter, dtype, c.n_samples * c.seqlen, corr)
+        src = resolve_source(model_ref or recipe.model.id, str(base_dir) if base_dir else None)
+        device = recipe.model.device
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        mapped = mapped_resident(src.path, model, adapter, dtype) if on_cpu and not src.gguf_file else set()
+        stream = memory_bound(model, adapter, dtype, c.n_samples * c.seqlen, corr, mapped)
     ex = Explanation(plans, rows, {"dense": totals(model), "pruned": totals(pruned)}, stages, exports, stream)
+    ex.stream_mapped = bool(mapped)
     ex.serving = speed.lines()
     if latency or speed_goal:
         lat = speed.latency or LatencyModel.build(
@@ -221,12 +229,13 @@ def format_explanation(ex: Explanation) -> str:
             lines.append(f"  whole model {p}: {d * 1e3:.1f} -> {q * 1e3:.1f} ms ({q / d:.3f} of dense)")
     if ex.stream is not None:
         gib = {k: v / 2**30 for k, v in ex.stream.items()}
+        held = " (read in place from the file: the calibration tokens' rows)" if ex.stream_mapped else ""
         lines.append(
             f"streaming: one decoder layer in memory at a time, written shard by shard (one or more shards "
             f"per layer, each at most output.max_shard_size); resident about {gib['total']:.2f} GiB = "
-            f"2 x layer {gib['layer_x2'] / 2:.2f} + embeddings/head {gib['resident']:.2f} + activations "
+            f"2 x layer {gib['layer_x2'] / 2:.2f} + embeddings/head {gib['resident']:.2f}{held} + activations "
             f"{gib['activations']:.2f} + statistics {gib['statistics']:.2f} + restoration workspace "
-            f"{gib['solve']:.2f} + runtime allowance {gib['runtime']:.2f} (report.json records it beside "
-            "the measured peak RSS)"
+            f"{gib['solve']:.2f} + after the pass {gib['after_pass']:.2f} + runtime allowance "
+            f"{gib['runtime']:.2f} (report.json records it beside the measured peak RSS)"
         )
     return "\n".join(lines)

@@ -79,11 +79,15 @@ class StreamedPipeline(Pipeline):
         run.reproduced = check_lock_result(run.lock_data, run.lock_path, run.kept, run.pruned_fp)
 
     def evaluate_dense(self, run: PruneRun) -> None:
-        """The memory bound of the dense layers first, then dense sizes and perplexity."""
+        """The memory bound of the dense layers first, then dense sizes and perplexity; the pages of
+        the file-mapped embeddings and head that perplexity read are dropped before the decoder pass."""
         c = run.recipe.calibration
         ec = run.plan.stages[0].restore.error_correction > 0
-        self.bound = memory_bound(run.lm.model, run.lm.adapter, run.lm.dtype, c.n_samples * c.seqlen, ec)
+        lm = run.lm
+        tokens = c.n_samples * c.seqlen
+        self.bound = memory_bound(lm.model, lm.adapter, lm.dtype, tokens, ec, lm.stream.mapped)
         super().evaluate_dense(run)
+        lm.stream.unmap_resident()
 
     def report(self, run: PruneRun) -> None:
         super().report(run)

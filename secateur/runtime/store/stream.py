@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,13 @@ from secateur.runtime.store.fingerprint import Fingerprint, saved_tensor
 from secateur.runtime.store.folder import is_pruned_folder
 from secateur.runtime.store.formats import INDEX_NAME, LoadedModel, ModelLoadError, ModelSource
 from secateur.runtime.store.io import DEFAULT_MAX_SHARD_SIZE, branch_markers, pruned_skeleton, write_error
-from secateur.runtime.store.weights import GGUFSource, SafetensorsSource, WeightSource, check_complete
+from secateur.runtime.store.weights import (
+    GGUFSource,
+    SafetensorsSource,
+    WeightSource,
+    WeightSourceError,
+    check_complete,
+)
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -81,15 +88,42 @@ class StreamedModel:
         mod._parameters[pname] = nn.Parameter(t.to(device=self.device, dtype=self.dtype))
 
     def _load_resident(self) -> None:
-        """Embeddings, final norm, head: everything outside the decoder layers (tied head last)."""
+        """Embeddings, final norm, head: everything outside the decoder layers (tied head last).
+
+        A tensor the source maps from its file already in the working dtype stays a view of the
+        file (`mapped`): only the pages read count in resident memory, and the decoder pass reads
+        only the calibration tokens' embedding rows. Hashing reads every page, so each such tensor
+        is mapped afresh once hashed (7B shapes: 2 GiB of embeddings and head out of the peak)."""
         layers_path = self.adapter.layers_path + "."
+        self.mapped: set[str] = set()
         for name, _ in list(self.model.named_parameters(remove_duplicate=False)):
             if not name.startswith(layers_path) and name not in self.tied:
-                self._assign(name, self.source.get(name))
+                t = self.source.get(name)
+                self._assign(name, t)
+                if self.source.mapped and self.model.get_parameter(name).data_ptr() == t.data_ptr():
+                    self.mapped.add(name)
         if self.tied:
             self.model.tie_weights()
-        for name, t in self.resident_state().items():
-            self.dense_fingerprint.add(name, t)
+        state = self.resident_state()
+        for name in list(state):
+            self.dense_fingerprint.add(name, state.pop(name))
+            self._remap(name)
+        if self.tied:
+            self.model.tie_weights()
+
+    def _remap(self, name: str) -> None:
+        """Map a `mapped` tensor from its file again: the pages read so far leave resident memory
+        with the old mapping (the same bytes, nothing written to a mapped tensor before this)."""
+        if name in self.mapped:
+            self._assign(name, self.source.get(name))
+
+    def unmap_resident(self) -> None:
+        """Drop the pages of the file-mapped resident tensors read so far (after the dense
+        perplexity, which reads the whole head), so that the decoder pass starts without them."""
+        for name in sorted(self.mapped):
+            self._remap(name)
+        if self.tied:
+            self.model.tie_weights()
 
     def resident_state(self) -> dict[str, torch.Tensor]:
         """State outside the decoder layers, tied aliases once (the model's state_dict order)."""
@@ -105,7 +139,9 @@ class StreamedModel:
 
     def round_resident(self, dtype: torch.dtype) -> None:
         """Round the resident weights to `dtype` in place (working dtype kept), as the in-memory
-        path rounds the whole model to the output dtype before evaluating it."""
+        path rounds the whole model to the output dtype before evaluating it (written in place: the
+        tensors are no longer the file's, `unmap_resident` must not map them again)."""
+        self.mapped = set()
         with torch.no_grad():
             for t in self.model.state_dict().values():
                 if t.device.type != "meta" and t.is_floating_point() and t.dtype != dtype:
@@ -285,34 +321,59 @@ def memory_bound(
     dtype: torch.dtype,
     calib_tokens: int,
     dense_stream: bool = False,
+    mapped: Collection[str] = (),
 ) -> dict[str, int]:
     """The streaming prune's resident bytes, term by term (the formula the benchmark checks):
 
-    2 x largest layer (the dense layer and its pruned slices) + embeddings, norm and head
-    + calibration activations (the layer's inputs and outputs, twice with error correction)
-    + consumer statistics (fp32 Gram matrices of o_proj and down_proj) + the restoration's
-    workspace (the kept columns' Gram, factored in place: at most the widest consumer's Gram)
-    + a fixed runtime allowance (`RUNTIME_ALLOWANCE`).
+    2 x largest layer (the dense layer and its pruned slices) + embeddings, norm and head as the
+    decoder pass holds them + calibration activations (the layer's inputs and outputs, twice with
+    error correction) + consumer statistics (fp32 Gram matrices of o_proj and down_proj) + the
+    restoration's workspace (the kept columns' Gram, factored in place: at most the widest
+    consumer's Gram) + what writing and perplexity add after the pass (`after_pass`) + a fixed
+    runtime allowance (`RUNTIME_ALLOWANCE`).
+
+    `mapped` names the resident tensors read in place from the source file (`StreamedModel.mapped`):
+    the decoder pass reads only the calibration tokens' rows of them; writing the output and the
+    perplexity read them whole, but with only one layer and no statistics resident, so they add
+    only what that exceeds the pass by.
     """
     size = torch.empty((), dtype=dtype).element_size()
     layers = adapter.layers(model)
     layer = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * size
     layer_ids = {id(p) for p in layers.parameters()}
-    resident = sum(
-        p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in layer_ids
-    )
+    params = dict(model.named_parameters())  # tied aliases once
+    resident = [(n, p) for n, p in params.items() if id(p) not in layer_ids]
+    whole = sum(p.numel() for _, p in resident) * size
+    held = sum(min(p.numel(), calib_tokens * p.shape[-1]) if n in mapped else p.numel() for n, p in resident)
     acts = calib_tokens * adapter.hidden_size * size * 2 * (2 if dense_stream else 1)
     widths = (adapter.intermediate_size, adapter.num_heads * adapter.head_dim)
-    grams = 4 * sum(w**2 for w in widths)
     terms = {
         "layer_x2": 2 * layer,
-        "resident": resident * size,
+        "resident": held * size,
         "activations": acts,
-        "statistics": grams,
+        "statistics": 4 * sum(w**2 for w in widths),
         "solve": 4 * max(widths) ** 2,
-        "runtime": RUNTIME_ALLOWANCE,
     }
+    terms["after_pass"] = max(0, layer + whole - sum(terms.values()))
+    terms["runtime"] = RUNTIME_ALLOWANCE
     return {**terms, "total": sum(terms.values())}
+
+
+def mapped_resident(
+    folder: str | Path, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype
+) -> set[str]:
+    """The resident tensors a streamed model on the CPU would read in place from `folder`
+    (`StreamedModel.mapped`, known before loading: those its safetensors store in `dtype`), for
+    `memory_bound` in `recipe explain`; empty for a GGUF file or a folder not on disk."""
+    if not Path(folder).is_dir():
+        return set()
+    try:
+        source = SafetensorsSource(folder)
+    except WeightSourceError:
+        return set()
+    layers_path = adapter.layers_path + "."
+    names = [n for n, _ in model.named_parameters() if not n.startswith(layers_path) and n in source.names()]
+    return {n for n in names if source.stored_dtype(n) == dtype}
 
 
 def stream_perplexity(streamed: StreamedModel, windows: torch.Tensor, progress: bool | str = False) -> float:

@@ -27,11 +27,22 @@ class WeightSourceError(ValueError):
 
 
 class WeightSource(Protocol):
-    """Tensors by Hugging Face name, read on demand."""
+    """Tensors by Hugging Face name, read on demand (`mapped`: `get` returns views of the file's
+    private memory map where no conversion is needed, so unread pages cost no memory)."""
+
+    mapped: bool
 
     def names(self) -> set[str]: ...
 
     def get(self, name: str) -> torch.Tensor: ...
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
 
 
 class SafetensorsSource:
@@ -40,7 +51,10 @@ class SafetensorsSource:
     Each read opens its file and closes it again: the tensor it returns keeps only its own mapping,
     so the pages of a layer already consumed leave resident memory when that layer is dropped (a
     handle kept open for the whole run would keep every page read so far resident, and the
-    streaming peak would grow with depth)."""
+    streaming peak would grow with depth). The tensors are views of a private (copy-on-write) map of
+    the file: a page counts in resident memory once read, and a write never reaches the file."""
+
+    mapped = True
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -58,6 +72,12 @@ class SafetensorsSource:
 
     def names(self) -> set[str]:
         return set(self._where)
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype `name` is stored in (read from the header; None for one torch lacks)."""
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            code = handle.get_slice(name).get_dtype()
+        return _SAFETENSORS_DTYPES.get(code)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
@@ -86,6 +106,8 @@ class GGUFSource:
     opening a 7B file takes well under a second), names are mapped with gguf-py's tensor name map,
     and each tensor is dequantised by gguf-py and passed through transformers' per-architecture
     processor (q/k un-permutation, Gemma norm offsets), as `from_pretrained` does for a whole file."""
+
+    mapped = False  # every tensor is a dequantised copy
 
     def __init__(self, path: str | Path, skeleton: nn.Module) -> None:
         from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
