@@ -66,7 +66,8 @@ def plot_dir(goal: str, sampler: str, model: str, compile: str = "stitched") -> 
 
 
 def proxy_forward_seconds(model: torch.nn.Module, heldout: torch.Tensor, batch: int = 4) -> float:
-    """One dense forward over the held-out windows: the unit an evaluation's cost is compared with."""
+    """One dense forward over the held-out windows given (2048 tokens: 8 of 256 or one of 2048): the unit
+    an evaluation's cost is compared with."""
     dev = next(model.parameters()).device
     t = time.perf_counter()
     for s in range(0, heldout.shape[0], batch):
@@ -175,7 +176,7 @@ def main() -> None:
         ratio = p.goal / decoder_linear_params(lm.model, lm.adapter)
         goal = goal_label(asked, ratio)
         args.dense_params = decoder_linear_params(lm.model, lm.adapter)
-        fwd = proxy_forward_seconds(lm.model, p.heldout[:8])
+        fwd = proxy_forward_seconds(lm.model, p.heldout[: max(1, 2048 // p.heldout.shape[1])])
         cfg = {
             "calibration": f"{recipe.calibration.n_samples} x {recipe.calibration.seqlen}",
             "heldout_tokens": int(p.heldout.numel()),
