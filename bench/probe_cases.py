@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from reliability_probe import Case, Outcome
 
 
@@ -43,22 +42,22 @@ class Ctx:
         ]
 
     def search_recipe(self, name: str, **over: Any) -> str:
-        doc: dict[str, Any] = {
-            "version": 1,
-            "model": {"id": str(self.p("m4")), "dtype": "float32", "device": "cpu"},
-            "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
-            "targets": {"mlp": True, "attention": "none"},
-            "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
-            "allocation": {
-                "method": "search",
-                "search": {"trials": 2, "heldout_tokens": 256, "pruner": False},
-            },
-            "evaluate": {"enabled": False},
-            "output": {"dir": str(self.p("srun"))},
-        }
-        doc.update(over)
-        self.p(name).write_text(yaml.safe_dump(doc))
-        return str(self.p(name))
+        """A small search recipe (2 trials) on the 4-layer model `m4`, written into `srun`."""
+        from secateur.testing import tiny_search_recipe
+
+        search = {"search": {"trials": 2, "heldout_tokens": 256, "pruner": False}}
+        return str(
+            tiny_search_recipe(
+                self.root,
+                name,
+                model="m4",
+                name=None,
+                targets={"attention": "none"},
+                allocation=search,
+                output={"dir": str(self.p("srun"))},
+                **over,
+            )
+        )
 
 
 def _quiet(fn: Any, *a: Any, **k: Any) -> Any:

@@ -165,6 +165,11 @@ def tiny_recipe_doc(model_id: str, **over: Any) -> dict[str, Any]:
         "budget": {"params": 0.2, "multiple_of": 4},
         "evaluate": {"enabled": False},
     }
+    return _merged(doc, over)
+
+
+def _merged(doc: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with `over` merged one level deep into its sections; None drops a section or a key."""
     for k, v in over.items():
         if v is None:
             doc.pop(k, None)
@@ -190,3 +195,32 @@ def tiny_recipe(folder: Path, model: str = "m", name: str = "r.yaml", **over: An
     if not (folder / "c.txt").exists():
         (folder / "c.txt").write_text(calibration_text())
     return write_tiny_recipe(folder / name, str(folder / model), **over)
+
+
+# the calibration text of the search recipes: few distinct tokens, so layers differ in what they need
+SEARCH_TEXT = "a searched allocation beats a uniform one when layers differ. " * 600
+
+
+def tiny_search_recipe(folder: Path, file: str = "r.yaml", model: str = "m", **over: Any) -> Path:
+    """`folder/file`: a small allocation-search recipe (MLP channels and query heads, 30% of the
+    parameters, 5 trials of 256 held-out tokens, no pruner) on the model `folder/model`, so that a
+    test states only what it changes (`over`, merged as in `tiny_recipe_doc`); a 4-layer tiny LLaMA
+    `folder/m` and the calibration text `folder/c.txt` are written first where missing."""
+    if not (folder / "m").exists():
+        save_tiny(str(folder / "m"), "llama", num_hidden_layers=4)
+    if not (folder / "c.txt").exists():
+        (folder / "c.txt").write_text(SEARCH_TEXT)
+    doc: dict[str, Any] = {
+        "version": 1,
+        "name": "tiny-search",
+        "model": {"id": str(folder / model), "dtype": "float32", "device": "cpu"},
+        "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
+        "targets": {"mlp": True, "attention": "q_head"},
+        "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
+        "allocation": {"method": "search", "search": {"trials": 5, "heldout_tokens": 256, "pruner": False}},
+        "evaluate": {"enabled": False},
+        "output": {"dir": str(folder / "run")},
+    }
+    path = folder / file
+    path.write_text(yaml.safe_dump(_merged(doc, over)))
+    return path

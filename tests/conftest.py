@@ -100,37 +100,10 @@ class SearchCli:
         self.logs.mkdir()
 
     def recipe(self, name: str = "tiny-search", trials: int = 6, **search: object) -> Path:
-        import yaml
+        from secateur.testing import tiny_search_recipe
 
-        from secateur.testing import save_tiny
-
-        if not (self.root / "m").is_dir():
-            save_tiny(str(self.root / "m"), "llama", num_hidden_layers=4)
-            (self.root / "c.txt").write_text(
-                "a searched allocation beats a uniform one when layers differ. " * 600
-            )
-        path = self.root / f"{name}.yaml"
-        doc = {
-            "name": name,
-            "model": {"id": str(self.root / "m"), "dtype": "float32", "device": "cpu"},
-            "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
-            "targets": {"mlp": True, "attention": "q_head"},
-            "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
-            "allocation": {
-                "method": "search",
-                "search": {
-                    "trials": trials,
-                    "heldout_tokens": 256,
-                    "pruner": False,
-                    "sampler": "random",
-                    **search,
-                },
-            },
-            "evaluate": {"enabled": False},
-            "output": {"dir": str(self.root / "run")},
-        }
-        path.write_text(yaml.safe_dump(doc))
-        return path
+        options = {"trials": trials, "heldout_tokens": 256, "pruner": False, "sampler": "random", **search}
+        return tiny_search_recipe(self.root, f"{name}.yaml", name=name, allocation={"search": options})
 
     @property
     def search_dir(self) -> Path:

@@ -12,35 +12,11 @@ from secateur.cli import main
 from secateur.graph.adapters import adapter_for
 from secateur.graph.count import decoder_linear_params
 from secateur.runtime.store.io import load_pruned
-from secateur.testing import save_tiny
-
-
-def _recipe(tmp: Path) -> Path:
-    save_tiny(str(tmp / "m"), "llama", num_hidden_layers=4)
-    (tmp / "c.txt").write_text("a searched allocation beats a uniform one when layers differ. " * 600)
-    path = tmp / "r.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny-search",
-                "model": {"id": str(tmp / "m"), "dtype": "float32"},
-                "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
-                "targets": {"mlp": True, "attention": "q_head"},
-                "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
-                "allocation": {
-                    "method": "search",
-                    "search": {"trials": 5, "heldout_tokens": 256, "pruner": False},
-                },
-                "evaluate": {"enabled": False},
-                "output": {"dir": str(tmp / "run")},
-            }
-        )
-    )
-    return path
+from secateur.testing import tiny_search_recipe
 
 
 def test_search_writes_winner_that_compiles_to_the_best_plan(tmp_path: Path, capsys) -> None:
-    recipe = _recipe(tmp_path)
+    recipe = tiny_search_recipe(tmp_path)
     assert main(["search", str(recipe), "--trials", "3", "--quiet"]) == 0
     assert "Peak resident memory (RSS) of the process" in capsys.readouterr().out
     search_dir = tmp_path / "run" / "search"
@@ -72,7 +48,7 @@ def test_search_writes_winner_that_compiles_to_the_best_plan(tmp_path: Path, cap
 
 
 def test_prune_refuses_search_recipe_before_loading(tmp_path: Path, capsys) -> None:
-    recipe = _recipe(tmp_path)
+    recipe = tiny_search_recipe(tmp_path)
     assert main(["prune", str(recipe), "--quiet"]) == 2
     assert "secateur search" in capsys.readouterr().err
 
@@ -85,7 +61,7 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     from secateur.runtime.store.data import eval_windows, load_text, statistics_split, tokenize_text
     from secateur.runtime.store.loader import load_model
 
-    recipe = _recipe(tmp_path)
+    recipe = tiny_search_recipe(tmp_path)
     doc = yaml.safe_load(recipe.read_text())
     db = tmp_path / "db"
     doc["allocation"] = {
@@ -140,7 +116,7 @@ def test_search_scores_on_windows_of_calibration_heldout_seqlen(tmp_path: Path) 
     from secateur.recipe.load import load_recipe
     from secateur.search_cmd import search_problem
 
-    path = _recipe(tmp_path)
+    path = tiny_search_recipe(tmp_path)
     for seqlen in (64, 128):
         recipe = load_recipe(path, [f"calibration.heldout_seqlen={seqlen}"])
         p = search_problem(recipe, tmp_path, print)

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from optuna.trial import TrialState
 
 from secateur.cli import main
 from secateur.graph.plan import Plan
 from secateur.runtime.store.io import load_pruned
-from secateur.testing import save_tiny
+from secateur.testing import tiny_search_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,25 +130,17 @@ def test_pareto_resume_after_kill_9(tmp_path, search_script, kill_search) -> Non
 
 
 def _recipe(tmp: Path) -> Path:
-    save_tiny(str(tmp / "m"), "llama", num_hidden_layers=4)
-    (tmp / "c.txt").write_text("a searched allocation beats a uniform one when layers differ. " * 600)
-    path = tmp / "r.yaml"
-    doc = {
-        "name": "tiny-pareto",
-        "model": {"id": str(tmp / "m"), "dtype": "float32"},
-        "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
-        "targets": {"mlp": True, "attention": "kv_group"},
-        "budget": {"params": 0.3, "multiple_of": 4},
-        "allocation": {
-            "method": "search",
+    return tiny_search_recipe(
+        tmp,
+        name="tiny-pareto",
+        targets={"attention": "kv_group"},
+        budget={"min_keep": None},
+        allocation={
             "variants_dir": str(tmp / "db"),
             "search": {"trials": 12, "heldout_tokens": 256, "levels": 5, "objectives": ["kl", "params"]},
         },
-        "evaluate": {"enabled": False},
-        "output": {"dir": str(tmp / "run"), "dtype": "float32"},
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
+        output={"dtype": "float32"},
+    )
 
 
 def test_pick_compiles_the_chosen_front_point(tmp_path: Path, capsys) -> None:

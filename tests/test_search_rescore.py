@@ -18,7 +18,7 @@ from secateur.runtime.allocation.dense import dense_statistics
 from secateur.runtime.allocation.plans import proportional_plan
 from secateur.runtime.store.io import load_pruned
 from secateur.search.run import run_search
-from secateur.testing import save_tiny, tiny_model
+from secateur.testing import save_tiny, tiny_model, tiny_search_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS = [0, 1, 2, 3, 4, 5]
@@ -58,35 +58,18 @@ def test_seeded_search_is_never_worse_than_its_cfsp_seed(tmp_path: Path) -> None
 
 
 def _recipe(tmp: Path) -> Path:
-    save_tiny(str(tmp / "m"), "llama", num_hidden_layers=4)
-    (tmp / "c.txt").write_text("a searched allocation beats a uniform one when layers differ. " * 600)
-    path = tmp / "r.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny-rescore",
-                "model": {"id": str(tmp / "m"), "dtype": "float32"},
-                "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
-                "targets": {"mlp": True, "attention": "none"},
-                "budget": {"params": 0.3, "multiple_of": 4},
-                "allocation": {
-                    "method": "search",
-                    "compile": "sequential",
-                    "variants_dir": str(tmp / "db"),
-                    "search": {
-                        "trials": 6,
-                        "heldout_tokens": 256,
-                        "levels": 5,
-                        "stages": [64],
-                        "rescore": 2,
-                    },
-                },
-                "evaluate": {"enabled": False},
-                "output": {"dir": str(tmp / "run"), "dtype": "float32"},
-            }
-        )
+    return tiny_search_recipe(
+        tmp,
+        name="tiny-rescore",
+        targets={"attention": "none"},
+        budget={"min_keep": None},
+        allocation={
+            "compile": "sequential",
+            "variants_dir": str(tmp / "db"),
+            "search": {"trials": 6, "heldout_tokens": 256, "levels": 5, "stages": [64], "rescore": 2},
+        },
+        output={"dtype": "float32"},
     )
-    return path
 
 
 def test_rescored_winner_is_the_model_prune_builds(tmp_path: Path) -> None:
