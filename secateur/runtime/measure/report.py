@@ -277,9 +277,17 @@ def _timing(report: dict[str, Any]) -> list[str]:
 
 def result_sections(report: dict[str, Any]) -> list[str]:
     """Size, quality and speed sections of a report as markdown (also used by the model card)."""
+    return ["\n".join(p) for p in _results(report)]
+
+
+def _results(report: dict[str, Any], chart: bool | None = None, heal_chart: bool = False) -> list[list[str]]:
+    """The sections of what a run measured, in report order: size, the per-layer table (only when
+    `chart` is given: whether widths.png was written), quality, speed, serving, healing."""
     parts = []
     if "size" in report:
         parts.append(_size(report))
+    if chart is not None and report.get("layers"):
+        parts.append(_layers(report, chart))
     if "perplexity" in report or report.get("zeroshot"):
         parts.append(_quality(report))
     if "speed" in report:
@@ -287,8 +295,8 @@ def result_sections(report: dict[str, Any]) -> list[str]:
     if report.get("serving") or report.get("engine_speed"):
         parts.append(_serving(report))
     if report.get("heal"):
-        parts.append(_healing(report))
-    return ["\n".join(p) for p in parts]
+        parts.append(_healing(report, heal_chart))
+    return parts
 
 
 def render_markdown(report: dict[str, Any], chart: bool = False, heal_chart: bool = False) -> str:
@@ -300,18 +308,7 @@ def render_markdown(report: dict[str, Any], chart: bool = False, heal_chart: boo
         parts.append([", ".join(run)])
     if "recipe_yaml" in report:
         parts.append(_recipe(report))
-    if "size" in report:
-        parts.append(_size(report))
-    if report.get("layers"):
-        parts.append(_layers(report, chart))
-    if "perplexity" in report or report.get("zeroshot"):
-        parts.append(_quality(report))
-    if "speed" in report:
-        parts.append(_speed(report))
-    if report.get("serving") or report.get("engine_speed"):
-        parts.append(_serving(report))
-    if report.get("heal"):
-        parts.append(_healing(report, heal_chart))
+    parts += _results(report, chart, heal_chart)
     if "phases" in report:
         parts.append(_timing(report))
     if "lock_fingerprint" in report:
