@@ -41,6 +41,11 @@ class Ctx:
             *flags,
         ]
 
+    def export(self, src: str | Path, fmt: str, *flags: str, out: str | Path | None = None) -> list[str]:
+        """argv of `export` of `src` as `fmt` into `out` (each a name under the root, or a path)."""
+        where = [] if out is None else ["-o", str(self.p(str(out)))]
+        return ["export", str(self.p(str(src))), "--format", fmt, *flags, *where]
+
     def search_recipe(self, name: str, **over: Any) -> str:
         """A small search recipe (2 trials) on the 4-layer model `m4`, written into `srun`."""
         from secateur.testing import tiny_search_recipe
@@ -365,7 +370,7 @@ def output_cases(ctx: Ctx) -> list[Case]:
                 Case(
                     f"export {fmt} -o {label} --overwrite",
                     "output-export",
-                    ["export", str(src), "--format", fmt, *extra, "-o", str(target), "--overwrite"],
+                    ctx.export(src, fmt, *extra, "--overwrite", out=target),
                     keep=keep,
                 )
             )
@@ -374,105 +379,68 @@ def output_cases(ctx: Ctx) -> list[Case]:
         Case(
             "export gguf onto its own earlier GGUF without --overwrite",
             "output-export",
-            ["export", str(p("run_g")), "--format", "gguf", "--outtype", "f32", "-o", str(p("own.gguf"))],
+            ctx.export("run_g", "gguf", "--outtype", "f32", out="own.gguf"),
             msg=("--overwrite",),
             keep=(p("own.gguf"),),
         ),
         Case(
             "export gguf onto its own earlier GGUF --overwrite",
             "output-export",
-            [
-                "export",
-                str(p("run_g")),
-                "--format",
-                "gguf",
-                "--outtype",
-                "f32",
-                "-o",
-                str(p("own.gguf")),
-                "--overwrite",
-            ],
+            ctx.export("run_g", "gguf", "--outtype", "f32", "--overwrite", out="own.gguf"),
             expect="ok",
         ),
         Case(
             "export decilm onto its own earlier folder --overwrite",
             "output-export",
-            ["export", str(run), "--format", "decilm", "-o", str(p("own-decilm")), "--overwrite"],
+            ctx.export(run, "decilm", "--overwrite", out="own-decilm"),
             expect="ok",
         ),
         Case(
             "export gguf default name beside the run",
             "output-export",
-            ["export", str(p("run_g")), "--format", "gguf"],
+            ctx.export("run_g", "gguf"),
             expect="ok",
             check=lambda o: None if p("run_g-f16.gguf").is_file() else ("serious", "no run_g-f16.gguf"),
         ),
         Case(
             "export gguf of a dense HF folder",
             "output-export",
-            [
-                "export",
-                str(p("hf")),
-                "--format",
-                "gguf",
-                "--tokenizer-gguf",
-                str(p("tiny.gguf")),
-                "-o",
-                str(p("hf.gguf")),
-            ],
+            ctx.export("hf", "gguf", "--tokenizer-gguf", str(p("tiny.gguf")), out="hf.gguf"),
             expect="any",
             keep=(p("hf"),),
         ),
-        Case("export --format onnx", "output-export", ["export", str(run), "--format", "onnx"]),
+        Case("export --format onnx", "output-export", ctx.export(run, "onnx")),
         Case(
             "export a folder that is not a run",
             "output-export",
-            ["export", str(p("mine")), "--format", "decilm", "-o", str(p("x-decilm"))],
+            ctx.export("mine", "decilm", out="x-decilm"),
             keep=(p("mine"),),
         ),
         Case(
             "export gguf q4_0 of MLP widths that are no multiple of 32",
             "output-export",
-            ["export", str(p("run_g88")), "--format", "gguf", "--outtype", "q4_0", "-o", str(p("q.gguf"))],
+            ctx.export("run_g88", "gguf", "--outtype", "q4_0", out="q.gguf"),
             msg=("32",),
             absent=(p("q.gguf"),),
         ),
         Case(
             "export gguf with a 100-byte tokenizer GGUF",
             "output-export",
-            [
-                "export",
-                str(p("run_g")),
-                "--format",
-                "gguf",
-                "--tokenizer-gguf",
-                str(p("g100.gguf")),
-                "-o",
-                str(p("t.gguf")),
-            ],
+            ctx.export("run_g", "gguf", "--tokenizer-gguf", str(p("g100.gguf")), out="t.gguf"),
             msg=("g100.gguf",),
             absent=(p("t.gguf"),),
         ),
         Case(
             "export gguf with a tokenizer GGUF of another vocabulary",
             "output-export",
-            [
-                "export",
-                str(run),
-                "--format",
-                "gguf",
-                "--tokenizer-gguf",
-                str(p("tiny.gguf")),
-                "-o",
-                str(p("t2.gguf")),
-            ],
+            ctx.export(run, "gguf", "--tokenizer-gguf", str(p("tiny.gguf")), out="t2.gguf"),
             msg=("tiny.gguf",),
             absent=(p("t2.gguf"),),
         ),
         Case(
             "export gguf -o a name without .gguf",
             "output-export",
-            ["export", str(p("run_g")), "--format", "gguf", "-o", str(p("noext"))],
+            ctx.export("run_g", "gguf", out="noext"),
             expect="any",
         ),
     ]
@@ -623,7 +591,7 @@ def damaged_cases(ctx: Ctx) -> list[Case]:
             Case(
                 f"export decilm of a damaged run {name}",
                 "damaged-file",
-                ["export", str(p(name)), "--format", "decilm", "-o", str(p(f"x_{name}"))],
+                ctx.export(name, "decilm", out=f"x_{name}"),
                 msg=words,
                 absent=(p(f"x_{name}"),),
             )

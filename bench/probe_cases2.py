@@ -60,14 +60,20 @@ sys.exit(0 if 0 in rcs else 1)
 """
 
 
-def _sig(ctx: Ctx, name: str) -> list[str]:
-    return ctx.prune(
+def _signalled(ctx: Ctx, what: str, name: str, sig: int, rc: int | None = None, **kw: Any) -> Case:
+    """A streamed prune into `o_sig_NAME` sent `sig` once its temporary folder exists: it must leave
+    no output behind (and, for a signal it can catch, exit with `rc`)."""
+    out = ctx.p(f"o_sig_{name}")
+    argv = ctx.prune(
         f"r_sig_{name}.yaml",
-        f"o_sig_{name}",
+        out.name,
         "--stream",
         calibration={"n_samples": 64, "seqlen": 128},
         evaluate={"enabled": True, "perplexity": [{"dataset": "c.txt", "seqlen": 128, "max_windows": 64}]},
     )
+    if rc is not None:
+        kw["check"] = lambda o: None if o.rc == rc else ("minor", f"rc {o.rc}")
+    return Case(what, "signal", argv, mode="fork", signal_when=(sig, out), absent=(out,), **kw)
 
 
 def signal_cases(ctx: Ctx) -> list[Case]:
@@ -75,32 +81,13 @@ def signal_cases(ctx: Ctx) -> list[Case]:
 
     p = ctx.p
     return [
-        Case(
-            "SIGTERM during a streamed prune",
-            "signal",
-            _sig(ctx, "term"),
-            mode="fork",
-            signal_when=(15, p("o_sig_term")),
-            msg=("SIGTERM",),
-            absent=(p("o_sig_term"),),
-            check=lambda o: None if o.rc == 143 else ("minor", f"rc {o.rc}"),
-        ),
-        Case(
-            "SIGINT (Ctrl-C) during a streamed prune",
-            "signal",
-            _sig(ctx, "int"),
-            mode="fork",
-            signal_when=(2, p("o_sig_int")),
-            absent=(p("o_sig_int"),),
-            check=lambda o: None if o.rc == 130 else ("minor", f"rc {o.rc}"),
-        ),
-        Case(
+        _signalled(ctx, "SIGTERM during a streamed prune", "term", 15, 143, msg=("SIGTERM",)),
+        _signalled(ctx, "SIGINT (Ctrl-C) during a streamed prune", "int", 2, 130),
+        _signalled(
+            ctx,
             "kill -9 during a streamed prune, then secateur clean --yes",
-            "signal",
-            _sig(ctx, "kill"),
-            mode="fork",
-            signal_when=(9, p("o_sig_kill")),
-            absent=(p("o_sig_kill"),),
+            "kill",
+            9,
             then=lambda: main(["clean", "--yes", str(ctx.root)]),
         ),
         Case(
@@ -232,7 +219,7 @@ def cli_cases(ctx: Ctx) -> list[Case]:
             ("user.txt",),
         ),
         ("clean a path that does not exist", ["clean", str(p("nowhere"))], ("nowhere",)),
-        ("export --outtype q2_k", ["export", run, "--format", "gguf", "--outtype", "q2_k"], ("q2_k",)),
+        ("export --outtype q2_k", ctx.export(run, "gguf", "--outtype", "q2_k"), ("q2_k",)),
     ]
     out = [Case(label, "cli-number", args, msg=words) for label, args, words in rows]
     for c in out:  # a 100,000-token prefill could take the shared machine's memory: a limited process
@@ -626,14 +613,14 @@ def readonly_cases(ctx: Ctx) -> list[Case]:
         Case(
             "export gguf into a read-only folder",
             "read-only",
-            ["export", str(p("run_g")), "--format", "gguf", "-o", str(ro / "x.gguf")],
+            ctx.export("run_g", "gguf", out=ro / "x.gguf"),
             msg=(str(ro),),
             keep=(ro,),
         ),
         Case(
             "export decilm into a read-only folder",
             "read-only",
-            ["export", run, "--format", "decilm", "-o", str(ro / "x")],
+            ctx.export(run, "decilm", out=ro / "x"),
             msg=(str(ro),),
             keep=(ro,),
         ),
@@ -670,7 +657,7 @@ def readonly_cases(ctx: Ctx) -> list[Case]:
         Case(
             "export with the default name beside a read-only run",
             "read-only",
-            ["export", str(ro), "--format", "gguf"],
+            ctx.export(ro, "gguf"),
             msg=(str(ro),),
             keep=(ro,),
         ),
@@ -753,97 +740,46 @@ def lock_cases(ctx: Ctx) -> list[Case]:
     shutil.copytree(p("m"), p("m_other"))
     save_tiny(str(p("m_other")), "llama", seed=5)
     rows = [
-        (
-            "lock version 1 re-applies",
-            ["prune", "--lock", str(lockdir / "lock-v1.yaml"), "-o", str(p("o_l1"))],
-            "ok",
-            ("bit-identical",),
-        ),
-        (
-            "lock version 2 re-applies",
-            ["prune", "--lock", str(lockdir / "lock-v2.yaml"), "-o", str(p("o_l2"))],
-            "ok",
-            ("bit-identical",),
-        ),
-        (
-            "a run's own lock re-applies",
-            ["prune", "--lock", str(p("run", "recipe.lock.yaml")), "-o", str(p("o_l3"))],
-            "ok",
-            ("bit-identical",),
-        ),
-        (
-            "lock truncated",
-            ["prune", "--lock", str(p("lock_trunc.yaml")), "-o", str(p("o_lt"))],
-            "fail",
-            ("lock_trunc.yaml",),
-        ),
-        (
-            "lock garbage",
-            ["prune", "--lock", str(p("lock_garbage.yaml")), "-o", str(p("o_lg"))],
-            "fail",
-            ("lock_garbage.yaml",),
-        ),
-        (
-            "lock with a python tag",
-            ["prune", "--lock", str(p("lock_tag.yaml")), "-o", str(p("o_ltag"))],
-            "fail",
-            ("lock_tag.yaml",),
-        ),
+        ("lock version 1 re-applies", lockdir / "lock-v1.yaml", "o_l1", "ok", ("bit-identical",)),
+        ("lock version 2 re-applies", lockdir / "lock-v2.yaml", "o_l2", "ok", ("bit-identical",)),
+        ("a run's own lock re-applies", p("run", "recipe.lock.yaml"), "o_l3", "ok", ("bit-identical",)),
+        ("lock truncated", "lock_trunc.yaml", "o_lt", "fail", ("lock_trunc.yaml",)),
+        ("lock garbage", "lock_garbage.yaml", "o_lg", "fail", ("lock_garbage.yaml",)),
+        ("lock with a python tag", "lock_tag.yaml", "o_ltag", "fail", ("lock_tag.yaml",)),
         (
             "lock version 99",
-            [
-                "prune",
-                "--lock",
-                variant("lock_v99.yaml", lambda d: d.update(lock_version=99)),
-                "-o",
-                str(p("o_l99")),
-            ],
+            variant("lock_v99.yaml", lambda d: d.update(lock_version=99)),
+            "o_l99",
             "fail",
             ("lock_version",),
         ),
         (
             "lock kept index out of range",
-            [
-                "prune",
-                "--lock",
-                variant(
-                    "lock_idx.yaml", lambda d: next(iter(d["kept"][0].values())).update(mlp=[0, 1, 5000])
-                ),
-                "-o",
-                str(p("o_lidx")),
-            ],
+            variant("lock_idx.yaml", lambda d: next(iter(d["kept"][0].values())).update(mlp=[0, 1, 5000])),
+            "o_lidx",
             "fail",
             ("5000",),
         ),
         (
             "lock of another model",
-            [
-                "prune",
-                "--lock",
-                variant("lock_other.yaml", lambda d: d["recipe"]["model"].update(id=str(p("m_other")))),
-                "-o",
-                str(p("o_lo")),
-            ],
+            variant("lock_other.yaml", lambda d: d["recipe"]["model"].update(id=str(p("m_other")))),
+            "o_lo",
             "fail",
             ("another model",),
         ),
         (
             "lock with a missing calibration file",
-            [
-                "prune",
-                "--lock",
-                variant(
-                    "lock_nocal.yaml", lambda d: d["recipe"]["calibration"].update(dataset=str(p("gone.txt")))
-                ),
-                "-o",
-                str(p("o_lnc")),
-            ],
+            variant(
+                "lock_nocal.yaml", lambda d: d["recipe"]["calibration"].update(dataset=str(p("gone.txt")))
+            ),
+            "o_lnc",
             "fail",
             ("gone.txt",),
         ),
         (
             "lock onto its own run without --overwrite",
-            ["prune", "--lock", str(p("run", "recipe.lock.yaml")), "-o", str(p("run"))],
+            p("run", "recipe.lock.yaml"),
+            "run",
             "fail",
             ("recipe.lock.yaml",),
         ),
@@ -852,13 +788,13 @@ def lock_cases(ctx: Ctx) -> list[Case]:
         Case(
             label,
             "lock",
-            args,
+            ["prune", "--lock", str(p(str(lock))), "-o", str(p(out))],
             expect=e,
             msg=w if e == "fail" else (),
             check=says(*w) if e == "ok" else None,
             keep=(p("run"),),
         )
-        for label, args, e, w in rows
+        for label, lock, out, e, w in rows
     ]
 
 
@@ -887,7 +823,7 @@ def hostile_cases(ctx: Ctx) -> list[Case]:
         Case(
             "export a unicode-named run",
             "hostile-new",
-            ["export", str(p("sortie 😀 é")), "--format", "decilm", "-o", str(p("export ü"))],
+            ctx.export("sortie 😀 é", "decilm", out="export ü"),
             expect="ok",
         ),
         Case(
@@ -905,15 +841,7 @@ def hostile_cases(ctx: Ctx) -> list[Case]:
         Case(
             "export -o a symlink to the source weights --overwrite",
             "hostile-new",
-            [
-                "export",
-                str(p("run")),
-                "--format",
-                "decilm",
-                "-o",
-                str(p("link-weights.safetensors")),
-                "--overwrite",
-            ],
+            ctx.export("run", "decilm", "--overwrite", out="link-weights.safetensors"),
             keep=(p("m"),),
         ),
         Case(
