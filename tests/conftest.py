@@ -48,6 +48,19 @@ def input_ids(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 0) ->
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
+# the tiny LLaMA the search and variant-database unit tests share: 4 layers, a 96-wide MLP
+SEARCH_TINY = dict(num_hidden_layers=4, intermediate_size=96)
+
+
+def search_model():
+    """`SEARCH_TINY`'s model and its adapter."""
+    from secateur.graph.adapters import adapter_for
+    from secateur.testing import tiny_model
+
+    m = tiny_model("llama", **SEARCH_TINY)
+    return m, adapter_for(m.config)
+
+
 # ---- `secateur search` as real subprocesses (tests/test_search_reliability.py, postgres) -------
 
 SEARCH_CLI = """

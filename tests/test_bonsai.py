@@ -25,9 +25,7 @@ from secateur.runtime.prune.surgery import apply_keep
 from secateur.runtime.store.io import load_pruned, save_pruned
 from secateur.testing import save_tiny, tiny_model
 
-
-def _ids(n: int, seq: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+from .conftest import input_ids
 
 
 def _ctx(
@@ -54,8 +52,8 @@ def _ctx(
     return StageContext(
         model,
         adapter,
-        _ids(8, 48, 1),
-        _ids(4, 48, 2),
+        input_ids(batch=8, seq=48, seed=1),
+        input_ids(batch=4, seq=48, seed=2),
         recipe.stages()[0],
         recipe,
         count,
@@ -92,7 +90,7 @@ def test_reaches_budget_and_keep_is_in_starting_numbering(family: str) -> None:
         assert lk.mlp is not None and len(lk.mlp) % 4 == 0
         assert lk.q_heads is not None and len(lk.q_heads) == 2  # one head per KV group left
     with torch.no_grad():
-        assert torch.isfinite(model(_ids(2, 16, 3)).logits).all()
+        assert torch.isfinite(model(input_ids(batch=2, seq=16, seed=3)).logits).all()
 
 
 def test_global_allocation_reaches_budget_with_kv_groups() -> None:
@@ -175,7 +173,7 @@ def test_save_and_reload_same_logits(tmp_path: Path) -> None:
     get_method("bonsai")(ctx)
     save_pruned(model, ctx.adapter, tmp_path / "out")
     loaded = load_pruned(tmp_path / "out")
-    ids = _ids(2, 16, 5)
+    ids = input_ids(batch=2, seq=16, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
@@ -209,6 +207,6 @@ def test_prune_api_with_recipe_file(tmp_path: Path) -> None:
         lock_path=out.output / LOCK_NAME, output=tmp_path / "again", progress=False, log=lambda s: None
     )
     assert again.reproduced is True
-    ids = _ids(1, 16, 6)
+    ids = input_ids(batch=1, seq=16, seed=6)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, load_pruned(tmp_path / "again")(ids).logits)

@@ -18,7 +18,6 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from secateur.graph.adapters import adapter_for
 from secateur.recipe.allocation import SearchOptions
 from secateur.recipe.compile import BudgetError, BudgetSpec, planned_removal
 from secateur.recipe.load import load_recipe
@@ -39,27 +38,21 @@ from secateur.search.run import run_search
 from secateur.search.winner import write_winner_recipe
 from secateur.testing import tiny_model
 
+from .conftest import SEARCH_TINY, input_ids, search_model
+
 LAYERS = [0, 1, 2, 3]
-TINY = dict(num_hidden_layers=4, intermediate_size=96)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls on one thread
 
 
-def _model():
-    m = tiny_model("llama", **TINY)
-    return m, adapter_for(m.config)
-
-
-def _ids(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def cached():
     torch.set_num_threads(1)
-    m, a = _model()
-    cache = SearchCache.build(m, a, _ids(8, 32, 0), _ids(8, 32, 1), LAYERS, attention=True)
+    m, a = search_model()
+    cache = SearchCache.build(
+        m, a, input_ids(batch=8, seq=32, seed=0), input_ids(batch=8, seq=32, seed=1), LAYERS, attention=True
+    )
     return m, a, cache
 
 
@@ -76,7 +69,7 @@ SPECS = [
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.fraction or s.count}-{s.attention}-{s.mlp}")
 def test_projection_hits_budget_within_one_step(spec):
-    m, a = _model()
+    m, a = search_model()
     space = SearchSpace.build(m, a, spec, LAYERS)
     rng = random.Random(0)
     for seed in range(60):
@@ -107,7 +100,7 @@ def test_seed_fractions_are_in_range_and_ordered(cached):
 
 
 def test_infeasible_budget_is_refused():
-    m, a = _model()
+    m, a = search_model()
     space = SearchSpace.build(m, a, BudgetSpec(fraction=0.7, min_keep=0.5), LAYERS)
     with pytest.raises(ValueError, match="infeasible"):
         project_to_budget(uniform_fractions(space), space)
@@ -120,7 +113,7 @@ def test_cached_selection_matches_sequential_select_layer(cached):
     m, a, cache = cached
     space = SearchSpace.build(m, a, BudgetSpec(fraction=0.3, attention="q_head"), LAYERS)
     plan = project_to_budget(angular_fractions(space, cache.angular), space)
-    inputs = capture_inputs(m, a, _ids(8, 32, 0), 8)
+    inputs = capture_inputs(m, a, input_ids(batch=8, seq=32, seed=0), 8)
     hidden = inputs.hidden
     for i in LAYERS:
         p = a.layer_prefix(i)
@@ -134,7 +127,7 @@ def test_cached_selection_matches_sequential_select_layer(cached):
 def test_trial_leaves_model_bit_identical(cached):
     m, a, cache = cached
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    ids = _ids(2, 16, 5)
+    ids = input_ids(batch=2, seq=16, seed=5)
     with torch.inference_mode():
         logits = m(ids).logits
     for spec in (
@@ -164,7 +157,14 @@ def test_topk_reference_bounds_full_kl(cached):
     full = evaluate_plan(m, a, cache, plan, "kl")
     for k in (32, 128):  # a random tiny model is nearly flat: top-32 holds a quarter of the mass
         top = SearchCache.build(
-            m, a, _ids(8, 32, 0), _ids(8, 32, 1), LAYERS, attention=False, reference_mb=0, topk=k
+            m,
+            a,
+            input_ids(batch=8, seq=32, seed=0),
+            input_ids(batch=8, seq=32, seed=1),
+            LAYERS,
+            attention=False,
+            reference_mb=0,
+            topk=k,
         )
         assert not top.reference.full
         approx = evaluate_plan(m, a, top, plan, "kl")
@@ -239,7 +239,7 @@ def test_search_writes_db_and_beats_uniform(tmp_path, search_script):
     assert res.best_value <= res.uniform_value
     trial_lines = [s for s in lines if s.lstrip().startswith("trial")]  # plus the statistics/database phases
     assert len(res.trials_table) == 6 and len(trial_lines) == 6 and "best=" in lines[-1]
-    m, a = _model()
+    m, a = search_model()
     assert abs(planned_removal(m, a, res.best_plan) - res.space.goal) <= res.space.step_params
     print(f"search: {per_trial:.3f} s per trial (cache build included)")
 
@@ -287,10 +287,10 @@ def test_resume_after_sigkill(tmp_path, search_script, kill_search):
 
 
 def test_two_workers_share_sqlite(tmp_path):
-    m, a = _model()
+    m, a = search_model()
     g = torch.Generator().manual_seed(0)
     calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (8, 32), generator=g)
-    factory = functools.partial(tiny_model, "llama", **TINY)
+    factory = functools.partial(tiny_model, "llama", **SEARCH_TINY)
     res = run_search(
         m,
         a,
@@ -312,18 +312,18 @@ def test_two_workers_share_sqlite(tmp_path):
 
 
 def test_unopenable_storage_is_a_clear_error(tmp_path):
-    m, a = _model()
-    ids = _ids(2, 16, 0)
+    m, a = search_model()
+    ids = input_ids(batch=2, seq=16, seed=0)
     for url in (f"sqlite:///{tmp_path}/missing/dir/x.db", "nosuchdb://host/x"):
         with pytest.raises(SearchStorageError, match="cannot open search storage"):
             run_search(m, a, ids, ids, BudgetSpec(fraction=0.2), LAYERS, storage=url, progress=False)
 
 
 def test_in_memory_search_without_storage():
-    m, a = _model()
+    m, a = search_model()
     verbosity = optuna.logging.get_verbosity()
     res = run_search(
-        m, a, _ids(4, 16, 0), _ids(4, 16, 1), BudgetSpec(fraction=0.2), LAYERS,
+        m, a, input_ids(batch=4, seq=16, seed=0), input_ids(batch=4, seq=16, seed=1), BudgetSpec(fraction=0.2), LAYERS,
         SearchOptions(trials=3, objective="ppl"), progress=False,
     )  # fmt: skip
     assert res.storage is None and len(res.study.get_trials()) == 3
@@ -335,7 +335,7 @@ def test_in_memory_search_without_storage():
 
 
 def test_knots_interpolate_over_depth_and_round_trip():
-    m, a = _model()
+    m, a = search_model()
     spec = BudgetSpec(fraction=0.3, attention="q_head")
     space = SearchSpace.build(m, a, spec, LAYERS, knots=3)
     assert space.param_names == ["mlp_k0", "mlp_k1", "mlp_k2", "attn_k0", "attn_k1", "attn_k2"]
@@ -355,7 +355,7 @@ def test_knots_interpolate_over_depth_and_round_trip():
 
 
 def test_search_with_knots_samples_knots_and_seeds_uniform_exactly():
-    m, a = _model()
+    m, a = search_model()
     g = torch.Generator().manual_seed(0)
     calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (8, 32), generator=g)
     res = run_search(

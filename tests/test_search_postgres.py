@@ -30,8 +30,9 @@ from secateur.recipe.compile import BudgetSpec
 from secateur.search.run import run_search
 from secateur.testing import tiny_model
 
+from .conftest import SEARCH_TINY
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-TINY = dict(num_hidden_layers=4, intermediate_size=96)
 
 
 def _pg_bindir() -> Path | None:
@@ -107,14 +108,14 @@ def _finished(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 def test_two_worker_processes_share_a_postgres_study(postgres_url: str) -> None:
     torch.set_num_threads(1)
-    model = tiny_model("llama", **TINY)
+    model = tiny_model("llama", **SEARCH_TINY)
     g = torch.Generator().manual_seed(0)
     calib, held = torch.randint(0, 128, (8, 32), generator=g), torch.randint(0, 128, (8, 32), generator=g)
     args = (model, adapter_for(model.config), calib, held, BudgetSpec(fraction=0.2), [0, 1, 2, 3])
     kw = dict(
         storage=postgres_url,
         study_name="workers",
-        model_factory=functools.partial(tiny_model, "llama", **TINY),
+        model_factory=functools.partial(tiny_model, "llama", **SEARCH_TINY),
         progress=False,
     )
     res = run_search(*args, SearchOptions(trials=6, sampler="random"), workers=2, **kw)

@@ -16,12 +16,10 @@ from secateur.search.prefix import PrefixCache
 from secateur.search.pruner import StagePruner
 from secateur.testing import tiny_model
 
+from .conftest import input_ids
+
 LAYERS = [0, 1, 2, 3, 4, 5]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _ids(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
 def _trials(objective: Objective, space: SearchSpace, n: int) -> list[tuple[str, float | None, list]]:
@@ -39,8 +37,10 @@ def test_prefix_scoring_gives_the_same_search(tmp_path) -> None:
     and the cache skips layers: children of the best run only from their first changed layer."""
     m = tiny_model("llama", num_hidden_layers=6, intermediate_size=96)
     a = adapter_for(m.config)
-    held = _ids(8, 32, 1)
-    cache = SearchCache.build(m, a, _ids(8, 32, 0), held, LAYERS, attention=False, variants_dir=str(tmp_path))
+    held = input_ids(batch=8, seq=32, seed=1)
+    cache = SearchCache.build(
+        m, a, input_ids(batch=8, seq=32, seed=0), held, LAYERS, attention=False, variants_dir=str(tmp_path)
+    )
     space = SearchSpace.build(m, a, BudgetSpec(fraction=0.3, multiple_of=4), LAYERS, levels=5)
     uniform = project_to_budget(uniform_fractions(space), space)
     prefix = PrefixCache(a, held, torch.float32, 1 << 30)
@@ -59,7 +59,7 @@ def test_prefix_scoring_gives_the_same_search(tmp_path) -> None:
 def test_cache_stays_off_beyond_its_memory_bound() -> None:
     m = tiny_model("llama")
     a = adapter_for(m.config)
-    held = _ids(8, 32, 1)
+    held = input_ids(batch=8, seq=32, seed=1)
     need = 2 * a.num_layers * held.numel() * a.hidden_size * 4
     assert PrefixCache(a, held, torch.float32, need).enabled
     off = PrefixCache(a, held, torch.float32, need - 1)

@@ -20,12 +20,10 @@ from secateur.runtime.store.io import load_pruned
 from secateur.search.run import run_search
 from secateur.testing import save_tiny, tiny_model, tiny_search_recipe
 
+from .conftest import input_ids
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS = [0, 1, 2, 3, 4, 5]
-
-
-def _ids(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
 def test_seeded_search_is_never_worse_than_its_cfsp_seed(tmp_path: Path) -> None:
@@ -33,7 +31,7 @@ def test_seeded_search_is_never_worse_than_its_cfsp_seed(tmp_path: Path) -> None
     mostly worse (few trials, coarse levels), the winner still is at least as good as the seed."""
     m = tiny_model("llama", num_hidden_layers=6, intermediate_size=96)
     a = adapter_for(m.config)
-    calib, held = _ids(8, 32, 0), _ids(8, 32, 1)
+    calib, held = input_ids(batch=8, seq=32, seed=0), input_ids(batch=8, seq=32, seed=1)
     spec = BudgetSpec(fraction=0.4, multiple_of=4)
     opts = SearchOptions(trials=8, levels=5, sampler="evolution", stages=[64], survivors=0.5)
     res = run_search(
@@ -87,7 +85,7 @@ def test_rescored_winner_is_the_model_prune_builds(tmp_path: Path) -> None:
     assert out.winner_model is not None
     prune(out.winner_recipe, progress=False, log=lambda s: None)
     built = load_pruned(tmp_path / "run" / "model")
-    ids = _ids(2, 32, 5)
+    ids = input_ids(batch=2, seq=32, seed=5)
     with torch.inference_mode():
         assert torch.equal(out.winner_model(ids).logits, built(ids).logits)
     # resumed: nothing compiled twice, the same winner

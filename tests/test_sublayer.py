@@ -32,11 +32,9 @@ from secateur.runtime.prune.surgery import apply_keep
 from secateur.runtime.store.io import load_pruned, save_pruned
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
 
+from .conftest import input_ids
+
 FAMILIES = ("llama", "gemma3_text", "opt")
-
-
-def _ids(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
 def _ctx(
@@ -61,8 +59,8 @@ def _ctx(
     return StageContext(
         model,
         adapter_for(model.config),
-        _ids(8, 32, 0) if calib is None else calib,
-        _ids(4, 32, 1) if heldout is None else heldout,
+        input_ids(batch=8, seq=32, seed=0) if calib is None else calib,
+        input_ids(batch=4, seq=32, seed=1) if heldout is None else heldout,
         stage,
         None,
         count,
@@ -97,7 +95,7 @@ def test_budget_reached_result_runs_saves_and_reloads(tmp_path: Path, family: st
     for i, lk in res.keep.items():
         assert lk.drop_attn == (("attn", i) in skipped) and lk.drop_mlp == (("mlp", i) in skipped)
     yaml.safe_dump(res.extra)  # the lock stores `extra` for non-FASP stages: plain data only
-    ids = _ids(2, 16, 5)
+    ids = input_ids(batch=2, seq=16, seed=5)
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
@@ -126,7 +124,7 @@ def test_blockpruner_ppl_choice_is_the_best_candidate(tmp_path: Path) -> None:
     perplexity, checked against full forwards of every candidate."""
     model = tiny_model("opt")
     adapter = adapter_for(model.config)
-    held = _ids(4, 32, 1)
+    held = input_ids(batch=4, seq=32, seed=1)
     ppl = {}
     for c in candidates(model, adapter, [0, 1, 2], Targets(sublayers=True, mlp=False)):
         with without(model, adapter, c), torch.no_grad():
@@ -157,7 +155,7 @@ def test_cached_layer_inputs_score_like_a_full_forward(family: str) -> None:
     """Scoring a candidate from the cached inputs of its layer equals the KL of a full forward."""
     model = tiny_model(family)
     adapter = adapter_for(model.config)
-    held = _ids(4, 24, 3)
+    held = input_ids(batch=4, seq=24, seed=3)
     ref = dense_reference(model, held, 2, 64, 16)
     with torch.no_grad():
         p = F.log_softmax(model(held).logits[:, :-1].float(), -1)
@@ -194,7 +192,7 @@ def test_sprint_latency_table_is_cached(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_sprint_restoration_lowers_kl_to_dense(tmp_path: Path, family: str) -> None:
     dense = tiny_model(family)
-    calib, fresh = _ids(16, 128, 10), _ids(16, 128, 11)
+    calib, fresh = input_ids(batch=16, seq=128, seed=10), input_ids(batch=16, seq=128, seed=11)
     with torch.no_grad():
         p = F.log_softmax(dense(fresh).logits.float(), -1)
     kl, extras = {}, {}
@@ -221,7 +219,7 @@ def test_restorer_matches_the_residual_stream_where_branches_add_to_it(family: s
     """Pre-norm layers add o_proj / down_proj outputs straight to the stream (residual target);
     Gemma's sandwich norms do not (dense-output target)."""
     model = tiny_model(family)
-    r = Restorer(model, adapter_for(model.config), _ids(2, 16, 0), 0.01, 2)
+    r = Restorer(model, adapter_for(model.config), input_ids(batch=2, seq=16, seed=0), 0.01, 2)
     _, xd, yd, found = r._dense_layer(1, r.inputs.hidden, r.inputs.kwargs[1])
     assert found is direct and set(xd) == set(yd) and len(xd) == 2
 
@@ -229,7 +227,7 @@ def test_restorer_matches_the_residual_stream_where_branches_add_to_it(family: s
 def test_residual_target_beats_dense_output_target(tmp_path: Path) -> None:
     dense = tiny_model("llama")
     adapter = adapter_for(dense.config)
-    calib, fresh = _ids(16, 128, 10), _ids(16, 128, 11)
+    calib, fresh = input_ids(batch=16, seq=128, seed=10), input_ids(batch=16, seq=128, seed=11)
     with torch.no_grad():
         p = F.log_softmax(dense(fresh).logits.float(), -1)
     kl = {}
@@ -249,11 +247,11 @@ def test_residual_target_beats_dense_output_target(tmp_path: Path) -> None:
 def test_restorer_revert_puts_the_same_weights_back() -> None:
     model = tiny_model("llama")
     adapter = adapter_for(model.config)
-    restorer = Restorer(model, adapter, _ids(4, 32, 0), 0.01, 2)
+    restorer = Restorer(model, adapter, input_ids(batch=4, seq=32, seed=0), 0.01, 2)
     cand = Candidate(0, ("attn",))
     apply_keep(model, adapter, {0: cand.keep()})
     before = {n: p for n, p in model.named_parameters()}
-    ids = _ids(2, 16, 1)
+    ids = input_ids(batch=2, seq=16, seed=1)
     with torch.no_grad():
         ref = model(ids).logits
     restorer.restore(cand)
@@ -310,7 +308,7 @@ def _check_multipruner(out) -> None:
     lock = yaml.safe_load((out.output / "recipe.lock.yaml").read_text())
     assert lock["kept"][0] and lock["plans"][0]["removed"] == first["removed"]
     with torch.no_grad():
-        assert torch.isfinite(load_pruned(out.output)(_ids(1, 16, 7)).logits).all()
+        assert torch.isfinite(load_pruned(out.output)(input_ids(batch=1, seq=16, seed=7)).logits).all()
 
 
 def test_multipruner_sublayers_then_mlp_channels(tmp_path: Path) -> None:
@@ -348,7 +346,7 @@ def test_mlp_channels_pruned_in_a_layer_whose_attention_was_removed(tmp_path: Pa
     layer1 = out.report["layers"][1]
     assert layer1["skip_attention"] and 0 < layer1["intermediate_size"] < 96
     with torch.no_grad():
-        assert torch.isfinite(load_pruned(out.output)(_ids(1, 16, 7)).logits).all()
+        assert torch.isfinite(load_pruned(out.output)(input_ids(batch=1, seq=16, seed=7)).logits).all()
 
 
 def test_budget_beyond_sublayer_removal_fails_before_any_work(tmp_path: Path) -> None:

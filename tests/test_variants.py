@@ -10,7 +10,6 @@ import optuna
 import pytest
 import torch
 
-from secateur.graph.adapters import adapter_for
 from secateur.graph.groups import layer_shapes
 from secateur.graph.plan import Plan
 from secateur.recipe.compile import BudgetSpec, planned_removal
@@ -35,25 +34,20 @@ from secateur.runtime.prune.surgery import apply_keep
 from secateur.search.cache import SearchCache
 from secateur.search.evolution import EvolutionSampler
 from secateur.search.objective import pruned
-from secateur.testing import tiny_model
+
+from .conftest import input_ids, search_model
 
 LAYERS = [0, 1, 2, 3]
-TINY = dict(num_hidden_layers=4, intermediate_size=96)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls on one thread
 
 
-def _ids(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def _model():
-    m = tiny_model("llama", **TINY)
-    return m, adapter_for(m.config)
-
-
-CALIB, HELDOUT, PROBE = _ids(8, 32, 0), _ids(4, 32, 1), _ids(2, 16, 2)
+CALIB, HELDOUT, PROBE = (
+    input_ids(batch=8, seq=32, seed=0),
+    input_ids(batch=4, seq=32, seed=1),
+    input_ids(batch=2, seq=16, seed=2),
+)
 
 
 def _space(m, a, attention: str = "kv_group", fraction: float = 0.3, levels: int = 5) -> SearchSpace:
@@ -68,7 +62,7 @@ def _random_plan(space: SearchSpace, rng: random.Random) -> Plan:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.set_num_threads(1)
-    m, a = _model()
+    m, a = search_model()
     root = tmp_path_factory.mktemp("variants")
     cache = SearchCache.build(m, a, CALIB, HELDOUT, LAYERS, attention=True, variants_dir=str(root))
     return m, a, cache, root
@@ -131,7 +125,7 @@ def test_removed_level_drops_the_branch(setup):
 @pytest.mark.parametrize("attention", ["none", "kv_group", "q_head"])
 @pytest.mark.parametrize("fraction", [0.15, 0.3, 0.5])
 def test_budget_is_exact_for_random_candidates(attention, fraction):
-    m, a = _model()
+    m, a = search_model()
     space = _space(m, a, attention, fraction, levels=9)
     rng = random.Random(1)
     for _ in range(30):
@@ -143,7 +137,7 @@ def test_budget_is_exact_for_random_candidates(attention, fraction):
 
 @pytest.mark.parametrize("attention", ["none", "kv_group"])
 def test_level_switches_keep_the_budget(attention):
-    m, a = _model()
+    m, a = search_model()
     space = _space(m, a, attention, 0.3, levels=9)
     rng = random.Random(2)
     genome = snap_to_levels(space.keeps_of(_random_plan(space, rng)), space)
@@ -165,7 +159,7 @@ def test_level_switches_keep_the_budget(attention):
 
 
 def test_evolution_sampler_children_keep_the_parents_budget():
-    m, a = _model()
+    m, a = search_model()
     space = _space(m, a, "kv_group", 0.3, levels=9)
     sampler = EvolutionSampler(space, seed=0)
     study = optuna.create_study(sampler=sampler)
@@ -188,7 +182,7 @@ def test_evolution_sampler_children_keep_the_parents_budget():
 
 
 def test_database_is_reused_and_rebuilt_when_its_key_changes(tmp_path):
-    m, a = _model()
+    m, a = search_model()
     space = _space(m, a)
     plan = project_to_budget({n: 0.6 for n in space.names}, space)
     wanted = plan_variants(plan)
@@ -205,7 +199,7 @@ def test_database_is_reused_and_rebuilt_when_its_key_changes(tmp_path):
     again = build()
     assert again.folder == first.folder and again.built == 0
     assert {p: p.stat().st_mtime_ns for p in again.folder.glob("*.safetensors")} == stamps
-    for changed in (build(damping=0.05), build(calib=_ids(8, 32, 9))):
+    for changed in (build(damping=0.05), build(calib=input_ids(batch=8, seq=32, seed=9))):
         assert changed.folder != first.folder and changed.built == len(wanted)
     other = copy.deepcopy(m)
     with torch.no_grad():
@@ -247,7 +241,7 @@ def test_winner_table_with_a_removed_branch_compiles_to_the_same_plan(tmp_path):
     from secateur.recipe.load import load_recipe
     from secateur.search.winner import write_winner_recipe
 
-    m, a = _model()
+    m, a = search_model()
     space = _space(m, a, "none", 0.3, levels=5)
     keeps = space.keeps_of(project_to_budget({n: 0.7 for n in space.names}, space))
     keeps[space.slots[1].name] = 0
