@@ -20,24 +20,29 @@ from secateur.testing import save_tiny
 SHAPE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, tie_word_embeddings=False)
 
 
-def _mapping(t: torch.Tensor) -> dict[str, int]:
-    """The kB figures (Rss, Anonymous, ...) of the /proc/self/smaps entry that holds `t`'s memory,
-    and its file ("path": 1 when the entry maps a file)."""
-    ptr, found = t.data_ptr(), None
+def _smaps() -> list[dict]:
+    """/proc/self/smaps as entries: start, end, path and the kB figures (Rss, Anonymous, ...)."""
+    out: list[dict] = []
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()
         if (
             "-" in head[0] and ":" not in head[0]
         ):  # an entry's header: "start-end perms offset dev inode path"
             start, end = (int(x, 16) for x in head[0].split("-"))
-            if found is not None:
-                break
-            if start <= ptr < end:
-                found = {"path": int(len(head) > 5 and head[5].startswith("/"))}
-        elif found is not None and head[0].endswith(":") and len(head) == 3 and head[2] == "kB":
-            found[head[0][:-1]] = int(head[1])
-    assert found is not None, "no mapping holds the tensor"
-    return found
+            out.append({"start": start, "end": end, "path": head[5] if len(head) > 5 else ""})
+        elif out and head[0].endswith(":") and len(head) == 3 and head[2] == "kB":
+            out[-1][head[0][:-1]] = int(head[1])
+    return out
+
+
+def _mapping(t: torch.Tensor) -> dict:
+    """The smaps entry that holds `t`'s memory."""
+    return next(e for e in _smaps() if e["start"] <= t.data_ptr() < e["end"])
+
+
+def _file_rss(folder: Path) -> int:
+    """kB of `folder`'s files resident through every map of them this process holds."""
+    return sum(e["Rss"] for e in _smaps() if e["path"].startswith(str(folder)))
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +59,22 @@ def test_resident_head_stays_in_the_file_until_read_and_leaves_after(folder: Pat
     size_kb = head.numel() * head.element_size() // 1024
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= lm.stream.mapped
     before = _mapping(head)
-    # a view of the file's map, unread after loading (though the fingerprint hashed every byte)
-    assert before["path"] == 1 and before["Anonymous"] == 0 and before["Rss"] < size_kb / 8, before
+    # a view of the file's map, unread after loading (though the fingerprint hashed every byte):
+    # neither its map nor an earlier one of the same file holds the pages read
+    assert before["path"].startswith(str(folder)) and before["Anonymous"] == 0, before
+    assert _file_rss(folder) < size_kb / 8
     src = SafetensorsSource(folder)
     assert torch.equal(head, src.get("lm_head.weight"))
     state = {k: v for k, v in lm.model.state_dict().items() if not k.startswith("model.layers.")}
     # the hash of the bytes as read (no layer read yet: the resident tensors only)
     assert lm.stream.dense_fingerprint.hexdigest() == tensor_fingerprint(list(state.items()))
+    del state, head  # the test's own references would keep the old maps alive
     windows = torch.randint(1, 127, (2, 16))
     ppl = stream_perplexity(lm.stream, windows)
     assert _mapping(lm.model.lm_head.weight)["Rss"] > size_kb / 2  # perplexity read the whole head
     lm.stream.unmap_resident()
     head = lm.model.lm_head.weight
-    after = _mapping(head)
-    assert after["Anonymous"] == 0 and after["Rss"] < size_kb / 8, after
+    assert _mapping(head)["Anonymous"] == 0 and _file_rss(folder) < size_kb / 8
     assert torch.equal(head, src.get("lm_head.weight"))
     assert stream_perplexity(lm.stream, windows) == ppl
 
@@ -120,3 +127,32 @@ def test_bound_counts_only_the_calibration_rows_of_mapped_tensors(folder: Path, 
     ex = explain(load_recipe(recipe))
     assert ex.stream == memory_bound(m, a, torch.float32, 64, mapped=lm.stream.mapped)
     assert "read in place from the file" in format_explanation(ex)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc")
+def test_the_decoder_pass_starts_without_the_pages_loading_and_perplexity_read(
+    folder: Path, tmp_path: Path
+) -> None:
+    """Through a real streamed prune: the load's finite check and the dense perplexity read the whole
+    head and embeddings; when the pruning stage starts, none of those pages is resident any more."""
+    from secateur.api import prune
+
+    words = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer"]
+    (tmp_path / "calib.txt").write_text(" ".join(words[(i * 7) % 9] for i in range(3000)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nmodel: {{id: {folder}, dtype: float32, device: cpu, stream: true}}\n"
+        "calibration: {dataset: calib.txt, n_samples: 2, seqlen: 32}\n"
+        "targets: {mlp: true, attention: none}\nbudget: {params: 0.2, multiple_of: 8}\n"
+        "evaluate: {enabled: true, perplexity: [{dataset: calib.txt, split: test, seqlen: 32, max_windows: 2}]}\n"
+    )
+    seen: list[int] = []
+    head_kb = 4096 * 512 * 4 // 1024
+
+    def log(line: str) -> None:
+        if line.startswith("stage 1/1"):
+            seen.append(_file_rss(folder))
+
+    result = prune(recipe, output=tmp_path / "out", progress=False, log=log)
+    assert len(seen) == 1 and seen[0] < head_kb / 8, seen
+    assert result.report["perplexity"]["dense"]  # the dense perplexity did run (and read the head)

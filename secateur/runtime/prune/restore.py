@@ -7,7 +7,7 @@ G = X^T X, S the kept and P the pruned columns, lambda = damping * mean(diag G).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +60,13 @@ def _factor_in_place(m: torch.Tensor, shift: float) -> torch.Tensor | None:
     return factor if int(info) == 0 else None
 
 
+def solve_factored(b: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """X with X L L^T = B (`cholesky_solve(B^T, L)^T`) as its two triangular solves: cholesky_solve
+    copies the factor first (one more s x s matrix at the solve's peak); the bits are the same."""
+    y = torch.linalg.solve_triangular(chol, b.T, upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True).T
+
+
 def _solve_shifted(
     a: torch.Tensor, b: torch.Tensor, damping: float, fresh: Callable[[], torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, float]:
@@ -80,9 +87,47 @@ def _solve_shifted(
             if chol is not None:
                 if attempt:
                     warnings.warn(f"ill-conditioned Gram matrix: damping raised to {lam:g}", stacklevel=4)
-                return torch.cholesky_solve(b.to(dtype).T, chol).T.to(b.dtype), lam * mean_diag
+                return solve_factored(b.to(dtype), chol).to(b.dtype), lam * mean_diag
         lam *= 10
     raise FloatingPointError("Gram matrix is not positive definite even with heavy damping")
+
+
+class _KeptGram:
+    """G_SS (kept rows and columns of G) built inside G's own memory, for a caller that gives G up:
+    the solve then holds one n x n buffer instead of G and a separate s x s copy (0.86 GiB for a
+    7B MLP). The factor overwrites G_SS, so the upper triangle that Cholesky reads (row-major;
+    the solve factors the transposed view) is kept packed in the buffer's spare tail, or in a
+    tensor of its own where that is short, and `fresh` rebuilds G_SS from it for a retry."""
+
+    def __init__(self, g: torch.Tensor, keep: torch.Tensor, block: int = 256) -> None:
+        s = keep.numel()
+        flat = g.view(-1)
+        for a in range(0, s, block):  # row a of G_SS goes to flat[a*s:], below row keep[a] >= a of G
+            rows = g.index_select(0, keep[a : a + block]).index_select(1, keep)
+            flat[a * s : a * s + rows.numel()].copy_(rows.view(-1))
+        self.m = flat[: s * s].view(s, s)
+        need = s * (s + 1) // 2
+        spare = flat[s * s : s * s + need]
+        self.packed = spare if spare.numel() == need else torch.empty(need, dtype=g.dtype, device=g.device)
+        self.block = block
+        for a, off in self._rows():
+            self.packed[off : off + s - a].copy_(self.m[a, a:])
+
+    def _rows(self) -> Iterator[tuple[int, int]]:
+        s = self.m.shape[0]
+        return ((a, a * s - a * (a - 1) // 2) for a in range(s))
+
+    def fresh(self) -> torch.Tensor:
+        """G_SS again in the same memory: the packed upper triangle, mirrored below the diagonal."""
+        m, s = self.m, self.m.shape[0]
+        for a, off in self._rows():
+            m[a, a:].copy_(self.packed[off : off + s - a])
+        for a in range(0, s, self.block):
+            b = min(a + self.block, s)
+            m[a:b, :a].copy_(m[:a, a:b].T)
+            square = m[a:b, a:b]
+            square.copy_(square.triu() + square.triu(1).T)
+        return m
 
 
 def solve_damped(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
@@ -100,8 +145,12 @@ def restore_columns(
     cross: torch.Tensor | None = None,
     ref_energy: torch.Tensor | None = None,
     strength: float = 1.0,
+    consume: bool = False,
 ) -> Restored:
     """Restored kept-column weight for a consuming layer; falls back to plain slicing on failure.
+
+    `consume=True` gives `gram` up to the solve: G_SS is built and factored inside it (`_KeptGram`),
+    so it holds garbage afterwards; the result is the same bit for bit.
 
     `errors=False` skips the reconstruction errors (a search trial does not need them).
     With `cross` = X_ref^T X (and `ref_energy` = ||X_ref W^T||^2) the target is the dense stream's
@@ -125,12 +174,16 @@ def restore_columns(
     rows = keep[:, None]
     energy = _Energy(w_s, w_p, g, pruned) if errors and _finite(g) else None
     rhs = w_p @ g[pruned[:, None], keep]
-    g_ss = g[rows, keep]
+    del w, w_p  # not needed past here: the solve's peak holds W_S, the right-hand side and two solves
+    solving = solve and pruned.numel() > 0
+    kept = _KeptGram(g, keep) if consume and solving and g.is_contiguous() else None
+    g_ss = kept.m if kept is not None else g[rows, keep]
     err_pruned = energy.pruned(g_ss, rhs) if energy is not None else float("nan")
-    if not solve or pruned.numel() == 0:
+    if not solving:
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)
+    fresh = kept.fresh if kept is not None else lambda: g[rows, keep]
     try:
-        delta, shift = _solve_shifted(g_ss, rhs, damping, lambda: g[rows, keep])
+        delta, shift = _solve_shifted(g_ss, rhs, damping, fresh)
     except FloatingPointError as e:
         warnings.warn(f"restoration skipped: {e}", stacklevel=2)
         return Restored(w_s.to(weight.dtype), err_pruned, err_pruned)

@@ -113,11 +113,13 @@ def restore_layer(
     method: str = Scoring.restore,
     errors: bool = True,
     correction: float = 1.0,
+    consume: bool = False,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], dict[str, dict[str, float]]]:
     """New consumer (weight, bias) pairs for layer i, computed before slicing.
 
     least_squares re-fits the kept columns; bias_compensation (FLAP) folds the pruned inputs'
-    mean contribution into the bias (None: the bias is left as it is).
+    mean contribution into the bias (None: the bias is left as it is). `consume`: the Gram
+    matrices are the solve's to overwrite (`restore_columns`), for a caller that drops `stats` next.
     """
     p = adapter.layer_prefix(i)
     sh = layer_shapes(model, adapter, i)
@@ -142,6 +144,7 @@ def restore_layer(
             st.cross,
             st.ref_energy,
             correction,
+            consume,
         )
         bias = None
         if method == "bias_compensation":
@@ -378,6 +381,7 @@ def _select_and_restore(
         plan.damping,
         plan.restore,
         correction=float(plan.error_correction),
+        consume=True,  # the statistics are dropped after this layer (`prune_sequential`)
     )
     apply_keep(model, adapter, {i: lk})
     write_consumers(model, new_w)

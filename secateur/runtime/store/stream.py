@@ -118,8 +118,8 @@ class StreamedModel:
             self._assign(name, self.source.get(name))
 
     def unmap_resident(self) -> None:
-        """Drop the pages of the file-mapped resident tensors read so far (after the dense
-        perplexity, which reads the whole head), so that the decoder pass starts without them."""
+        """Drop the pages of the file-mapped resident tensors read so far (the load's finite check
+        and the dense perplexity read them whole), so that the decoder pass starts without them."""
         for name in sorted(self.mapped):
             self._remap(name)
         if self.tied:
@@ -327,10 +327,12 @@ def memory_bound(
 
     2 x largest layer (the dense layer and its pruned slices) + embeddings, norm and head as the
     decoder pass holds them + calibration activations (the layer's inputs and outputs, twice with
-    error correction) + consumer statistics (fp32 Gram matrices of o_proj and down_proj) + the
-    restoration's workspace (the kept columns' Gram, factored in place: at most the widest
-    consumer's Gram) + what writing and perplexity add after the pass (`after_pass`) + a fixed
-    runtime allowance (`RUNTIME_ALLOWANCE`).
+    error correction) + consumer statistics (fp32 Gram matrices of o_proj and down_proj; the
+    restoration builds and factors the kept columns' Gram inside the consumer's own) + the
+    restoration's workspace (the kept weight slice, the right-hand side and two triangular solves,
+    each at most rows x width in fp32, for the widest consumer) + what writing and perplexity add
+    after the pass (`after_pass`) + a fixed runtime allowance (`RUNTIME_ALLOWANCE`). Error correction
+    (`dense_stream`) also holds the cross products X_ref^T X and a separate kept-column Gram.
 
     `mapped` names the resident tensors read in place from the source file (`StreamedModel.mapped`):
     the decoder pass reads only the calibration tokens' rows of them; writing the output and the
@@ -351,8 +353,8 @@ def memory_bound(
         "layer_x2": 2 * layer,
         "resident": held * size,
         "activations": acts,
-        "statistics": 4 * sum(w**2 for w in widths),
-        "solve": 4 * max(widths) ** 2,
+        "statistics": 4 * sum(w**2 for w in widths) * (2 if dense_stream else 1),
+        "solve": 4 * 4 * adapter.hidden_size * max(widths) + (4 * max(widths) ** 2 if dense_stream else 0),
     }
     terms["after_pass"] = max(0, layer + whole - sum(terms.values()))
     terms["runtime"] = RUNTIME_ALLOWANCE
