@@ -178,8 +178,11 @@ def table(rows: list[dict[str, Any]], command: str) -> list[str]:
         f"Command: `{command}`",
         "",
         f"Machine: {machine()}. FASP, MLP channels, 20% of decoder linear parameters, least-squares restoration.",
-        "Peak RSS is the pruning process's own (ru_maxrss). Streaming bound = 2 x largest layer + embeddings, "
-        "norm and head + calibration activations (layer inputs and outputs) + fp32 Gram matrices of the consumers.",
+        "Peak RSS is the pruning process's own (VmHWM). Streaming bound (`runtime.store.stream.memory_bound`) = "
+        "2 x largest layer + embeddings, norm and head as the decoder pass holds them (read in place from a "
+        "safetensors file in the working dtype: the calibration tokens' rows) + calibration activations (layer "
+        "inputs and outputs) + fp32 Gram matrices of the consumers + the restoration's workspace + what writing "
+        "and perplexity add after the pass + 1 GiB runtime allowance; the column lists the first four terms.",
         "",
         "| model | params | dtype | mode | calibration | peak RSS GiB | streaming bound GiB "
         "(2xlayer + resident + acts + stats) | peak - bound GiB | load s | capture s | statistics s | "
