@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,6 +47,25 @@ def smollm2():
 def input_ids(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def model_recipe(tmp: Path, name: str, text: str, **over: Any) -> Path:
+    """`tmp/name`: the recipe of `tiny_recipe_doc` on a tiny LLaMA `tmp/model` calibrated on
+    `tmp/calib.txt` (both written first where missing, the text `text`), with `over` replacing
+    whole sections (the reliability tests' recipe)."""
+    import yaml
+
+    from secateur.testing import save_tiny, tiny_recipe_doc
+
+    if not (tmp / "model").exists():
+        save_tiny(str(tmp / "model"), "llama")
+    if not (tmp / "calib.txt").exists():
+        (tmp / "calib.txt").write_text(text)
+    doc = tiny_recipe_doc(str(tmp / "model"), calibration={"dataset": "calib.txt"})
+    doc.update(over)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 # the tiny LLaMA the search and variant-database unit tests share: 4 layers, a 96-wide MLP

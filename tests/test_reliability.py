@@ -30,39 +30,24 @@ from secateur.runtime.store.loader import ModelLoadError, load_model
 from secateur.runtime.store.outdir import MANIFEST, OutputExistsError, OutputLocationError
 from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
 
+from .conftest import model_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _text(path: Path, n_words: int = 8000, seed: int = 0) -> Path:
+def _text(n_words: int = 8000, seed: int = 0) -> str:
     rng = random.Random(seed)
     words = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly", "while"]
-    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)))
-    return path
+    return " ".join(rng.choice(words) for _ in range(n_words))
 
 
 def _recipe(tmp: Path, name: str = "recipe.yaml", evaluate: bool = False, **over) -> Path:
-    model_dir = tmp / "model"
-    if not model_dir.exists():
-        save_tiny(str(model_dir), "llama")
-    if not (tmp / "calib.txt").exists():
-        _text(tmp / "calib.txt")
-    doc = {
-        "version": 1,
-        "model": {"id": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "calibration": {"dataset": "calib.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
-        "targets": {"mlp": True, "attention": "none"},
-        "budget": {"params": 0.2, "multiple_of": 4},
-        "evaluate": {
-            "enabled": evaluate,
-            "perplexity": [{"dataset": "calib.txt", "split": "test", "seqlen": 32, "max_windows": 2}],
-            "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1},
-        },
+    checks = {
+        "enabled": evaluate,
+        "perplexity": [{"dataset": "calib.txt", "split": "test", "seqlen": 32, "max_windows": 2}],
+        "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1},
     }
-    for k, v in over.items():
-        doc[k] = v
-    path = tmp / name
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return model_recipe(tmp, name, _text(), **{"evaluate": checks, **over})
 
 
 # ---- 1. --overwrite never deletes what Secateur did not write ------------------------------------

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file, save_file
 
 from secateur.api import prune
@@ -23,35 +22,15 @@ from secateur.runtime.store.deliver import BUDGET_TOLERANCE, DeliveryError, chec
 from secateur.runtime.store.io import save_pruned
 from secateur.runtime.store.loader import ModelLoadError
 from secateur.runtime.store.outdir import FILES_MANIFEST, OutputExistsError, OutputLocationError
-from secateur.testing import save_tiny, tiny_model, tiny_tokenizer
+from secateur.testing import calibration_text, save_tiny, tiny_model, tiny_search_recipe, tiny_tokenizer
+
+from .conftest import model_recipe
 
 QUIET = {"progress": False, "log": lambda s: None}
 
 
-def _text(path: Path, n_words: int = 6000) -> Path:
-    words = ["the", "model", "prunes", "channels", "and", "heads", "of", "a", "layer", "quickly"]
-    path.write_text(" ".join(words[(i * 7) % 10] for i in range(n_words)))
-    return path
-
-
 def _recipe(tmp: Path, name: str = "recipe.yaml", **over) -> Path:
-    model_dir = tmp / "model"
-    if not model_dir.exists():
-        save_tiny(str(model_dir), "llama")
-    if not (tmp / "calib.txt").exists():
-        _text(tmp / "calib.txt")
-    doc = {
-        "version": 1,
-        "model": {"id": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "calibration": {"dataset": "calib.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
-        "targets": {"mlp": True, "attention": "none"},
-        "budget": {"params": 0.2, "multiple_of": 4},
-        "evaluate": {"enabled": False},
-    }
-    doc.update(over)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return model_recipe(tmp, name, calibration_text(), **over)
 
 
 def _never_load(monkeypatch, module) -> None:
@@ -152,21 +131,9 @@ def test_export_overwrite_replaces_only_its_own_unchanged_gguf(tmp_path: Path, c
 
 
 def _search_recipe(tmp: Path) -> Path:
-    save_tiny(str(tmp / "m"), "llama", num_hidden_layers=4)
-    _text(tmp / "c.txt")
-    path = tmp / "s.yaml"
-    doc = {
-        "name": "tiny-search",
-        "model": {"id": str(tmp / "m"), "dtype": "float32"},
-        "calibration": {"dataset": "c.txt", "n_samples": 8, "seqlen": 32},
-        "targets": {"mlp": True, "attention": "none"},
-        "budget": {"params": 0.3, "multiple_of": 4, "min_keep": 0.2},
-        "allocation": {"method": "search", "search": {"trials": 2, "heldout_tokens": 256, "pruner": False}},
-        "evaluate": {"enabled": False},
-        "output": {"dir": str(tmp / "run")},
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    (tmp / "c.txt").write_text(calibration_text())
+    search = {"search": {"trials": 2, "heldout_tokens": 256, "pruner": False}}
+    return tiny_search_recipe(tmp, "s.yaml", targets={"attention": "none"}, allocation=search)
 
 
 def test_search_refuses_a_users_file_in_its_folder_before_loading(tmp_path: Path, monkeypatch) -> None:

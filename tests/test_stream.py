@@ -22,7 +22,14 @@ from secateur.runtime.store.io import load_pruned
 from secateur.runtime.store.loader import resolve_source
 from secateur.runtime.store.outdir import MANIFEST
 from secateur.runtime.store.weights import SafetensorsSource
-from secateur.testing import TINY_FAMILIES, save_tiny, save_tiny_gguf, tiny_model, tiny_tokenizer
+from secateur.testing import (
+    TINY_FAMILIES,
+    save_tiny,
+    save_tiny_gguf,
+    tiny_model,
+    tiny_recipe_doc,
+    tiny_tokenizer,
+)
 
 
 def _text(path: Path) -> Path:
@@ -34,19 +41,19 @@ def _text(path: Path) -> Path:
 
 def _recipe(tmp: Path, model: str, evaluate: bool = False, **over) -> Path:
     _text(tmp / "calib.txt")
-    doc = {
-        "version": 1,
-        "model": {"id": model, "dtype": "float32", "device": "cpu"},
-        "calibration": {"dataset": "calib.txt", "n_samples": 4, "seqlen": 32, "heldout_windows": 2},
-        "targets": {"mlp": True, "attention": "q_head"},
-        "budget": {"params": 0.3, "multiple_of": 4},
-        "evaluate": {
-            "enabled": evaluate,
-            "perplexity": [{"dataset": "calib.txt", "split": "test", "seqlen": 32, "max_windows": 3}],
-            "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1},
-        },
-        **over,
+    checks = {
+        "enabled": evaluate,
+        "perplexity": [{"dataset": "calib.txt", "split": "test", "seqlen": 32, "max_windows": 3}],
+        "latency": {"prefill_len": 8, "decode_tokens": 2, "repeats": 1},
     }
+    doc = tiny_recipe_doc(
+        model,
+        calibration={"dataset": "calib.txt"},
+        targets={"attention": "q_head"},
+        budget={"params": 0.3},
+        evaluate=checks,
+    )
+    doc.update(over)
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
