@@ -30,7 +30,7 @@ from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
 from secateur.lock import model_fingerprint
 from secateur.recipe.load import load_recipe
-from secateur.runtime.allocation.variants import prune_stitched
+from secateur.runtime.allocation.variant_build import prune_stitched
 from secateur.runtime.measure.timing import sync
 from secateur.runtime.store.data import eval_windows, load_text, tokenize_text
 from secateur.runtime.store.loader import LoadedModel

@@ -113,11 +113,6 @@ def check_streamable(recipe: Recipe) -> None:
             f"model.stream: allocation.method {recipe.allocation.method!r} cannot stream; streaming supports "
             f"{spoken([repr(a) for a in STREAMED_ALLOCATIONS], 'and')}"
         )
-    if recipe.allocation.compile == "stitched":
-        raise StreamError(
-            "model.stream: allocation.compile 'stitched' builds its one-shot variants on the whole model; "
-            "use allocation.compile: sequential to stream"
-        )
     if any(e.format != "gguf" for e in recipe.output.export):
         raise StreamError(
             "model.stream: output.export decilm converts the whole pruned model in memory (only gguf exports "

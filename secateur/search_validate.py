@@ -25,7 +25,7 @@ from secateur.graph.count import decoder_linear_params
 from secateur.graph.plan import Plan
 from secateur.recipe.load import load_recipe
 from secateur.recipe.schema import Recipe
-from secateur.runtime.allocation.variants import prune_stitched
+from secateur.runtime.allocation.variant_build import prune_stitched
 from secateur.runtime.measure.zeroshot import run_zeroshot
 from secateur.runtime.store.io import load_pruned
 from secateur.runtime.store.leftovers import partial_dir

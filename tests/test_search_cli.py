@@ -57,7 +57,7 @@ def test_level_search_winner_compiles_from_the_variants_it_scored(tmp_path: Path
     import torch
 
     from secateur.graph.plan import Plan
-    from secateur.runtime.allocation.variants import prune_stitched
+    from secateur.runtime.allocation.variant_build import prune_stitched
     from secateur.runtime.store.data import eval_windows, load_text, statistics_split, tokenize_text
     from secateur.runtime.store.loader import load_model
 

@@ -20,12 +20,12 @@ from secateur.runtime.allocation.space import (
     project_to_budget,
     snap_to_levels,
 )
+from secateur.runtime.allocation.variant_build import prune_stitched
 from secateur.runtime.allocation.variants import (
     VariantSource,
     VariantStore,
     layer_stats,
     plan_variants,
-    prune_stitched,
     store_key,
 )
 from secateur.runtime.prune.select import by_score, select_units

@@ -43,7 +43,7 @@ from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.allocation.dense import dense_statistics
 from secateur.runtime.prune.score import unit_scores
 from secateur.runtime.prune.select import by_score, select_units
-from secateur.runtime.prune.sequential import LayerLog, PruneResult, restore_layer, write_consumers
+from secateur.runtime.prune.sequential import restore_layer, write_consumers
 from secateur.runtime.prune.stats import InputStats
 from secateur.runtime.prune.surgery import apply_keep
 from secateur.runtime.store.atomic import atomic_write_text, replacing
@@ -289,7 +289,14 @@ class VariantStore:
                 t.numel() * t.element_size() for w, b in old.weights.values() for t in (w, b) if t is not None
             )
 
-    def _read(self, path: Path, device: torch.device) -> Variant | None:
+    def has_valid(self, i: int, kind: str, count: int) -> bool:
+        """Whether variant (i, kind, count) is stored intact (read and checked; a damaged file is not)."""
+        path = self.path(i, kind, count)
+        if (i, kind, count) in self._memo:
+            return True
+        return path.exists() and self._read(path, torch.device("cpu"), warn=False) is not None
+
+    def _read(self, path: Path, device: torch.device, warn: bool = True) -> Variant | None:
         """The stored variant, or None (with a warning naming the file) when it is damaged or changed."""
 
         try:
@@ -302,14 +309,22 @@ class VariantStore:
             if meta.get("sha256") == _checksum(tensors, meta):
                 return _from_tensors(tensors, meta, device)
             why = "its checksum does not match its contents (changed since it was written)"
-        warnings.warn(f"variant database: {path} is {why}; rebuilding it", stacklevel=3)
+        if warn:
+            warnings.warn(f"variant database: {path} is {why}; rebuilding it", stacklevel=3)
         return None
 
     def get(
-        self, i: int, kind: str, count: int, build: Callable[[], Variant], device: torch.device | str = "cpu"
+        self,
+        i: int,
+        kind: str,
+        count: int,
+        build: Callable[[], Variant],
+        device: torch.device | str = "cpu",
+        remember: bool = True,
     ) -> Variant:
         """The stored variant, else `build()` it under the file's lock and store it (write, then rename);
-        a damaged or changed file is rebuilt, never stitched."""
+        a damaged or changed file is rebuilt, never stitched. `remember`: keep it in the in-memory LRU
+        (a build pass that only stores variants does not)."""
         vid = (i, kind, count)
         hit = self._memo.get(vid)
         if hit is not None:
@@ -331,7 +346,8 @@ class VariantStore:
                     with partial_file(tmp, "variant database"), replacing(path, tmp):
                         save_file(tensors, str(tmp), metadata=meta)
                     self.built += 1
-        self._remember(vid, v)
+        if remember:
+            self._remember(vid, v)
         return v
 
 
@@ -392,39 +408,3 @@ class VariantSource:
         for vid in tqdm(missing, desc="variants", unit="variant", disable=not progress or not missing):
             self.get(*vid)
         return time.perf_counter() - t0
-
-
-def prune_stitched(
-    model: nn.Module,
-    adapter: ModelAdapter,
-    calib_ids: torch.Tensor,
-    plan: Plan,
-    store_root: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> PruneResult:
-    """Execute `plan` by stitching stored variants (one-shot from dense statistics), building the
-    missing ones first; the result is exactly the candidate a search with the same store scored."""
-    t0 = time.perf_counter()
-    if plan.selection != "score" or plan.error_correction or plan.refine_steps:
-        raise ValueError(
-            "allocation.compile: 'stitched' uses one-shot score selection and plain restoration; "
-            "importance.selection obs, restore.error_correction and restore.refine_steps need 'sequential'"
-        )
-    store = VariantStore(
-        store_root or default_variants_dir(),
-        store_key(model, calib_ids, plan.metric, plan.restore, plan.damping),
-    )
-    wanted = plan_variants(plan)
-    mlp = any(k == "mlp" for _, k, _ in wanted)
-    attention = any(k != "mlp" for _, k, _ in wanted)
-    layers = sorted({i for i, _, _ in wanted})
-    source = VariantSource(
-        model, adapter, store, calib_ids, layers, mlp, attention, plan.metric, plan.restore, plan.damping
-    )
-    built = source.build_all(wanted, progress)
-    t1 = time.perf_counter()
-    keep = stitch(model, adapter, source.variants_of(plan))
-    logs = [LayerLog(i, 0.0, lk.to_dict()) for i, lk in keep.items()]
-    phases = {"variants": built, "stitch": time.perf_counter() - t1, "total": time.perf_counter() - t0}
-    extra = {"variants": {"folder": str(store.folder), "key": store.key, "built": store.built}}
-    return PruneResult(keep, logs, phases, plan, extra)

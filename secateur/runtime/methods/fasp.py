@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from secateur.runtime.allocation.variants import prune_stitched
+from secateur.runtime.allocation.variant_build import prune_stitched
 from secateur.runtime.methods.registry import register_method
 from secateur.runtime.prune.sequential import PruneResult, prune_sequential
 from secateur.runtime.prune.stage import CheckContext, StageContext, check_plan_shapes, plan_for_stage
@@ -29,7 +29,9 @@ def fasp(ctx: StageContext) -> PruneResult:
     plan = plan_for_stage(ctx)
     alloc = ctx.recipe.allocation
     if alloc.compile == "stitched":
-        return prune_stitched(ctx.model, ctx.adapter, ctx.calib, plan, alloc.variants_dir, ctx.progress)
+        return prune_stitched(
+            ctx.model, ctx.adapter, ctx.calib, plan, alloc.variants_dir, ctx.progress, ctx.layer_io
+        )
     return prune_sequential(
         ctx.model, ctx.adapter, ctx.calib, plan, progress=ctx.progress, layer_io=ctx.layer_io
     )

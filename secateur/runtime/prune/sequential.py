@@ -257,13 +257,17 @@ def _paired_statistics(
 class LayerIO(Protocol):
     """Where layer weights come from and go (the streaming runtime): `load(i)` before layer i
     runs, `done(i)` once its outputs are computed. `dense()` is the read-only counterpart for a
-    statistics pass over the dense layers before pruning (each read, then dropped, nothing written)."""
+    statistics pass over the dense layers before pruning (each read, then dropped, nothing written).
+    `weights_fingerprint()` is the dense weights' fingerprint read from where the layers come from
+    (None: the model in memory holds every layer, hash it there)."""
 
     def load(self, i: int) -> None: ...
 
     def done(self, i: int) -> None: ...
 
     def dense(self) -> LayerIO: ...
+
+    def weights_fingerprint(self) -> str | None: ...
 
 
 class _Resident:
@@ -277,6 +281,14 @@ class _Resident:
 
     def dense(self) -> LayerIO:
         return self
+
+    def weights_fingerprint(self) -> str | None:
+        return None
+
+
+def resident_layers() -> LayerIO:
+    """The LayerIO of a model whose layers are all in memory (every hook a no-op)."""
+    return _Resident()
 
 
 def needs_statistics(plan: Plan) -> bool:

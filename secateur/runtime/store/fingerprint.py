@@ -28,6 +28,12 @@ class Fingerprint:
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._digests[name] = h.hexdigest()
 
+    def copy(self) -> Fingerprint:
+        """A fingerprint holding the same digests so far (each copy then grows on its own)."""
+        out = Fingerprint()
+        out._digests = dict(self._digests)
+        return out
+
     def hexdigest(self) -> str:
         h = hashlib.sha256()
         for name in sorted(self._digests):

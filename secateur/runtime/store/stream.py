@@ -110,6 +110,8 @@ class StreamedModel:
             self._remap(name)
         if self.tied:
             self.model.tie_weights()
+        self._resident_fp = self.dense_fingerprint.copy()
+        self._source_fp: str | None = None
 
     def _remap(self, name: str) -> None:
         """Map a `mapped` tensor from its file again: the pages read so far leave resident memory
@@ -156,6 +158,18 @@ class StreamedModel:
             if record:
                 self.dense_fingerprint.add(prefix + name, t.to(self.dtype))
             self._assign(prefix + name, t)
+
+    def source_fingerprint(self) -> str:
+        """The dense weights' fingerprint (`model_fingerprint` of the model loaded whole), the layers
+        read from the source one tensor at a time (what the variant database is keyed by)."""
+        if self._source_fp is None:
+            fp = self._resident_fp.copy()
+            for i, layer in enumerate(self.adapter.layers(self.model)):
+                prefix = self._layer_prefix(i)
+                for name, _ in layer.named_parameters():
+                    fp.add(prefix + name, self.source.get(prefix + name).to(self.dtype))
+            self._source_fp = fp.hexdigest()
+        return self._source_fp
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's current tensors under their full names, contiguous on the CPU."""
@@ -252,6 +266,9 @@ class StreamPass:
     def dense(self) -> DenseRead:
         return DenseRead(self.streamed)
 
+    def weights_fingerprint(self) -> str:
+        return self.streamed.source_fingerprint()
+
 
 class DenseRead:
     """The first of two streamed passes (whole-model allocations): each dense layer is read,
@@ -269,6 +286,9 @@ class DenseRead:
 
     def dense(self) -> DenseRead:
         return self
+
+    def weights_fingerprint(self) -> str:
+        return self.streamed.source_fingerprint()
 
 
 class _Replay(nn.Module):
