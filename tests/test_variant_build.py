@@ -169,6 +169,7 @@ def test_streamed_stitched_prune_equals_in_memory(tmp_path: Path, case: str) -> 
     assert all(got[n][0] == want[n][0] for n in want)
     stage = streamed.report["stages"][0]["variants"]
     assert stage["built"] == len(got) and "stream" in streamed.report
+    assert set(stage["build_s_per_layer"]) == {str(i) for i in range(len(streamed.report["layers"]))}
     # again, streamed, on the stored database: nothing built, the same model
     over = {"allocation": {**alloc, "variants_dir": str(tmp_path / "db-stream")}}
     rec = tiny_recipe(tmp_path, name="again.yaml", targets=targets, budget={"params": 0.3}, **over)

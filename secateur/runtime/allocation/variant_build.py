@@ -54,6 +54,7 @@ class Built:
     angular: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
     built: int = 0
+    layer_seconds: dict[int, float] = field(default_factory=dict)  # building each layer's variants
 
 
 class _PerLayer:
@@ -91,7 +92,8 @@ class _PerLayer:
             self.store.get(i, kind, count, build, dev, remember=False)
             self.out.built += self.store.built - before
             self.bar.update(1)
-        self.out.seconds += time.perf_counter() - t
+        self.out.layer_seconds[i] = time.perf_counter() - t
+        self.out.seconds += self.out.layer_seconds[i]
         self.out.layers[i] = ls if self.keep_stats else LayerStats({}, ls.scores, ls.n_units)
 
 
@@ -184,13 +186,15 @@ def prune_stitched(
     io = layer_io or resident_layers()
     key = store_key(model, calib_ids, plan.metric, plan.restore, plan.damping, io.weights_fingerprint())
     store = VariantStore(store_root or default_variants_dir(), key)
+    t_key = time.perf_counter()  # the key hashes the dense weights (streamed: read from the files)
     wanted = plan_variants(plan)
     mlp = any(k == "mlp" for _, k, _ in wanted)
     attention = any(k != "mlp" for _, k, _ in wanted)
     layers = sorted({i for i, _, _ in wanted})
     scoring = (plan.metric, plan.restore, plan.damping)
+    built = Built()
     if any(not store.has_valid(*v) for v in wanted):
-        build_variants(
+        built = build_variants(
             model,
             adapter,
             store,
@@ -206,6 +210,18 @@ def prune_stitched(
     t1 = time.perf_counter()
     keep = stitch_pass(model, adapter, store, plan, io)
     logs = [LayerLog(i, 0.0, lk.to_dict()) for i, lk in keep.items()]
-    phases = {"variants": t1 - t0, "stitch": time.perf_counter() - t1, "total": time.perf_counter() - t0}
-    extra = {"variants": {"folder": str(store.folder), "key": store.key, "built": store.built}}
+    phases = {
+        "variants_key": t_key - t0,
+        "variants": t1 - t_key,
+        "stitch": time.perf_counter() - t1,
+        "total": time.perf_counter() - t0,
+    }
+    extra = {
+        "variants": {
+            "folder": str(store.folder),
+            "key": store.key,
+            "built": store.built,
+            "build_s_per_layer": {str(i): round(t, 3) for i, t in sorted(built.layer_seconds.items())},
+        }
+    }
     return PruneResult(keep, logs, phases, plan, extra)
