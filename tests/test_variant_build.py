@@ -178,3 +178,39 @@ def test_streamed_stitched_prune_equals_in_memory(tmp_path: Path, case: str) -> 
     )
     assert again.report["stages"][0]["variants"]["built"] == 0
     assert again.lock["fingerprints"] == mem.lock["fingerprints"]
+
+
+def test_search_cache_keeps_scores_and_reads_statistics_back_from_disk(tmp_path: Path) -> None:
+    from secateur.recipe.compile import BudgetSpec
+    from secateur.runtime.allocation.space import SearchSpace, level_plans
+    from secateur.runtime.allocation.variants import plan_variants
+    from secateur.search.cache import SearchCache
+
+    m, a = search_model()
+    space = SearchSpace.build(
+        m, a, BudgetSpec(fraction=0.3, attention="kv_group", multiple_of=4), LAYERS, levels=3
+    )
+    wanted = sorted({v for p in level_plans(space) for v in plan_variants(p)})
+    held = input_ids(batch=2, seq=32, seed=1)
+    cache = SearchCache.build(m, a, CALIB, held, LAYERS, variants_dir=str(tmp_path), wanted=wanted)
+    store, spill = cache.source.store, cache.source.spill
+    assert store.built == len(wanted) and cache.build_seconds > 0  # the level database, in the pass
+    assert all(ls.stats == {} and ls.scores for ls in cache.layers.values())  # scores only in memory
+    assert spill is not None and sorted(p.name for p in spill.folder.glob("layer*")) == [
+        f"layer{i:03d}.safetensors" for i in LAYERS
+    ]
+    # a variant off the levels (a rounding step, a seed) is built from the statistics read back:
+    # the very one the all-layers path builds
+    stats, _ = dense_layer_stats(m, a, CALIB, LAYERS, True, True, "fasp")
+    levels = {c for i, k, c in wanted if (i, k) == (1, "mlp")}
+    off = next(c for c in range(96, 0, -4) if c not in levels)
+    got = cache.source.get(1, "mlp", off)
+    want = make_variant(m, a, 1, stats[1], "mlp", off, *SCORING[1:])
+    assert store.built == len(wanted) + 1 and got.keep == want.keep
+    assert all(torch.equal(got.weights[k][0], w) for k, (w, _) in want.weights.items())
+    for name, st in stats[1].stats.items():
+        back = spill.get(1)[name]
+        assert torch.equal(back.gram, st.gram) and torch.equal(back.col_sum, st.col_sum) and back.n == st.n
+    folder = spill.folder
+    spill.close()
+    assert not folder.exists()

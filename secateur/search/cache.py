@@ -1,8 +1,9 @@
 """Everything a trial reuses, computed once from the dense model.
 
 One dense calibration pass, layer by layer, gives every eligible layer's consumer Gram
-matrices (o_proj / down_proj inputs), the unit scores derived from them, and each block's
-angular importance (CFSP). The dense model's next-token distributions on held-out windows
+matrices (o_proj / down_proj inputs), from which the unit scores are kept and the level variants
+built while the layer is resident (the Gram matrices then go to disk, not memory), and each
+block's angular importance (CFSP). The dense model's next-token distributions on held-out windows
 (disjoint from calibration) are the reference of the KL proxy. Pruned and restored
 structures are variants (`runtime.allocation.variants`): built once per (layer, structure, kept count),
 stored on disk and stitched into the dense model for every candidate that uses them.
@@ -23,12 +24,14 @@ from torch import nn
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.plan import Scoring
 from secateur.runtime.allocation.proxy import Reference, dense_reference
+from secateur.runtime.allocation.stats_spill import StatsSpill
+from secateur.runtime.allocation.variant_build import build_variants
 from secateur.runtime.allocation.variants import (
     LayerStats,
+    VariantId,
     VariantSource,
     VariantStore,
     default_variants_dir,
-    dense_layer_stats,
     store_key,
 )
 from secateur.runtime.store.data import calibration_windows, eval_windows, split_tokens
@@ -67,7 +70,7 @@ class SearchCache:
     metric: str = Scoring.metric
     restore: str = Scoring.restore
     damping: float = Scoring.damping
-    build_seconds: float = 0.0  # time this process spent building the variant database
+    build_seconds: float = 0.0  # time this process spent building the variant database in its pass
 
     @classmethod
     def build(
@@ -88,14 +91,54 @@ class SearchCache:
         damping: float = Scoring.damping,
         variants_dir: str | None = None,
         weights_fp: str | None = None,
+        wanted: list[VariantId] | None = None,
+        progress: bool = False,
     ) -> SearchCache:
-        """One dense pass over the calibration windows plus one over the held-out windows; the
-        variant database lives under `variants_dir` (default `default_variants_dir()`)."""
-        stats, angular = dense_layer_stats(model, adapter, calib_ids, layers, mlp, attention, metric)
-        ref = dense_reference(model, heldout_ids, batch_size, reference_mb, topk)
+        """One dense pass over the calibration windows, which also builds every `wanted` variant the
+        database lacks while its layer is resident, plus one over the held-out windows; the variant
+        database lives under `variants_dir` (default `default_variants_dir()`). Only the unit scores
+        stay in memory: each layer's statistics are parked on disk (`StatsSpill`, beside the
+        database) for the variants trials ask for later."""
         key = store_key(model, calib_ids, metric, restore, damping, weights_fp)
         store = VariantStore(variants_dir or default_variants_dir(), key, memo_mb)
-        source = VariantSource(
-            model, adapter, store, calib_ids, layers, mlp, attention, metric, restore, damping, stats
+        spill = StatsSpill(store.folder.parent)
+        scoring = (metric, restore, damping)
+        built = build_variants(
+            model,
+            adapter,
+            store,
+            calib_ids,
+            list(wanted or []),
+            layers,
+            mlp,
+            attention,
+            scoring,
+            progress=progress,
+            spill=spill,
         )
-        return cls(stats, angular, heldout_ids.cpu(), ref, source, metric, restore, damping)
+        ref = dense_reference(model, heldout_ids, batch_size, reference_mb, topk)
+        source = VariantSource(
+            model,
+            adapter,
+            store,
+            calib_ids,
+            layers,
+            mlp,
+            attention,
+            metric,
+            restore,
+            damping,
+            built.layers,
+            spill,
+        )
+        return cls(
+            built.layers,
+            built.angular,
+            heldout_ids.cpu(),
+            ref,
+            source,
+            metric,
+            restore,
+            damping,
+            built.seconds,
+        )

@@ -81,13 +81,16 @@ def _cache(
     space: SearchSpace,
     emit: Callable[[str], None] | None,
 ) -> SearchCache:
-    """Dense statistics, the dense reference and (with levels) the whole variant database."""
+    """Dense statistics, the dense reference and (with levels) the whole variant database, built in
+    the statistics pass, layer by layer."""
     t0 = time.perf_counter()
     if emit is not None:
         emit(
             f"search: dense statistics on {setup.calib_ids.numel():,} calibration tokens and the dense "
             f"reference on {setup.heldout_ids.numel():,} held-out tokens"
         )
+    # the variant database: every level of every slot, built once (reused after)
+    wanted = sorted({v for p in level_plans(space) for v in plan_variants(p)}) if space.levels else []
     cache = SearchCache.build(
         model,
         adapter,
@@ -100,14 +103,13 @@ def _cache(
         batch_size=setup.batch_size,
         restore=setup.restore,
         damping=setup.damping,
+        wanted=wanted,
+        progress=emit is not None,
         **setup.cache_kwargs,
     )
     if emit is not None:
         emit(f"search: statistics and reference in {time.perf_counter() - t0:.0f} s")
-    if space.levels:  # the variant database: every level of every slot, built once (reused after)
-        wanted = sorted({v for p in level_plans(space) for v in plan_variants(p)})
-        cache.build_seconds = cache.source.build_all(wanted, progress=emit is not None)
-        if emit is not None:
+        if wanted:
             emit(
                 f"search: variant database {cache.source.store.folder}: {len(wanted)} level variants, "
                 f"{cache.source.store.built} built in {cache.build_seconds:.0f} s"

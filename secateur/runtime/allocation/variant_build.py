@@ -26,6 +26,7 @@ from secateur.graph.adapters import ModelAdapter
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import Plan
 from secateur.runtime.allocation.dense import dense_statistics
+from secateur.runtime.allocation.stats_spill import StatsSpill
 from secateur.runtime.allocation.variants import (
     STATS_BATCH,
     LayerStats,
@@ -71,16 +72,19 @@ class _PerLayer:
         keep_stats: bool,
         bar: tqdm,
         observe: Observer | None,
+        spill: StatsSpill | None = None,
     ) -> None:
         self.model, self.adapter, self.store, self.todo = model, adapter, store, todo
         self.metric, self.restore, self.damping = scoring
-        self.keep_stats, self.bar, self.observe = keep_stats, bar, observe
+        self.keep_stats, self.bar, self.observe, self.spill = keep_stats, bar, observe, spill
         self.out = Built()
 
     def __call__(self, i: int, stats: dict[str, InputStats]) -> None:
         if self.observe is not None:
             self.observe(i, stats)
         ls = layer_stats(self.model, self.adapter, i, stats, self.metric)
+        if self.spill is not None:
+            self.spill.put(i, stats)
         dev = next(self.model.parameters()).device
         t = time.perf_counter()
         for kind, count in self.todo.get(i, ()):
@@ -112,11 +116,13 @@ def build_variants(
     keep_stats: bool = False,
     progress: bool = True,
     observe: Observer | None = None,
+    spill: StatsSpill | None = None,
 ) -> Built:
     """One dense pass over `layers` (statistics of the MLP and/or attention consumers): every layer's
     unit scores under `scoring` (metric, restore, damping), and every `wanted` variant the store
     lacks built and stored while its layer is resident (`layer_io`: the dense layers read from disk).
-    `observe(i, stats)` sees each layer's statistics as they arrive (tests count the live ones)."""
+    `observe(i, stats)` sees each layer's statistics as they arrive (tests count the live ones);
+    `spill` parks them on disk for variants built later (a search's trials)."""
     todo: dict[int, list[tuple[str, int]]] = {}
     for i, kind, count in wanted:
         if not store.has_valid(i, kind, count):
@@ -126,7 +132,7 @@ def build_variants(
         raise ValueError(f"variants wanted of layers {stray}, outside the layers measured {sorted(layers)}")
     n = sum(len(v) for v in todo.values())
     with tqdm(total=n, desc="variants", unit="variant", disable=not progress or not n) as bar:
-        per = _PerLayer(model, adapter, store, todo, scoring, keep_stats, bar, observe)
+        per = _PerLayer(model, adapter, store, todo, scoring, keep_stats, bar, observe, spill)
         dense = dense_statistics(
             model, adapter, calib_ids, layers, mlp, attention, STATS_BATCH, layer_io=layer_io, on_layer=per
         )

@@ -41,6 +41,7 @@ from secateur.graph.groups import layer_groups
 from secateur.graph.keep import LayerKeep
 from secateur.graph.plan import LayerPlan, Plan
 from secateur.runtime.allocation.dense import dense_statistics
+from secateur.runtime.allocation.stats_spill import StatsSpill
 from secateur.runtime.prune.score import unit_scores
 from secateur.runtime.prune.select import by_score, select_units
 from secateur.runtime.prune.sequential import restore_layer, write_consumers
@@ -355,7 +356,9 @@ class VariantSource:
     """Variants of one dense model: read from the store, built on demand from dense statistics.
 
     `stats` may be given (the search computes them once); otherwise the first missing variant
-    runs one dense calibration pass over every layer in `layers`.
+    runs one dense calibration pass over every layer in `layers`. With `spill` (a
+    `stats_spill.StatsSpill`) `stats` holds scores only and a missing variant reads its one layer's
+    statistics back from disk.
     """
 
     def __init__(
@@ -371,11 +374,12 @@ class VariantSource:
         restore: str,
         damping: float,
         stats: dict[int, LayerStats] | None = None,
+        spill: StatsSpill | None = None,
     ) -> None:
         self.model, self.adapter, self.store, self.calib_ids = model, adapter, store, calib_ids
         self.layers, self.mlp, self.attention = list(layers), mlp, attention
         self.metric, self.restore, self.damping = metric, restore, damping
-        self.stats = stats
+        self.stats, self.spill = stats, spill
 
     def layer_stats(self) -> dict[int, LayerStats]:
         if self.stats is None:
@@ -387,11 +391,16 @@ class VariantSource:
     def get(self, i: int, kind: str, count: int) -> Variant:
         """Variant (i, kind, count); layer i of the model must be dense when it has to be built."""
 
-        def build() -> Variant:
-            ls = self.layer_stats()
-            return make_variant(self.model, self.adapter, i, ls[i], kind, count, self.restore, self.damping)
-
         dev = next(self.model.parameters()).device
+
+        def build() -> Variant:
+            if self.spill is not None:
+                kept = self.layer_stats()[i]
+                ls = LayerStats(self.spill.get(i, dev), kept.scores, kept.n_units)
+            else:
+                ls = self.layer_stats()[i]
+            return make_variant(self.model, self.adapter, i, ls, kind, count, self.restore, self.damping)
+
         return self.store.get(i, kind, count, build, dev)
 
     def variants_of(self, plan: Plan) -> dict[int, list[Variant]]:
