@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 from collections.abc import Collection
@@ -43,18 +44,35 @@ from secateur.runtime.store.weights import (
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+
+
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """Serve allocations over `threshold` bytes with mmap, so a freed layer's buffers go back to the
     system. glibc's default raises its mmap threshold up to 32 MiB after the first large free, and a
     layer's tensors then come from a heap that fragments: a streamed 1.1B prune grew 0.9 GiB over 16
     layers that way, and peaked 0.7 GiB lower with this. False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = _libc()
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
             libc.mallopt(_M_TRIM_THRESHOLD, threshold)
         )
-    except (OSError, AttributeError, TypeError):  # no libc found, or one without mallopt
+    except AttributeError:  # no libc found, or one without mallopt
+        return False
+
+
+def trim_freed_memory() -> bool:
+    """Give the C heap's free pages back to the system (glibc malloc_trim, every arena), so what a
+    released layer's small allocations leave free in the worker threads' arenas is not carried into
+    the next layer's peak. False where the C library is not glibc."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except AttributeError:
         return False
 
 
@@ -188,6 +206,7 @@ class StreamedModel:
                     mod._parameters[pname] = nn.Parameter(
                         torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
                     )
+        trim_freed_memory()
 
 
 class ShardWriter:
