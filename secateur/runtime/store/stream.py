@@ -169,6 +169,7 @@ class StreamedModel:
 
     def load_layer(self, i: int, record: bool = False) -> None:
         """Read layer i's weights from the source (`record`: into the dense fingerprint)."""
+        trim_freed_memory()  # what the phases before this layer left free (loading, calibration)
         prefix = self._layer_prefix(i)
         layer = self.adapter.layers(self.model)[i]
         for name, _ in list(layer.named_parameters()):
