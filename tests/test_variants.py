@@ -20,9 +20,8 @@ from secateur.runtime.allocation.space import (
     project_to_budget,
     snap_to_levels,
 )
-from secateur.runtime.allocation.variant_build import prune_stitched
+from secateur.runtime.allocation.variant_build import build_variants, prune_stitched
 from secateur.runtime.allocation.variants import (
-    VariantSource,
     VariantStore,
     layer_stats,
     plan_variants,
@@ -189,8 +188,8 @@ def test_database_is_reused_and_rebuilt_when_its_key_changes(tmp_path):
 
     def build(calib=CALIB, damping=0.01, model=m):
         store = VariantStore(tmp_path, store_key(model, calib, "fasp", "least_squares", damping))
-        src = VariantSource(model, a, store, calib, LAYERS, True, True, "fasp", "least_squares", damping)
-        src.build_all(wanted, progress=False)
+        scoring = ("fasp", "least_squares", damping)
+        build_variants(model, a, store, calib, wanted, LAYERS, True, True, scoring, progress=False)
         return store
 
     first = build()

@@ -117,20 +117,7 @@ class SearchCache:
             spill=spill,
         )
         ref = dense_reference(model, heldout_ids, batch_size, reference_mb, topk)
-        source = VariantSource(
-            model,
-            adapter,
-            store,
-            calib_ids,
-            layers,
-            mlp,
-            attention,
-            metric,
-            restore,
-            damping,
-            built.layers,
-            spill,
-        )
+        source = VariantSource(model, adapter, store, built.layers, spill, restore, damping)
         return cls(
             built.layers,
             built.angular,

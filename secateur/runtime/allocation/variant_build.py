@@ -199,13 +199,14 @@ def prune_stitched(
     layers = sorted({i for i, _, _ in wanted})
     scoring = (plan.metric, plan.restore, plan.damping)
     built = Built()
-    if any(not store.has_valid(*v) for v in wanted):
+    missing = [v for v in wanted if not store.has_valid(*v)]  # each stored file read and checked once
+    if missing:
         built = build_variants(
             model,
             adapter,
             store,
             calib_ids,
-            wanted,
+            missing,
             layers,
             mlp,
             attention,

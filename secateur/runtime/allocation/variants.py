@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -34,7 +33,6 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from secateur.graph.adapters import ModelAdapter
 from secateur.graph.groups import layer_groups
@@ -353,40 +351,22 @@ class VariantStore:
 
 
 class VariantSource:
-    """Variants of one dense model: read from the store, built on demand from dense statistics.
-
-    `stats` may be given (the search computes them once); otherwise the first missing variant
-    runs one dense calibration pass over every layer in `layers`. With `spill` (a
-    `stats_spill.StatsSpill`) `stats` holds scores only and a missing variant reads its one layer's
-    statistics back from disk.
-    """
+    """Variants of one dense model for a search's trials: read from the store, else built from the
+    layer's dense statistics, read back from `spill` (`stats` holds each layer's unit scores only:
+    `variant_build.build_variants` measured them and built the level variants in its one pass)."""
 
     def __init__(
         self,
         model: nn.Module,
         adapter: ModelAdapter,
         store: VariantStore,
-        calib_ids: torch.Tensor,
-        layers: list[int],
-        mlp: bool,
-        attention: bool,
-        metric: str,
+        stats: dict[int, LayerStats],
+        spill: StatsSpill,
         restore: str,
         damping: float,
-        stats: dict[int, LayerStats] | None = None,
-        spill: StatsSpill | None = None,
     ) -> None:
-        self.model, self.adapter, self.store, self.calib_ids = model, adapter, store, calib_ids
-        self.layers, self.mlp, self.attention = list(layers), mlp, attention
-        self.metric, self.restore, self.damping = metric, restore, damping
-        self.stats, self.spill = stats, spill
-
-    def layer_stats(self) -> dict[int, LayerStats]:
-        if self.stats is None:
-            self.stats, _ = dense_layer_stats(
-                self.model, self.adapter, self.calib_ids, self.layers, self.mlp, self.attention, self.metric
-            )
-        return self.stats
+        self.model, self.adapter, self.store = model, adapter, store
+        self.stats, self.spill, self.restore, self.damping = stats, spill, restore, damping
 
     def get(self, i: int, kind: str, count: int) -> Variant:
         """Variant (i, kind, count); layer i of the model must be dense when it has to be built."""
@@ -394,11 +374,8 @@ class VariantSource:
         dev = next(self.model.parameters()).device
 
         def build() -> Variant:
-            if self.spill is not None:
-                kept = self.layer_stats()[i]
-                ls = LayerStats(self.spill.get(i, dev), kept.scores, kept.n_units)
-            else:
-                ls = self.layer_stats()[i]
+            kept = self.stats[i]
+            ls = LayerStats(self.spill.get(i, dev), kept.scores, kept.n_units)
             return make_variant(self.model, self.adapter, i, ls, kind, count, self.restore, self.damping)
 
         return self.store.get(i, kind, count, build, dev)
@@ -409,11 +386,3 @@ class VariantSource:
         for i, kind, count in plan_variants(plan):
             out.setdefault(i, []).append(self.get(i, kind, count))
         return out
-
-    def build_all(self, wanted: list[VariantId], progress: bool = True) -> float:
-        """Make sure every wanted variant is stored (the database build); seconds spent."""
-        t0 = time.perf_counter()
-        missing = [v for v in wanted if not self.store.path(*v).exists()]
-        for vid in tqdm(missing, desc="variants", unit="variant", disable=not progress or not missing):
-            self.get(*vid)
-        return time.perf_counter() - t0
